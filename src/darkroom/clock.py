@@ -1,0 +1,34 @@
+"""Time, randomness and ids come from here, so tests can control them in one place."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import time
+import uuid
+
+MAX_SEED = 2**32 - 1
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def monotonic() -> float:
+    return time.monotonic()
+
+
+def new_id(prefix: str) -> str:
+    """Ids sort by creation time (uuid7) so listings and logs read in order."""
+    return f"{prefix}_{uuid.uuid7().hex}" if hasattr(uuid, "uuid7") else f"{prefix}_{_uuid7_hex()}"
+
+
+def _uuid7_hex() -> str:
+    ms = time.time_ns() // 1_000_000
+    rand = secrets.randbits(74)
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 62) << 64 | 0b10 << 62 | (rand & ((1 << 62) - 1))
+    return f"{value:032x}"
+
+
+def random_seed() -> int:
+    return secrets.randbelow(MAX_SEED + 1)

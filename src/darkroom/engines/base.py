@@ -1,0 +1,48 @@
+"""The narrow interface between a worker and whatever runs the pipeline.
+
+The worker hands over a validated `GenerationRequest` (seed already resolved) and a progress callback; the engine hands
+back PIL images with their seeds and what it used. The callback may raise `JobCancelled` or `LeaseLost` to stop the
+run at the next denoising step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from darkroom.schemas import GenerationRequest, ModelInfo
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+ProgressFn = Callable[[int, int], None]
+"""progress(step_done, total_steps); raises to interrupt."""
+
+
+@dataclass
+class EngineImage:
+    image: Image.Image
+    seed: int
+
+
+@dataclass
+class EngineResult:
+    images: list[EngineImage]
+    model: ModelInfo
+    engine: str
+    scheduler: str  # diffusers scheduler class actually used, e.g. "EulerAncestralDiscreteScheduler"
+    device: str
+    dtype: str
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: load, inference, total
+    versions: dict[str, str] = field(default_factory=dict)  # darkroom, diffusers, torch, transformers
+
+
+class Engine(Protocol):
+    name: str
+
+    def generate(
+        self, request: GenerationRequest, init_image: Image.Image | None, progress: ProgressFn
+    ) -> EngineResult: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,82 @@
+"""Typed errors. Each carries the HTTP status and the field it is about; the API maps them once.
+
+Engine errors are split as vLLM does: a *recoverable* error fails one job, a *fatal* one means the worker's engine is
+unusable and the worker should stop claiming.
+"""
+
+from __future__ import annotations
+
+
+class DarkroomError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        if code:
+            self.code = code
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"code": self.code, "message": self.message, "field": self.field}
+
+
+class InvalidRequest(DarkroomError):
+    status = 422
+    code = "invalid_request"
+
+
+class NotFound(DarkroomError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(DarkroomError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(DarkroomError):
+    status = 413
+    code = "payload_too_large"
+
+
+class ServiceUnavailable(DarkroomError):
+    status = 503
+    code = "unavailable"
+
+
+class JobTimeout(DarkroomError):
+    status = 504
+    code = "timeout"
+
+
+# --- errors raised on the GPU side ---------------------------------------------------------------------------------
+
+
+class EngineError(DarkroomError):
+    """A job failed; the worker goes on. `permanent` errors are not retried."""
+
+    code = "engine_error"
+    permanent = True
+
+
+class ModelLoadError(EngineError):
+    code = "model_load_failed"
+
+
+class JobCancelled(EngineError):
+    code = "cancelled"
+
+
+class LeaseLost(EngineError):
+    """Another worker owns the job now (our lease expired); drop the work without writing results."""
+
+    code = "lease_lost"
+
+
+class FatalEngineError(DarkroomError):
+    """The engine itself is broken (driver gone, CUDA context lost): stop claiming."""
+
+    code = "engine_fatal"

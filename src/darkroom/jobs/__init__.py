@@ -1,0 +1,1 @@
+"""Jobs: the single source of truth. Rows, states, claims with leases, heartbeats and events."""

@@ -1,0 +1,463 @@
+"""The job store: every state change of a job is one short transaction here.
+
+Portable SQL only (SQLite and PostgreSQL): a claim selects the next job `FOR UPDATE SKIP LOCKED` (a no-op on SQLite,
+where `BEGIN IMMEDIATE` already serialises writers) and then moves it with a guarded `UPDATE … WHERE state='queued'`.
+Every worker-side write is guarded by `lease_owner`, so a worker whose lease expired can never overwrite the job
+another worker now owns: a job succeeds exactly once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from darkroom import clock
+from darkroom.errors import Conflict, DarkroomError, NotFound
+from darkroom.jobs.db import create_engine, read_tx, write_tx
+from darkroom.jobs.tables import images, job_events, jobs
+from darkroom.schemas import PRIORITY_VALUE, GenerationRequest, JobEvent, JobState
+
+
+class QueueFull(DarkroomError):
+    status = 429
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message, field="queue")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    state: JobState
+    tenant: str
+    priority: int
+    model: str | None
+    request: dict[str, Any]
+    request_id: str | None
+    idempotency_key: str | None
+    attempts: int
+    max_attempts: int
+    lease_owner: str | None
+    lease_expires_at: dt.datetime | None
+    cancel_requested: bool
+    progress_step: int
+    progress_total: int
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+    def generation_request(self) -> GenerationRequest:
+        return GenerationRequest.model_validate(self.request)
+
+
+@dataclass(frozen=True)
+class NewImage:
+    index: int
+    seed: int
+    width: int
+    height: int
+    sha256: str
+    blob_key: str
+    content_type: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class ImageRecord(NewImage):
+    id: str
+    job_id: str
+    tenant: str
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class LeaseAck:
+    """Answer to a heartbeat or progress report: do we still own the job, and does its owner want it stopped?"""
+
+    owned: bool
+    cancel_requested: bool
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value
+
+
+def _job(row: sa.Row) -> JobRecord:
+    m = row._mapping
+    return JobRecord(
+        **{k: m[k] for k in ("id", "tenant", "priority", "model", "request", "request_id", "idempotency_key")},
+        state=JobState(m["state"]),
+        attempts=m["attempts"],
+        max_attempts=m["max_attempts"],
+        lease_owner=m["lease_owner"],
+        lease_expires_at=_aware(m["lease_expires_at"]),
+        cancel_requested=bool(m["cancel_requested"]),
+        progress_step=m["progress_step"],
+        progress_total=m["progress_total"],
+        result=m["result"],
+        error=m["error"],
+        **{k: _aware(m[k]) for k in ("created_at", "updated_at", "started_at", "finished_at")},
+    )
+
+
+def _image(row: sa.Row) -> ImageRecord:
+    m = dict(row._mapping)
+    m["created_at"] = _aware(m["created_at"])
+    return ImageRecord(**m)
+
+
+class JobStore:
+    def __init__(self, url: str, *, max_queue_depth: int = 10_000) -> None:
+        self.url = url
+        self.engine = create_engine(url)
+        self.max_queue_depth = max_queue_depth
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- API side -------------------------------------------------------------------------------------------------
+
+    def create(
+        self,
+        request: GenerationRequest,
+        *,
+        tenant: str = "default",
+        idempotency_key: str | None = None,
+        request_id: str | None = None,
+        body_hash: str | None = None,
+        max_attempts: int = 3,
+    ) -> tuple[JobRecord, bool]:
+        """Insert a queued job. With an idempotency key already used by this tenant, return that job instead
+        (created=False) — or 409 if the key was used for a different request body."""
+        if request.seed is None:
+            raise ValueError("resolve the seed before creating the job")
+        body_hash = body_hash or request_hash(request.model_dump(mode="json"))
+        if idempotency_key and (existing := self._by_idempotency_key(tenant, idempotency_key)):
+            return self._same_request(existing, body_hash), False
+        now = clock.utcnow()
+        job_id = clock.new_id("job")
+        try:
+            with write_tx(self.engine) as conn:
+                self._check_depth(conn)
+                conn.execute(
+                    jobs.insert().values(
+                        id=job_id,
+                        state=JobState.queued.value,
+                        tenant=tenant,
+                        priority=PRIORITY_VALUE[request.priority],
+                        model=request.model,
+                        request=request.model_dump(mode="json"),
+                        request_id=request_id,
+                        idempotency_key=idempotency_key,
+                        request_hash=body_hash,
+                        attempts=0,
+                        max_attempts=max_attempts,
+                        cancel_requested=False,
+                        progress_step=0,
+                        progress_total=request.steps,
+                        created_at=now,
+                        updated_at=now,
+                        available_at=now,
+                    )
+                )
+                self._event(conn, job_id, "queued", {"priority": request.priority}, now)
+        except sa.exc.IntegrityError:
+            # Two submits with the same key raced; the other one won.
+            existing = self._by_idempotency_key(tenant, idempotency_key or "")
+            if existing is None:
+                raise
+            return self._same_request(existing, body_hash), False
+        job = self.get(job_id)
+        assert job is not None
+        return job, True
+
+    def _check_depth(self, conn: sa.Connection) -> None:
+        depth = conn.execute(
+            sa.select(sa.func.count()).select_from(jobs).where(jobs.c.state == JobState.queued.value)
+        ).scalar_one()
+        if depth >= self.max_queue_depth:
+            raise QueueFull(f"the queue holds {depth} jobs, its limit; try again later")
+
+    def _by_idempotency_key(self, tenant: str, key: str) -> JobRecord | None:
+        with read_tx(self.engine) as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.tenant == tenant, jobs.c.idempotency_key == key)).first()
+        return _job(row) if row else None
+
+    def _same_request(self, job: JobRecord, body_hash: str) -> JobRecord:
+        with read_tx(self.engine) as conn:
+            stored = conn.execute(sa.select(jobs.c.request_hash).where(jobs.c.id == job.id)).scalar_one()
+        if stored != body_hash:
+            raise Conflict("this Idempotency-Key was already used for a different request", field="Idempotency-Key")
+        return job
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with read_tx(self.engine) as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        return _job(row) if row else None
+
+    def require(self, job_id: str) -> JobRecord:
+        job = self.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}", field="job_id")
+        return job
+
+    def list(self, *, state: JobState | None = None, limit: int = 50) -> list[JobRecord]:
+        query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+        if state is not None:
+            query = query.where(jobs.c.state == state.value)
+        with read_tx(self.engine) as conn:
+            return [_job(r) for r in conn.execute(query)]
+
+    def queue_position(self, job: JobRecord) -> int | None:
+        """1-based place in the queue: jobs of higher priority, then older jobs of the same priority, go first."""
+        if job.state is not JobState.queued:
+            return None
+        ahead = sa.or_(
+            jobs.c.priority > job.priority,
+            sa.and_(
+                jobs.c.priority == job.priority,
+                sa.or_(
+                    jobs.c.created_at < job.created_at, sa.and_(jobs.c.created_at == job.created_at, jobs.c.id < job.id)
+                ),
+            ),
+        )
+        query = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.state == JobState.queued.value, ahead)
+        with read_tx(self.engine) as conn:
+            return conn.execute(query).scalar_one() + 1
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Queued: cancelled at once. Running: flagged; its worker stops at the next step."""
+        now = clock.utcnow()
+        with write_tx(self.engine) as conn:
+            row = conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).first()
+            if row is None:
+                raise NotFound(f"no job {job_id!r}", field="job_id")
+            state = JobState(row.state)
+            if state is JobState.queued:
+                self._set(conn, job_id, now, state=JobState.cancelled.value, finished_at=now)
+                self._event(conn, job_id, "cancelled", {"while": "queued"}, now)
+            elif state is JobState.running:
+                self._set(conn, job_id, now, cancel_requested=True)
+                self._event(conn, job_id, "cancel_requested", {}, now)
+            else:
+                raise Conflict(f"job {job_id} is already {state.value}", field="job_id")
+        return self.require(job_id)
+
+    def events_since(self, job_id: str, after: int = 0, limit: int = 500) -> list[JobEvent]:
+        query = (
+            sa.select(job_events)
+            .where(job_events.c.job_id == job_id, job_events.c.id > after)
+            .order_by(job_events.c.id)
+            .limit(limit)
+        )
+        with read_tx(self.engine) as conn:
+            rows = conn.execute(query).all()
+        return [
+            JobEvent(id=r.id, job_id=r.job_id, type=r.type, data=r.data, created_at=_aware(r.created_at)) for r in rows
+        ]
+
+    def images_for(self, job_id: str) -> list[ImageRecord]:
+        with read_tx(self.engine) as conn:
+            rows = conn.execute(sa.select(images).where(images.c.job_id == job_id).order_by(images.c.index)).all()
+        return [_image(r) for r in rows]
+
+    def get_image(self, image_id: str) -> ImageRecord | None:
+        with read_tx(self.engine) as conn:
+            row = conn.execute(sa.select(images).where(images.c.id == image_id)).first()
+        return _image(row) if row else None
+
+    def counts(self) -> dict[str, int]:
+        with read_tx(self.engine) as conn:
+            rows = conn.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)).all()
+        return {state: n for state, n in rows}
+
+    # --- worker side ----------------------------------------------------------------------------------------------
+
+    def claim(self, worker_id: str, lease_seconds: float) -> JobRecord | None:
+        """Take the next job: highest priority, then oldest. None when the queue is empty."""
+        now = clock.utcnow()
+        candidates = (
+            sa.select(jobs.c.id)
+            .where(jobs.c.state == JobState.queued.value, jobs.c.available_at <= now)
+            .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        with write_tx(self.engine) as conn:
+            job_id = conn.execute(candidates).scalar()
+            if job_id is None:
+                return None
+            moved = conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.state == JobState.queued.value)
+                .values(
+                    state=JobState.running.value,
+                    lease_owner=worker_id,
+                    lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+                    attempts=jobs.c.attempts + 1,
+                    started_at=sa.func.coalesce(jobs.c.started_at, now),
+                    updated_at=now,
+                    progress_step=0,
+                )
+            ).rowcount
+            if not moved:
+                return None
+            attempt = conn.execute(sa.select(jobs.c.attempts).where(jobs.c.id == job_id)).scalar_one()
+            self._event(conn, job_id, "started", {"worker": worker_id, "attempt": attempt}, now)
+        return self.get(job_id)
+
+    def heartbeat(self, job_id: str, worker_id: str, lease_seconds: float) -> LeaseAck:
+        return self._touch(job_id, worker_id, lease_seconds, {})
+
+    def progress(self, job_id: str, worker_id: str, step: int, total: int, lease_seconds: float) -> LeaseAck:
+        return self._touch(
+            job_id, worker_id, lease_seconds, {"progress_step": step, "progress_total": total}, event=True
+        )
+
+    def _touch(
+        self, job_id: str, worker_id: str, lease_seconds: float, values: dict[str, Any], event: bool = False
+    ) -> LeaseAck:
+        now = clock.utcnow()
+        with write_tx(self.engine) as conn:
+            owned = conn.execute(
+                jobs.update()
+                .where(*self._owned(job_id, worker_id))
+                .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds), updated_at=now, **values)
+            ).rowcount
+            if not owned:
+                return LeaseAck(owned=False, cancel_requested=False)
+            if event:
+                self._event(
+                    conn, job_id, "progress", {"step": values["progress_step"], "total": values["progress_total"]}, now
+                )
+            cancel = conn.execute(sa.select(jobs.c.cancel_requested).where(jobs.c.id == job_id)).scalar_one()
+        return LeaseAck(owned=True, cancel_requested=bool(cancel))
+
+    def complete(self, job_id: str, worker_id: str, new_images: list[NewImage], result: dict[str, Any]) -> bool:
+        """Record success and its images in one transaction; False (and nothing written) if we lost the lease."""
+        now = clock.utcnow()
+        with write_tx(self.engine) as conn:
+            moved = conn.execute(
+                jobs.update()
+                .where(*self._owned(job_id, worker_id))
+                .values(
+                    state=JobState.succeeded.value,
+                    result=result,
+                    finished_at=now,
+                    updated_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    progress_step=jobs.c.progress_total,
+                    error=None,
+                )
+            ).rowcount
+            if not moved:
+                return False
+            tenant = conn.execute(sa.select(jobs.c.tenant).where(jobs.c.id == job_id)).scalar_one()
+            ids = []
+            for img in new_images:
+                image_id = clock.new_id("img")
+                ids.append(image_id)
+                conn.execute(
+                    images.insert().values(id=image_id, job_id=job_id, tenant=tenant, created_at=now, **img.__dict__)
+                )
+            self._event(conn, job_id, "succeeded", {"images": ids}, now)
+        return True
+
+    def fail(
+        self, job_id: str, worker_id: str, error: dict[str, Any], *, retry_in: float | None = None
+    ) -> JobState | None:
+        """Fail the attempt. With `retry_in`, requeue after that delay while attempts remain, else `dead`.
+        Returns the new state, or None if we no longer own the job."""
+        now = clock.utcnow()
+        with write_tx(self.engine) as conn:
+            row = conn.execute(
+                sa.select(jobs.c.attempts, jobs.c.max_attempts).where(*self._owned(job_id, worker_id))
+            ).first()
+            if row is None:
+                return None
+            if retry_in is not None and row.attempts < row.max_attempts:
+                state, extra = JobState.queued, {"available_at": now + dt.timedelta(seconds=retry_in)}
+            else:
+                state = JobState.dead if retry_in is not None else JobState.failed
+                extra = {"finished_at": now}
+            self._set(
+                conn, job_id, now, state=state.value, error=error, lease_owner=None, lease_expires_at=None, **extra
+            )
+            kind = "retrying" if state is JobState.queued else state.value
+            self._event(conn, job_id, kind, {"error": error, "attempt": row.attempts}, now)
+        return state
+
+    def finish_cancelled(self, job_id: str, worker_id: str) -> bool:
+        now = clock.utcnow()
+        with write_tx(self.engine) as conn:
+            moved = conn.execute(
+                jobs.update()
+                .where(*self._owned(job_id, worker_id))
+                .values(
+                    state=JobState.cancelled.value,
+                    finished_at=now,
+                    updated_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            ).rowcount
+            if moved:
+                self._event(conn, job_id, "cancelled", {"while": "running"}, now)
+        return bool(moved)
+
+    def requeue_expired(self) -> list[str]:
+        """Jobs whose worker stopped heartbeating go back to the queue (or end, if out of attempts / cancelled)."""
+        now = clock.utcnow()
+        touched = []
+        expired = (
+            sa.select(jobs.c.id, jobs.c.attempts, jobs.c.max_attempts, jobs.c.cancel_requested, jobs.c.lease_owner)
+            .where(jobs.c.state == JobState.running.value, jobs.c.lease_expires_at < now)
+            .with_for_update(skip_locked=True)
+        )
+        with write_tx(self.engine) as conn:
+            for row in conn.execute(expired).all():
+                touched.append(row.id)
+                lost = {"worker": row.lease_owner, "attempt": row.attempts}
+                common = {"lease_owner": None, "lease_expires_at": None}
+                if row.cancel_requested:
+                    self._set(conn, row.id, now, state=JobState.cancelled.value, finished_at=now, **common)
+                    self._event(conn, row.id, "cancelled", {"while": "lease expired"}, now)
+                elif row.attempts >= row.max_attempts:
+                    error = {"code": "lease_expired", "message": f"worker lost {row.attempts} times", "field": None}
+                    self._set(conn, row.id, now, state=JobState.dead.value, finished_at=now, error=error, **common)
+                    self._event(conn, row.id, "dead", {"error": error, **lost}, now)
+                else:
+                    self._set(conn, row.id, now, state=JobState.queued.value, available_at=now, **common)
+                    self._event(conn, row.id, "requeued", {"reason": "lease expired", **lost}, now)
+        return touched
+
+    # --- helpers --------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _owned(job_id: str, worker_id: str) -> tuple[sa.ColumnElement[bool], ...]:
+        return jobs.c.id == job_id, jobs.c.lease_owner == worker_id, jobs.c.state == JobState.running.value
+
+    @staticmethod
+    def _set(conn: sa.Connection, job_id: str, now: dt.datetime, **values: Any) -> None:
+        conn.execute(jobs.update().where(jobs.c.id == job_id).values(updated_at=now, **values))
+
+    @staticmethod
+    def _event(conn: sa.Connection, job_id: str, kind: str, data: dict[str, Any], now: dt.datetime) -> None:
+        conn.execute(job_events.insert().values(job_id=job_id, type=kind, data=data, created_at=now))

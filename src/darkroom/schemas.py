@@ -1,0 +1,160 @@
+"""Types every part shares. The three public APIs translate into `GenerationRequest`; workers read only this."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from darkroom.config import Limits
+from darkroom.errors import InvalidRequest
+
+Priority = Literal["high", "normal", "low"]
+PRIORITY_VALUE: dict[str, int] = {"high": 2, "normal": 1, "low": 0}
+PRIORITY_NAME: dict[int, str] = {v: k for k, v in PRIORITY_VALUE.items()}
+
+
+class JobState(enum.StrEnum):
+    """Job lifecycle.
+
+    queued → running → succeeded | failed | cancelled. A running job whose lease expires goes back to queued.
+    `dead`: the job used its last attempt (lease expired or transient error every time); the last error is kept.
+    """
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    dead = "dead"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled, JobState.dead})
+
+
+class GenerationRequest(BaseModel):
+    """One generation, as every API expresses it after translation. Stored verbatim in the job row."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="what to draw")
+    negative_prompt: str = ""
+    width: int = Field(512, ge=1)
+    height: int = Field(512, ge=1)
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(7.0, ge=0.0)
+    sampler: str = "Euler a"
+    seed: int | None = Field(None, description="-1 or absent: a random seed is picked and recorded")
+    n: int = Field(1, ge=1, description="number of images; image i uses seed + i")
+    model: str | None = Field(None, description="model id from /v1/models; absent: the default model")
+    init_image: str | None = Field(None, description="img2img source: base64 image (API) or blob:<sha256> (stored)")
+    strength: float = Field(0.75, gt=0.0, le=1.0, description="img2img: how far to move from the source")
+    priority: Priority = "normal"
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int | None) -> int | None:
+        if v is None or v == -1:
+            return None
+        if not 0 <= v < 2**32:
+            raise ValueError("seed must be -1 or between 0 and 4294967295")
+        return v
+
+    @property
+    def mode(self) -> Literal["txt2img", "img2img"]:
+        return "img2img" if self.init_image else "txt2img"
+
+    def seeds(self) -> list[int]:
+        if self.seed is None:
+            raise ValueError("seed is resolved when the job is created")
+        return [(self.seed + i) % 2**32 for i in range(self.n)]
+
+
+def check_limits(req: GenerationRequest, limits: Limits) -> None:
+    """Configured limits; raises InvalidRequest naming the field."""
+    for field, value, top in (("width", req.width, limits.max_width), ("height", req.height, limits.max_height)):
+        if value % 8:
+            raise InvalidRequest(f"{field} must be a multiple of 8 (got {value})", field=field)
+        if not limits.min_side <= value <= top:
+            raise InvalidRequest(f"{field} must be between {limits.min_side} and {top} (got {value})", field=field)
+    if req.width * req.height > limits.max_pixels:
+        raise InvalidRequest(
+            f"width*height must be at most {limits.max_pixels} pixels (got {req.width * req.height})", field="width"
+        )
+    if req.steps > limits.max_steps:
+        raise InvalidRequest(f"steps must be at most {limits.max_steps} (got {req.steps})", field="steps")
+    if req.n > limits.max_n:
+        raise InvalidRequest(f"n must be at most {limits.max_n} (got {req.n})", field="n")
+    if req.guidance_scale > limits.max_guidance:
+        raise InvalidRequest(f"guidance_scale must be at most {limits.max_guidance}", field="guidance_scale")
+    for field in ("prompt", "negative_prompt"):
+        if len(getattr(req, field)) > limits.max_prompt_chars:
+            raise InvalidRequest(f"{field} must be at most {limits.max_prompt_chars} characters", field=field)
+
+
+class ModelInfo(BaseModel):
+    """An approved model as the registry knows it. No torch here: the API reads this too."""
+
+    id: str
+    name: str
+    format: Literal["diffusers", "single_file"]
+    arch: str = Field(description="sd1 | sd2 | sdxl | unknown")
+    path: str
+    sha256: str
+    size_bytes: int
+    smoke_test: bool = Field(False, description="random weights made by darkroom: for checking the plumbing only")
+    description: str = ""
+
+
+class ImageView(BaseModel):
+    id: str
+    index: int
+    seed: int
+    width: int
+    height: int
+    sha256: str
+    url: str
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class JobProgress(BaseModel):
+    step: int = 0
+    total: int = 0
+
+
+class JobView(BaseModel):
+    """What clients see of a job."""
+
+    id: str
+    state: JobState
+    priority: Priority
+    created_at: dt.datetime
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    attempts: int
+    queue_position: int | None = None
+    progress: JobProgress
+    request: dict[str, Any]
+    images: list[ImageView] = Field(default_factory=list)
+    provenance: dict[str, Any] | None = None
+    error: JobError | None = None
+    request_id: str | None = None
+
+
+class JobEvent(BaseModel):
+    id: int
+    job_id: str
+    type: str  # queued | started | progress | succeeded | failed | cancelled | requeued | dead
+    data: dict[str, Any] = Field(default_factory=dict)
+    created_at: dt.datetime

@@ -1,0 +1,55 @@
+"""Blobs in a local folder (the embedded default). Writes are atomic: temp file, fsync, rename."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from darkroom.errors import NotFound
+from darkroom.storage.base import content_key
+
+_KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{64}$")
+
+
+class LocalBlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        # Keys are content addresses we made; anything else (e.g. "../") is refused, never joined onto the root.
+        if not _KEY.match(key):
+            raise NotFound("no such blob", field="key")
+        return self.root / key
+
+    def put(self, data: bytes, content_type: str) -> tuple[str, str]:
+        digest, key = content_key(data)
+        path = self._path(key)
+        if path.exists():
+            return digest, key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return digest, key
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound("no such blob", field="key") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)

@@ -1,0 +1,174 @@
+"""The job store on a real SQLite file: claims, leases, idempotency, cancel, exactly-once completion."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from darkroom.errors import Conflict
+from darkroom.jobs.db import migrate
+from darkroom.jobs.store import JobStore, NewImage, QueueFull
+from darkroom.jobs.tables import metadata
+from darkroom.schemas import GenerationRequest, JobState
+
+
+@pytest.fixture
+def store(tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    migrate(url, lock_dir=tmp_path)
+    s = JobStore(url, max_queue_depth=50)
+    yield s
+    s.close()
+
+
+def req(**kw) -> GenerationRequest:
+    return GenerationRequest(prompt=kw.pop("prompt", "a cat"), seed=kw.pop("seed", 1), **kw)
+
+
+def image(i: int = 0) -> NewImage:
+    return NewImage(index=i, seed=1 + i, width=64, height=64, sha256="0" * 64, blob_key="k", content_type="image/png",
+                    size_bytes=10)
+
+
+def test_migrations_build_exactly_the_declared_schema(tmp_path):
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    migrate(url)
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    engine.dispose()
+    assert diff == []
+
+
+def test_claim_takes_highest_priority_then_oldest(store):
+    low, _ = store.create(req(priority="low"))
+    first, _ = store.create(req())
+    second, _ = store.create(req())
+    high, _ = store.create(req(priority="high"))
+    order = [store.claim("w", 30).id for _ in range(4)]
+    assert order == [high.id, first.id, second.id, low.id]
+    assert store.claim("w", 30) is None
+
+
+def test_queue_position_follows_claim_order(store):
+    a, _ = store.create(req())
+    b, _ = store.create(req(priority="high"))
+    assert store.queue_position(store.get(b.id)) == 1
+    assert store.queue_position(store.get(a.id)) == 2
+    store.claim("w", 30)
+    assert store.queue_position(store.get(a.id)) == 1
+    assert store.queue_position(store.get(b.id)) is None
+
+
+def test_complete_writes_images_once_and_only_for_the_lease_owner(store):
+    job, _ = store.create(req(n=2))
+    claimed = store.claim("w1", 30)
+    assert claimed.state is JobState.running and claimed.attempts == 1
+    assert not store.complete(job.id, "someone-else", [image(0), image(1)], {})
+    assert store.complete(job.id, "w1", [image(0), image(1)], {"ok": True})
+    assert not store.complete(job.id, "w1", [image(0), image(1)], {"ok": True})
+    assert [i.index for i in store.images_for(job.id)] == [0, 1]
+    assert store.get(job.id).state is JobState.succeeded
+    types = [e.type for e in store.events_since(job.id)]
+    assert types == ["queued", "started", "succeeded"]
+
+
+def test_expired_lease_requeues_and_old_owner_cannot_finish(store):
+    job, _ = store.create(req())
+    store.claim("w1", lease_seconds=0.05)
+    time.sleep(0.1)
+    assert store.requeue_expired() == [job.id]
+    assert store.get(job.id).state is JobState.queued
+    assert store.claim("w2", 30).id == job.id
+    assert not store.heartbeat(job.id, "w1", 30).owned
+    assert not store.complete(job.id, "w1", [image()], {})
+    assert store.complete(job.id, "w2", [image()], {})
+    assert store.get(job.id).attempts == 2
+    assert len(store.images_for(job.id)) == 1
+
+
+def test_job_is_dead_after_its_last_attempt(store):
+    job, _ = store.create(req(), max_attempts=2)
+    for _ in range(2):
+        store.claim("w", lease_seconds=0.01)
+        time.sleep(0.03)
+        store.requeue_expired()
+    final = store.get(job.id)
+    assert final.state is JobState.dead
+    assert final.error["code"] == "lease_expired"
+
+
+def test_transient_failure_retries_then_dies(store):
+    job, _ = store.create(req(), max_attempts=2)
+    store.claim("w", 30)
+    assert store.fail(job.id, "w", {"code": "x", "message": "boom"}, retry_in=0) is JobState.queued
+    store.claim("w", 30)
+    assert store.fail(job.id, "w", {"code": "x", "message": "boom"}, retry_in=0) is JobState.dead
+    assert store.get(job.id).error["message"] == "boom"
+
+
+def test_permanent_failure_fails_at_once(store):
+    job, _ = store.create(req())
+    store.claim("w", 30)
+    assert store.fail(job.id, "w", {"code": "model_load_failed", "message": "bad file"}) is JobState.failed
+
+
+def test_cancel_queued_and_running(store):
+    queued, _ = store.create(req())
+    running, _ = store.create(req(priority="high"))
+    store.claim("w", 30)
+    assert store.cancel(queued.id).state is JobState.cancelled
+    assert store.cancel(running.id).cancel_requested
+    ack = store.progress(running.id, "w", 1, 20, 30)
+    assert ack.owned and ack.cancel_requested
+    assert store.finish_cancelled(running.id, "w")
+    assert store.get(running.id).state is JobState.cancelled
+    with pytest.raises(Conflict):
+        store.cancel(running.id)
+
+
+def test_idempotency_key_returns_the_first_job(store):
+    first, created = store.create(req(), idempotency_key="k1", body_hash="h1")
+    again, created_again = store.create(req(seed=99), idempotency_key="k1", body_hash="h1")
+    assert created and not created_again and again.id == first.id
+    with pytest.raises(Conflict) as err:
+        store.create(req(prompt="other"), idempotency_key="k1", body_hash="h2")
+    assert err.value.field == "Idempotency-Key"
+    other_tenant, created = store.create(req(), tenant="t2", idempotency_key="k1", body_hash="h1")
+    assert created and other_tenant.id != first.id
+
+
+def test_queue_depth_limit(store):
+    for _ in range(50):
+        store.create(req())
+    with pytest.raises(QueueFull) as err:
+        store.create(req())
+    assert err.value.status == 429 and err.value.retry_after > 0
+
+
+def test_concurrent_claimers_never_share_a_job(tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    migrate(url)
+    stores = [JobStore(url) for _ in range(4)]
+    ids = {stores[0].create(req())[0].id for _ in range(40)}
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def claimer(s: JobStore, name: str) -> None:
+        while (job := s.claim(name, 30)) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=claimer, args=(s, f"w{i}")) for i, s in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(ids)
+    for s in stores:
+        s.close()

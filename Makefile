@@ -25,6 +25,7 @@ run: install
 	$(VENV)/bin/darkroom serve $(ARGS)
 
 test: install-test
+	bash scripts/test-services.sh
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 

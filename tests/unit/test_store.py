@@ -17,9 +17,16 @@ from darkroom.jobs.tables import metadata
 from darkroom.schemas import GenerationRequest, JobState
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    return request.getfixturevalue("pg_url")
+
+
 @pytest.fixture
-def store(tmp_path):
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+def store(db_url, tmp_path):
+    url = db_url
     migrate(url, lock_dir=tmp_path)
     s = JobStore(url, max_queue_depth=50)
     yield s
@@ -31,12 +38,13 @@ def req(**kw) -> GenerationRequest:
 
 
 def image(i: int = 0) -> NewImage:
-    return NewImage(index=i, seed=1 + i, width=64, height=64, sha256="0" * 64, blob_key="k", content_type="image/png",
-                    size_bytes=10)
+    return NewImage(
+        index=i, seed=1 + i, width=64, height=64, sha256="0" * 64, blob_key="k", content_type="image/png", size_bytes=10
+    )
 
 
-def test_migrations_build_exactly_the_declared_schema(tmp_path):
-    url = f"sqlite:///{tmp_path / 'm.db'}"
+def test_migrations_build_exactly_the_declared_schema(db_url):
+    url = db_url
     migrate(url)
     engine = sa.create_engine(url)
     with engine.connect() as conn:
@@ -151,8 +159,8 @@ def test_queue_depth_limit(store):
     assert err.value.status == 429 and err.value.retry_after > 0
 
 
-def test_concurrent_claimers_never_share_a_job(tmp_path):
-    url = f"sqlite:///{tmp_path / 'c.db'}"
+def test_concurrent_claimers_never_share_a_job(db_url):
+    url = db_url
     migrate(url)
     stores = [JobStore(url) for _ in range(4)]
     ids = {stores[0].create(req())[0].id for _ in range(40)}

@@ -1,0 +1,1 @@
+"""HTTP API: app factory, routers, error mapping. Never imports torch."""

@@ -1,0 +1,61 @@
+"""The FastAPI app factory. Workers in the same process start and stop with the app's lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import RedirectResponse
+
+from darkroom import __version__, clock
+from darkroom.service import Services
+
+from . import errors, health, v1
+
+log = logging.getLogger("darkroom.api")
+
+
+def create_app(services: Services, workers: int = 0) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services.start_workers(workers)
+        try:
+            yield
+        finally:
+            services.stop_workers()
+
+    app = FastAPI(
+        title="darkroom",
+        version=__version__,
+        description="Self-hosted image generation: durable jobs, GPU workers, full provenance.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    errors.install(app)
+    _install_middleware(app, services)
+    app.include_router(v1.router)
+    app.include_router(health.router)
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/docs")
+
+    return app
+
+
+def _install_middleware(app: FastAPI, services: Services) -> None:
+    # JSON bodies carry base64 images, so the cap is the upload limit plus base64 and field overhead.
+    max_body = services.settings.limits.max_upload_bytes * 4 // 3 + 256 * 1024
+
+    @app.middleware("http")
+    async def request_context(request: Request, call_next):  # type: ignore[no-untyped-def]
+        rid = request.headers.get("X-Request-ID") or clock.new_id("req")
+        request.state.request_id = rid[:64]
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_body:
+            return errors.problem(413, "payload_too_large", f"request body is larger than {max_body} bytes", "body")
+        response = await call_next(request)
+        response.headers["X-Request-ID"] = request.state.request_id
+        return response

@@ -1,0 +1,222 @@
+"""Native API v1: jobs, their events, images and models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from darkroom import clock
+from darkroom.engines.samplers import SAMPLERS, resolve_sampler
+from darkroom.errors import NotFound
+from darkroom.jobs.store import JobRecord, request_hash
+from darkroom.schemas import (
+    PRIORITY_NAME,
+    GenerationRequest,
+    ImageView,
+    JobError,
+    JobProgress,
+    JobState,
+    JobView,
+    ModelInfo,
+    check_limits,
+)
+from darkroom.service import Services
+
+from .uploads import decode_base64_image, load_image
+
+TERMINAL_EVENTS = {"succeeded", "failed", "cancelled", "dead"}
+TENANT = "default"  # one tenant until API keys arrive
+
+router = APIRouter(prefix="/v1", tags=["v1"])
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def image_url(request: Request, image_id: str) -> str:
+    base = services(request).settings.public_url or str(request.base_url).rstrip("/")
+    return f"{base.rstrip('/')}/v1/images/{image_id}"
+
+
+def job_view(request: Request, job: JobRecord) -> JobView:
+    svc = services(request)
+    images = []
+    if job.state is JobState.succeeded:
+        images = [
+            ImageView(
+                id=i.id,
+                index=i.index,
+                seed=i.seed,
+                width=i.width,
+                height=i.height,
+                sha256=i.sha256,
+                url=image_url(request, i.id),
+            )
+            for i in svc.store.images_for(job.id)
+        ]
+    return JobView(
+        id=job.id,
+        state=job.state,
+        priority=PRIORITY_NAME[job.priority],
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        attempts=job.attempts,
+        queue_position=svc.store.queue_position(job),
+        progress=JobProgress(step=job.progress_step, total=job.progress_total),
+        request=job.request,
+        images=images,
+        provenance=job.result,
+        error=JobError(**job.error) if job.error else None,
+        request_id=job.request_id,
+    )
+
+
+def submit(request: Request, body: GenerationRequest, idempotency_key: str | None) -> tuple[JobRecord, bool]:
+    """Everything between a validated body and a queued job: limits, model, seed, init image, idempotency."""
+    svc = services(request)
+    limits = svc.settings.limits
+    check_limits(body, limits)
+    body_hash = request_hash(body.model_dump(mode="json"))
+    model = svc.registry.get(body.model) if body.model else svc.registry.default()
+    updates: dict = {
+        "model": model.id,
+        "sampler": resolve_sampler(body.sampler).name,
+        "seed": body.seed if body.seed is not None else clock.random_seed(),
+    }
+    if body.init_image:
+        raw = decode_base64_image(body.init_image, limits, "init_image")
+        png = load_image(raw, limits, "init_image", size=(body.width, body.height))
+        _, key = svc.blobs.put(png, "image/png")
+        updates["init_image"] = f"blob:{key}"
+    resolved = body.model_copy(update=updates)
+    return svc.store.create(
+        resolved,
+        tenant=TENANT,
+        idempotency_key=idempotency_key,
+        request_id=request.state.request_id,
+        body_hash=body_hash,
+        max_attempts=svc.settings.max_attempts,
+    )
+
+
+def _tenant_job(request: Request, job_id: str) -> JobRecord:
+    job = services(request).store.get(job_id)
+    if job is None or job.tenant != TENANT:
+        raise NotFound(f"no job {job_id!r}", field="job_id")
+    return job
+
+
+@router.post("/jobs", status_code=202, response_model=JobView, summary="Queue a generation job")
+def create_job(
+    request: Request,
+    body: GenerationRequest,
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200),
+) -> JSONResponse:
+    job, created = submit(request, body, idempotency_key)
+    view = job_view(request, job)
+    return JSONResponse(
+        view.model_dump(mode="json"), status_code=202 if created else 200, headers={"Location": f"/v1/jobs/{job.id}"}
+    )
+
+
+@router.post("/generate", response_model=JobView, summary="Queue a job and wait for it to finish")
+async def generate(
+    request: Request,
+    body: GenerationRequest,
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200),
+    timeout: float | None = Query(None, gt=0, description="seconds to wait; default from settings"),
+) -> JSONResponse:
+    svc = services(request)
+    job, _ = await run_in_threadpool(submit, request, body, idempotency_key)
+    deadline = time.monotonic() + min(timeout or svc.settings.sync_timeout_seconds, svc.settings.sync_timeout_seconds)
+    while not job.state.terminal and time.monotonic() < deadline:
+        if await request.is_disconnected():
+            break
+        await asyncio.sleep(0.1)
+        job = await run_in_threadpool(svc.store.require, job.id)
+    view = await run_in_threadpool(job_view, request, job)
+    # Not finished in time: the job goes on; answer like POST /v1/jobs so the client can poll.
+    return JSONResponse(view.model_dump(mode="json"), status_code=200 if job.state.terminal else 202)
+
+
+@router.get("/jobs", response_model=list[JobView], summary="Recent jobs")
+def list_jobs(request: Request, state: JobState | None = None, limit: int = Query(50, ge=1, le=500)) -> list[JobView]:
+    jobs = services(request).store.list(state=state, limit=limit)
+    return [job_view(request, j) for j in jobs if j.tenant == TENANT]
+
+
+@router.get("/jobs/{job_id}", response_model=JobView, summary="A job: state, queue position, progress, images")
+def get_job(request: Request, job_id: str) -> JobView:
+    return job_view(request, _tenant_job(request, job_id))
+
+
+@router.delete("/jobs/{job_id}", response_model=JobView, summary="Cancel: queued at once, running at the next step")
+def cancel_job(request: Request, job_id: str) -> JobView:
+    _tenant_job(request, job_id)
+    return job_view(request, services(request).store.cancel(job_id))
+
+
+@router.get("/jobs/{job_id}/events", summary="Server-Sent Events: queued, started, progress, succeeded/failed")
+async def job_events(request: Request, job_id: str) -> StreamingResponse:
+    await run_in_threadpool(_tenant_job, request, job_id)
+    last = request.headers.get("Last-Event-ID", "0")
+    after = int(last) if last.isdigit() else 0
+    return StreamingResponse(
+        _event_stream(request, job_id, after),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _event_stream(request: Request, job_id: str, after: int) -> AsyncIterator[str]:
+    store = services(request).store
+    idle_since = time.monotonic()
+    while not await request.is_disconnected():
+        events = await run_in_threadpool(store.events_since, job_id, after)
+        for event in events:
+            after = event.id
+            payload = {"job_id": job_id, "type": event.type, **event.data, "at": event.created_at.isoformat()}
+            yield f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(payload)}\n\n"
+            if event.type in TERMINAL_EVENTS:
+                return
+        if events:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > 15:
+            idle_since = time.monotonic()
+            yield ": keep-alive\n\n"
+        await asyncio.sleep(0.1 if events else 0.25)
+
+
+@router.get(
+    "/images/{image_id}", summary="An image (PNG with provenance)", responses={200: {"content": {"image/png": {}}}}
+)
+def get_image(request: Request, image_id: str) -> Response:
+    svc = services(request)
+    image = svc.store.get_image(image_id)
+    if image is None or image.tenant != TENANT:
+        raise NotFound(f"no image {image_id!r}", field="image_id")
+    return Response(
+        svc.blobs.get(image.blob_key),
+        media_type=image.content_type,
+        headers={"Cache-Control": "private, max-age=31536000, immutable", "ETag": f'"{image.sha256}"'},
+    )
+
+
+@router.get(
+    "/models", response_model=list[ModelInfo], response_model_exclude={"__all__": {"path"}}, summary="Approved models"
+)
+def list_models(request: Request) -> list[ModelInfo]:
+    return services(request).registry.scan()
+
+
+@router.get("/samplers", summary="Sampler names (AUTOMATIC1111's) and the diffusers scheduler each maps to")
+def list_samplers() -> list[dict]:
+    return [spec.public() for spec in SAMPLERS]

@@ -1,0 +1,207 @@
+"""`darkroom serve | worker | generate | models`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from darkroom import __version__
+from darkroom.config import Settings
+from darkroom.observability.logging import setup as setup_logging
+
+app = typer.Typer(help="darkroom: self-hosted image generation.", no_args_is_help=True, add_completion=False)
+models_app = typer.Typer(help="List and add models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="data folder [env DARKROOM_DATA_DIR]")]
+DbUrl = Annotated[str | None, typer.Option("--database-url", help="SQLAlchemy URL [env DARKROOM_DATABASE_URL]")]
+ModelsDir = Annotated[Path | None, typer.Option("--models-dir", help="models folder [env DARKROOM_MODELS_DIR]")]
+
+
+def settings_from(**flags: Any) -> Settings:
+    """Env first, then flags that were given on the command line."""
+    return Settings(**{k: v for k, v in flags.items() if v is not None})
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address [env DARKROOM_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="port [env DARKROOM_PORT]")] = None,
+    data_dir: DataDir = None,
+    database_url: DbUrl = None,
+    models_dir: ModelsDir = None,
+    workers: Annotated[int | None, typer.Option(help="in-process workers; 0 for an API-only node")] = None,
+    log_level: str = "info",
+) -> None:
+    """Run the API (and in-process workers)."""
+    import uvicorn
+
+    from darkroom.api.app import create_app
+    from darkroom.service import Services
+
+    setup_logging(log_level, "serve")
+    settings = settings_from(
+        host=host, port=port, data_dir=data_dir, database_url=database_url, models_dir=models_dir, workers=workers
+    )
+    services = Services.open(settings)
+    if settings.workers > 0:
+        services.ensure_default_model()
+    api = create_app(services, workers=settings.workers)
+    console.print(
+        f"darkroom {__version__} on http://{settings.host}:{settings.port} "
+        f"(data {settings.data_dir.resolve()}, {settings.workers} worker(s); API docs at /docs)"
+    )
+    uvicorn.run(api, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=10)
+    services.close()
+
+
+@app.command()
+def worker(
+    data_dir: DataDir = None,
+    database_url: DbUrl = None,
+    models_dir: ModelsDir = None,
+    worker_id: Annotated[str | None, typer.Option(help="stable id; default host:pid")] = None,
+    log_level: str = "info",
+) -> None:
+    """Run one worker process against the service's database and data dir."""
+    from darkroom.service import Services
+    from darkroom.worker.loop import Worker
+
+    setup_logging(log_level, "worker")
+    settings = settings_from(data_dir=data_dir, database_url=database_url, models_dir=models_dir, worker_id=worker_id)
+    services = Services.open(settings)
+    services.ensure_default_model()
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        console.print(f"worker: signal {signum}, finishing the current job")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    Worker(settings, services.store, services.blobs, services.make_engine).run(stop)
+    services.store.close()
+
+
+@app.command()
+def generate(
+    prompt: str,
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG path; with n>1, -1, -2 … are added")] = Path(
+        "out.png"
+    ),
+    url: Annotated[str, typer.Option(envvar="DARKROOM_URL", help="server base URL")] = "http://127.0.0.1:8000",
+    negative_prompt: Annotated[str | None, typer.Option("--negative", "-N")] = None,
+    width: int | None = None,
+    height: int | None = None,
+    steps: int | None = None,
+    guidance_scale: Annotated[float | None, typer.Option("--guidance", "--cfg")] = None,
+    sampler: str | None = None,
+    seed: int | None = None,
+    n: int | None = None,
+    model: str | None = None,
+    init_image: Annotated[Path | None, typer.Option(help="img2img source image")] = None,
+    strength: float | None = None,
+    priority: str | None = None,
+) -> None:
+    """Generate an image on a running server, with a progress bar."""
+    body: dict[str, Any] = {
+        k: v
+        for k, v in dict(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+            seed=seed,
+            n=n,
+            model=model,
+            strength=strength,
+            priority=priority,
+        ).items()
+        if v is not None
+    }
+    if init_image:
+        body["init_image"] = base64.b64encode(init_image.read_bytes()).decode()
+    from darkroom.client_cli import run_generate
+
+    try:
+        paths = run_generate(url, body, output, _progress_bar())
+    except RuntimeError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    for path in paths:
+        typer.echo(str(path))
+
+
+def _progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+@models_app.command("list")
+def models_list(models_dir: ModelsDir = None, data_dir: DataDir = None, as_json: bool = False) -> None:
+    """Models in the models dir."""
+    from darkroom.models.registry import ModelRegistry
+
+    settings = settings_from(models_dir=models_dir, data_dir=data_dir)
+    registry = ModelRegistry(settings.resolved_models_dir, settings.data_dir / "model-hashes.json")
+    models = registry.scan()
+    if as_json:
+        typer.echo(json.dumps([m.model_dump() for m in models], indent=2))
+        return
+    table = Table("id", "format", "arch", "sha256", "size", "note")
+    for m in models:
+        note = "random-weight smoke test" if m.smoke_test else m.description[:40]
+        table.add_row(m.id, m.format, m.arch, m.sha256[:12], f"{m.size_bytes / 1e6:.1f} MB", note)
+    Console().print(table)
+    if not models:
+        console.print(f"no models in {settings.resolved_models_dir}")
+
+
+@models_app.command("add")
+def models_add(path: Path, name: str | None = None, models_dir: ModelsDir = None, data_dir: DataDir = None) -> None:
+    """Copy a checkpoint (.safetensors) or a diffusers folder into the models dir."""
+    from darkroom.errors import DarkroomError
+    from darkroom.models.registry import ModelRegistry
+
+    settings = settings_from(models_dir=models_dir, data_dir=data_dir)
+    settings.resolved_models_dir.mkdir(parents=True, exist_ok=True)
+    registry = ModelRegistry(settings.resolved_models_dir, settings.data_dir / "model-hashes.json")
+    try:
+        info = registry.add(path, name=name)
+    except DarkroomError as exc:
+        console.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(1) from None
+    typer.echo(f"added {info.id} ({info.format}, {info.arch}, sha256 {info.sha256[:12]})")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app(prog_name="darkroom")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,480 @@
+"""The local engine: Stable Diffusion pipelines from diffusers, run in this process on CUDA, MPS or the CPU.
+
+Loading (never from the network: `local_files_only=True` everywhere and `HF_HUB_OFFLINE=1`):
+- a diffusers folder loads with its pipeline class (SD 1/2, SDXL; `AutoPipelineForText2Image` for anything else);
+- a single-file checkpoint (`NAME.safetensors`, original LDM/sgm key layout) loads with `from_single_file`, which
+  needs a diffusers *config* folder to know the architecture. darkroom uses, in order:
+  1. a sidecar folder `NAME.config/` beside the checkpoint: a diffusers layout without weights (model_index.json,
+     scheduler/, unet/config.json, vae/config.json, text_encoder/config.json, tokenizer/ ...);
+  2. otherwise the configs bundled with darkroom for the detected architecture (`darkroom/models/configs/sd1|sd2|sdxl`:
+     SD 1.5, SD 2.1 768-v, SDXL base 1.0). Those cannot carry CLIP's tokenizer vocabulary (it is not ours to ship and
+     cannot be downloaded here), so the tokenizer comes from the sidecar's `tokenizer/` (and `tokenizer_2/` for SDXL)
+     or from any diffusers-format model of the same architecture in the models dir. With neither, loading fails with
+     `ModelLoadError` naming the folder to create.
+  SD 2.x *base* (512px, epsilon) checkpoints look like SD 2.1 768-v from their keys; give them a sidecar config.
+
+Running: the sampler is a fresh scheduler built from the model's own scheduler config for every pass, swapped in and
+restored afterwards whatever happens. Every image gets its own generator seeded with its own seed (a CPU generator, so
+a seed gives the same starting noise on any worker, GPU or not), and SDE samplers get one Brownian tree per image
+seeded the same way. That makes the *noise* of an image independent of its batch, but not the arithmetic: kernels pick
+different algorithms by batch size, and a convolution over 4 images rounds differently from one over 2 (measured: up
+to 1/255 per pixel on CPU). So by default (`batch_invariant=True`) each image of a request is its own pass, and seeds
+[s, s+1] give exactly the pixels of s and s+1 run alone; `batch_invariant=False` runs them as one batch, which is
+faster on a GPU at the cost of that guarantee. Progress is reported from `callback_on_step_end`; when the callback
+raises (JobCancelled, LeaseLost) the exception leaves the pipeline at that step and propagates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from darkroom import __version__
+from darkroom.clock import random_seed
+from darkroom.engines.base import EngineImage, EngineResult, ProgressFn
+from darkroom.engines.samplers import SamplerSpec, make_scheduler, resolve_sampler, seed_scheduler_noise
+from darkroom.errors import DarkroomError, EngineError, InvalidRequest, ModelLoadError
+from darkroom.models.offline import enforce_offline
+from darkroom.models.registry import SIDECAR_CONFIG_SUFFIX, ModelRegistry
+from darkroom.schemas import GenerationRequest, ModelInfo
+from darkroom.worker.cache import LRUCache
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "models" / "configs"
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+TOKENIZER_SOURCES = {
+    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd2": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+
+
+class EngineOutOfMemory(EngineError):
+    """The accelerator ran out of memory; worth retrying with a smaller batch or on another worker."""
+
+    code = "out_of_memory"
+    permanent = False
+
+
+@dataclass
+class LoadedModel:
+    """One model's pipelines. The img2img twin shares every module with txt2img, so it costs no extra memory."""
+
+    info: ModelInfo
+    txt2img: Any
+    scheduler_config: Any
+    load_s: float
+    img2img: Any = None
+
+    def pipeline(self, mode: str) -> Any:
+        if mode == "txt2img":
+            return self.txt2img
+        if self.img2img is None:
+            from diffusers import AutoPipelineForImage2Image
+
+            try:
+                self.img2img = AutoPipelineForImage2Image.from_pipe(self.txt2img)
+            except ValueError as exc:  # no image-to-image twin for this pipeline class
+                raise InvalidRequest(f"model {self.info.id} cannot do img2img: {exc}", field="init_image") from exc
+            self.img2img.set_progress_bar_config(disable=True)
+        return self.img2img
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device != "auto":
+        if device.split(":")[0] not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """Half precision where the hardware is built for it; CPUs are fastest and exact in float32."""
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.float16
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, float16 or bfloat16") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class DiffusersEngine:
+    name = "diffusers"
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        device: str = "auto",
+        dtype: str = "auto",
+        cache_size: int = 2,
+        batch_invariant: bool = True,
+    ) -> None:
+        """`batch_invariant`: denoise the images of a request one at a time (see the module docstring)."""
+        enforce_offline()
+        _quiet_progress_bars()
+        self.registry = registry
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.batch_invariant = batch_invariant
+        self._cache: LRUCache[tuple[str, str], LoadedModel] = LRUCache(cache_size, on_evict=self._on_evict)
+        self._run_lock = threading.Lock()  # a pipeline is not re-entrant
+
+    # --- Engine protocol ---------------------------------------------------------------------------------------------
+
+    def generate(
+        self, request: GenerationRequest, init_image: Image.Image | None, progress: ProgressFn
+    ) -> EngineResult:
+        started = time.perf_counter()
+        info = self.registry.get(request.model) if request.model else self.registry.default()
+        spec = resolve_sampler(request.sampler)
+        if request.seed is None:  # the API resolves seeds when it creates the job; direct callers may not have
+            request = request.model_copy(update={"seed": random_seed()})
+        seeds = request.seeds()
+        check_request(request, init_image)
+        with self._run_lock:
+            loaded, load_s = self._pipelines(info)
+            pipe = loaded.pipeline(request.mode)
+            ran = time.perf_counter()
+            images, scheduler_name = self._run(pipe, loaded, spec, request, init_image, seeds, progress)
+        done = time.perf_counter()
+        return EngineResult(
+            images=[EngineImage(image=img, seed=seed) for img, seed in zip(images, seeds, strict=True)],
+            model=info,
+            engine=self.name,
+            scheduler=scheduler_name,
+            device=self.device,
+            dtype=dtype_name(self.dtype),
+            timings={"load_s": load_s, "inference_s": done - ran, "total_s": done - started},
+            versions=versions(),
+        )
+
+    def close(self) -> None:
+        self._cache.clear()
+
+    def loaded_models(self) -> list[tuple[str, str]]:
+        """(model id, sha256) pairs held in memory, least recently used first: what the scheduler's affinity needs."""
+        return self._cache.keys()
+
+    # --- running -------------------------------------------------------------------------------------------------
+
+    def _run(
+        self,
+        pipe: Any,
+        loaded: LoadedModel,
+        spec: SamplerSpec,
+        request: GenerationRequest,
+        init_image: Image.Image | None,
+        seeds: list[int],
+        progress: ProgressFn,
+    ) -> tuple[list[Image.Image], str]:
+        passes = [[seed] for seed in seeds] if self.batch_invariant else [seeds]
+        per_pass = total_steps(request)
+        images: list[Image.Image] = []
+        scheduler_name = ""
+        for index, pass_seeds in enumerate(passes):
+            callback = step_callback(progress, per_pass, offset=index * per_pass, grand_total=per_pass * len(passes))
+            scheduler = make_scheduler(spec, loaded.scheduler_config)
+            seed_scheduler_noise(scheduler, pass_seeds)
+            scheduler_name = type(scheduler).__name__
+            kwargs = pipeline_kwargs(request, init_image, pass_seeds, callback)
+            images.extend(self._call(pipe, scheduler, kwargs))
+        return images, scheduler_name
+
+    def _call(self, pipe: Any, scheduler: Any, kwargs: dict[str, Any]) -> list[Image.Image]:
+        """One pipeline call with a borrowed scheduler; whatever happens, the pipeline is left as it was found."""
+        original = pipe.scheduler
+        pipe.scheduler = scheduler
+        try:
+            with torch.inference_mode():
+                return list(pipe(**kwargs).images)
+        except DarkroomError:
+            raise
+        except torch.OutOfMemoryError as exc:
+            n = kwargs["num_images_per_prompt"]
+            raise EngineOutOfMemory(f"out of memory on {self.device} generating {n} image(s) at once") from exc
+        except ValueError as exc:  # diffusers' own input checks name the argument
+            raise InvalidRequest(f"the pipeline refused the request: {exc}") from exc
+        except Exception as exc:
+            raise EngineError(f"generation failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            pipe.scheduler = original
+            pipe._interrupt = False
+
+    # --- loading -----------------------------------------------------------------------------------------------------
+
+    def _pipelines(self, info: ModelInfo) -> tuple[LoadedModel, float]:
+        key = (info.id, info.sha256)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit, 0.0
+        for old in self.loaded_models():
+            if old[0] == info.id:  # the file changed on disk: the old version will not be asked for again
+                self._cache.evict(old)
+        self._cache.make_room()
+        loaded = self._load(info)
+        self._cache.put(key, loaded)
+        return loaded, loaded.load_s
+
+    def _load(self, info: ModelInfo) -> LoadedModel:
+        started = time.perf_counter()
+        log.info("loading model %s (%s, %s) on %s as %s", info.id, info.format, info.arch, self.device, self.dtype)
+        try:
+            with _loading_warnings():
+                pipe = self._load_pipeline(info)
+            pipe.to(self.device)
+        except DarkroomError:
+            raise
+        except torch.OutOfMemoryError as exc:
+            raise EngineOutOfMemory(f"out of memory on {self.device} loading model {info.id}") from exc
+        except Exception as exc:
+            raise ModelLoadError(
+                f"could not load model {info.id} from {info.path}: {type(exc).__name__}: {exc}"
+            ) from exc
+        pipe.set_progress_bar_config(disable=True)
+        if hasattr(getattr(pipe, "vae", None), "enable_slicing"):
+            pipe.vae.enable_slicing()  # decode a batch one image at a time: less memory, same pixels as alone
+        config = pipe.scheduler.config
+        return LoadedModel(info=info, txt2img=pipe, scheduler_config=config, load_s=time.perf_counter() - started)
+
+    def _load_pipeline(self, info: ModelInfo) -> Any:
+        if info.format == "diffusers":
+            return load_diffusers_folder(Path(info.path), info.arch, self.dtype)
+        return load_single_file(Path(info.path), info.arch, self.dtype, self._tokenizer_donors(info.arch))
+
+    def _tokenizer_donors(self, arch: str) -> list[Path]:
+        return [Path(m.path) for m in self.registry.scan() if m.format == "diffusers" and m.arch == arch]
+
+    def _on_evict(self, key: tuple[str, str], loaded: LoadedModel) -> None:
+        log.info("unloading model %s", key[0])
+        loaded.img2img = None
+        loaded.txt2img = None
+
+
+# --- request → pipeline arguments ------------------------------------------------------------------------------------
+
+
+def check_request(request: GenerationRequest, init_image: Image.Image | None) -> None:
+    """Everything that would otherwise fail deep inside the pipeline, named by field."""
+    for field, value in (("width", request.width), ("height", request.height)):
+        if value % 8:
+            raise InvalidRequest(f"{field} must be a multiple of 8 (got {value})", field=field)
+    if request.mode == "img2img":
+        if init_image is None:
+            raise InvalidRequest("img2img needs the init image", field="init_image")
+        if int(request.steps * request.strength) < 1:
+            raise InvalidRequest(
+                f"steps * strength must be at least 1 (got {request.steps} * {request.strength})", field="strength"
+            )
+    elif init_image is not None:
+        raise InvalidRequest("an init image was given for a txt2img request", field="init_image")
+
+
+def total_steps(request: GenerationRequest) -> int:
+    """What progress counts to: img2img skips the first (1 - strength) of the schedule."""
+    if request.mode == "img2img":
+        return min(int(request.steps * request.strength), request.steps)
+    return request.steps
+
+
+def pipeline_kwargs(
+    request: GenerationRequest, init_image: Image.Image | None, seeds: list[int], callback: Any
+) -> dict[str, Any]:
+    """Arguments for one pipeline call producing one image per seed."""
+    kwargs: dict[str, Any] = {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt or None,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+        "num_images_per_prompt": len(seeds),
+        "generator": [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
+        "callback_on_step_end": callback,
+        "output_type": "pil",
+    }
+    if request.mode == "img2img":
+        assert init_image is not None
+        kwargs["image"] = _fit(init_image, request.width, request.height)
+        kwargs["strength"] = request.strength
+    else:
+        kwargs["width"], kwargs["height"] = request.width, request.height
+    return kwargs
+
+
+def step_callback(progress: ProgressFn, total: int, offset: int = 0, grand_total: int | None = None) -> Any:
+    """Maps denoiser calls to the user's steps: second-order samplers (Heun, DPM2, DPM++ SDE) and PLMS's warm-up call
+    the model more often than `steps`, so the count is scaled to end exactly at `total` and never repeats a value.
+    With one pass per image, pass k reports `offset + done` out of `grand_total`, so progress rises once, to the end."""
+    reported = 0
+    overall = grand_total if grand_total is not None else total
+
+    def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        nonlocal reported
+        calls = max(getattr(pipe, "_num_timesteps", 0) or total, 1)
+        done = min(total, math.ceil((i + 1) * total / calls))
+        if done > reported:
+            reported = done
+            progress(offset + done, overall)  # may raise JobCancelled / LeaseLost: the run stops here
+        return tensors
+
+    return on_step_end
+
+
+def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    from PIL import Image as PILImage
+
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), PILImage.Resampling.LANCZOS)
+    return image
+
+
+# --- loaders ---------------------------------------------------------------------------------------------------------
+
+
+def load_diffusers_folder(folder: Path, arch: str, dtype: torch.dtype) -> Any:
+    enforce_offline()
+    import diffusers
+
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True, "torch_dtype": dtype}
+    variant = _weights_variant(folder)
+    if variant:
+        kwargs["variant"] = variant
+    if arch in ("sd1", "sd2"):
+        # darkroom's safety checks run on outputs elsewhere; the SD checker would double the load for no gain.
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return diffusers.StableDiffusionPipeline.from_pretrained(folder, **kwargs)
+    if arch == "sdxl":
+        # Watermarking belongs to darkroom's safety stage, not to whether invisible-watermark happens to be installed.
+        return diffusers.StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False, **kwargs)
+    return diffusers.AutoPipelineForText2Image.from_pretrained(folder, **kwargs)
+
+
+def load_single_file(checkpoint: Path, arch: str, dtype: torch.dtype, donors: list[Path]) -> Any:
+    enforce_offline()
+    import diffusers
+
+    config = single_file_config(checkpoint, arch)
+    kwargs: dict[str, Any] = {"config": str(config), "local_files_only": True, "torch_dtype": dtype}
+    kwargs.update(_tokenizers(checkpoint, arch, config, donors))
+    if arch == "sdxl":
+        return diffusers.StableDiffusionXLPipeline.from_single_file(str(checkpoint), add_watermarker=False, **kwargs)
+    kwargs.update(safety_checker=None, requires_safety_checker=False)
+    return diffusers.StableDiffusionPipeline.from_single_file(str(checkpoint), **kwargs)
+
+
+def single_file_config(checkpoint: Path, arch: str) -> Path:
+    sidecar = checkpoint.with_name(checkpoint.stem + SIDECAR_CONFIG_SUFFIX)
+    if (sidecar / "model_index.json").is_file():
+        return sidecar
+    bundled = BUNDLED_CONFIGS / arch
+    if (bundled / "model_index.json").is_file():
+        return bundled
+    raise ModelLoadError(
+        f"cannot tell the architecture of {checkpoint.name} (detected {arch!r}); put a diffusers config folder "
+        f"(model_index.json, scheduler/, unet/, vae/, text_encoder/, tokenizer/ without weights) at {sidecar}"
+    )
+
+
+def _tokenizer_names(arch: str) -> list[str]:
+    return ["tokenizer", "tokenizer_2"] if arch == "sdxl" else ["tokenizer"]
+
+
+def _tokenizers(checkpoint: Path, arch: str, config: Path, donors: list[Path]) -> dict[str, Any]:
+    """A config folder with its own tokenizers needs nothing; the bundled ones borrow from a same-arch model."""
+    names = _tokenizer_names(arch)
+    if all((config / name).is_dir() for name in names):
+        return {}
+    for donor in donors:
+        if all((donor / name).is_dir() for name in names):
+            return {name: _load_tokenizer(donor / name) for name in names}
+    sidecar = checkpoint.with_name(checkpoint.stem + SIDECAR_CONFIG_SUFFIX)
+    wanted = " and ".join(f"{sidecar}/{name}/" for name in names)
+    source = TOKENIZER_SOURCES.get(arch, "the model's original diffusers repository")
+    raise ModelLoadError(
+        f"{checkpoint.name} ({arch}) needs a CLIP tokenizer, which darkroom cannot download. Provide {wanted} "
+        f"(vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json: copy the tokenizer folder(s) of "
+        f"{source}), or put any diffusers-format {arch} model in the models dir."
+    )
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def _weights_variant(folder: Path) -> str | None:
+    """Hub folders sometimes hold only `*.fp16.safetensors`; from_pretrained must be told to look for those."""
+    unet = folder / "unet"
+    if not unet.is_dir() or any(p.name.endswith(".safetensors") and ".fp16." not in p.name for p in unet.iterdir()):
+        return None
+    return "fp16" if any(p.name.endswith(".fp16.safetensors") for p in unet.iterdir()) else None
+
+
+def _quiet_progress_bars() -> None:
+    """Loading bars from diffusers and transformers would interleave with a worker's structured logs."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    noisy = logging.getLogger("diffusers.models.modeling_utils")
+    if not any(isinstance(f, _EmptyFp32ListFilter) for f in noisy.filters):
+        noisy.addFilter(_EmptyFp32ListFilter())
+
+
+class _EmptyFp32ListFilter(logging.Filter):
+    """from_single_file casts each module to the requested dtype and diffusers then warns that the modules to keep in
+    float32 (an empty list for SD) might be cast: true of every single-file load, and actionable for none."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _loading_warnings() -> Iterator[None]:
+    """`torch_dtype` still works everywhere and `dtype` is not accepted by the older diffusers we support."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*`torch_dtype` is deprecated", category=FutureWarning)
+        yield
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {
+        "darkroom": __version__,
+        "diffusers": diffusers.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }

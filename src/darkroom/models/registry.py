@@ -1,0 +1,421 @@
+"""The models folder as a list of approved models, with content hashes and detected architectures.
+
+The API process reads this, so it must stay light: no torch or diffusers imports. Safetensors headers are read with
+`safetensors.safe_open` (numpy framework: keys only, no tensors).
+
+What counts as a model (top level of the models dir only; hidden entries are ignored):
+- a diffusers folder: a directory holding `model_index.json`;
+- a single-file checkpoint: `NAME.safetensors` whose keys hold an LDM UNet (`model.diffusion_model.*`). Its optional
+  sidecars are `NAME.json` (darkroom metadata) and `NAME.config/` (a diffusers config folder, see the engine).
+Pickled checkpoints (`.ckpt`, `.pt`, `.bin`, `.pth`) can run code when loaded, so they are never listed or added.
+
+`darkroom.json` in a diffusers folder (or `NAME.json` beside a single file) may hold
+`{"description": "...", "smoke_test": true}`; that is how the smoke-test model is labelled.
+
+Hashing GBs of weights takes a while, so file hashes are kept in a JSON cache keyed by path, size and mtime_ns, and a
+scan's result is reused until some file's size or mtime changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from darkroom.errors import Conflict, InvalidRequest, ServiceUnavailable
+from darkroom.schemas import ModelInfo
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl"})
+DARKROOM_META = "darkroom.json"
+SIDECAR_CONFIG_SUFFIX = ".config"
+LDM_UNET_PREFIX = "model.diffusion_model."
+# Key prefixes that tell the Stable Diffusion families apart in an original (LDM / sgm) single-file checkpoint.
+SINGLE_FILE_ARCH_MARKERS: tuple[tuple[str, str], ...] = (
+    ("conditioner.embedders.1", "sdxl"),
+    ("cond_stage_model.model.", "sd2"),
+    ("cond_stage_model.transformer.", "sd1"),
+)
+HASH_CHUNK = 8 * 1024 * 1024
+
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+@dataclass(frozen=True)
+class _FileStat:
+    size: int
+    mtime_ns: int
+
+
+def slugify(name: str) -> str:
+    """Model ids appear in URLs, job rows and PNG metadata: keep them lowercase ASCII without separators to escape."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9._-]+", "-", ascii_name.lower())
+    slug = re.sub(r"-{2,}", "-", slug).strip("-.")
+    return slug or "model"
+
+
+class ModelRegistry:
+    def __init__(self, models_dir: Path, cache_file: Path) -> None:
+        self.models_dir = Path(models_dir)
+        self.cache_file = Path(cache_file)
+        self._lock = threading.RLock()
+        self._fingerprint: Fingerprint | None = None
+        self._models: list[ModelInfo] = []
+        self._hashes: dict[str, dict[str, Any]] | None = None
+        self._hashes_dirty = False
+
+    # --- queries ---------------------------------------------------------------------------------------------------
+
+    def scan(self) -> list[ModelInfo]:
+        """All models, sorted by id. Cheap when nothing changed: one stat per file, no hashing, no parsing."""
+        with self._lock:
+            fingerprint = self._fingerprint_now()
+            if fingerprint != self._fingerprint:
+                self._models = self._build_infos()
+                self._fingerprint = fingerprint
+            return list(self._models)
+
+    def get(self, model_id: str) -> ModelInfo:
+        for info in self.scan():
+            if info.id == model_id:
+                return info
+        known = ", ".join(m.id for m in self._models) or "none"
+        raise InvalidRequest(f"unknown model {model_id!r} (available: {known})", field="model")
+
+    def default(self) -> ModelInfo:
+        """A real model when there is one: the smoke model only checks the plumbing."""
+        models = self.scan()
+        if not models:
+            raise ServiceUnavailable(f"no models in {self.models_dir}; add one with `darkroom models add PATH`")
+        real = [m for m in models if not m.smoke_test]
+        return min(real or models, key=lambda m: (m.name.lower(), m.id))
+
+    @staticmethod
+    def has_models(models_dir: Path) -> bool:
+        """Whether anything in the folder would be listed; decides if the smoke model is needed. No hashing."""
+        if not models_dir.is_dir():
+            return False
+        return any(_is_listable(p) for p in _visible_entries(models_dir))
+
+    # --- adding ------------------------------------------------------------------------------------------------------
+
+    def add(self, path: Path, name: str | None = None) -> ModelInfo:
+        """Copy a checkpoint or diffusers folder into the models dir and return what the registry makes of it.
+
+        The copy goes to a hidden temporary name first and is renamed into place, so a concurrent scan never lists a
+        half-written model.
+        """
+        path = Path(path).expanduser().resolve()
+        kind = _validate_source(path)
+        stem = slugify(name) if name else slugify(path.stem if kind == "single_file" else path.name)
+        dest = self.models_dir / (f"{stem}.safetensors" if kind == "single_file" else stem)
+        if dest.exists() or any(m.id == stem for m in self.scan()):
+            raise Conflict(f"a model named {stem!r} already exists in {self.models_dir}", field="name")
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        if kind == "single_file":
+            self._copy_single_file(path, dest)
+        else:
+            _atomic_copy(path, dest)
+        for info in self.scan():
+            if Path(info.path) == dest.resolve():
+                return info
+        raise InvalidRequest(f"{path} was copied to {dest} but is not recognised as a model", field="path")
+
+    def _copy_single_file(self, src: Path, dest: Path) -> None:
+        """Sidecars travel with the checkpoint; the checkpoint goes last because its arrival is what a scan sees."""
+        meta = src.with_suffix(".json")
+        if meta.is_file():
+            _atomic_copy(meta, dest.with_suffix(".json"))
+        config = src.with_name(src.stem + SIDECAR_CONFIG_SUFFIX)
+        if config.is_dir():
+            _atomic_copy(config, dest.with_name(dest.stem + SIDECAR_CONFIG_SUFFIX))
+        _atomic_copy(src, dest)
+
+    # --- scanning ----------------------------------------------------------------------------------------------------
+
+    def _fingerprint_now(self) -> Fingerprint:
+        if not self.models_dir.is_dir():
+            return ()
+        rows: list[tuple[str, int, int]] = []
+        for entry in _visible_entries(self.models_dir):
+            files = _walk_files(entry) if (entry / "model_index.json").is_file() else [entry]
+            for f in files:
+                st = _stat(f)
+                if st is not None:
+                    rows.append((str(f.relative_to(self.models_dir)), st.size, st.mtime_ns))
+        return tuple(rows)
+
+    def _build_infos(self) -> list[ModelInfo]:
+        infos: list[ModelInfo] = []
+        taken: set[str] = set()
+        for entry in _visible_entries(self.models_dir):
+            kind = _model_kind(entry)
+            if kind is None:
+                continue
+            try:
+                info = self._describe(entry, kind)
+            except Exception as exc:  # one unreadable file (a truncated download) must not hide the others
+                log.warning("skipping %s: %s", entry, exc)
+                continue
+            if info is None:
+                continue
+            info = _unique_id(info, taken)
+            taken.add(info.id)
+            infos.append(info)
+        self._save_hash_cache()
+        return sorted(infos, key=lambda m: m.id)
+
+    def _describe(self, entry: Path, kind: str) -> ModelInfo | None:
+        if kind == "diffusers":
+            if not _diffusers_weights_are_safe(entry):
+                return None
+            arch = diffusers_arch(entry)
+            meta = _read_meta(entry / DARKROOM_META)
+            files = _model_files(entry)
+            sha = self._folder_sha256(entry, files)
+            size = sum(f.stat().st_size for f in files)
+            name = entry.name
+        else:
+            arch = single_file_arch(entry)
+            if arch is None:
+                log.info("skipping %s: not a Stable Diffusion checkpoint (no %s keys)", entry, LDM_UNET_PREFIX)
+                return None
+            meta = _read_meta(entry.with_suffix(".json"))
+            sha = self._file_sha256(entry)
+            size = entry.stat().st_size
+            name = entry.stem
+        return ModelInfo(
+            id=slugify(name),
+            name=name,
+            format="diffusers" if kind == "diffusers" else "single_file",
+            arch=arch,
+            path=str(entry.resolve()),
+            sha256=sha,
+            size_bytes=size,
+            smoke_test=bool(meta.get("smoke_test", False)),
+            description=str(meta.get("description", "")),
+        )
+
+    # --- hashing -----------------------------------------------------------------------------------------------------
+
+    def _folder_sha256(self, folder: Path, files: list[Path]) -> str:
+        """Over sorted (relative path, file hash) pairs: renaming a component changes the version, like its bytes."""
+        digest = hashlib.sha256()
+        for f in sorted(files, key=lambda p: p.relative_to(folder).as_posix()):
+            digest.update(f"{f.relative_to(folder).as_posix()}\0{self._file_sha256(f)}\n".encode())
+        return digest.hexdigest()
+
+    def _file_sha256(self, path: Path) -> str:
+        cache = self._hash_cache()
+        st = path.stat()
+        key = str(path.resolve())
+        hit = cache.get(key)
+        if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+            return str(hit["sha256"])
+        log.info("hashing %s (%d bytes)", path, st.st_size)
+        with path.open("rb") as fh:
+            sha = hashlib.file_digest(fh, "sha256").hexdigest()
+        cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+        self._hashes_dirty = True
+        return sha
+
+    def _hash_cache(self) -> dict[str, dict[str, Any]]:
+        if self._hashes is None:
+            self._hashes = _read_json(self.cache_file)
+        return self._hashes
+
+    def _save_hash_cache(self) -> None:
+        """Merge with what is on disk, then replace atomically: the API and worker processes share this file."""
+        if self._hashes is None or not self._hashes_dirty:
+            return
+        merged = {**_read_json(self.cache_file), **self._hashes}
+        live = {k: v for k, v in merged.items() if isinstance(v, dict) and Path(k).exists()}
+        try:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".hashes-", dir=self.cache_file.parent)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(live, fh, indent=1, sort_keys=True)
+            os.replace(tmp, self.cache_file)
+            self._hashes, self._hashes_dirty = live, False
+        except OSError as exc:
+            log.warning("could not write the hash cache %s: %s", self.cache_file, exc)
+
+
+# --- detection (module functions: the engine and `add` use them too) -------------------------------------------------
+
+
+def single_file_arch(path: Path) -> str | None:
+    """sd1 | sd2 | sdxl | unknown from the tensor names alone; None when the file holds no SD UNet (a LoRA, a VAE)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as fh:
+        keys = list(fh.keys())
+    if not any(k.startswith(LDM_UNET_PREFIX) for k in keys):
+        return None
+    for prefix, arch in SINGLE_FILE_ARCH_MARKERS:
+        if any(k.startswith(prefix) for k in keys):
+            return arch
+    return "unknown"
+
+
+def diffusers_arch(folder: Path) -> str:
+    """SD 2 differs from SD 1 only in sizes: a 1024-wide cross-attention (OpenCLIP-H) and linear projections."""
+    index = json.loads((folder / "model_index.json").read_text())
+    cls = str(index.get("_class_name", ""))
+    if cls.startswith("StableDiffusionXL"):
+        return "sdxl"
+    if not cls.startswith("StableDiffusion"):
+        return "unknown"
+    unet = _read_json(folder / "unet" / "config.json")
+    text = _read_json(folder / "text_encoder" / "config.json")
+    if unet.get("cross_attention_dim") == 1024 or text.get("hidden_size") == 1024 or unet.get("use_linear_projection"):
+        return "sd2"
+    return "sd1"
+
+
+def _is_listable(entry: Path) -> bool:
+    kind = _model_kind(entry)
+    if kind == "diffusers":
+        return _diffusers_weights_are_safe(entry)
+    if kind == "single_file":
+        try:
+            return single_file_arch(entry) is not None
+        except Exception:
+            return False
+    return False
+
+
+def _model_kind(entry: Path) -> str | None:
+    if entry.is_dir():
+        if entry.name.endswith(SIDECAR_CONFIG_SUFFIX):
+            return None  # a single file's config sidecar (weights-less), not a model of its own
+        return "diffusers" if (entry / "model_index.json").is_file() else None
+    suffix = entry.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        log.warning("ignoring %s: pickled checkpoints can run code when loaded; convert it to .safetensors", entry)
+        return None
+    return "single_file" if suffix == ".safetensors" else None
+
+
+def _visible_entries(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError:
+        return []
+
+
+def _model_files(folder: Path) -> list[Path]:
+    """Every file that makes up a diffusers model; darkroom's own metadata is not part of the weights' identity."""
+    return [f for f in _walk_files(folder) if f != folder / DARKROOM_META]
+
+
+def _walk_files(folder: Path) -> list[Path]:
+    out: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out.extend(Path(root) / name for name in sorted(files) if not name.startswith("."))
+    return out
+
+
+def _diffusers_weights_are_safe(folder: Path) -> bool:
+    """Each component folder must carry safetensors weights; one that only has pickles refuses the whole model."""
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = [f for f in sub.rglob("*") if f.is_file()]
+        pickles = [f for f in files if f.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles and not any(f.suffix == ".safetensors" for f in files):
+            log.warning("ignoring %s: %s has only pickled weights (%s)", folder, sub.name, pickles[0].name)
+            return False
+    if not any(folder.rglob("*.safetensors")):
+        log.warning("ignoring %s: no .safetensors weights in it", folder)
+        return False
+    return True
+
+
+def _validate_source(path: Path) -> str:
+    if not path.exists():
+        raise InvalidRequest(f"{path} does not exist", field="path")
+    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
+        raise InvalidRequest(
+            f"{path.name} is a pickled checkpoint, which can run code when loaded; convert it to .safetensors first",
+            field="path",
+        )
+    kind = _model_kind(path)
+    if kind is None:
+        raise InvalidRequest(
+            f"{path} is neither a .safetensors checkpoint nor a diffusers folder (with model_index.json)", field="path"
+        )
+    if kind == "diffusers" and not _diffusers_weights_are_safe(path):
+        raise InvalidRequest(
+            f"{path} has no safetensors weights (pickles are refused); save it with safe_serialization=True",
+            field="path",
+        )
+    if kind == "single_file":
+        try:
+            arch = single_file_arch(path)
+        except Exception as exc:  # safetensors raises its own error type for a corrupt header
+            raise InvalidRequest(f"{path.name} is not a readable safetensors file: {exc}", field="path") from exc
+        if arch is None:
+            raise InvalidRequest(f"{path.name} holds no Stable Diffusion UNet ({LDM_UNET_PREFIX}*)", field="path")
+    return kind
+
+
+def _atomic_copy(src: Path, dest: Path) -> None:
+    tmp = dest.with_name(f".adding-{dest.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    try:
+        if src.is_dir():
+            shutil.copytree(src, tmp)
+        else:
+            shutil.copy2(src, tmp)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+
+
+def _unique_id(info: ModelInfo, taken: set[str]) -> ModelInfo:
+    """`Foo.safetensors` and a `foo/` folder would share an id; the later one (by name) gets a numbered suffix."""
+    if info.id not in taken:
+        return info
+    n = 2
+    while f"{info.id}-{n}" in taken:
+        n += 1
+    log.warning("model id %s is taken; listing %s as %s-%d", info.id, info.path, info.id, n)
+    return info.model_copy(update={"id": f"{info.id}-{n}"})
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = _read_json(path)
+    if not data:
+        log.warning("ignoring %s: not a JSON object", path)
+    return data
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _stat(path: Path) -> _FileStat | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return _FileStat(st.st_size, st.st_mtime_ns)

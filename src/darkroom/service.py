@@ -1,0 +1,82 @@
+"""Wiring: build the parts from one Settings object. The API, the CLI and the tests all start here."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from darkroom.config import Settings
+from darkroom.engines.base import Engine
+from darkroom.jobs.db import migrate
+from darkroom.jobs.store import JobStore
+from darkroom.models.registry import ModelRegistry
+from darkroom.storage.local import LocalBlobStore
+from darkroom.worker.loop import Worker, default_worker_id
+
+log = logging.getLogger("darkroom")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: JobStore
+    blobs: LocalBlobStore
+    registry: ModelRegistry
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    workers: list[Worker] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, settings: Settings) -> Services:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        url = settings.resolved_database_url
+        migrate(url, lock_dir=settings.data_dir)
+        models_dir = settings.resolved_models_dir
+        models_dir.mkdir(parents=True, exist_ok=True)
+        return cls(
+            settings=settings,
+            store=JobStore(url, max_queue_depth=settings.limits.max_queue_depth),
+            blobs=LocalBlobStore(settings.blobs_dir),
+            registry=ModelRegistry(models_dir, settings.data_dir / "model-hashes.json"),
+        )
+
+    def ensure_default_model(self) -> None:
+        """With no models at all, make the labelled random-weight smoke-test model so the service works offline."""
+        if self.registry.scan() or not self.settings.create_default_model:
+            return
+        from darkroom.models.smoke import ensure_smoke_model  # imports torch: only when it is needed
+
+        path = ensure_smoke_model(self.settings.resolved_models_dir)
+        log.warning(
+            "No models found: created the random-weight smoke-test model at %s (its images are noise). "
+            "Add real checkpoints with `darkroom models add PATH` or drop .safetensors files or diffusers "
+            "folders into %s.",
+            path,
+            self.settings.resolved_models_dir,
+        )
+
+    def make_engine(self) -> Engine:
+        from darkroom.engines.diffusers_engine import DiffusersEngine  # torch stays out of API-only processes
+
+        s = self.settings
+        return DiffusersEngine(self.registry, device=s.device, dtype=s.dtype, cache_size=s.pipeline_cache_size)
+
+    def start_workers(self, count: int) -> None:
+        base = self.settings.worker_id or default_worker_id()
+        for index in range(count):
+            worker = Worker(self.settings, self.store, self.blobs, self.make_engine, worker_id=f"{base}-{index}")
+            thread = threading.Thread(target=worker.run, args=(self._stop,), name=f"worker-{index}", daemon=True)
+            self.workers.append(worker)
+            self._threads.append(thread)
+            thread.start()
+
+    def stop_workers(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=timeout)
+        self._threads.clear()
+
+    def close(self) -> None:
+        self.stop_workers()
+        self.store.close()

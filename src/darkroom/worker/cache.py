@@ -1,0 +1,114 @@
+"""A small LRU cache for loaded pipelines.
+
+A worker keeps the last few models it ran in memory because loading one takes seconds to minutes; the capacity bounds
+memory. When an entry leaves, `on_evict` runs so the owner can drop what it holds of it; then, once the cache's own
+references are gone too, `release` runs (by default `release_memory`: reference cycles inside a pipeline keep its
+tensors alive until `gc.collect()`, and CUDA blocks go back to the driver only on `empty_cache()`).
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class LRUCache(Generic[K, V]):
+    def __init__(
+        self,
+        capacity: int,
+        on_evict: Callable[[K, V], None] | None = None,
+        release: Callable[[], None] | None = None,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self.on_evict = on_evict
+        self.release = release if release is not None else release_memory
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.RLock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key: K, value: V) -> None:
+        """Adds or refreshes an entry; beyond capacity the least recently used entries leave."""
+        with self._lock:
+            if key in self._items:
+                self._items[key] = value
+                self._items.move_to_end(key)
+                return
+            self._items[key] = value
+            evicted = 0
+            while len(self._items) > self.capacity:
+                evicted += self._evict_oldest()
+        if evicted:
+            self.release()
+
+    def make_room(self) -> None:
+        """Free one slot ahead of a load, so the old model is gone before the new one claims memory."""
+        with self._lock:
+            evicted = 0
+            while len(self._items) >= self.capacity:
+                evicted += self._evict_oldest()
+        if evicted:
+            self.release()
+
+    def evict(self, key: K) -> bool:
+        with self._lock:
+            if key not in self._items:
+                return False
+            value = self._items.pop(key)
+        self._notify(key, value)
+        del value
+        self.release()
+        return True
+
+    def clear(self) -> None:
+        with self._lock:
+            items = list(self._items.items())
+            self._items.clear()
+        while items:
+            self._notify(*items.pop())
+        self.release()
+
+    def keys(self) -> list[K]:
+        """Least recently used first."""
+        with self._lock:
+            return list(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def _evict_oldest(self) -> int:
+        """Returns 1 so callers can count; `release` runs in the caller, after this frame drops its reference."""
+        key, value = self._items.popitem(last=False)
+        self._notify(key, value)
+        return 1
+
+    def _notify(self, key: K, value: V) -> None:
+        if self.on_evict is not None:
+            self.on_evict(key, value)
+
+
+def release_memory() -> None:
+    """Return freed tensors to the system. torch is only consulted if this process already imported it."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,65 @@
+"""Shared fixtures. Tiny real diffusers models are built once per session by tests/support (no downloads)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+pytest_plugins = ["tests.support.fixtures"]
+
+
+def _copy_model(src: Path, dest_dir: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dest_dir / src.name)
+        return
+    shutil.copy2(src, dest_dir / src.name)
+    for sidecar in (src.with_suffix(".config"), src.with_suffix(".json")):
+        if sidecar.is_dir():
+            shutil.copytree(sidecar, dest_dir / sidecar.name)
+        elif sidecar.is_file():
+            shutil.copy2(sidecar, dest_dir / sidecar.name)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory, tiny_diffusers_model, tiny_single_file_model) -> Path:
+    """A models folder holding the tiny model in both on-disk formats users bring."""
+    root = tmp_path_factory.mktemp("models")
+    _copy_model(tiny_diffusers_model, root)
+    _copy_model(tiny_single_file_model, root)
+    return root
+
+
+def require_service(message: str) -> None:
+    """In CI a missing service is a failure, never a skip."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    from tests.infra.postgres import PgCluster, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        require_service("PostgreSQL binaries not found (`make test` installs them with scripts/test-services.sh)")
+    cluster = PgCluster(bindir).init()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_server(request) -> str:
+    return os.environ.get("DARKROOM_TEST_PG_URL") or request.getfixturevalue("pg_cluster").url
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    from tests.infra.postgres import fresh_database
+
+    return fresh_database(pg_server)

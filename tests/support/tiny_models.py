@@ -1,0 +1,259 @@
+"""Tiny real models on disk, in the two layouts users bring: a diffusers folder and an original single-file checkpoint.
+
+The single file is written by converting the tiny pipeline's diffusers state dicts to the original LDM layout
+(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.text_model.*`) with the mapping below.
+Loading it back through diffusers' single-file loader and getting the same pixels as the diffusers folder proves both
+the mapping and darkroom's loader.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from darkroom.models.smoke import build_tiny_pipeline
+
+UNET_RESNET_NAMES = (
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("conv_shortcut", "skip_connection"),
+)
+VAE_ATTENTION_NAMES = (
+    ("group_norm", "norm"),
+    ("to_q", "q"),
+    ("to_k", "k"),
+    ("to_v", "v"),
+    ("to_out.0", "proj_out"),
+)
+
+
+def make_diffusers_model(directory: Path, name: str = "tiny-diffusers", seed: int = 0) -> Path:
+    folder = Path(directory) / name
+    build_tiny_pipeline(seed=seed).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_single_file_model(directory: Path, name: str = "tiny-single", seed: int = 0) -> Path:
+    """`name.safetensors` in LDM layout plus its `name.config/` sidecar (the same pipeline's configs and tokenizer)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pipe = build_tiny_pipeline(seed=seed)
+    state = to_ldm_state_dict(pipe)
+    checkpoint = directory / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(checkpoint), metadata={"format": "pt"})
+    write_config_sidecar(pipe, directory / f"{name}.config")
+    return checkpoint
+
+
+def write_config_sidecar(pipe: Any, folder: Path) -> Path:
+    """A diffusers layout without weights: what `from_single_file(config=...)` reads to build the modules."""
+    tmp = folder.with_name(folder.name + ".full")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(tmp, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    shutil.rmtree(tmp)
+    return folder
+
+
+def to_ldm_state_dict(pipe: Any) -> dict[str, Any]:
+    unet_config = dict(pipe.unet.config)
+    vae_config = dict(pipe.vae.config)
+    out: dict[str, Any] = {}
+    for key, tensor in pipe.unet.state_dict().items():
+        out["model.diffusion_model." + unet_key_to_ldm(key, unet_config)] = tensor
+    for key, tensor in pipe.vae.state_dict().items():
+        ldm_key, tensor = vae_key_to_ldm(key, tensor, vae_config)
+        out["first_stage_model." + ldm_key] = tensor
+    for key, tensor in pipe.text_encoder.state_dict().items():
+        out["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = tensor
+    return out
+
+
+# --- UNet -------------------------------------------------------------------------------------------------------------
+
+
+def unet_key_to_ldm(key: str, config: dict[str, Any]) -> str:
+    """LDM numbers its UNet as flat `input_blocks` / `output_blocks` lists; diffusers nests them per resolution.
+
+    Per resolution level there are `layers_per_block` (resnet [+ attention]) entries and, except on the last level, one
+    downsampler entry; the decoder side has one more entry per level, the last one carrying the upsampler.
+    """
+    per_level = config["layers_per_block"]
+    parts = key.split(".")
+    fixed = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
+    head = ".".join(parts[:-1])
+    if head in fixed:
+        return f"{fixed[head]}.{parts[-1]}"
+    if parts[0] == "down_blocks":
+        return _down_key(parts, per_level)
+    if parts[0] == "up_blocks":
+        return _up_key(parts, per_level, config)
+    if parts[0] == "mid_block":
+        return _mid_key(parts)
+    raise KeyError(f"no LDM name for UNet key {key}")
+
+
+def _down_key(parts: list[str], per_level: int) -> str:
+    level, kind = int(parts[1]), parts[2]
+    if kind == "downsamplers":  # down_blocks.L.downsamplers.0.conv.weight
+        return f"input_blocks.{(level + 1) * (per_level + 1)}.0.op.{parts[-1]}"
+    index = 1 + level * (per_level + 1) + int(parts[3])
+    rest = ".".join(parts[4:])
+    if kind == "resnets":
+        return f"input_blocks.{index}.0.{_resnet_param(rest)}"
+    return f"input_blocks.{index}.1.{rest}"
+
+
+def _up_key(parts: list[str], per_level: int, config: dict[str, Any]) -> str:
+    level, kind = int(parts[1]), parts[2]
+    if kind == "upsamplers":  # after the resnet, and after the attention when the level has one
+        index = level * (per_level + 1) + per_level
+        slot = 2 if "CrossAttn" in config["up_block_types"][level] else 1
+        return f"output_blocks.{index}.{slot}.conv.{parts[-1]}"
+    index = level * (per_level + 1) + int(parts[3])
+    rest = ".".join(parts[4:])
+    if kind == "resnets":
+        return f"output_blocks.{index}.0.{_resnet_param(rest)}"
+    return f"output_blocks.{index}.1.{rest}"
+
+
+def _mid_key(parts: list[str]) -> str:
+    kind, index, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+    if kind == "resnets":  # resnet, attention, resnet
+        return f"middle_block.{0 if index == 0 else 2}.{_resnet_param(rest)}"
+    return f"middle_block.1.{rest}"
+
+
+def _resnet_param(rest: str) -> str:
+    module, _, param = rest.rpartition(".")
+    for diffusers_name, ldm_name in UNET_RESNET_NAMES:
+        if module == diffusers_name:
+            return f"{ldm_name}.{param}"
+    raise KeyError(f"unknown resnet parameter {rest}")
+
+
+# --- VAE --------------------------------------------------------------------------------------------------------------
+
+
+def vae_key_to_ldm(key: str, tensor: Any, config: dict[str, Any]) -> tuple[str, Any]:
+    """The LDM decoder numbers its `up` levels from the bottom (lowest resolution is the highest index); its attention
+    projections are 1x1 convolutions, diffusers' are linear layers."""
+    levels = len(config["block_out_channels"])
+    parts = key.split(".")
+    coder, rest = parts[0], parts[1:]
+    if coder in ("quant_conv", "post_quant_conv"):
+        return key, tensor
+    name = ".".join(rest)
+    if name.startswith("conv_norm_out."):
+        return f"{coder}.norm_out.{rest[-1]}", tensor
+    if rest[0] in ("conv_in", "conv_out"):
+        return key, tensor
+    if rest[0] == "down_blocks":
+        return f"{coder}.{_vae_level_key(rest, 'down', int(rest[1]), 'downsample')}", tensor
+    if rest[0] == "up_blocks":
+        return f"{coder}.{_vae_level_key(rest, 'up', levels - 1 - int(rest[1]), 'upsample')}", tensor
+    if rest[0] == "mid_block":
+        return _vae_mid_key(coder, rest, tensor)
+    raise KeyError(f"no LDM name for VAE key {key}")
+
+
+def _vae_level_key(rest: list[str], side: str, level: int, sampler: str) -> str:
+    # (down|up)_blocks.I.resnets.J.<param> or (down|up)_blocks.I.(down|up)samplers.0.conv.<param>
+    if rest[2].endswith("samplers"):
+        return f"{side}.{level}.{sampler}.conv.{rest[-1]}"
+    param = ".".join(rest[4:]).replace("conv_shortcut", "nin_shortcut")
+    return f"{side}.{level}.block.{rest[3]}.{param}"
+
+
+def _vae_mid_key(coder: str, rest: list[str], tensor: Any) -> tuple[str, Any]:
+    kind, index = rest[1], int(rest[2])
+    if kind == "resnets":
+        param = ".".join(rest[3:]).replace("conv_shortcut", "nin_shortcut")
+        return f"{coder}.mid.block_{index + 1}.{param}", tensor
+    module, param = ".".join(rest[3:-1]), rest[-1]
+    for diffusers_name, ldm_name in VAE_ATTENTION_NAMES:
+        if module == diffusers_name:
+            if param == "weight" and tensor.ndim == 2:
+                tensor = tensor[:, :, None, None]
+            return f"{coder}.mid.attn_1.{ldm_name}.{param}", tensor
+    raise KeyError(f"unknown VAE attention parameter {'.'.join(rest)}")
+
+
+def label(model: Path, **meta: Any) -> Path:
+    """Write darkroom's metadata next to (single file) or inside (folder) a model."""
+    target = model / "darkroom.json" if model.is_dir() else model.with_suffix(".json")
+    target.write_text(json.dumps(meta))
+    return target
+
+
+# --- SDXL -------------------------------------------------------------------------------------------------------------
+
+
+def make_sdxl_diffusers_model(directory: Path, name: str = "tiny-xl", seed: int = 0) -> Path:
+    folder = Path(directory) / name
+    build_tiny_xl_pipeline(seed=seed).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_xl_pipeline(seed: int = 0) -> Any:
+    """SDXL's shape in miniature: two text encoders (the second with a projection) and size/crop conditioning."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from darkroom.models.smoke import SD15_SCHEDULER_CONFIG, build_tiny_tokenizer, tiny_text_encoder, tiny_vae
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six size/crop ids of 8 dims + the pooled text embedding
+        cross_attention_dim=64,  # both encoders' hidden states side by side
+    )
+    torch.manual_seed(seed + 3)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        projection_dim=32,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(seed),
+        text_encoder=tiny_text_encoder(seed, tokenizer),
+        text_encoder_2=CLIPTextModelWithProjection(config).eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=build_tiny_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        add_watermarker=False,
+    )

@@ -7,7 +7,7 @@ import binascii
 import io
 import re
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from darkroom.config import Limits
 from darkroom.errors import InvalidRequest, PayloadTooLarge
@@ -28,6 +28,14 @@ def decode_base64_image(value: str, limits: Limits, field: str) -> bytes:
 
 def load_image(data: bytes, limits: Limits, field: str, size: tuple[int, int] | None = None) -> bytes:
     """Check and normalise an uploaded image; returns PNG bytes (resized to `size` when given)."""
+    rgb = open_image(data, limits, field).convert("RGB")
+    if size and rgb.size != size:
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+    return png_bytes(rgb)
+
+
+def open_image(data: bytes, limits: Limits, field: str) -> Image.Image:
+    """Decode an upload after the checks (size, format allow-list, pixel count) that must come before decoding."""
     if len(data) > limits.max_upload_bytes:
         raise PayloadTooLarge(f"{field} is larger than {limits.max_upload_bytes} bytes", field=field)
     try:
@@ -42,11 +50,48 @@ def load_image(data: bytes, limits: Limits, field: str, size: tuple[int, int] | 
                     field=field,
                 )
             img.load()
-            rgb = img.convert("RGB")
+            return img.copy()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError):
         raise InvalidRequest(f"{field} is not a readable image", field=field) from None
-    if size and rgb.size != size:
-        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+
+
+def load_mask(
+    data: bytes,
+    limits: Limits,
+    field: str,
+    size: tuple[int, int],
+    *,
+    transparent_repaints: bool = False,
+    invert: bool = False,
+    blur: int = 0,
+) -> bytes:
+    """An inpainting mask as a grey PNG at `size`: white repaints, black keeps.
+
+    A mask with transparency speaks through its alpha channel, and the two APIs read it oppositely: OpenAI repaints
+    where the mask is transparent (`transparent_repaints=True`), A1111 where it is painted (opaque). A mask without
+    transparency is read by brightness. An all-black mask would repaint nothing, which is always a client mistake."""
+    mask = _mask_channel(open_image(data, limits, field), transparent_repaints)
+    if mask.size != size:
+        mask = mask.resize(size, Image.Resampling.NEAREST)
+    if invert:
+        mask = ImageOps.invert(mask)
+    if blur > 0:
+        mask = mask.filter(ImageFilter.GaussianBlur(blur))
+    if mask.getextrema()[1] == 0:
+        raise InvalidRequest(f"{field} is black everywhere: nothing to repaint", field=field)
+    return png_bytes(mask)
+
+
+def _mask_channel(img: Image.Image, transparent_repaints: bool) -> Image.Image:
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        alpha = img.convert("RGBA").getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            return ImageOps.invert(alpha) if transparent_repaints else alpha
+    return img.convert("L")
+
+
+def png_bytes(image: Image.Image) -> bytes:
     out = io.BytesIO()
-    rgb.save(out, format="PNG")
+    image.save(out, format="PNG")
     return out.getvalue()

@@ -1,0 +1,524 @@
+"""AUTOMATIC1111-compatible API under `/sdapi/v1/`: tools written for A1111's web UI API work with a base-URL change.
+
+Requests keep A1111's field names, defaults and response shape (`images` as base64 PNG, `parameters` as received,
+`info` as a JSON string) and become ordinary darkroom jobs through `v1.submit`. Like A1111 the calls are synchronous.
+A1111's process-wide state maps onto darkroom as follows: the "current job" of `progress`, `interrupt` and `skip` is the
+most recently started running job; the checkpoint chosen with `POST /options` is stored in the database and is the
+default model of the A1111 and OpenAI APIs (a request's `override_settings.sd_model_checkpoint` wins for that request).
+
+Accepted and ignored (darkroom has no equivalent): hires fix (`enable_hr`, `hr_*`), `restore_faces`, `tiling`,
+`styles`, subseeds, scripts (`script_name`, `alwayson_scripts`), `eta`/`s_*` sampler tweaks, refiner, `resize_mode`
+(the source is always resized to the requested size), `save_images`. `skip` stops the current job like `interrupt`:
+darkroom runs a job's images as one unit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import json
+import os
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from PIL import Image, ImageFilter
+from pydantic import BaseModel, ConfigDict, Field
+
+from darkroom import __version__
+from darkroom.engines.samplers import SAMPLERS, resolve_sampler
+from darkroom.errors import Conflict, DarkroomError, InvalidRequest
+from darkroom.jobs.db import read_tx
+from darkroom.jobs.store import JobRecord
+from darkroom.jobs.tables import job_events
+from darkroom.kv import DEFAULT_MODEL
+from darkroom.safety.provenance import read_png
+from darkroom.schemas import GenerationRequest, JobState
+from darkroom.service import Services
+
+from . import compat
+from .uploads import decode_base64_image, load_image, load_mask, open_image, png_bytes
+from .v1 import TENANT, services, submit
+
+router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
+
+# Internal field → the A1111 field a client sent, for error messages.
+FIELD_NAMES = {
+    "guidance_scale": "cfg_scale",
+    "strength": "denoising_strength",
+    "init_image": "init_images",
+    "mask_image": "mask",
+    "n": "batch_size",
+    "sampler": "sampler_name",
+    "model": "sd_model_checkpoint",
+}
+OPTIONS_KEY = "a1111.options"
+BASE_OPTIONS: dict[str, Any] = {
+    "samples_format": "png",
+    "sd_vae": "Automatic",
+    "CLIP_stop_at_last_layers": 1,
+    "eta_noise_seed_delta": 0,
+    "live_previews_enable": True,
+    "show_progress_every_n_steps": -1,
+    "img2img_fix_steps": False,
+}
+SCHEDULERS = [
+    {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1.0, "need_inner_model": False},
+    {"name": "uniform", "label": "Uniform", "aliases": None, "default_rho": -1.0, "need_inner_model": True},
+    {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False},
+]
+
+
+class Processing(BaseModel):
+    """Fields txt2img and img2img share, with A1111's defaults. Unknown fields are ignored, as A1111 does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = ""
+    negative_prompt: str | None = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    scheduler: str | None = None
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    comments: dict[str, Any] | None = None
+    sampler_index: str = "Euler"
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    force_task_id: str | None = None
+    infotext: str | None = None
+
+
+class Txt2ImgRequest(Processing):
+    enable_hr: bool = False
+    denoising_strength: float | None = 0.75
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+
+
+class Img2ImgRequest(Processing):
+    init_images: list[str] | None = None
+    resize_mode: int = 0
+    denoising_strength: float = 0.75
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = Field(0, ge=0, le=3, description="0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = Field(0, ge=0)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+
+class ImagesResponse(BaseModel):
+    images: list[str] | None = Field(None, description="base64 PNGs (with their A1111 `parameters` text chunk)")
+    parameters: dict[str, Any]
+    info: str = Field(description="JSON string: seeds, infotexts, model, darkroom's job id …")
+
+
+# --- translation ------------------------------------------------------------------------------------------------------
+
+
+def sampler_name(req: Processing) -> str:
+    """A1111 ≥ 1.9 splits "DPM++ 2M Karras" into sampler "DPM++ 2M" and scheduler "Karras"; older clients send the
+    combined name (or only `sampler_index`). darkroom's names are the combined ones."""
+    name = req.sampler_name or req.sampler_index or "Euler"
+    scheduler = (req.scheduler or "automatic").strip().lower()
+    if scheduler in ("automatic", "uniform", ""):
+        return name
+    if scheduler == "karras":
+        combined = name if name.lower().endswith("karras") else f"{name} Karras"
+        try:
+            return resolve_sampler(combined).name
+        except InvalidRequest:
+            raise InvalidRequest(f"sampler {name!r} has no Karras variant", field="scheduler") from None
+    raise InvalidRequest(f"scheduler {req.scheduler!r} is not supported; use automatic or karras", field="scheduler")
+
+
+def request_model(svc: Services, req: Processing) -> str:
+    override = (req.override_settings or {}).get("sd_model_checkpoint")
+    if override:
+        return compat.find_model(svc, str(override), "override_settings.sd_model_checkpoint").id
+    return compat.default_model(svc).id
+
+
+def to_generation(svc: Services, req: Processing, **extra: Any) -> GenerationRequest:
+    if not req.prompt.strip():
+        raise InvalidRequest("prompt: darkroom needs a non-empty prompt", field="prompt")
+    fields = {
+        "prompt": req.prompt,
+        "negative_prompt": req.negative_prompt or "",
+        "width": req.width,
+        "height": req.height,
+        "steps": req.steps,
+        "guidance_scale": req.cfg_scale,
+        "sampler": sampler_name(req),
+        "seed": req.seed,
+        "n": req.batch_size * req.n_iter,
+        "model": request_model(svc, req),
+        **extra,
+    }
+    return compat.generation_request(fields, FIELD_NAMES)
+
+
+def img2img_sources(svc: Services, req: Img2ImgRequest) -> tuple[str, dict[str, str]]:
+    """The source image (base64, for `submit` to check and store) and the stored mask, with A1111's mask options
+    applied: invert, blur, and `inpainting_fill` (how the masked area starts) approximated in pixel space."""
+    if not req.init_images:
+        raise InvalidRequest("init_images: img2img needs at least one image", field="init_images")
+    if not req.mask:
+        return req.init_images[0], {}
+    limits, size = svc.settings.limits, (req.width, req.height)
+    blur = req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x, req.mask_blur_y)
+    raw_mask = decode_base64_image(req.mask, limits, "mask")
+    mask_png = load_mask(raw_mask, limits, "mask", size, invert=bool(req.inpainting_mask_invert), blur=blur)
+    _, key = svc.blobs.put(mask_png, "image/png")
+    init = req.init_images[0]
+    if req.inpainting_fill != 1:
+        source = load_image(decode_base64_image(init, limits, "init_images"), limits, "init_images", size)
+        init = compat.b64(fill_masked(source, mask_png, req.inpainting_fill))
+    return init, {"mask_image": f"blob:{key}"}
+
+
+def fill_masked(source_png: bytes, mask_png: bytes, mode: int) -> bytes:
+    """A1111's masked content: 0 `fill` (colours from around the mask), 2 `latent noise` (noise), 3 `latent nothing`
+    (flat grey, what a zero latent decodes to). darkroom does it on pixels before encoding, not on latents."""
+    image = Image.open(io.BytesIO(source_png)).convert("RGB")
+    mask = Image.open(io.BytesIO(mask_png)).convert("L")
+    if mode == 2:
+        filler = Image.frombytes("RGB", image.size, os.urandom(image.width * image.height * 3))
+    elif mode == 3:
+        filler = Image.new("RGB", image.size, (127, 127, 127))
+    else:
+        filler = _fill_from_surroundings(image, mask)
+    return png_bytes(Image.composite(filler, image, mask.point(lambda v: 255 if v > 0 else 0)))
+
+
+def _fill_from_surroundings(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """Repeatedly blur with the known pixels pinned: colours from the unmasked area flow into the hole."""
+    keep = mask.point(lambda v: 255 if v == 0 else 0)
+    filled = image.copy()
+    for radius in (64, 32, 16, 8, 4, 2):
+        filled = Image.composite(image, filled.filter(ImageFilter.GaussianBlur(radius)), keep)
+    return filled
+
+
+# --- responses ------------------------------------------------------------------------------------------------------
+
+
+def images_response(svc: Services, job: JobRecord, req: Processing, parameters: dict[str, Any]) -> ImagesResponse:
+    compat.raise_for_job(job, FIELD_NAMES)
+    images = compat.job_images(svc, job)
+    infotexts = [read_png(data)["parameters"] or "" for _, data in images]
+    encoded = [compat.b64(data) for _, data in images] if req.send_images else []
+    return ImagesResponse(images=encoded, parameters=parameters, info=json.dumps(info(svc, job, images, infotexts)))
+
+
+def info(svc: Services, job: JobRecord, images: list, infotexts: list[str]) -> dict[str, Any]:
+    """The fields of A1111's `Processed.js()` that clients read, plus darkroom's job id and state."""
+    request = job.request
+    seeds = [image.seed for image, _ in images] or GenerationRequest.model_validate(request).seeds()
+    model = job.result.get("model", {}) if job.result else {}
+    n = request["n"]
+    return {
+        "prompt": request["prompt"],
+        "all_prompts": [request["prompt"]] * n,
+        "negative_prompt": request["negative_prompt"],
+        "all_negative_prompts": [request["negative_prompt"]] * n,
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * len(seeds),
+        "subseed_strength": 0,
+        "width": request["width"],
+        "height": request["height"],
+        "sampler_name": request["sampler"],
+        "cfg_scale": request["guidance_scale"],
+        "steps": request["steps"],
+        "batch_size": n,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": request["model"],
+        "sd_model_hash": (model.get("sha256") or "")[:10] or None,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": request["strength"] if request.get("init_image") else None,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "styles": [],
+        "job_timestamp": (job.started_at or job.created_at).strftime("%Y%m%d%H%M%S"),
+        "clip_skip": 1,
+        "is_using_inpainting_conditioning": False,
+        "version": f"darkroom {__version__}",
+        "job_id": job.id,
+        "state": job.state.value,
+    }
+
+
+def echo(req: Processing, include_images: bool = False) -> dict[str, Any]:
+    """`parameters` as A1111 returns it: the request with defaults filled in, images left out unless asked for."""
+    out = req.model_dump()
+    if not include_images:
+        out.update({k: None for k in ("init_images", "mask") if k in out})
+    return out
+
+
+async def run(request: Request, req: Processing, body: GenerationRequest, stored: dict[str, str]) -> JobRecord:
+    key = request.headers.get("Idempotency-Key")
+    try:
+        job, _ = await run_in_threadpool(submit, request, body, key, stored)
+    except DarkroomError as exc:
+        raise compat.renamed(exc, FIELD_NAMES) from None
+    return await compat.wait_for(request, job)
+
+
+# --- generation -----------------------------------------------------------------------------------------------------
+
+
+@router.post("/txt2img", response_model=ImagesResponse, summary="A1111 txt2img: waits and returns base64 PNGs")
+async def txt2img(request: Request, req: Txt2ImgRequest) -> ImagesResponse:
+    svc = services(request)
+    body = await run_in_threadpool(to_generation, svc, req)
+    job = await run(request, req, body, {})
+    return await run_in_threadpool(images_response, svc, job, req, echo(req))
+
+
+@router.post("/img2img", response_model=ImagesResponse, summary="A1111 img2img and inpainting (with `mask`)")
+async def img2img(request: Request, req: Img2ImgRequest) -> ImagesResponse:
+    svc = services(request)
+    init, stored = await run_in_threadpool(img2img_sources, svc, req)
+    crop = req.inpaint_full_res_padding if (req.mask and req.inpaint_full_res) else None
+    extra = {"init_image": init, "strength": req.denoising_strength, "mask_crop_padding": crop}
+    body = await run_in_threadpool(to_generation, svc, req, **extra)
+    job = await run(request, req, body, stored)
+    return await run_in_threadpool(images_response, svc, job, req, echo(req, req.include_init_images))
+
+
+# --- state: progress, interrupt, skip ---------------------------------------------------------------------------------
+
+
+def current_job(svc: Services) -> JobRecord | None:
+    running = [j for j in svc.store.list(state=JobState.running, limit=50) if j.tenant == TENANT]
+    return max(running, key=lambda j: j.started_at or j.created_at) if running else None
+
+
+def progress_view(svc: Services, skip_current_image: bool) -> dict[str, Any]:
+    counts = svc.store.counts()
+    waiting = counts.get(JobState.queued.value, 0) + counts.get(JobState.running.value, 0)
+    job = current_job(svc)
+    state = {
+        "skipped": False,
+        "interrupted": False,
+        "stopping_generation": False,
+        "job": "",
+        "job_count": waiting,
+        "job_timestamp": "0",
+        "job_no": 0,
+        "sampling_step": 0,
+        "sampling_steps": 0,
+    }
+    if job is None:
+        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+    fraction = job.progress_step / job.progress_total if job.progress_total else 0.0
+    started = job.started_at or job.created_at
+    elapsed = (dt.datetime.now(dt.UTC) - started).total_seconds()
+    eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+    state.update(
+        job=job.id,
+        interrupted=job.cancel_requested,
+        job_timestamp=started.strftime("%Y%m%d%H%M%S"),
+        sampling_step=job.progress_step,
+        sampling_steps=job.progress_total,
+    )
+    preview = None if skip_current_image else latest_preview(svc, job)
+    return {
+        "progress": round(fraction, 4),
+        "eta_relative": round(max(eta, 0.0), 2),
+        "state": state,
+        "current_image": preview,
+        "textinfo": f"darkroom job {job.id}: step {job.progress_step}/{job.progress_total}",
+    }
+
+
+def latest_preview(svc: Services, job: JobRecord) -> str | None:
+    """The preview a worker recorded in a recent progress event (`preview`: base64 PNG or JPEG, or a data URL),
+    as A1111 sends it: bare base64. None when there is none."""
+    query = (
+        sa.select(job_events.c.data)
+        .where(job_events.c.job_id == job.id, job_events.c.type == "progress")
+        .order_by(job_events.c.id.desc())
+        .limit(20)
+    )
+    with read_tx(svc.store.engine) as conn:
+        for (data,) in conn.execute(query):
+            if data and data.get("preview"):
+                return str(data["preview"]).split(",", 1)[-1]
+    return None
+
+
+@router.get("/progress", summary="Progress of the current job (the most recently started running one)")
+def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
+    return progress_view(services(request), skip_current_image)
+
+
+def _stop_current(svc: Services) -> None:
+    job = current_job(svc)
+    if job is None:
+        return
+    with contextlib.suppress(Conflict):  # it finished between the look and the cancel
+        svc.store.cancel(job.id)
+
+
+@router.post("/interrupt", summary="Stop the current job at its next step")
+def interrupt(request: Request) -> dict[str, Any]:
+    _stop_current(services(request))
+    return {}
+
+
+@router.post("/skip", summary="Like interrupt: darkroom runs a job's images as one unit")
+def skip(request: Request) -> dict[str, Any]:
+    _stop_current(services(request))
+    return {}
+
+
+# --- models, options, lists -----------------------------------------------------------------------------------------
+
+
+@router.get("/sd-models", summary="Checkpoints, as A1111 lists them")
+def sd_models(request: Request) -> list[dict[str, Any]]:
+    return [
+        {
+            "title": compat.a1111_title(m),
+            "model_name": m.id,
+            "hash": m.sha256[:10],
+            "sha256": m.sha256,
+            "filename": os.path.basename(m.path),
+            "config": None,
+        }
+        for m in services(request).registry.scan()
+    ]
+
+
+@router.post("/refresh-checkpoints", summary="Rescan the models folder")
+def refresh_checkpoints(request: Request) -> None:
+    services(request).registry.scan()
+
+
+def options_view(svc: Services) -> dict[str, Any]:
+    model = compat.default_model(svc)
+    stored = compat.kv(svc).get(OPTIONS_KEY, {}) or {}
+    return {
+        **BASE_OPTIONS,
+        **stored,
+        "sd_model_checkpoint": compat.a1111_title(model),
+        "sd_checkpoint_hash": model.sha256,
+    }
+
+
+def set_options(svc: Services, values: dict[str, Any]) -> None:
+    """`sd_model_checkpoint` chooses the default model (checked, stored in the database for every process); other
+    options are kept and echoed back by GET, but change nothing in how darkroom renders."""
+    values = dict(values)
+    checkpoint = values.pop("sd_model_checkpoint", None)
+    values.pop("sd_checkpoint_hash", None)
+    store = compat.kv(svc)
+    if checkpoint:
+        store.set(DEFAULT_MODEL, compat.find_model(svc, str(checkpoint), "sd_model_checkpoint").id)
+    if values:
+        store.set(OPTIONS_KEY, {**(store.get(OPTIONS_KEY, {}) or {}), **values})
+
+
+@router.get("/options", summary="Options; `sd_model_checkpoint` is the default model")
+def get_options(request: Request) -> dict[str, Any]:
+    return options_view(services(request))
+
+
+@router.post("/options", summary="Set options; `sd_model_checkpoint` chooses the default model")
+def post_options(request: Request, values: dict[str, Any]) -> None:
+    set_options(services(request), values)
+
+
+@router.get("/samplers", summary="Sampler names")
+def samplers() -> list[dict[str, Any]]:
+    return [{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in SAMPLERS]
+
+
+@router.get("/schedulers", summary="Noise schedules a sampler can be combined with")
+def schedulers() -> list[dict[str, Any]]:
+    return SCHEDULERS
+
+
+@router.get("/loras", summary="LoRA adapters (none until darkroom supports them)")
+def loras() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/sd-vae", summary="Separate VAEs (none: each model brings its own)")
+def sd_vae() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/embeddings", summary="Textual-inversion embeddings (none)")
+def embeddings() -> dict[str, Any]:
+    return {"loaded": {}, "skipped": {}}
+
+
+class PngInfoRequest(BaseModel):
+    image: str
+
+
+@router.post("/png-info", summary="The generation parameters a PNG carries")
+def png_info(request: Request, body: PngInfoRequest) -> dict[str, Any]:
+    limits = services(request).settings.limits
+    data = decode_base64_image(body.image, limits, "image")
+    open_image(data, limits, "image")  # the same checks as any upload before reading its chunks
+    meta = read_png(data)
+    items = {"darkroom": meta["provenance"]} if meta["provenance"] else {}
+    return {"info": meta["parameters"] or "", "items": items, "parameters": {}}

@@ -1,0 +1,271 @@
+"""OpenAI-compatible Images API: `POST /v1/images/generations` and `POST /v1/images/edits`.
+
+The official `openai` package works with `base_url="http://darkroom:8000/v1"` and any API key (keys are checked once
+darkroom has them). Errors on these routes — and only these — use OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}`, because OpenAI clients parse that.
+
+Translation: `model` is a darkroom model id, or an OpenAI model name (`dall-e-2`, `dall-e-3`, `gpt-image-*`), which
+means the default model. `size` is any `WxH` within darkroom's limits; absent or `auto` it is the model's native size
+(SD 1: 512, SD 2: 768, SDXL: 1024) for generations and the source image's size for edits. `quality` picks the step
+count; `style`, `background: opaque`, `moderation` and `user` are accepted and change nothing. darkroom extensions
+(send them with the openai package's `extra_body`): `negative_prompt`, `seed`, `steps`, `guidance_scale`, `sampler`,
+`strength` (edits without a mask). Edits follow OpenAI's mask convention: transparent pixels are repainted; without a
+mask, a source with transparency is repainted where it is transparent, and an opaque source is re-imagined whole.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from darkroom.errors import DarkroomError, InvalidRequest
+from darkroom.jobs.store import JobRecord
+from darkroom.schemas import GenerationRequest, ModelInfo
+from darkroom.service import Services
+
+from . import compat
+from .uploads import load_mask, open_image
+from .v1 import image_url, services, submit
+
+OPENAI_MODELS = re.compile(r"^(dall-e-[23]|gpt-image.*|chatgpt-image.*)$")
+NATIVE_SIDE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+QUALITY_STEPS = {"low": 12, "standard": 20, "auto": 20, "medium": 25, "hd": 40, "high": 40, "xhigh": 50, "max": 60}
+FIELD_NAMES = {"init_image": "image", "mask_image": "mask", "width": "size", "height": "size", "steps": "quality"}
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
+def openai_error(
+    status: int, message: str, param: str | None, code: str | None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class OpenAIRoute(APIRoute):
+    """Routes whose errors leave in OpenAI's shape. Validation fails with 400 there, not 422."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                first = exc.errors()[0] if exc.errors() else {}
+                param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+                return openai_error(400, f"{param}: {first.get('msg', 'invalid request')}", param, "invalid_value")
+            except DarkroomError as exc:
+                status = 400 if exc.status == InvalidRequest.status else exc.status
+                retry = getattr(exc, "retry_after", None)
+                headers = {"Retry-After": str(retry)} if retry else None
+                return openai_error(status, exc.message, exc.field, exc.code, headers)
+            except HTTPException as exc:
+                return openai_error(exc.status_code, str(exc.detail), None, None)
+
+        return route
+
+
+router = APIRouter(prefix="/v1/images", tags=["openai"], route_class=OpenAIRoute)
+
+
+class Options(BaseModel):
+    """Fields both endpoints share, plus darkroom's extensions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int | None = Field(1, ge=1)
+    size: str | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    quality: str | None = None
+    output_format: str | None = None
+    background: str | None = None
+    stream: bool | None = None
+    user: str | None = None
+    negative_prompt: str = ""
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    sampler: str | None = None
+
+
+class GenerationsRequest(Options):
+    style: str | None = None
+    moderation: str | None = None
+
+
+class EditsRequest(Options):
+    strength: float = Field(0.75, gt=0, le=1)
+    input_fidelity: str | None = None
+
+
+# --- translation ------------------------------------------------------------------------------------------------------
+
+
+def resolve_model(svc: Services, name: str | None) -> ModelInfo:
+    if not name or OPENAI_MODELS.match(name):
+        return compat.default_model(svc)
+    return compat.find_model(svc, name, "model")
+
+
+def parse_size(size: str | None, auto: tuple[int, int]) -> tuple[int, int]:
+    if not size or size == "auto":
+        return auto
+    match = re.fullmatch(r"\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*", size)
+    if not match:
+        raise InvalidRequest(f"size must be WIDTHxHEIGHT or auto (got {size!r})", field="size", code="invalid_size")
+    return int(match[1]), int(match[2])
+
+
+def check_unsupported(opts: Options) -> None:
+    if opts.stream:
+        raise InvalidRequest("streaming is not supported; leave stream unset", field="stream")
+    if opts.output_format not in (None, "png"):
+        raise InvalidRequest("darkroom returns PNG only; use output_format png", field="output_format")
+    if opts.background == "transparent":
+        raise InvalidRequest("transparent backgrounds are not supported", field="background")
+
+
+def to_generation(opts: Options, model: ModelInfo, size: tuple[int, int], **extra: Any) -> GenerationRequest:
+    quality = (opts.quality or "auto").lower()
+    if opts.steps is None and quality not in QUALITY_STEPS:
+        raise InvalidRequest(f"quality must be one of {sorted(QUALITY_STEPS)}", field="quality")
+    fields: dict[str, Any] = {
+        "prompt": opts.prompt,
+        "negative_prompt": opts.negative_prompt,
+        "width": size[0],
+        "height": size[1],
+        "steps": opts.steps or QUALITY_STEPS[quality],
+        "n": opts.n or 1,
+        "model": model.id,
+        "seed": opts.seed,
+        **extra,
+    }
+    if opts.guidance_scale is not None:
+        fields["guidance_scale"] = opts.guidance_scale
+    if opts.sampler:
+        fields["sampler"] = opts.sampler
+    return compat.generation_request(fields, FIELD_NAMES)
+
+
+def response_format(opts: Options) -> str:
+    """OpenAI's defaults: URLs for DALL·E names, base64 for GPT image models (and for darkroom's own names)."""
+    if opts.response_format:
+        return opts.response_format
+    return "url" if (opts.model or "").startswith("dall-e") else "b64_json"
+
+
+def images_body(request: Request, svc: Services, job: JobRecord, opts: Options) -> dict[str, Any]:
+    compat.raise_for_job(job, FIELD_NAMES)
+    fmt = response_format(opts)
+    data = [
+        {"url": image_url(request, image.id)} if fmt == "url" else {"b64_json": compat.b64(png)}
+        for image, png in compat.job_images(svc, job)
+    ]
+    req = job.request
+    return {
+        "created": int(time.time()),
+        "data": data,
+        "background": "opaque",
+        "output_format": "png",
+        "size": f"{req['width']}x{req['height']}",
+    }
+
+
+async def run(request: Request, body: GenerationRequest, stored: dict[str, str]) -> JobRecord:
+    key = request.headers.get("Idempotency-Key")
+    try:
+        job, _ = await run_in_threadpool(submit, request, body, key, stored)
+    except DarkroomError as exc:
+        raise compat.renamed(exc, FIELD_NAMES) from None
+    return await compat.wait_for(request, job)
+
+
+# --- generations ------------------------------------------------------------------------------------------------------
+
+
+def prepare_generation(svc: Services, opts: GenerationsRequest) -> GenerationRequest:
+    check_unsupported(opts)
+    model = resolve_model(svc, opts.model)
+    side = NATIVE_SIDE.get(model.arch, 512)
+    return to_generation(opts, model, parse_size(opts.size, (side, side)))
+
+
+@router.post("/generations", summary="OpenAI Images: create images from a prompt (waits for them)")
+async def generations(request: Request, opts: GenerationsRequest) -> dict[str, Any]:
+    svc = services(request)
+    body = await run_in_threadpool(prepare_generation, svc, opts)
+    job = await run(request, body, {})
+    return await run_in_threadpool(images_body, request, svc, job, opts)
+
+
+# --- edits ------------------------------------------------------------------------------------------------------------
+
+
+async def read_edit_form(request: Request) -> tuple[EditsRequest, bytes, bytes | None]:
+    """multipart/form-data as the openai package sends it: `image` (or `image[]`, first used), optional `mask`."""
+    try:
+        form = await request.form()
+    except Exception as exc:  # not multipart, or a malformed body
+        raise InvalidRequest(f"expected multipart/form-data: {exc}", field="image") from None
+    uploads = [v for key in ("image", "image[]") for v in form.getlist(key) if isinstance(v, UploadFile)]
+    if not uploads:
+        raise InvalidRequest("an image file is required", field="image")
+    mask = form.get("mask")
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    try:
+        opts = EditsRequest.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = str(first["loc"][0]) if first["loc"] else None
+        raise InvalidRequest(f"{param}: {first['msg']}", field=param) from None
+    image_bytes = await uploads[0].read()
+    mask_bytes = await mask.read() if isinstance(mask, UploadFile) else None
+    return opts, image_bytes, mask_bytes
+
+
+def prepare_edit(
+    svc: Services, opts: EditsRequest, image: bytes, mask: bytes | None
+) -> tuple[GenerationRequest, dict[str, str]]:
+    check_unsupported(opts)
+    limits = svc.settings.limits
+    source = open_image(image, limits, "image")
+    size = parse_size(opts.size, (max(64, source.width // 8 * 8), max(64, source.height // 8 * 8)))
+    model = resolve_model(svc, opts.model)
+    stored: dict[str, str] = {}
+    strength = opts.strength
+    mask_source = mask if mask is not None else (image if _has_transparency(source) else None)
+    if mask_source is not None:
+        mask_png = load_mask(mask_source, limits, "mask", size, transparent_repaints=True)
+        stored["mask_image"] = f"blob:{svc.blobs.put(mask_png, 'image/png')[1]}"
+        strength = 1.0  # OpenAI repaints the masked area from scratch
+    body = to_generation(opts, model, size, init_image=compat.b64(image), strength=strength)
+    return body, stored
+
+
+def _has_transparency(image: Any) -> bool:
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        return image.convert("RGBA").getchannel("A").getextrema()[0] < 255
+    return False
+
+
+@router.post("/edits", summary="OpenAI Images: edit an image (inpainting with a mask), multipart")
+async def edits(request: Request) -> dict[str, Any]:
+    svc = services(request)
+    opts, image, mask = await read_edit_form(request)
+    body, stored = await run_in_threadpool(prepare_edit, svc, opts, image, mask)
+    job = await run(request, body, stored)
+    return await run_in_threadpool(images_body, request, svc, job, opts)

@@ -1,0 +1,211 @@
+"""The delivery log in the database: which events are owed to which URL, claims with a lease, and every attempt.
+
+A delivery row is created once per (job, event) — the unique constraint makes that true even with several API
+processes scanning the same events — and is claimed with a lease before it is sent, so one dispatcher sends it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from darkroom import clock
+from darkroom.jobs.db import read_tx, write_tx
+from darkroom.jobs.tables import job_events, jobs
+from darkroom.schemas import JobEvent
+from darkroom.webhooks.tables import webhook_deliveries as wd
+
+COMPLETED = frozenset({"succeeded", "failed", "cancelled", "dead"})
+PENDING, DELIVERING, DELIVERED, FAILED, REFUSED = "pending", "delivering", "delivered", "failed", "refused"
+
+
+def wanted_events(names: Iterable[str]) -> set[str]:
+    """`completed` stands for every way a job ends."""
+    out: set[str] = set()
+    for name in names:
+        out |= COMPLETED if name == "completed" else {name}
+    return out
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: str
+    job_id: str
+    event_id: int
+    event: str
+    url: str
+    state: str
+    attempts: int
+    payload: dict[str, Any]
+    log: list[dict[str, Any]]
+    last_status: int | None
+    last_error: str | None
+    next_attempt_at: dt.datetime
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    delivered_at: dt.datetime | None
+
+    @classmethod
+    def from_row(cls, row: sa.Row) -> Delivery:
+        m = row._mapping
+        times = {k: _aware(m[k]) for k in ("next_attempt_at", "created_at", "updated_at", "delivered_at")}
+        plain = ("id", "job_id", "event_id", "event", "url", "state", "attempts", "payload", "log")
+        return cls(**{k: m[k] for k in plain}, last_status=m["last_status"], last_error=m["last_error"], **times)
+
+    def public(self) -> dict[str, Any]:
+        """What `GET /v1/jobs/{id}/webhooks` shows: everything but the payload (the job itself is one GET away)."""
+        return {
+            "id": self.id,
+            "event": self.event,
+            "event_id": self.event_id,
+            "url": self.url,
+            "state": self.state,
+            "attempts": self.attempts,
+            "last_status": self.last_status,
+            "last_error": self.last_error,
+            "next_attempt_at": self.next_attempt_at.isoformat() if self.state == PENDING else None,
+            "created_at": self.created_at.isoformat(),
+            "delivered_at": self.delivered_at.isoformat() if self.delivered_at else None,
+            "log": self.log,
+        }
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt went, and what the row becomes."""
+
+    state: str
+    status: int | None = None
+    error: str | None = None
+    duration_ms: float = 0.0
+    address: str | None = None
+    retry_at: dt.datetime | None = None
+
+
+class DeliveryStore:
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    # --- finding what is owed -------------------------------------------------------------------------------------
+
+    def events_after(self, after: int, limit: int = 1000) -> list[JobEvent]:
+        """Events of every job with a global id above `after`, oldest first (the dispatcher's scan)."""
+        query = sa.select(job_events).where(job_events.c.id > after).order_by(job_events.c.id).limit(limit)
+        with read_tx(self.engine) as conn:
+            rows = conn.execute(query).all()
+        return [
+            JobEvent(id=r.id, job_id=r.job_id, type=r.type, data=r.data, created_at=_aware(r.created_at)) for r in rows
+        ]
+
+    def jobs_with_webhooks(self, job_ids: set[str]) -> dict[str, sa.RowMapping]:
+        if not job_ids:
+            return {}
+        query = sa.select(
+            jobs.c.id, jobs.c.request, jobs.c.request_id, jobs.c.state, jobs.c.progress_step, jobs.c.progress_total,
+            jobs.c.error,
+        ).where(jobs.c.id.in_(job_ids))  # fmt: skip
+        with read_tx(self.engine) as conn:
+            rows = conn.execute(query).all()
+        return {r.id: r._mapping for r in rows if (r.request or {}).get("webhook_url")}
+
+    def known(self, job_ids: set[str]) -> set[tuple[str, int]]:
+        if not job_ids:
+            return set()
+        query = sa.select(wd.c.job_id, wd.c.event_id).where(wd.c.job_id.in_(job_ids))
+        with read_tx(self.engine) as conn:
+            return {(r.job_id, r.event_id) for r in conn.execute(query)}
+
+    def enqueue(self, rows: list[dict[str, Any]]) -> int:
+        """Insert new deliveries in one transaction. If another dispatcher inserted one of them first, fall back to
+        one row at a time and skip the rows it already has."""
+        if not rows:
+            return 0
+        now = clock.utcnow()
+        common = {"state": PENDING, "attempts": 0, "log": [], "next_attempt_at": now, "created_at": now}
+        full = [{**common, "updated_at": now, **row} for row in rows]
+        try:
+            with write_tx(self.engine) as conn:
+                conn.execute(wd.insert(), full)
+            return len(full)
+        except sa.exc.IntegrityError:
+            pass
+        added = 0
+        for values in full:
+            try:
+                with write_tx(self.engine) as conn:
+                    conn.execute(wd.insert().values(**values))
+                added += 1
+            except sa.exc.IntegrityError:
+                continue
+        return added
+
+    # --- sending --------------------------------------------------------------------------------------------------
+
+    def claim_due(self, owner: str, lease_seconds: float, limit: int) -> list[Delivery]:
+        now = clock.utcnow()
+        due = sa.or_(
+            sa.and_(wd.c.state == PENDING, wd.c.next_attempt_at <= now),
+            sa.and_(wd.c.state == DELIVERING, wd.c.lease_expires_at < now),  # its dispatcher died mid-attempt
+        )
+        pick = sa.select(wd.c.id).where(due).order_by(wd.c.next_attempt_at).limit(limit)
+        pick = pick.with_for_update(skip_locked=True)
+        lease = {"state": DELIVERING, "lease_owner": owner, "updated_at": now}
+        with write_tx(self.engine) as conn:
+            ids = [r.id for r in conn.execute(pick)]
+            claimed = [
+                i
+                for i in ids
+                if conn.execute(
+                    wd.update()
+                    .where(wd.c.id == i, due)
+                    .values(**lease, lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+                ).rowcount
+            ]
+            rows = conn.execute(sa.select(wd).where(wd.c.id.in_(claimed))).all() if claimed else []
+        return [Delivery.from_row(r) for r in rows]
+
+    def record(self, delivery: Delivery, owner: str, outcome: Outcome) -> bool:
+        """Write one attempt's result; False if our lease was taken over (then the other dispatcher owns the row)."""
+        now = clock.utcnow()
+        entry = {
+            "attempt": delivery.attempts + 1,
+            "at": now.isoformat(),
+            "status": outcome.status,
+            "error": outcome.error,
+            "duration_ms": round(outcome.duration_ms, 1),
+            "address": outcome.address,
+        }
+        values: dict[str, Any] = {
+            "state": outcome.state,
+            "attempts": delivery.attempts + 1,
+            "log": [*delivery.log, entry][-50:],
+            "last_status": outcome.status,
+            "last_error": outcome.error,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "updated_at": now,
+        }
+        if outcome.state == DELIVERED:
+            values["delivered_at"] = now
+        if outcome.retry_at is not None:
+            values["next_attempt_at"] = outcome.retry_at
+        guard = (wd.c.id == delivery.id, wd.c.lease_owner == owner, wd.c.state == DELIVERING)
+        with write_tx(self.engine) as conn:
+            return bool(conn.execute(wd.update().where(*guard).values(**values)).rowcount)
+
+    # --- reading --------------------------------------------------------------------------------------------------
+
+    def for_job(self, job_id: str) -> list[Delivery]:
+        query = sa.select(wd).where(wd.c.job_id == job_id).order_by(wd.c.event_id)
+        with read_tx(self.engine) as conn:
+            return [Delivery.from_row(r) for r in conn.execute(query)]

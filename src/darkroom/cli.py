@@ -6,7 +6,6 @@ import base64
 import json
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -82,15 +81,15 @@ def worker(
     settings = settings_from(data_dir=data_dir, database_url=database_url, models_dir=models_dir, worker_id=worker_id)
     services = Services.open(settings)
     services.ensure_default_model()
-    stop = threading.Event()
+    loop = Worker(settings, services.store, services.blobs, services.make_engine)
 
-    def _stop(signum: int, _frame: object) -> None:
-        console.print(f"worker: signal {signum}, finishing the current job")
-        stop.set()
+    def _drain(signum: int, _frame: object) -> None:
+        console.print(f"worker: signal {signum}: draining (the current job gets {settings.drain_seconds} s to finish)")
+        loop.begin_drain()
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    Worker(settings, services.store, services.blobs, services.make_engine).run(stop)
+    signal.signal(signal.SIGTERM, _drain)
+    signal.signal(signal.SIGINT, _drain)
+    loop.run()
     services.store.close()
 
 

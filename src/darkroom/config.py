@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Limits(BaseModel):
@@ -22,6 +24,51 @@ class Limits(BaseModel):
     max_upload_pixels: int = 4096 * 4096
     max_guidance: float = 30.0
     max_queue_depth: int = 10_000
+    max_tenant_queue_depth: int | None = 2_000
+
+
+class StorageSettings(BaseModel):
+    """Where image bytes live. `local`: a folder in the data dir (one node). `s3`: any S3-compatible bucket (MinIO,
+    AWS S3, R2, …) that every API and worker node reaches. Env: `DARKROOM_STORAGE__S3_BUCKET` and so on."""
+
+    blob_backend: Literal["local", "s3"] = "local"
+    s3_bucket: str | None = None
+    s3_prefix: str = Field(default="", description="key prefix inside the bucket, e.g. `darkroom/prod`")
+    s3_endpoint_url: str | None = Field(default=None, description="MinIO/R2/…; unset for AWS S3")
+    s3_region: str | None = None
+    s3_access_key_id: str | None = Field(default=None, description="unset: boto3's chain (env, profile, IAM role)")
+    s3_secret_access_key: SecretStr | None = None
+    s3_presign_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    s3_max_attempts: int = Field(default=5, ge=1, description="botocore retries (standard mode) per request")
+    s3_create_bucket: bool = Field(default=False, description="create the bucket at start (development, MinIO)")
+
+
+class WebhookSettings(BaseModel):
+    """Webhook delivery (darkroom/webhooks). Env: `DARKROOM_WEBHOOKS__SECRET`, `DARKROOM_WEBHOOKS__ALLOW_HOSTS`, …
+
+    `allow_hosts` opens the SSRF guard for named hosts or CIDRs (`hooks.internal`, `10.0.0.0/8`, `127.0.0.1`):
+    by default private, loopback, link-local and other non-public addresses are never called."""
+
+    secret: SecretStr | None = Field(default=None, description="HMAC-SHA256 key; without it nothing is delivered")
+    allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated (or JSON list) hosts and CIDRs the SSRF guard lets through"
+    )
+    max_attempts: int = Field(default=8, ge=1)
+    backoff_seconds: float = Field(default=2.0, gt=0, description="first retry delay; doubles each time, jittered")
+    max_backoff_seconds: float = Field(default=600.0, gt=0)
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    poll_seconds: float = Field(default=0.5, gt=0)
+    enabled: bool = Field(default=True, description="run the dispatcher in API processes")
+
+    @field_validator("allow_hosts", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
 
 class Settings(BaseSettings):
@@ -45,10 +92,22 @@ class Settings(BaseSettings):
     poll_seconds: float = 0.5
     progress_interval: float = 0.1
     max_attempts: int = 3
+    retry_backoff_seconds: float = 1.0
+    job_timeout_seconds: float | None = 900.0
+    drain_seconds: float = 30.0
+    max_batch: int = 4
+    batch_window_seconds: float = 0.05
+    preview_every_seconds: float = 1.0
+    batch_invariant: bool = Field(
+        True, description="denoise each image alone: pixels never depend on batching (False: one tensor batch, faster)"
+    )
+    tenant_weights: dict[str, float] = Field(default_factory=dict, description="fair-share weight per tenant")
     sync_timeout_seconds: float = 600.0
     create_default_model: bool = True
 
     limits: Limits = Field(default_factory=Limits)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
     @property
     def resolved_models_dir(self) -> Path:

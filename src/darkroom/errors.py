@@ -70,6 +70,23 @@ class JobCancelled(EngineError):
     code = "cancelled"
 
 
+class EngineOutOfMemory(EngineError):
+    """The device ran out of memory. The engine splits the batch and retries first; what reaches the worker is
+    either transient (retry, perhaps on a larger worker) or, for a single image that cannot fit, permanent."""
+
+    code = "out_of_memory"
+
+    def __init__(self, message: str, *, field: str | None = None, permanent: bool = False) -> None:
+        super().__init__(message, field=field)
+        self.permanent = permanent
+
+
+class Draining(EngineError):
+    """The worker is shutting down and the job cannot finish in time: give it back to the queue untouched."""
+
+    code = "draining"
+
+
 class LeaseLost(EngineError):
     """Another worker owns the job now (our lease expired); drop the work without writing results."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import hashlib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -12,6 +13,9 @@ from darkroom.config import Limits
 from darkroom.errors import InvalidRequest
 
 Priority = Literal["high", "normal", "low"]
+WebhookEvent = Literal[
+    "queued", "started", "progress", "retrying", "requeued", "succeeded", "failed", "cancelled", "dead", "completed"
+]
 PRIORITY_VALUE: dict[str, int] = {"high": 2, "normal": 1, "low": 0}
 PRIORITY_NAME: dict[int, str] = {v: k for k, v in PRIORITY_VALUE.items()}
 
@@ -55,7 +59,29 @@ class GenerationRequest(BaseModel):
     model: str | None = Field(None, description="model id from /v1/models; absent: the default model")
     init_image: str | None = Field(None, description="img2img source: base64 image (API) or blob:<sha256> (stored)")
     strength: float = Field(0.75, gt=0.0, le=1.0, description="img2img: how far to move from the source")
+    mask_image: str | None = Field(
+        None,
+        description="inpainting (with init_image): white repaints, black keeps; base64 (API) or blob:<sha256> (stored)",
+    )
+    mask_crop_padding: int | None = Field(
+        None,
+        ge=0,
+        description="inpainting: work on a crop around the mask with this margin (px) at full size, then paste it "
+        "back (A1111's inpaint_full_res); absent: the whole image",
+    )
     priority: Priority = "normal"
+    webhook_url: str | None = Field(
+        None,
+        max_length=2000,
+        pattern=r"^https?://[^\s]+$",
+        description="POSTed signed JSON on the events in webhook_events (see docs/api.md)",
+    )
+    webhook_events: list[WebhookEvent] = Field(
+        default_factory=lambda: ["completed"],
+        description="which events to deliver; `completed` stands for succeeded, failed, cancelled and dead",
+    )
+    timeout_seconds: float | None = Field(None, gt=0, description="fail the job if it runs longer than this")
+    preview: bool = Field(False, description="attach low-resolution previews to progress events (SSE, WebSocket)")
 
     @field_validator("seed")
     @classmethod
@@ -67,13 +93,23 @@ class GenerationRequest(BaseModel):
         return v
 
     @property
-    def mode(self) -> Literal["txt2img", "img2img"]:
-        return "img2img" if self.init_image else "txt2img"
+    def mode(self) -> Literal["txt2img", "img2img", "inpaint"]:
+        if not self.init_image:
+            return "txt2img"
+        return "inpaint" if self.mask_image else "img2img"
 
     def seeds(self) -> list[int]:
         if self.seed is None:
             raise ValueError("seed is resolved when the job is created")
         return [(self.seed + i) % 2**32 for i in range(self.n)]
+
+    def batch_key(self) -> str:
+        """Jobs with equal keys can share one pipeline call: same model, size, steps, sampler, guidance and mode.
+        Prompts, seeds and source images may differ."""
+        strength = self.strength if self.mode != "txt2img" else None
+        parts = (self.model, self.width, self.height, self.steps, self.sampler, self.guidance_scale, self.mode)
+        parts += (strength,)
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 
 def check_limits(req: GenerationRequest, limits: Limits) -> None:
@@ -144,6 +180,7 @@ class JobView(BaseModel):
     finished_at: dt.datetime | None = None
     attempts: int
     queue_position: int | None = None
+    eta_seconds: float | None = Field(None, description="rough seconds to finish, from recent step rates")
     progress: JobProgress
     request: dict[str, Any]
     images: list[ImageView] = Field(default_factory=list)

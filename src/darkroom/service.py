@@ -11,7 +11,7 @@ from darkroom.engines.base import Engine
 from darkroom.jobs.db import migrate
 from darkroom.jobs.store import JobStore
 from darkroom.models.registry import ModelRegistry
-from darkroom.storage.local import LocalBlobStore
+from darkroom.storage import LocalBlobStore, open_blob_store
 from darkroom.worker.loop import Worker, default_worker_id
 
 log = logging.getLogger("darkroom")
@@ -36,8 +36,13 @@ class Services:
         models_dir.mkdir(parents=True, exist_ok=True)
         return cls(
             settings=settings,
-            store=JobStore(url, max_queue_depth=settings.limits.max_queue_depth),
-            blobs=LocalBlobStore(settings.blobs_dir),
+            store=JobStore(
+                url,
+                max_queue_depth=settings.limits.max_queue_depth,
+                max_tenant_queue_depth=settings.limits.max_tenant_queue_depth,
+                tenant_weights=settings.tenant_weights,
+            ),
+            blobs=open_blob_store(settings),
             registry=ModelRegistry(models_dir, settings.data_dir / "model-hashes.json"),
         )
 
@@ -60,7 +65,13 @@ class Services:
         from darkroom.engines.diffusers_engine import DiffusersEngine  # torch stays out of API-only processes
 
         s = self.settings
-        return DiffusersEngine(self.registry, device=s.device, dtype=s.dtype, cache_size=s.pipeline_cache_size)
+        return DiffusersEngine(
+            self.registry,
+            device=s.device,
+            dtype=s.dtype,
+            cache_size=s.pipeline_cache_size,
+            batch_invariant=s.batch_invariant,
+        )
 
     def start_workers(self, count: int) -> None:
         base = self.settings.worker_id or default_worker_id()
@@ -71,10 +82,13 @@ class Services:
             self._threads.append(thread)
             thread.start()
 
-    def stop_workers(self, timeout: float = 30.0) -> None:
+    def stop_workers(self) -> None:
+        """Graceful drain: stop claiming, let running jobs finish within `drain_seconds`, give back the rest."""
+        for worker in self.workers:
+            worker.begin_drain()
         self._stop.set()
         for thread in self._threads:
-            thread.join(timeout=timeout)
+            thread.join(timeout=self.settings.drain_seconds + 10)
         self._threads.clear()
 
     def close(self) -> None:

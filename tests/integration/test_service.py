@@ -168,3 +168,52 @@ def test_quick_start_on_empty_data_dir_makes_labelled_smoke_model(tmp_path):
             assert json.loads(json.dumps(job["provenance"]))["model"]["smoke_test"] is True
     finally:
         cluster.close()
+
+
+def test_sigterm_drain_loses_no_job(tmp_path, models_dir):
+    cluster = Cluster(tmp_path, models_dir, env={"DARKROOM_DRAIN_SECONDS": "0.3"})
+    try:
+        cluster.start_server(workers=0)
+        with Client(cluster.url) as client:
+            body = {"prompt": "drain", "width": 192, "height": 192, "steps": 150}
+            jobs = [client.submit({**body, "seed": s}) for s in range(3)]
+            draining = cluster.start_worker("draining")
+            wait_until(
+                lambda: client.job(jobs[0]["id"])["progress"]["step"] >= 1,
+                timeout=90,
+                what="first job running\n" + cluster.logs(),
+            )
+            assert all(client.job(j["id"])["state"] == "running" for j in jobs)  # one claim took the batch
+            draining.kill(signal.SIGTERM)
+            assert draining.popen.wait(30) == 0, cluster.logs()
+            states = [client.job(j["id"]) for j in jobs]
+            assert [(s["state"], s["attempts"]) for s in states] == [("queued", 0)] * 3, states
+            cluster.start_worker("successor")
+            for job in jobs:
+                final = wait_until(
+                    lambda j=job: (v := client.job(j["id"]))["state"] == "succeeded" and v,
+                    timeout=180,
+                    what="successor\n" + cluster.logs(),
+                )
+                assert final["attempts"] == 1 and len(final["images"]) == 1
+    finally:
+        cluster.close()
+
+
+def test_websocket_streams_progress_until_the_end(cluster):
+    from websockets.sync.client import connect
+
+    cluster.start_server(workers=1)
+    with Client(cluster.url) as client:
+        job = client.submit({"prompt": "ws", **SMALL, "steps": 4})
+        ws_url = cluster.url.replace("http://", "ws://") + f"/v1/jobs/{job['id']}/ws"
+        with connect(ws_url, open_timeout=10) as ws:
+            messages = []
+            while True:
+                try:
+                    messages.append(json.loads(ws.recv(timeout=60)))
+                except Exception:  # the server closes after the terminal event
+                    break
+    kinds = [m["type"] for m in messages]
+    assert kinds[0] == "queued" and kinds[-1] == "succeeded", kinds
+    assert [m["step"] for m in messages if m["type"] == "progress"][-1] == 4

@@ -180,3 +180,84 @@ def test_concurrent_claimers_never_share_a_job(db_url):
     assert sorted(claimed) == sorted(ids)
     for s in stores:
         s.close()
+
+
+def test_a_flooding_tenant_does_not_starve_another(store):
+    store.max_queue_depth = 10_000
+    flood = [store.create(req(), tenant="flood")[0].id for _ in range(200)]
+    store.claim("w", 30)  # the flood is already being served
+    late, _ = store.create(req(), tenant="late")
+    assert store.queue_position(store.get(late.id)) <= 3  # behind at most the flood's next two, not its 199
+    served = [store.claim("w", 30).id for _ in range(3)]
+    assert late.id in served
+    assert [j for j in served if j != late.id] == flood[1 : len(served)]  # FIFO within the flooding tenant
+
+
+def test_fair_share_round_robins_backlogged_tenants_and_honours_weights(store):
+    store.max_queue_depth = 10_000
+    store.tenant_weights = {"big": 2.0}
+    for _ in range(30):
+        for tenant in ("a", "b", "big"):
+            store.create(req(), tenant=tenant)
+    order = [store.get(store.claim("w", 30).id).tenant for _ in range(24)]
+    assert abs(order.count("big") - 12) <= 1
+    assert abs(order.count("a") - 6) <= 1 and abs(order.count("b") - 6) <= 1
+
+
+def test_priority_class_beats_fairness(store):
+    for _ in range(3):
+        store.create(req(), tenant="a")
+    urgent, _ = store.create(req(priority="high"), tenant="a")
+    assert store.claim("w", 30).id == urgent.id
+
+
+def test_claim_batch_gathers_only_compatible_jobs(store):
+    a1, _ = store.create(req(steps=4))
+    other, _ = store.create(req(steps=5))
+    a2, _ = store.create(req(steps=4, prompt="a dog", seed=9))
+    a3, _ = store.create(req(steps=4, prompt="a bird"))
+    batch = store.claim_batch("w", 30, max_batch=2)
+    assert [j.id for j in batch] == [a1.id, a2.id]
+    assert all(j.state is JobState.running and j.lease_owner == "w" for j in batch)
+    rest = store.claim_batch("w2", 30, max_batch=4)
+    assert [j.id for j in rest] == [other.id]
+    assert [j.id for j in store.claim_batch("w3", 30, max_batch=4, batch_key=a3.batch_key)] == [a3.id]
+
+
+def test_model_affinity_prefers_held_model_within_the_top_class(store):
+    store.create(req(model="m1"))
+    held, _ = store.create(req(model="m2"))
+    assert store.claim("w", 30, held_models={"m2"}).id == held.id
+    assert store.claim("w", 30, servable_models={"m9"}) is None
+    assert store.claim("w", 30, servable_models={"m1"}).request["model"] == "m1"
+
+
+def test_release_requeues_without_spending_an_attempt(store):
+    job, _ = store.create(req())
+    store.claim("w", 30)
+    assert store.release(job.id, "w")
+    again = store.get(job.id)
+    assert again.state is JobState.queued and again.attempts == 0 and again.lease_owner is None
+    assert "requeued" in [e.type for e in store.events_since(job.id)]
+
+
+def test_per_tenant_queue_limit(store):
+    store.max_tenant_queue_depth = 3
+    for _ in range(3):
+        store.create(req(), tenant="a")
+    with pytest.raises(QueueFull) as err:
+        store.create(req(), tenant="a")
+    assert "tenant 'a'" in err.value.message
+    store.create(req(), tenant="b")
+
+
+def test_eta_from_recent_step_rates(store):
+    done, _ = store.create(req(steps=10))
+    store.claim("w", 30)
+    store.complete(done.id, "w", [image()], {})
+    waiting = [store.create(req(steps=10))[0] for _ in range(3)]
+    last = store.get(waiting[-1].id)
+    eta = store.eta_seconds(last, store.queue_position(last))
+    assert eta is not None and eta >= 0
+    first = store.get(waiting[0].id)
+    assert store.eta_seconds(first, 1) <= eta

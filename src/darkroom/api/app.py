@@ -11,8 +11,9 @@ from fastapi.responses import RedirectResponse
 
 from darkroom import __version__, clock
 from darkroom.service import Services
+from darkroom.webhooks.dispatcher import start_for as start_webhooks
 
-from . import errors, health, v1
+from . import a1111, admin, errors, health, openai_compat, v1, webhooks
 
 log = logging.getLogger("darkroom.api")
 
@@ -21,9 +22,12 @@ def create_app(services: Services, workers: int = 0) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services.start_workers(workers)
+        dispatcher = start_webhooks(services.settings, services.store)
         try:
             yield
         finally:
+            if dispatcher is not None:
+                dispatcher.stop()
             services.stop_workers()
 
     app = FastAPI(
@@ -37,6 +41,10 @@ def create_app(services: Services, workers: int = 0) -> FastAPI:
     _install_middleware(app, services)
     app.include_router(v1.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
+    app.include_router(a1111.router)
+    app.include_router(openai_compat.router)
+    app.include_router(webhooks.router)
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:

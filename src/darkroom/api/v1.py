@@ -7,19 +7,20 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from darkroom import clock
 from darkroom.engines.samplers import SAMPLERS, resolve_sampler
-from darkroom.errors import NotFound
-from darkroom.jobs.store import JobRecord, request_hash
+from darkroom.errors import InvalidRequest, NotFound
+from darkroom.jobs.store import JobRecord, JobStore, request_hash
 from darkroom.schemas import (
     PRIORITY_NAME,
     GenerationRequest,
     ImageView,
     JobError,
+    JobEvent,
     JobProgress,
     JobState,
     JobView,
@@ -28,7 +29,7 @@ from darkroom.schemas import (
 )
 from darkroom.service import Services
 
-from .uploads import decode_base64_image, load_image
+from .uploads import decode_base64_image, load_image, load_mask
 
 TERMINAL_EVENTS = {"succeeded", "failed", "cancelled", "dead"}
 TENANT = "default"  # one tenant until API keys arrive
@@ -69,7 +70,8 @@ def job_view(request: Request, job: JobRecord) -> JobView:
         started_at=job.started_at,
         finished_at=job.finished_at,
         attempts=job.attempts,
-        queue_position=svc.store.queue_position(job),
+        queue_position=(position := svc.store.queue_position(job)),
+        eta_seconds=svc.store.eta_seconds(job, position),
         progress=JobProgress(step=job.progress_step, total=job.progress_total),
         request=job.request,
         images=images,
@@ -79,8 +81,11 @@ def job_view(request: Request, job: JobRecord) -> JobView:
     )
 
 
-def submit(request: Request, body: GenerationRequest, idempotency_key: str | None) -> tuple[JobRecord, bool]:
-    """Everything between a validated body and a queued job: limits, model, seed, init image, idempotency."""
+def submit(
+    request: Request, body: GenerationRequest, idempotency_key: str | None, stored: dict[str, str] | None = None
+) -> tuple[JobRecord, bool]:
+    """Everything between a validated body and a queued job: limits, model, seed, init image, idempotency.
+    `stored`: fields the caller already checked and stored as blobs (`{"mask_image": "blob:…"}`), taken as given."""
     svc = services(request)
     limits = svc.settings.limits
     check_limits(body, limits)
@@ -90,12 +95,21 @@ def submit(request: Request, body: GenerationRequest, idempotency_key: str | Non
         "model": model.id,
         "sampler": resolve_sampler(body.sampler).name,
         "seed": body.seed if body.seed is not None else clock.random_seed(),
+        **(stored or {}),
     }
     if body.init_image:
         raw = decode_base64_image(body.init_image, limits, "init_image")
         png = load_image(raw, limits, "init_image", size=(body.width, body.height))
         _, key = svc.blobs.put(png, "image/png")
         updates["init_image"] = f"blob:{key}"
+    if body.mask_image and "mask_image" not in (stored or {}):
+        if not body.init_image:
+            raise InvalidRequest("mask_image needs init_image", field="mask_image")
+        raw = decode_base64_image(body.mask_image, limits, "mask_image")
+        mask = load_mask(raw, limits, "mask_image", (body.width, body.height))
+        updates["mask_image"] = f"blob:{svc.blobs.put(mask, 'image/png')[1]}"
+    if body.webhook_url and not svc.settings.webhooks.secret:
+        raise InvalidRequest("webhooks are not configured (DARKROOM_WEBHOOKS__SECRET)", field="webhook_url")
     resolved = body.model_copy(update=updates)
     return svc.store.create(
         resolved,
@@ -176,23 +190,53 @@ async def job_events(request: Request, job_id: str) -> StreamingResponse:
     )
 
 
-async def _event_stream(request: Request, job_id: str, after: int) -> AsyncIterator[str]:
-    store = services(request).store
-    idle_since = time.monotonic()
-    while not await request.is_disconnected():
+async def _job_events(store: JobStore, job_id: str, after: int) -> AsyncIterator[JobEvent | None]:
+    """A job's events from `after` until its terminal event; None now and then while nothing happens."""
+    while True:
         events = await run_in_threadpool(store.events_since, job_id, after)
         for event in events:
             after = event.id
-            payload = {"job_id": job_id, "type": event.type, **event.data, "at": event.created_at.isoformat()}
-            yield f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(payload)}\n\n"
+            yield event
             if event.type in TERMINAL_EVENTS:
                 return
-        if events:
+        if not events:
+            yield None
+        await asyncio.sleep(0.1 if events else 0.25)
+
+
+def _payload(event: JobEvent) -> dict:
+    return {"job_id": event.job_id, "type": event.type, **event.data, "at": event.created_at.isoformat()}
+
+
+async def _event_stream(request: Request, job_id: str, after: int) -> AsyncIterator[str]:
+    idle_since = time.monotonic()
+    async for event in _job_events(services(request).store, job_id, after):
+        if await request.is_disconnected():
+            return
+        if event is not None:
             idle_since = time.monotonic()
+            yield f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(_payload(event))}\n\n"
         elif time.monotonic() - idle_since > 15:
             idle_since = time.monotonic()
             yield ": keep-alive\n\n"
-        await asyncio.sleep(0.1 if events else 0.25)
+
+
+@router.websocket("/jobs/{job_id}/ws")
+async def job_websocket(websocket: WebSocket, job_id: str) -> None:
+    """The same events as the SSE stream, as JSON messages; closes after the terminal event."""
+    svc: Services = websocket.app.state.services
+    job = await run_in_threadpool(svc.store.get, job_id)
+    if job is None or job.tenant != TENANT:
+        await websocket.close(code=4404, reason="no such job")
+        return
+    await websocket.accept()
+    try:
+        async for event in _job_events(svc.store, job_id, int(websocket.query_params.get("after", "0") or 0)):
+            if event is not None:
+                await websocket.send_json({"id": event.id, **_payload(event)})
+        await websocket.close()
+    except WebSocketDisconnect:
+        return
 
 
 @router.get(

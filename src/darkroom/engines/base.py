@@ -42,7 +42,13 @@ class Engine(Protocol):
     name: str
 
     def generate(
-        self, request: GenerationRequest, init_image: Image.Image | None, progress: ProgressFn
-    ) -> EngineResult: ...
+        self,
+        request: GenerationRequest,
+        init_image: Image.Image | None,
+        progress: ProgressFn,
+        mask_image: Image.Image | None = None,
+    ) -> EngineResult:
+        """`mask_image` (with `request.mask_image`): inpainting; white repaints, black keeps."""
+        ...
 
     def close(self) -> None: ...

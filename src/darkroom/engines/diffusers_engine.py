@@ -32,7 +32,7 @@ import math
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,12 +42,13 @@ import torch
 from darkroom import __version__
 from darkroom.clock import random_seed
 from darkroom.engines.base import EngineImage, EngineResult, ProgressFn
+from darkroom.engines.preview import latents_to_jpeg
 from darkroom.engines.samplers import SamplerSpec, make_scheduler, resolve_sampler, seed_scheduler_noise
-from darkroom.errors import DarkroomError, EngineError, InvalidRequest, ModelLoadError
+from darkroom.errors import DarkroomError, EngineError, EngineOutOfMemory, InvalidRequest, ModelLoadError
 from darkroom.models.offline import enforce_offline
 from darkroom.models.registry import SIDECAR_CONFIG_SUFFIX, ModelRegistry
 from darkroom.schemas import GenerationRequest, ModelInfo
-from darkroom.worker.cache import LRUCache
+from darkroom.worker.cache import LRUCache, release_memory
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -71,35 +72,39 @@ TOKENIZER_SOURCES = {
 }
 
 
-class EngineOutOfMemory(EngineError):
-    """The accelerator ran out of memory; worth retrying with a smaller batch or on another worker."""
-
-    code = "out_of_memory"
-    permanent = False
-
-
 @dataclass
 class LoadedModel:
-    """One model's pipelines. The img2img twin shares every module with txt2img, so it costs no extra memory."""
+    """One model's pipelines. The img2img and inpaint twins share every module with txt2img (`from_pipe`), so they
+    cost no extra memory. Inpainting works with a regular 4-channel UNet: diffusers then blends the re-noised source
+    back outside the mask at every step, as A1111 does for non-inpainting checkpoints."""
 
     info: ModelInfo
     txt2img: Any
     scheduler_config: Any
     load_s: float
     img2img: Any = None
+    inpaint: Any = None
 
     def pipeline(self, mode: str) -> Any:
         if mode == "txt2img":
             return self.txt2img
-        if self.img2img is None:
-            from diffusers import AutoPipelineForImage2Image
+        if getattr(self, mode) is None:
+            setattr(self, mode, self._twin(mode))
+        return getattr(self, mode)
 
-            try:
-                self.img2img = AutoPipelineForImage2Image.from_pipe(self.txt2img)
-            except ValueError as exc:  # no image-to-image twin for this pipeline class
-                raise InvalidRequest(f"model {self.info.id} cannot do img2img: {exc}", field="init_image") from exc
-            self.img2img.set_progress_bar_config(disable=True)
-        return self.img2img
+    def _twin(self, mode: str) -> Any:
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+        auto, field = {
+            "img2img": (AutoPipelineForImage2Image, "init_image"),
+            "inpaint": (AutoPipelineForInpainting, "mask_image"),
+        }[mode]
+        try:
+            twin = auto.from_pipe(self.txt2img)
+        except ValueError as exc:  # no twin of that kind for this pipeline class
+            raise InvalidRequest(f"model {self.info.id} cannot do {mode}: {exc}", field=field) from exc
+        twin.set_progress_bar_config(disable=True)
+        return twin
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -152,7 +157,11 @@ class DiffusersEngine:
     # --- Engine protocol ---------------------------------------------------------------------------------------------
 
     def generate(
-        self, request: GenerationRequest, init_image: Image.Image | None, progress: ProgressFn
+        self,
+        request: GenerationRequest,
+        init_image: Image.Image | None,
+        progress: ProgressFn,
+        mask_image: Image.Image | None = None,
     ) -> EngineResult:
         started = time.perf_counter()
         info = self.registry.get(request.model) if request.model else self.registry.default()
@@ -160,12 +169,13 @@ class DiffusersEngine:
         if request.seed is None:  # the API resolves seeds when it creates the job; direct callers may not have
             request = request.model_copy(update={"seed": random_seed()})
         seeds = request.seeds()
-        check_request(request, init_image)
+        check_request(request, init_image, mask_image)
+        sources = Sources.fit(request, init_image, mask_image)
         with self._run_lock:
             loaded, load_s = self._pipelines(info)
             pipe = loaded.pipeline(request.mode)
             ran = time.perf_counter()
-            images, scheduler_name = self._run(pipe, loaded, spec, request, init_image, seeds, progress)
+            images, scheduler_name = self._run(pipe, loaded, spec, request, sources, seeds, progress)
         done = time.perf_counter()
         return EngineResult(
             images=[EngineImage(image=img, seed=seed) for img, seed in zip(images, seeds, strict=True)],
@@ -193,22 +203,65 @@ class DiffusersEngine:
         loaded: LoadedModel,
         spec: SamplerSpec,
         request: GenerationRequest,
-        init_image: Image.Image | None,
+        sources: Sources,
         seeds: list[int],
         progress: ProgressFn,
     ) -> tuple[list[Image.Image], str]:
-        passes = [[seed] for seed in seeds] if self.batch_invariant else [seeds]
+        # Progress counts image-steps, so it rises steadily however the images are grouped into passes.
         per_pass = total_steps(request)
+        grand_total = per_pass * len(seeds)
+        pending = [[seed] for seed in seeds] if self.batch_invariant else [seeds]
         images: list[Image.Image] = []
         scheduler_name = ""
-        for index, pass_seeds in enumerate(passes):
-            callback = step_callback(progress, per_pass, offset=index * per_pass, grand_total=per_pass * len(passes))
+        while pending:
+            pass_seeds = pending.pop(0)
+            offset = len(images) * per_pass
+            callback = step_callback(
+                progress,
+                per_pass,
+                offset=offset,
+                grand_total=grand_total,
+                weight=len(pass_seeds),
+                preview=self._preview_hook(progress, loaded),
+            )
             scheduler = make_scheduler(spec, loaded.scheduler_config)
             seed_scheduler_noise(scheduler, pass_seeds)
             scheduler_name = type(scheduler).__name__
-            kwargs = pipeline_kwargs(request, init_image, pass_seeds, callback)
-            images.extend(self._call(pipe, scheduler, kwargs))
+            kwargs = pipeline_kwargs(request, sources, pass_seeds, callback)
+            try:
+                images.extend(sources.paste_back(self._call(pipe, scheduler, kwargs)))
+            except EngineOutOfMemory:
+                if len(pass_seeds) == 1:
+                    raise EngineOutOfMemory(
+                        f"one {request.width}x{request.height} image does not fit in {self.device} memory; "
+                        "ask for a smaller size",
+                        field="width",
+                        permanent=True,
+                    ) from None
+                release_memory()  # the failed attempt's activations, before the smaller retry
+                half = len(pass_seeds) // 2
+                log.warning(
+                    "out of memory with %d images at once: splitting into %d + %d",
+                    len(pass_seeds),
+                    half,
+                    len(pass_seeds) - half,
+                )
+                pending[:0] = [pass_seeds[:half], pass_seeds[half:]]
         return images, scheduler_name
+
+    @staticmethod
+    def _preview_hook(progress: ProgressFn, loaded: LoadedModel) -> Callable[[int, Any], None] | None:
+        """Previews only for callers that ask (`progress.wants_preview(step)`), made only on the steps they want."""
+        wants = getattr(progress, "wants_preview", None)
+        deliver = getattr(progress, "preview", None)
+        if wants is None or deliver is None:
+            return None
+
+        def hook(step: int, latents: Any) -> None:
+            if wants(step):
+                deliver(step, latents_to_jpeg(latents, loaded.info.arch))
+
+        return hook
 
     def _call(self, pipe: Any, scheduler: Any, kwargs: dict[str, Any]) -> list[Image.Image]:
         """One pipeline call with a borrowed scheduler; whatever happens, the pipeline is left as it was found."""
@@ -277,38 +330,72 @@ class DiffusersEngine:
     def _on_evict(self, key: tuple[str, str], loaded: LoadedModel) -> None:
         log.info("unloading model %s", key[0])
         loaded.img2img = None
+        loaded.inpaint = None
         loaded.txt2img = None
 
 
 # --- request → pipeline arguments ------------------------------------------------------------------------------------
 
 
-def check_request(request: GenerationRequest, init_image: Image.Image | None) -> None:
+def check_request(
+    request: GenerationRequest, init_image: Image.Image | None, mask_image: Image.Image | None = None
+) -> None:
     """Everything that would otherwise fail deep inside the pipeline, named by field."""
     for field, value in (("width", request.width), ("height", request.height)):
         if value % 8:
             raise InvalidRequest(f"{field} must be a multiple of 8 (got {value})", field=field)
-    if request.mode == "img2img":
-        if init_image is None:
-            raise InvalidRequest("img2img needs the init image", field="init_image")
-        if int(request.steps * request.strength) < 1:
-            raise InvalidRequest(
-                f"steps * strength must be at least 1 (got {request.steps} * {request.strength})", field="strength"
-            )
-    elif init_image is not None:
-        raise InvalidRequest("an init image was given for a txt2img request", field="init_image")
+    if request.mode == "txt2img":
+        if init_image is not None:
+            raise InvalidRequest("an init image was given for a txt2img request", field="init_image")
+        if request.mask_image or mask_image is not None:
+            raise InvalidRequest("a mask needs an init image to inpaint", field="mask_image")
+        return
+    if init_image is None:
+        raise InvalidRequest(f"{request.mode} needs the init image", field="init_image")
+    if int(request.steps * request.strength) < 1:
+        raise InvalidRequest(
+            f"steps * strength must be at least 1 (got {request.steps} * {request.strength})", field="strength"
+        )
+    if request.mode == "inpaint" and mask_image is None:
+        raise InvalidRequest("inpainting needs the mask image", field="mask_image")
+    if request.mode == "img2img" and mask_image is not None:
+        raise InvalidRequest("a mask was given for a request without mask_image", field="mask_image")
+
+
+@dataclass
+class Sources:
+    """The source image and mask of a request, at the requested size. Inpainting keeps the source's pixels outside
+    the mask exactly (A1111's overlay): the VAE round trip would otherwise shift them slightly."""
+
+    init: Image.Image | None = None
+    mask: Image.Image | None = None
+    crop_padding: int | None = None
+
+    @classmethod
+    def fit(cls, request: GenerationRequest, init: Image.Image | None, mask: Image.Image | None) -> Sources:
+        size = (request.width, request.height)
+        return cls(
+            init=_fit(init, *size) if init is not None else None,
+            mask=_fit(mask, *size, mode="L") if mask is not None else None,
+            crop_padding=request.mask_crop_padding,
+        )
+
+    def paste_back(self, images: list[Image.Image]) -> list[Image.Image]:
+        if self.init is None or self.mask is None or self.crop_padding is not None:
+            return images  # with a crop, the pipeline already pasted the crop into the source
+        from PIL import Image as PILImage
+
+        return [PILImage.composite(image, self.init, self.mask) for image in images]
 
 
 def total_steps(request: GenerationRequest) -> int:
-    """What progress counts to: img2img skips the first (1 - strength) of the schedule."""
-    if request.mode == "img2img":
+    """What progress counts to: img2img and inpainting skip the first (1 - strength) of the schedule."""
+    if request.mode != "txt2img":
         return min(int(request.steps * request.strength), request.steps)
     return request.steps
 
 
-def pipeline_kwargs(
-    request: GenerationRequest, init_image: Image.Image | None, seeds: list[int], callback: Any
-) -> dict[str, Any]:
+def pipeline_kwargs(request: GenerationRequest, sources: Sources, seeds: list[int], callback: Any) -> dict[str, Any]:
     """Arguments for one pipeline call producing one image per seed."""
     kwargs: dict[str, Any] = {
         "prompt": request.prompt,
@@ -320,19 +407,33 @@ def pipeline_kwargs(
         "callback_on_step_end": callback,
         "output_type": "pil",
     }
-    if request.mode == "img2img":
-        assert init_image is not None
-        kwargs["image"] = _fit(init_image, request.width, request.height)
-        kwargs["strength"] = request.strength
-    else:
+    if request.mode == "txt2img":
         kwargs["width"], kwargs["height"] = request.width, request.height
+        return kwargs
+    assert sources.init is not None
+    kwargs["image"] = sources.init
+    kwargs["strength"] = request.strength
+    if request.mode == "inpaint":
+        assert sources.mask is not None
+        kwargs["mask_image"] = sources.mask
+        kwargs["width"], kwargs["height"] = request.width, request.height
+        if sources.crop_padding is not None:
+            kwargs["padding_mask_crop"] = sources.crop_padding
     return kwargs
 
 
-def step_callback(progress: ProgressFn, total: int, offset: int = 0, grand_total: int | None = None) -> Any:
+def step_callback(
+    progress: ProgressFn,
+    total: int,
+    offset: int = 0,
+    grand_total: int | None = None,
+    weight: int = 1,
+    preview: Callable[[int, Any], None] | None = None,
+) -> Any:
     """Maps denoiser calls to the user's steps: second-order samplers (Heun, DPM2, DPM++ SDE) and PLMS's warm-up call
     the model more often than `steps`, so the count is scaled to end exactly at `total` and never repeats a value.
-    With one pass per image, pass k reports `offset + done` out of `grand_total`, so progress rises once, to the end."""
+    A pass of `weight` images reports `offset + done * weight` out of `grand_total` image-steps, so progress rises
+    once, to the end, however the images are grouped. `preview(step, latents)` sees the latents after each step."""
     reported = 0
     overall = grand_total if grand_total is not None else total
 
@@ -342,16 +443,19 @@ def step_callback(progress: ProgressFn, total: int, offset: int = 0, grand_total
         done = min(total, math.ceil((i + 1) * total / calls))
         if done > reported:
             reported = done
-            progress(offset + done, overall)  # may raise JobCancelled / LeaseLost: the run stops here
+            step = offset + done * weight
+            if preview is not None and "latents" in tensors:
+                preview(step, tensors["latents"])
+            progress(step, overall)  # may raise JobCancelled / LeaseLost: the run stops here
         return tensors
 
     return on_step_end
 
 
-def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
+def _fit(image: Image.Image, width: int, height: int, mode: str = "RGB") -> Image.Image:
     from PIL import Image as PILImage
 
-    image = image.convert("RGB")
+    image = image.convert(mode)
     if image.size != (width, height):
         image = image.resize((width, height), PILImage.Resampling.LANCZOS)
     return image

@@ -69,9 +69,34 @@ def alembic_config(url: str) -> Config:
 
 
 def migrate(url: str, lock_dir: Path | None = None) -> None:
-    """Bring the schema to head. Processes starting together serialise on a file lock (SQLite) so one migrates."""
-    with _file_lock(lock_dir / ".migrate.lock" if lock_dir else None):
-        command.upgrade(alembic_config(url), "head")
+    """Bring the schema to head. Processes starting together serialise so one migrates and the rest find the schema
+    current: on a file lock (SQLite: one machine), and on PostgreSQL on an advisory lock too, since API and worker
+    nodes share no folder."""
+    with _file_lock(lock_dir / ".migrate.lock" if lock_dir else None), _advisory_lock(url):
+        command.upgrade(alembic_config(url), "heads")
+
+
+_MIGRATE_LOCK = 0x6461726B  # "dark": advisory locks are per database, so one key serves every deployment
+
+
+@contextlib.contextmanager
+def _advisory_lock(url: str) -> Iterator[None]:
+    """A session-level lock on its own connection: held across Alembic's transactions, freed if the process dies."""
+    if not url.startswith("postgresql"):
+        yield
+        return
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATE_LOCK})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATE_LOCK})
+                conn.commit()
+    finally:
+        engine.dispose()
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,9 @@ class JobRecord:
     updated_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    fair_tag: float = 0.0
+    batch_key: str | None = None
+    timeout_seconds: float | None = None
 
     def generation_request(self) -> GenerationRequest:
         return GenerationRequest.model_validate(self.request)
@@ -113,6 +117,9 @@ def _job(row: sa.Row) -> JobRecord:
         result=m["result"],
         error=m["error"],
         **{k: _aware(m[k]) for k in ("created_at", "updated_at", "started_at", "finished_at")},
+        fair_tag=m["fair_tag"],
+        batch_key=m["batch_key"],
+        timeout_seconds=m["timeout_seconds"],
     )
 
 
@@ -123,10 +130,28 @@ def _image(row: sa.Row) -> ImageRecord:
 
 
 class JobStore:
-    def __init__(self, url: str, *, max_queue_depth: int = 10_000) -> None:
+    """Jobs in SQL.
+
+    Scheduling lives in the claim's ORDER BY: priority class first, then a fair-queue tag. Each job's tag is
+    `max(V, tenant's last tag) + n / weight`, where V is the smallest tag still queued in its class (or the largest
+    ever given, when none is queued). A tenant's jobs get increasing tags (FIFO within the tenant), and a tenant that
+    queues 10,000 jobs only pushes its *own* tags far ahead: another tenant's new job lands next to V and is served
+    after at most one job per other backlogged tenant (weighted round-robin, i.e. start-time fair queuing).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_queue_depth: int = 10_000,
+        max_tenant_queue_depth: int | None = None,
+        tenant_weights: dict[str, float] | None = None,
+    ) -> None:
         self.url = url
         self.engine = create_engine(url)
         self.max_queue_depth = max_queue_depth
+        self.max_tenant_queue_depth = max_tenant_queue_depth
+        self.tenant_weights = tenant_weights or {}
 
     def close(self) -> None:
         self.engine.dispose()
@@ -154,7 +179,8 @@ class JobStore:
         job_id = clock.new_id("job")
         try:
             with write_tx(self.engine) as conn:
-                self._check_depth(conn)
+                self._check_depth(conn, tenant)
+                priority = PRIORITY_VALUE[request.priority]
                 conn.execute(
                     jobs.insert().values(
                         id=job_id,
@@ -174,6 +200,9 @@ class JobStore:
                         created_at=now,
                         updated_at=now,
                         available_at=now,
+                        fair_tag=self._fair_tag(conn, tenant, priority, request.n),
+                        batch_key=request.batch_key(),
+                        timeout_seconds=request.timeout_seconds,
                     )
                 )
                 self._event(conn, job_id, "queued", {"priority": request.priority}, now)
@@ -187,12 +216,35 @@ class JobStore:
         assert job is not None
         return job, True
 
-    def _check_depth(self, conn: sa.Connection) -> None:
-        depth = conn.execute(
-            sa.select(sa.func.count()).select_from(jobs).where(jobs.c.state == JobState.queued.value)
-        ).scalar_one()
+    def _check_depth(self, conn: sa.Connection, tenant: str) -> None:
+        queued = jobs.c.state == JobState.queued.value
+        depth = conn.execute(sa.select(sa.func.count()).select_from(jobs).where(queued)).scalar_one()
         if depth >= self.max_queue_depth:
-            raise QueueFull(f"the queue holds {depth} jobs, its limit; try again later")
+            raise QueueFull(f"the queue holds {depth} jobs, its limit; try again later", self._retry_after(conn, 1))
+        if self.max_tenant_queue_depth is None:
+            return
+        mine = conn.execute(
+            sa.select(sa.func.count()).select_from(jobs).where(queued, jobs.c.tenant == tenant)
+        ).scalar_one()
+        if mine >= self.max_tenant_queue_depth:
+            raise QueueFull(
+                f"tenant {tenant!r} has {mine} queued jobs, its limit; try again later", self._retry_after(conn, 1)
+            )
+
+    def _retry_after(self, conn: sa.Connection, jobs_to_drain: int) -> int:
+        """Seconds until about `jobs_to_drain` jobs will have left the queue, from recent completions."""
+        per_job = self._recent_job_seconds(conn)
+        return max(1, min(300, round(per_job * jobs_to_drain / max(1, self._active_workers(conn)))))
+
+    def _fair_tag(self, conn: sa.Connection, tenant: str, priority: int, n: int) -> float:
+        in_class = jobs.c.priority == priority
+        vtime = conn.execute(
+            sa.select(sa.func.min(jobs.c.fair_tag)).where(jobs.c.state == JobState.queued.value, in_class)
+        ).scalar()
+        if vtime is None:
+            vtime = conn.execute(sa.select(sa.func.max(jobs.c.fair_tag)).where(in_class)).scalar() or 0.0
+        last = conn.execute(sa.select(sa.func.max(jobs.c.fair_tag)).where(jobs.c.tenant == tenant, in_class)).scalar()
+        return max(vtime, last or 0.0) + n / self.tenant_weights.get(tenant, 1.0)
 
     def _by_idempotency_key(self, tenant: str, key: str) -> JobRecord | None:
         with read_tx(self.engine) as conn:
@@ -225,21 +277,55 @@ class JobStore:
             return [_job(r) for r in conn.execute(query)]
 
     def queue_position(self, job: JobRecord) -> int | None:
-        """1-based place in the queue: jobs of higher priority, then older jobs of the same priority, go first."""
+        """1-based place in the claim order (see `claim_batch`); None once the job left the queue."""
         if job.state is not JobState.queued:
             return None
+        key = sa.tuple_(jobs.c.fair_tag, jobs.c.created_at, jobs.c.id)
         ahead = sa.or_(
             jobs.c.priority > job.priority,
-            sa.and_(
-                jobs.c.priority == job.priority,
-                sa.or_(
-                    jobs.c.created_at < job.created_at, sa.and_(jobs.c.created_at == job.created_at, jobs.c.id < job.id)
-                ),
-            ),
+            sa.and_(jobs.c.priority == job.priority, key < sa.tuple_(job.fair_tag, job.created_at, job.id)),
         )
         query = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.state == JobState.queued.value, ahead)
         with read_tx(self.engine) as conn:
             return conn.execute(query).scalar_one() + 1
+
+    def eta_seconds(self, job: JobRecord, position: int | None) -> float | None:
+        """Rough time to finish: recent seconds per job, times the jobs ahead shared by the active workers, plus
+        what remains of this job's own steps."""
+        if job.state.terminal:
+            return None
+        with read_tx(self.engine) as conn:
+            per_step = self._recent_step_seconds(conn)
+            workers = max(1, self._active_workers(conn))
+        if per_step is None:
+            return None
+        steps = job.progress_total or job.request.get("steps", 0)
+        own = per_step * steps * job.request.get("n", 1)
+        if job.state is JobState.running:
+            return round(own * (1 - job.progress_step / max(1, steps)), 2)
+        ahead = (position or 1) - 1
+        return round(own + ahead * own / workers, 2)
+
+    def _recent_step_seconds(self, conn: sa.Connection, sample: int = 50) -> float | None:
+        rows = conn.execute(
+            sa.select(jobs.c.started_at, jobs.c.finished_at, jobs.c.progress_total, jobs.c.request)
+            .where(jobs.c.state == JobState.succeeded.value)
+            .order_by(jobs.c.finished_at.desc())
+            .limit(sample)
+        ).all()
+        seconds = sum((_aware(r.finished_at) - _aware(r.started_at)).total_seconds() for r in rows)
+        steps = sum(max(1, r.progress_total) * r.request.get("n", 1) for r in rows)
+        return seconds / steps if rows and steps else None
+
+    def _recent_job_seconds(self, conn: sa.Connection) -> float:
+        per_step = self._recent_step_seconds(conn)
+        return per_step * 20 if per_step is not None else 5.0
+
+    @staticmethod
+    def _active_workers(conn: sa.Connection) -> int:
+        return conn.execute(
+            sa.select(sa.func.count(sa.distinct(jobs.c.lease_owner))).where(jobs.c.state == JobState.running.value)
+        ).scalar_one()
 
     def cancel(self, job_id: str) -> JobRecord:
         """Queued: cancelled at once. Running: flagged; its worker stops at the next step."""
@@ -289,23 +375,62 @@ class JobStore:
 
     # --- worker side ----------------------------------------------------------------------------------------------
 
-    def claim(self, worker_id: str, lease_seconds: float) -> JobRecord | None:
-        """Take the next job: highest priority, then oldest. None when the queue is empty."""
+    def claim(self, worker_id: str, lease_seconds: float, **options: Any) -> JobRecord | None:
+        """Take the next job (see `claim_batch`). None when the queue is empty."""
+        claimed = self.claim_batch(worker_id, lease_seconds, max_batch=1, **options)
+        return claimed[0] if claimed else None
+
+    def claim_batch(
+        self,
+        worker_id: str,
+        lease_seconds: float,
+        *,
+        max_batch: int = 1,
+        held_models: Collection[str] = (),
+        servable_models: Collection[str] | None = None,
+        batch_key: str | None = None,
+        affinity_window: int = 8,
+    ) -> list[JobRecord]:
+        """Claim the next job and up to `max_batch - 1` queued jobs compatible with it (same batch key).
+
+        Order: priority class, then fair tag (see the class docstring). Model affinity: among the next
+        `affinity_window` jobs of the top class, the first one for a model this worker already holds wins, so a
+        worker switches models only when the queue asks for it. `servable_models` limits claims to models this
+        worker has (verified) on disk; `batch_key` limits them to one compatibility class (filling a batch).
+        """
         now = clock.utcnow()
-        candidates = (
-            sa.select(jobs.c.id)
-            .where(jobs.c.state == JobState.queued.value, jobs.c.available_at <= now)
-            .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        )
+        ready = [jobs.c.state == JobState.queued.value, jobs.c.available_at <= now]
+        if servable_models is not None:
+            ready.append(jobs.c.model.in_(list(servable_models)))
+        if batch_key is not None:
+            ready.append(jobs.c.batch_key == batch_key)
         with write_tx(self.engine) as conn:
-            job_id = conn.execute(candidates).scalar()
-            if job_id is None:
-                return None
-            moved = conn.execute(
+            head = conn.execute(
+                sa.select(jobs.c.id, jobs.c.model, jobs.c.batch_key, jobs.c.priority)
+                .where(*ready)
+                .order_by(*self._queue_order())
+                .limit(affinity_window)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not head:
+                return []
+            first = self._with_affinity(head, held_models)
+            ids = [first.id]
+            if max_batch > 1 and first.batch_key:
+                ids += (
+                    conn.execute(
+                        sa.select(jobs.c.id)
+                        .where(*ready, jobs.c.batch_key == first.batch_key, jobs.c.id != first.id)
+                        .order_by(*self._queue_order())
+                        .limit(max_batch - 1)
+                        .with_for_update(skip_locked=True)
+                    )
+                    .scalars()
+                    .all()
+                )
+            conn.execute(
                 jobs.update()
-                .where(jobs.c.id == job_id, jobs.c.state == JobState.queued.value)
+                .where(jobs.c.id.in_(ids), jobs.c.state == JobState.queued.value)
                 .values(
                     state=JobState.running.value,
                     lease_owner=worker_id,
@@ -315,23 +440,41 @@ class JobStore:
                     updated_at=now,
                     progress_step=0,
                 )
-            ).rowcount
-            if not moved:
-                return None
-            attempt = conn.execute(sa.select(jobs.c.attempts).where(jobs.c.id == job_id)).scalar_one()
-            self._event(conn, job_id, "started", {"worker": worker_id, "attempt": attempt}, now)
-        return self.get(job_id)
+            )
+            rows = conn.execute(sa.select(jobs).where(jobs.c.id.in_(ids), *self._owned_by(worker_id))).all()
+            claimed = sorted((_job(r) for r in rows), key=lambda j: ids.index(j.id))
+            for job in claimed:
+                data = {"worker": worker_id, "attempt": job.attempts, "batch": len(claimed)}
+                self._event(conn, job.id, "started", data, now)
+        return claimed
+
+    @staticmethod
+    def _queue_order() -> tuple[sa.ColumnElement, ...]:
+        return jobs.c.priority.desc(), jobs.c.fair_tag, jobs.c.created_at, jobs.c.id
+
+    @staticmethod
+    def _with_affinity(head: list[sa.Row], held: Collection[str]) -> sa.Row:
+        top = head[0].priority
+        return next((r for r in head if r.priority == top and r.model in held), head[0])
+
+    @staticmethod
+    def _owned_by(worker_id: str) -> tuple[sa.ColumnElement[bool], ...]:
+        return jobs.c.lease_owner == worker_id, jobs.c.state == JobState.running.value
 
     def heartbeat(self, job_id: str, worker_id: str, lease_seconds: float) -> LeaseAck:
         return self._touch(job_id, worker_id, lease_seconds, {})
 
-    def progress(self, job_id: str, worker_id: str, step: int, total: int, lease_seconds: float) -> LeaseAck:
+    def progress(
+        self, job_id: str, worker_id: str, step: int, total: int, lease_seconds: float, preview: str | None = None
+    ) -> LeaseAck:
+        """Record a step (and an optional preview, a data URL, carried by the progress event)."""
+        extra = {"preview": preview} if preview else {}
         return self._touch(
-            job_id, worker_id, lease_seconds, {"progress_step": step, "progress_total": total}, event=True
+            job_id, worker_id, lease_seconds, {"progress_step": step, "progress_total": total}, event=extra
         )
 
     def _touch(
-        self, job_id: str, worker_id: str, lease_seconds: float, values: dict[str, Any], event: bool = False
+        self, job_id: str, worker_id: str, lease_seconds: float, values: dict[str, Any], event: dict | None = None
     ) -> LeaseAck:
         now = clock.utcnow()
         with write_tx(self.engine) as conn:
@@ -342,10 +485,9 @@ class JobStore:
             ).rowcount
             if not owned:
                 return LeaseAck(owned=False, cancel_requested=False)
-            if event:
-                self._event(
-                    conn, job_id, "progress", {"step": values["progress_step"], "total": values["progress_total"]}, now
-                )
+            if event is not None:
+                data = {"step": values["progress_step"], "total": values["progress_total"], **event}
+                self._event(conn, job_id, "progress", data, now)
             cancel = conn.execute(sa.select(jobs.c.cancel_requested).where(jobs.c.id == job_id)).scalar_one()
         return LeaseAck(owned=True, cancel_requested=bool(cancel))
 
@@ -422,6 +564,27 @@ class JobStore:
                 self._event(conn, job_id, "cancelled", {"while": "running"}, now)
         return bool(moved)
 
+    def release(self, job_id: str, worker_id: str, reason: str = "worker draining") -> bool:
+        """Give a claimed job back untouched (graceful drain): queued again, and the attempt does not count."""
+        now = clock.utcnow()
+        with write_tx(self.engine) as conn:
+            moved = conn.execute(
+                jobs.update()
+                .where(*self._owned(job_id, worker_id))
+                .values(
+                    state=JobState.queued.value,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                    available_at=now,
+                    attempts=jobs.c.attempts - 1,
+                    progress_step=0,
+                )
+            ).rowcount
+            if moved:
+                self._event(conn, job_id, "requeued", {"reason": reason, "worker": worker_id}, now)
+        return bool(moved)
+
     def requeue_expired(self) -> list[str]:
         """Jobs whose worker stopped heartbeating go back to the queue (or end, if out of attempts / cancelled)."""
         now = clock.utcnow()
@@ -450,9 +613,9 @@ class JobStore:
 
     # --- helpers --------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _owned(job_id: str, worker_id: str) -> tuple[sa.ColumnElement[bool], ...]:
-        return jobs.c.id == job_id, jobs.c.lease_owner == worker_id, jobs.c.state == JobState.running.value
+    @classmethod
+    def _owned(cls, job_id: str, worker_id: str) -> tuple[sa.ColumnElement[bool], ...]:
+        return jobs.c.id == job_id, *cls._owned_by(worker_id)
 
     @staticmethod
     def _set(conn: sa.Connection, job_id: str, now: dt.datetime, **values: Any) -> None:

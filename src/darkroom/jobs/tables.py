@@ -41,9 +41,17 @@ jobs = sa.Table(
     sa.Column("available_at", TS, nullable=False),
     sa.Column("started_at", TS, nullable=True),
     sa.Column("finished_at", TS, nullable=True),
+    # Scheduling (migration 0004): fair-queue tag within a priority class, batch compatibility key, time limit.
+    sa.Column("fair_tag", sa.Float, nullable=False, server_default="0"),
+    sa.Column("batch_key", sa.String(64), nullable=True),
+    sa.Column("timeout_seconds", sa.Float, nullable=True),
     sa.UniqueConstraint("tenant", "idempotency_key"),
     sa.Index(None, "state", "priority", "created_at"),
     sa.Index(None, "state", "lease_expires_at"),
+    sa.Index(None, "state", "priority", "fair_tag"),
+    sa.Index(None, "tenant", "priority", "fair_tag"),
+    sa.Index(None, "tenant", "state"),
+    sa.Index(None, "state", "batch_key"),
 )
 
 images = sa.Table(
@@ -74,3 +82,6 @@ job_events = sa.Table(
     sa.Column("created_at", TS, nullable=False),
     sa.Index(None, "job_id", "id"),
 )
+
+from darkroom.jobs import workers_table  # noqa: E402,F401
+from darkroom.webhooks import tables as webhook_tables  # noqa: E402,F401

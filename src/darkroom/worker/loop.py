@@ -1,12 +1,18 @@
-"""The worker loop: claim → run → store → complete, with a lease kept alive beside it.
+"""The worker loop: claim a batch → run each job → store → complete, with leases kept alive beside it.
 
-A heartbeat thread extends the lease while the engine works and picks up cancel requests; the engine's step callback
-turns those into `JobCancelled` / `LeaseLost` at the next denoising step. Results are written only while we still hold
-the lease (the store guards every write), so a worker that stalled past its lease can never double-complete a job.
+A heartbeat thread extends the leases of every claimed job while the engine works and picks up cancel requests; the
+engine's step callback turns those, a timeout or a drain deadline into an exception at the next denoising step.
+Results are written only while we still hold the lease (the store guards every write), so a worker that stalled past
+its lease can never double-complete a job.
+
+Batching: the worker claims up to `max_batch` *compatible* jobs at once (same model, size, steps, sampler, guidance,
+mode) and runs them back to back on the warm pipeline. Each image is denoised with its own generator, so a job's
+pixels do not depend on what it was batched with.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import os
@@ -19,8 +25,8 @@ from typing import Any
 from darkroom import __version__, clock
 from darkroom.config import Settings
 from darkroom.engines.base import Engine, EngineResult
-from darkroom.errors import DarkroomError, EngineError, FatalEngineError, JobCancelled, LeaseLost
-from darkroom.jobs.store import JobRecord, JobStore, NewImage
+from darkroom.errors import DarkroomError, Draining, FatalEngineError, JobCancelled, JobTimeout, LeaseLost
+from darkroom.jobs.store import JobRecord, JobStore, LeaseAck, NewImage
 from darkroom.safety.provenance import encode_png
 from darkroom.storage.base import BlobStore
 
@@ -33,18 +39,19 @@ def default_worker_id(index: int = 0) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{index}"
 
 
-class _Lease:
-    """Keeps one job's lease alive from a side thread and remembers what the store told it."""
+class _Leases:
+    """Keeps the leases of a claimed batch alive from a side thread and remembers what the store said of each job."""
 
-    def __init__(self, store: JobStore, job_id: str, worker_id: str, settings: Settings) -> None:
-        self.store, self.job_id, self.worker_id, self.settings = store, job_id, worker_id, settings
-        self.lost = threading.Event()
-        self.cancel = threading.Event()
+    def __init__(self, store: JobStore, jobs: list[JobRecord], worker_id: str, settings: Settings) -> None:
+        self.store, self.worker_id, self.settings = store, worker_id, settings
+        self.pending = {job.id for job in jobs}
+        self.lost: set[str] = set()
+        self.cancelled: set[str] = set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._last_progress = 0.0
-        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._beat, name=f"leases-{worker_id}", daemon=True)
 
-    def __enter__(self) -> _Lease:
+    def __enter__(self) -> _Leases:
         self._thread.start()
         return self
 
@@ -52,29 +59,69 @@ class _Lease:
         self._stop.set()
         self._thread.join(timeout=self.settings.heartbeat_seconds + 5)
 
+    def done(self, job_id: str) -> None:
+        with self._lock:
+            self.pending.discard(job_id)
+
     def _beat(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_seconds):
-            try:
-                self._note(self.store.heartbeat(self.job_id, self.worker_id, self.settings.lease_seconds))
-            except Exception:  # a database blip: keep trying until the lease runs out
-                log.exception("heartbeat failed for %s", self.job_id)
+            with self._lock:
+                ids = list(self.pending)
+            for job_id in ids:
+                try:
+                    self.note(job_id, self.store.heartbeat(job_id, self.worker_id, self.settings.lease_seconds))
+                except Exception:  # a database blip: keep trying until the lease runs out
+                    log.exception("heartbeat failed for %s", job_id)
 
-    def _note(self, ack: Any) -> None:
+    def note(self, job_id: str, ack: LeaseAck) -> None:
         if not ack.owned:
-            self.lost.set()
+            self.lost.add(job_id)
         if ack.cancel_requested:
-            self.cancel.set()
+            self.cancelled.add(job_id)
 
-    def progress(self, step: int, total: int) -> None:
-        """Engine step callback: report (throttled) and stop the run if the job was cancelled or taken from us."""
-        now = time.monotonic()
-        if step in (1, total) or now - self._last_progress >= self.settings.progress_interval:
-            self._last_progress = now
-            self._note(self.store.progress(self.job_id, self.worker_id, step, total, self.settings.lease_seconds))
-        if self.lost.is_set():
-            raise LeaseLost(f"lease on {self.job_id} was lost")
-        if self.cancel.is_set():
+    def check(self, job_id: str) -> None:
+        if job_id in self.lost:
+            raise LeaseLost(f"lease on {job_id} was lost")
+        if job_id in self.cancelled:
             raise JobCancelled("cancelled by request")
+
+
+class _Run:
+    """The step callback for one job: throttled progress writes, then every reason to stop at this step."""
+
+    def __init__(self, worker: Worker, leases: _Leases, job: JobRecord) -> None:
+        self.worker, self.leases, self.job = worker, leases, job
+        self.started = time.monotonic()
+        timeout = job.timeout_seconds or worker.settings.job_timeout_seconds
+        self.deadline = self.started + timeout if timeout else None
+        self._last_write = 0.0
+        self._last_preview = 0.0
+        self._preview: str | None = None
+        self.previews = bool(job.request.get("preview"))
+
+    def wants_preview(self, step: int) -> bool:
+        """Engine hook: previews only for jobs that asked, at most every `preview_every_seconds`."""
+        return self.previews and time.monotonic() - self._last_preview >= self.worker.settings.preview_every_seconds
+
+    def preview(self, step: int, jpeg: bytes) -> None:
+        self._last_preview = time.monotonic()
+        self._preview = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+
+    def __call__(self, step: int, total: int) -> None:
+        """The engine's progress callback (a callable object, so the engine can find `wants_preview`)."""
+        settings, now = self.worker.settings, time.monotonic()
+        due = step in (1, total) or now - self._last_write >= settings.progress_interval
+        if due or self._preview:
+            self._last_write = now
+            preview, self._preview = self._preview, None
+            store = self.worker.store
+            ack = store.progress(self.job.id, self.worker.id, step, total, settings.lease_seconds, preview=preview)
+            self.leases.note(self.job.id, ack)
+        self.leases.check(self.job.id)
+        if self.deadline is not None and now > self.deadline:
+            raise JobTimeout(f"job ran longer than its limit of {self.deadline - self.started:g} s")
+        if self.worker.drain_deadline is not None and now > self.worker.drain_deadline:
+            raise Draining("worker is shutting down")
 
 
 class Worker:
@@ -93,6 +140,8 @@ class Worker:
         self.id = worker_id or settings.worker_id or default_worker_id()
         self._engine: Engine | None = None
         self.jobs_done = 0
+        self.drain_deadline: float | None = None
+        self._stop = threading.Event()
 
     @property
     def engine(self) -> Engine:
@@ -100,7 +149,16 @@ class Worker:
             self._engine = self.engine_factory()
         return self._engine
 
-    def run(self, stop: threading.Event) -> None:
+    def held_models(self) -> set[str]:
+        loaded = getattr(self._engine, "loaded_models", None)
+        return {model_id for model_id, _ in loaded()} if loaded else set()
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Claim and run until `stop` (or `begin_drain`); then drain: finish the current job within
+        `drain_seconds` or give it back, and give back every claimed job not yet started."""
+        if stop is not None:
+            self._stop = stop
+        stop = self._stop
         log.info("worker %s started", self.id)
         while not stop.is_set():
             try:
@@ -116,43 +174,79 @@ class Worker:
             self._engine.close()
         log.info("worker %s stopped after %d jobs", self.id, self.jobs_done)
 
+    def begin_drain(self) -> None:
+        """Called from a signal handler: stop claiming, and set the bound for the job that is running."""
+        self.drain_deadline = time.monotonic() + self.settings.drain_seconds
+        self._stop.set()
+
     def run_once(self) -> bool:
-        """Claim and run one job. False when there was nothing to do."""
+        """Claim and run one batch. False when there was nothing to do."""
         self.store.requeue_expired()
-        job = self.store.claim(self.id, self.settings.lease_seconds)
-        if job is None:
+        batch = self.claim()
+        if not batch:
             return False
-        self.process(job)
+        self.process_batch(batch)
         return True
 
+    def claim(self) -> list[JobRecord]:
+        s = self.settings
+        batch = self.store.claim_batch(self.id, s.lease_seconds, max_batch=s.max_batch, held_models=self.held_models())
+        deadline = time.monotonic() + s.batch_window_seconds
+        while batch and len(batch) < s.max_batch and time.monotonic() < deadline:
+            time.sleep(min(0.02, s.batch_window_seconds))
+            batch += self.store.claim_batch(
+                self.id, s.lease_seconds, max_batch=s.max_batch - len(batch), batch_key=batch[0].batch_key
+            )
+        return batch
+
     def process(self, job: JobRecord) -> None:
+        self.process_batch([job])
+
+    def process_batch(self, batch: list[JobRecord]) -> None:
+        with _Leases(self.store, batch, self.id, self.settings) as leases:
+            for job in batch:
+                try:
+                    if self._stop.is_set():
+                        self.store.release(job.id, self.id)
+                        continue
+                    self._process(job, leases)
+                finally:
+                    leases.done(job.id)
+
+    def _process(self, job: JobRecord, leases: _Leases) -> None:
         log.info("worker %s runs %s (attempt %d)", self.id, job.id, job.attempts)
-        started = clock.monotonic()
-        with _Lease(self.store, job.id, self.id, self.settings) as lease:
-            try:
-                request = job.generation_request()
-                init = self._load_init_image(request.init_image)
-                result = self.engine.generate(request, init, lease.progress)
-                self._finish(job, result, started)
-            except JobCancelled:
-                self.store.finish_cancelled(job.id, self.id)
-            except LeaseLost:
-                log.warning("worker %s lost the lease on %s; dropping its work", self.id, job.id)
-            except FatalEngineError as exc:
-                self.store.fail(job.id, self.id, exc.to_dict(), retry_in=1.0)
-                raise
-            except (EngineError, DarkroomError) as exc:
-                self.store.fail(job.id, self.id, exc.to_dict())
-            except Exception as exc:
-                log.exception("job %s failed unexpectedly", job.id)
-                error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}", "field": None}
-                self.store.fail(job.id, self.id, error, retry_in=self._backoff(job.attempts))
+        run = _Run(self, leases, job)
+        try:
+            leases.check(job.id)
+            request = job.generation_request()
+            init = self._load_image(request.init_image)
+            mask = self._load_image(request.mask_image)  # inpainting; the engine reads it as grey
+            extra = {"mask_image": mask} if mask is not None else {}
+            result = self.engine.generate(request, init, run, **extra)
+            self._finish(job, result, run.started)
+        except JobCancelled:
+            self.store.finish_cancelled(job.id, self.id)
+        except LeaseLost:
+            log.warning("worker %s lost the lease on %s; dropping its work", self.id, job.id)
+        except Draining:
+            log.info("worker %s gives %s back to the queue (draining)", self.id, job.id)
+            self.store.release(job.id, self.id)
+        except FatalEngineError as exc:
+            self.store.fail(job.id, self.id, exc.to_dict(), retry_in=1.0)
+            raise
+        except DarkroomError as exc:
+            permanent = getattr(exc, "permanent", True)
+            self.store.fail(job.id, self.id, exc.to_dict(), retry_in=None if permanent else self._backoff(job))
+        except Exception as exc:
+            log.exception("job %s failed unexpectedly", job.id)
+            error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}", "field": None}
+            self.store.fail(job.id, self.id, error, retry_in=self._backoff(job))
 
-    @staticmethod
-    def _backoff(attempt: int) -> float:
-        return min(60.0, 2.0 ** max(0, attempt - 1))
+    def _backoff(self, job: JobRecord) -> float:
+        """Exponential: base, 2·base, 4·base … capped at a minute."""
+        return min(60.0, self.settings.retry_backoff_seconds * 2.0 ** max(0, job.attempts - 1))
 
-    def _load_init_image(self, ref: str | None) -> Any:
+    def _load_image(self, ref: str | None) -> Any:
         if not ref:
             return None
         from PIL import Image

@@ -1,0 +1,250 @@
+"""The worker loop in-process: real SQLite store, real blob folder, the real diffusers engine on the tiny model."""
+
+from __future__ import annotations
+
+import base64
+import gc
+import io
+import threading
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from darkroom.config import Settings
+from darkroom.engines.diffusers_engine import DiffusersEngine
+from darkroom.errors import EngineError
+from darkroom.schemas import GenerationRequest, JobState
+from darkroom.service import Services
+from darkroom.worker.loop import Worker
+
+
+@pytest.fixture
+def services(tmp_path, models_dir):
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        models_dir=models_dir,
+        heartbeat_seconds=0.05,
+        progress_interval=0,
+        max_batch=4,
+        batch_window_seconds=0,
+        retry_backoff_seconds=0,
+    )
+    svc = Services.open(settings)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture
+def worker(services):
+    w = Worker(services.settings, services.store, services.blobs, services.make_engine, worker_id="w1")
+    yield w
+    if w._engine is not None:
+        w._engine.close()
+
+
+def submit(services, **kw):
+    body = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 3, "seed": 1, "model": "tiny-diffusers", **kw}
+    return services.store.create(GenerationRequest(**body))[0]
+
+
+def pixels(services, job_id) -> list[np.ndarray]:
+    return [
+        np.asarray(Image.open(io.BytesIO(services.blobs.get(i.blob_key))).convert("RGB"))
+        for i in services.store.images_for(job_id)
+    ]
+
+
+def test_priorities_are_served_in_order(services, worker):
+    low = submit(services, priority="low")
+    normal = submit(services, steps=4)
+    high = submit(services, priority="high", steps=5)
+    order = []
+    while batch := worker.claim():
+        order += [j.id for j in batch]
+        worker.process_batch(batch)
+    assert order == [high.id, normal.id, low.id]
+
+
+def test_a_batched_job_is_pixel_identical_to_the_same_job_alone(services, worker):
+    batched = [submit(services, seed=s, prompt=p) for s, p in ((5, "a cat"), (6, "a dog"), (7, "a cat"))]
+    batch = worker.claim()
+    assert [j.id for j in batch] == [j.id for j in batched]  # one claim took all three
+    worker.process_batch(batch)
+    for job in batched:
+        alone = submit(services, seed=job.request["seed"], prompt=job.request["prompt"])
+        worker.process_batch(worker.claim())
+        assert services.store.get(alone.id).state is JobState.succeeded
+        assert all(
+            np.array_equal(a, b) for a, b in zip(pixels(services, job.id), pixels(services, alone.id), strict=True)
+        )
+
+
+def test_cancel_stops_a_running_job_within_one_step(services, worker):
+    job = submit(services, steps=40)
+    seen = []
+    original = services.store.progress
+
+    def progress(job_id, worker_id, step, total, lease, **kw):
+        seen.append(step)
+        if step == 3:
+            services.store.cancel(job_id)
+        return original(job_id, worker_id, step, total, lease, **kw)
+
+    services.store.progress = progress
+    worker.process_batch(worker.claim())
+    final = services.store.get(job.id)
+    assert final.state is JobState.cancelled
+    assert max(seen) == 3  # the step that saw the cancel request was the last one run
+
+
+def test_a_job_over_its_time_limit_fails_with_timeout(services, worker):
+    job = submit(services, steps=150, width=256, height=256, timeout_seconds=0.2)
+    worker.process_batch(worker.claim())
+    final = services.store.get(job.id)
+    assert final.state is JobState.failed and final.error["code"] == "timeout"
+
+
+def test_transient_errors_retry_then_dead_letter_and_permanent_fail_at_once(services, worker, monkeypatch):
+    flaky = submit(services)
+    calls = {"n": 0}
+
+    def boom(*a, **k):
+        calls["n"] += 1
+        raise RuntimeError("driver hiccup")
+
+    monkeypatch.setattr(worker.engine, "generate", boom)
+    for _ in range(3):
+        worker.run_once()
+    dead = services.store.get(flaky.id)
+    assert dead.state is JobState.dead and calls["n"] == 3 and "driver hiccup" in dead.error["message"]
+
+    permanent = submit(services)
+
+    def bad_file(*a, **k):
+        raise EngineError("unreadable model file")
+
+    monkeypatch.setattr(worker.engine, "generate", bad_file)
+    worker.run_once()
+    assert services.store.get(permanent.id).state is JobState.failed
+    assert services.store.get(permanent.id).attempts == 1
+
+
+def test_drain_gives_unstarted_and_unfinishable_jobs_back(services, worker):
+    long_job = submit(services, steps=150, width=256, height=256)
+    waiting = submit(services, steps=150, width=256, height=256, seed=2)
+    services.settings.drain_seconds = 0.2
+    batch = worker.claim()
+    assert len(batch) == 2
+    started = threading.Event()
+    original = services.store.progress
+
+    def progress(*args, **kw):
+        started.set()
+        return original(*args, **kw)
+
+    services.store.progress = progress
+    runner = threading.Thread(target=worker.process_batch, args=(batch,))
+    runner.start()
+    started.wait(30)
+    worker.begin_drain()
+    runner.join(30)
+    for job in (long_job, waiting):
+        back = services.store.get(job.id)
+        assert back.state is JobState.queued and back.attempts == 0 and back.lease_owner is None
+
+
+def test_worker_survives_a_job_that_fails_and_serves_the_next(services, worker):
+    broken = submit(services, model="no-such-model")
+    fine = submit(services, seed=3)
+    worker.run_once()
+    worker.run_once()
+    assert services.store.get(broken.id).state is JobState.failed
+    assert services.store.get(fine.id).state is JobState.succeeded
+
+
+def test_memory_returns_to_baseline_after_load_unload_cycles(services):
+    import psutil
+
+    engine = DiffusersEngine(services.registry, cache_size=1)
+    request = GenerationRequest(prompt="x", width=64, height=64, steps=1, seed=1, model="tiny-diffusers")
+    other = request.model_copy(update={"model": "tiny-single"})
+    proc = psutil.Process()
+
+    def cycle() -> weakref.ref:
+        engine.generate(request, None, lambda s, t: None)
+        unet = weakref.ref(
+            engine._cache.get(("tiny-diffusers", services.registry.get("tiny-diffusers").sha256)).txt2img.unet
+        )
+        engine.generate(other, None, lambda s, t: None)  # evicts tiny-diffusers (cache of one)
+        return unet
+
+    cycle()
+    gc.collect()
+    baseline = proc.memory_info().rss
+    refs = [cycle() for _ in range(5)]
+    gc.collect()
+    assert all(r() is None for r in refs), "an unloaded pipeline is still referenced"
+    growth = proc.memory_info().rss - baseline
+    assert growth < 40 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB over 5 load/unload cycles"
+    engine.close()
+
+
+@pytest.fixture
+def inject_oom(monkeypatch):
+    """A real torch.OutOfMemoryError from the pipeline whenever it is asked for more than `limit` images at once."""
+    from diffusers import StableDiffusionPipeline
+
+    original = StableDiffusionPipeline.__call__
+    state = {"limit": 1, "raised": 0}
+
+    def call(self, *args, **kwargs):
+        if kwargs.get("num_images_per_prompt", 1) > state["limit"]:
+            state["raised"] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", call)
+    return state
+
+
+def test_oom_splits_the_batch_and_every_image_still_matches(services, worker, inject_oom):
+    services.settings.batch_invariant = False  # one tensor batch per request: the case that can run out of memory
+    job = submit(services, n=4, seed=20)
+    worker.process_batch(worker.claim())
+    final = services.store.get(job.id)
+    assert final.state is JobState.succeeded and final.attempts == 1
+    assert inject_oom["raised"] >= 2  # 4 → 2 + 2 → 1 + 1 + 1 + 1
+    assert [i.seed for i in services.store.images_for(job.id)] == [20, 21, 22, 23]
+    services.settings.batch_invariant = True
+    invariant = Worker(services.settings, services.store, services.blobs, services.make_engine, worker_id="w2")
+    alone = submit(services, n=4, seed=20)
+    invariant.process_batch(invariant.claim())
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(services, job.id), pixels(services, alone.id), strict=True))
+
+
+def test_a_single_image_too_big_fails_clearly_and_the_worker_goes_on(services, worker, inject_oom):
+    inject_oom["limit"] = 0  # nothing fits
+    job = submit(services)
+    worker.run_once()
+    final = services.store.get(job.id)
+    assert final.state is JobState.failed and final.attempts == 1
+    assert final.error["code"] == "out_of_memory" and "smaller size" in final.error["message"]
+    inject_oom["limit"] = 1
+    fine = submit(services, seed=9)
+    worker.run_once()
+    assert services.store.get(fine.id).state is JobState.succeeded
+
+
+def test_previews_ride_on_progress_events_when_asked(services, worker):
+    services.settings.preview_every_seconds = 0
+    job = submit(services, steps=3, preview=True, width=128, height=128)
+    plain = submit(services, steps=3, seed=2)
+    worker.process_batch(worker.claim())
+    previews = [e.data["preview"] for e in services.store.events_since(job.id) if "preview" in e.data]
+    assert len(previews) == 3 and previews[0].startswith("data:image/jpeg;base64,")
+    jpeg = Image.open(io.BytesIO(base64.b64decode(previews[-1].split(",", 1)[1])))
+    assert jpeg.size == (16, 16)  # latents: an eighth of the image side
+    assert not [e for e in services.store.events_since(plain.id) if "preview" in e.data]

@@ -63,3 +63,23 @@ def pg_url(pg_server) -> str:
     from tests.infra.postgres import fresh_database
 
     return fresh_database(pg_server)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server process (moto's standalone server) for the whole session."""
+    from tests.infra.s3 import S3Server, moto_available
+
+    if not moto_available():
+        require_service("moto[server] is not installed (`make test` installs the test extra)")
+    server = S3Server()
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket on the session's S3 server."""
+    return s3_server.new_bucket()

@@ -56,6 +56,7 @@ def serve(
     services = Services.open(settings)
     if settings.workers > 0:
         services.ensure_default_model()
+    services.approve_models()
     api = create_app(services, workers=settings.workers)
     console.print(
         f"darkroom {__version__} on http://{settings.host}:{settings.port} "
@@ -81,7 +82,7 @@ def worker(
     settings = settings_from(data_dir=data_dir, database_url=database_url, models_dir=models_dir, worker_id=worker_id)
     services = Services.open(settings)
     services.ensure_default_model()
-    loop = Worker(settings, services.store, services.blobs, services.make_engine)
+    loop = Worker(settings, services.store, services.blobs, services.make_engine, registry=services.registry)
 
     def _drain(signum: int, _frame: object) -> None:
         console.print(f"worker: signal {signum}: draining (the current job gets {settings.drain_seconds} s to finish)")
@@ -190,6 +191,25 @@ def models_add(path: Path, name: str | None = None, models_dir: ModelsDir = None
         console.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(1) from None
     typer.echo(f"added {info.id} ({info.format}, {info.arch}, sha256 {info.sha256[:12]})")
+
+
+@models_app.command("approve")
+def models_approve(
+    model_id: str, data_dir: DataDir = None, database_url: DbUrl = None, models_dir: ModelsDir = None
+) -> None:
+    """Approve this node's copy of a model (its sha256) for every worker; other versions stop being served."""
+    from darkroom.errors import DarkroomError
+    from darkroom.kv import SettingsKV
+    from darkroom.models.approvals import approve
+    from darkroom.service import Services
+
+    services = Services.open(settings_from(data_dir=data_dir, database_url=database_url, models_dir=models_dir))
+    try:
+        digest = approve(SettingsKV(services.store.engine), services.registry, model_id)
+    except DarkroomError as exc:
+        console.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(1) from None
+    typer.echo(f"approved {model_id} sha256 {digest}")
 
 
 @app.command()

@@ -98,6 +98,7 @@ class Settings(BaseSettings):
     max_batch: int = 4
     batch_window_seconds: float = 0.05
     preview_every_seconds: float = 1.0
+    model_check_seconds: float = 30.0
     batch_invariant: bool = Field(
         True, description="denoise each image alone: pixels never depend on batching (False: one tensor batch, faster)"
     )

@@ -11,7 +11,7 @@ from darkroom.engines.base import Engine
 from darkroom.jobs.db import migrate
 from darkroom.jobs.store import JobStore
 from darkroom.models.registry import ModelRegistry
-from darkroom.storage import LocalBlobStore, open_blob_store
+from darkroom.storage import BlobStore, open_blob_store
 from darkroom.worker.loop import Worker, default_worker_id
 
 log = logging.getLogger("darkroom")
@@ -21,7 +21,7 @@ log = logging.getLogger("darkroom")
 class Services:
     settings: Settings
     store: JobStore
-    blobs: LocalBlobStore
+    blobs: BlobStore
     registry: ModelRegistry
     _threads: list[threading.Thread] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -61,6 +61,13 @@ class Services:
             self.settings.resolved_models_dir,
         )
 
+    def approve_models(self) -> dict[str, str]:
+        """An API node approves the models it holds (first version seen); workers elsewhere verify against it."""
+        from darkroom.kv import SettingsKV
+        from darkroom.models.approvals import approve_new
+
+        return approve_new(SettingsKV(self.store.engine), self.registry.scan())
+
     def make_engine(self) -> Engine:
         from darkroom.engines.diffusers_engine import DiffusersEngine  # torch stays out of API-only processes
 
@@ -76,7 +83,14 @@ class Services:
     def start_workers(self, count: int) -> None:
         base = self.settings.worker_id or default_worker_id()
         for index in range(count):
-            worker = Worker(self.settings, self.store, self.blobs, self.make_engine, worker_id=f"{base}-{index}")
+            worker = Worker(
+                self.settings,
+                self.store,
+                self.blobs,
+                self.make_engine,
+                worker_id=f"{base}-{index}",
+                registry=self.registry,
+            )
             thread = threading.Thread(target=worker.run, args=(self._stop,), name=f"worker-{index}", daemon=True)
             self.workers.append(worker)
             self._threads.append(thread)

@@ -248,3 +248,25 @@ def test_previews_ride_on_progress_events_when_asked(services, worker):
     jpeg = Image.open(io.BytesIO(base64.b64decode(previews[-1].split(",", 1)[1])))
     assert jpeg.size == (16, 16)  # latents: an eighth of the image side
     assert not [e for e in services.store.events_since(plain.id) if "preview" in e.data]
+
+
+def test_worker_claims_only_models_it_holds_in_the_approved_version(services):
+    from darkroom.kv import SettingsKV
+    from darkroom.models.approvals import approved
+
+    kv = SettingsKV(services.store.engine)
+    assert set(services.approve_models()) == {"tiny-diffusers", "tiny-single"}
+    kv.set("approved_models", {**approved(kv), "tiny-diffusers": "0" * 64})  # the approved bytes differ from ours
+    worker = Worker(
+        services.settings, services.store, services.blobs, services.make_engine, "w9", registry=services.registry
+    )
+    tampered = submit(services, model="tiny-diffusers")
+    lacking = submit(services, model="not-on-this-node")
+    fine = submit(services, model="tiny-single")
+    assert worker.servable_models() == {"tiny-single"}
+    while worker.run_once():
+        pass
+    assert services.store.get(fine.id).state is JobState.succeeded
+    assert services.store.get(tampered.id).state is JobState.queued
+    assert services.store.get(lacking.id).state is JobState.queued
+    worker.engine.close()

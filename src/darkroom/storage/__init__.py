@@ -1,6 +1,22 @@
 """Blob stores: image bytes under content addresses. Metadata lives in the job store."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from darkroom.storage.base import BlobStore, content_key
 from darkroom.storage.local import LocalBlobStore
 
-__all__ = ["BlobStore", "LocalBlobStore", "content_key"]
+if TYPE_CHECKING:
+    from darkroom.config import Settings
+
+__all__ = ["BlobStore", "LocalBlobStore", "content_key", "open_blob_store"]
+
+
+def open_blob_store(settings: Settings) -> BlobStore:
+    """The configured backend. boto3 is imported only when S3 is chosen, so a one-node setup never loads it."""
+    if settings.storage.blob_backend == "s3":
+        from darkroom.storage.s3 import S3BlobStore
+
+        return S3BlobStore.from_settings(settings.storage)
+    return LocalBlobStore(settings.blobs_dir)

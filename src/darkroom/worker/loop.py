@@ -27,8 +27,14 @@ from darkroom.config import Settings
 from darkroom.engines.base import Engine, EngineResult
 from darkroom.errors import DarkroomError, Draining, FatalEngineError, JobCancelled, JobTimeout, LeaseLost
 from darkroom.jobs.store import JobRecord, JobStore, LeaseAck, NewImage
+from darkroom.jobs.workers import WorkerRegistry
+from darkroom.kv import SettingsKV
+from darkroom.models.approvals import approved
+from darkroom.models.registry import ModelRegistry
+from darkroom.models.verify import verify_local_models
 from darkroom.safety.provenance import encode_png
 from darkroom.storage.base import BlobStore
+from darkroom.worker.presence import Presence
 
 log = logging.getLogger("darkroom.worker")
 
@@ -132,11 +138,17 @@ class Worker:
         blobs: BlobStore,
         engine_factory: EngineFactory,
         worker_id: str | None = None,
+        registry: ModelRegistry | None = None,
     ) -> None:
+        """`registry`: this node's models; with it the worker claims only models it holds in their approved
+        version (see `darkroom.models.approvals`). Without it, it claims any job."""
         self.settings = settings
         self.store = store
         self.blobs = blobs
         self.engine_factory = engine_factory
+        self.registry = registry
+        self._servable: set[str] | None = None
+        self._servable_checked = -1e9
         self.id = worker_id or settings.worker_id or default_worker_id()
         self._engine: Engine | None = None
         self.jobs_done = 0
@@ -159,20 +171,45 @@ class Worker:
         if stop is not None:
             self._stop = stop
         stop = self._stop
+        presence = Presence(
+            WorkerRegistry(self.store.engine),
+            self.id,
+            self.settings,
+            loaded_models=self.held_models,
+            jobs_done=lambda: self.jobs_done,
+            models_available=lambda: self.servable_models() or (),
+            draining=stop.is_set,
+        )
+        presence.start()
         log.info("worker %s started", self.id)
+        try:
+            self._loop(stop)
+        finally:
+            presence.stop()
+            if self._engine is not None:
+                self._engine.close()
+        log.info("worker %s stopped after %d jobs", self.id, self.jobs_done)
+
+    def _loop(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
                 if not self.run_once():
                     stop.wait(self.settings.poll_seconds)
             except FatalEngineError:
                 log.exception("worker %s: engine is unusable; stopping", self.id)
-                break
+                return
             except Exception:  # the database went away for a moment: back off, never die
                 log.exception("worker %s: loop error", self.id)
                 stop.wait(min(5.0, self.settings.poll_seconds * 4))
-        if self._engine is not None:
-            self._engine.close()
-        log.info("worker %s stopped after %d jobs", self.id, self.jobs_done)
+
+    def servable_models(self) -> set[str] | None:
+        """Local models in their approved version, re-checked every `model_check_seconds` (hashes are cached)."""
+        if self.registry is None:
+            return None
+        if time.monotonic() - self._servable_checked >= self.settings.model_check_seconds:
+            self._servable = verify_local_models(self.registry, approved(SettingsKV(self.store.engine)))
+            self._servable_checked = time.monotonic()
+        return self._servable
 
     def begin_drain(self) -> None:
         """Called from a signal handler: stop claiming, and set the bound for the job that is running."""
@@ -190,7 +227,13 @@ class Worker:
 
     def claim(self) -> list[JobRecord]:
         s = self.settings
-        batch = self.store.claim_batch(self.id, s.lease_seconds, max_batch=s.max_batch, held_models=self.held_models())
+        batch = self.store.claim_batch(
+            self.id,
+            s.lease_seconds,
+            max_batch=s.max_batch,
+            held_models=self.held_models(),
+            servable_models=self.servable_models(),
+        )
         deadline = time.monotonic() + s.batch_window_seconds
         while batch and len(batch) < s.max_batch and time.monotonic() < deadline:
             time.sleep(min(0.02, s.batch_window_seconds))

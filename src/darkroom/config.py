@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     lease_seconds: float = 30.0
     heartbeat_seconds: float = 5.0
     poll_seconds: float = 0.5
+    idle_poll_seconds: float = Field(2.0, description="PostgreSQL: fallback poll while LISTENing for new jobs")
     progress_interval: float = 0.1
     max_attempts: int = 3
     retry_backoff_seconds: float = 1.0

@@ -261,3 +261,33 @@ def test_eta_from_recent_step_rates(store):
     assert eta is not None and eta >= 0
     first = store.get(waiting[0].id)
     assert store.eta_seconds(first, 1) <= eta
+
+
+def test_postgres_wakes_idle_workers_with_notify_instead_of_polling(pg_url, tmp_path):
+    import threading
+
+    from darkroom.jobs.notify import Waiter
+
+    migrate(pg_url)
+    store = JobStore(pg_url)
+    waiter = Waiter(pg_url, threading.Event())
+    assert waiter.listens
+    waiter.wait(0.01)  # LISTEN is now in place
+    woke = threading.Event()
+
+    def idle_worker() -> None:
+        waiter.wait(30)
+        woke.set()
+
+    thread = threading.Thread(target=idle_worker)
+    started = time.monotonic()
+    thread.start()
+    time.sleep(0.2)
+    assert not woke.is_set()
+    store.create(req())
+    assert woke.wait(10), "no wake-up"
+    assert time.monotonic() - started < 10  # far sooner than the 30 s fallback poll
+    thread.join()
+    waiter.close()
+    store.close()
+    assert not Waiter(f"sqlite:///{tmp_path / 'x.db'}", threading.Event()).listens

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from darkroom import clock
 from darkroom.errors import Conflict, DarkroomError, NotFound
 from darkroom.jobs.db import create_engine, read_tx, write_tx
+from darkroom.jobs.notify import announce
 from darkroom.jobs.tables import images, job_events, jobs
 from darkroom.schemas import PRIORITY_VALUE, GenerationRequest, JobEvent, JobState
 
@@ -206,6 +207,7 @@ class JobStore:
                     )
                 )
                 self._event(conn, job_id, "queued", {"priority": request.priority}, now)
+                announce(conn)
         except sa.exc.IntegrityError:
             # Two submits with the same key raced; the other one won.
             existing = self._by_idempotency_key(tenant, idempotency_key or "")
@@ -583,6 +585,7 @@ class JobStore:
             ).rowcount
             if moved:
                 self._event(conn, job_id, "requeued", {"reason": reason, "worker": worker_id}, now)
+                announce(conn)
         return bool(moved)
 
     def requeue_expired(self) -> list[str]:
@@ -609,6 +612,7 @@ class JobStore:
                 else:
                     self._set(conn, row.id, now, state=JobState.queued.value, available_at=now, **common)
                     self._event(conn, row.id, "requeued", {"reason": "lease expired", **lost}, now)
+                    announce(conn)
         return touched
 
     # --- helpers --------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from darkroom import __version__, clock
 from darkroom.config import Settings
 from darkroom.engines.base import Engine, EngineResult
 from darkroom.errors import DarkroomError, Draining, FatalEngineError, JobCancelled, JobTimeout, LeaseLost
+from darkroom.jobs.notify import Waiter
 from darkroom.jobs.store import JobRecord, JobStore, LeaseAck, NewImage
 from darkroom.jobs.workers import WorkerRegistry
 from darkroom.kv import SettingsKV
@@ -191,10 +192,18 @@ class Worker:
         log.info("worker %s stopped after %d jobs", self.id, self.jobs_done)
 
     def _loop(self, stop: threading.Event) -> None:
+        waiter = Waiter(self.store.url, stop)
+        idle = self.settings.idle_poll_seconds if waiter.listens else self.settings.poll_seconds
+        try:
+            self._claim_until(stop, waiter, idle)
+        finally:
+            waiter.close()
+
+    def _claim_until(self, stop: threading.Event, waiter: Waiter, idle: float) -> None:
         while not stop.is_set():
             try:
                 if not self.run_once():
-                    stop.wait(self.settings.poll_seconds)
+                    waiter.wait(idle)
             except FatalEngineError:
                 log.exception("worker %s: engine is unusable; stopping", self.id)
                 return

@@ -85,7 +85,9 @@ class Settings(BaseSettings):
     worker_id: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
-    pipeline_cache_size: int = 2
+    pipeline_cache_size: int = Field(2, description="most pipelines a worker keeps loaded")
+    pipeline_cache_bytes: int | None = Field(None, description="memory budget for them; default 80% VRAM / 50% RAM")
+    preload_models: list[str] = Field(default_factory=list, description="model ids a worker loads before claiming")
 
     lease_seconds: float = 30.0
     heartbeat_seconds: float = 5.0

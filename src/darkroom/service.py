@@ -78,6 +78,7 @@ class Services:
             dtype=s.dtype,
             cache_size=s.pipeline_cache_size,
             batch_invariant=s.batch_invariant,
+            cache_bytes=s.pipeline_cache_bytes,
         )
 
     def start_workers(self, count: int) -> None:

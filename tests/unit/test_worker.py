@@ -270,3 +270,33 @@ def test_worker_claims_only_models_it_holds_in_the_approved_version(services):
     assert services.store.get(tampered.id).state is JobState.queued
     assert services.store.get(lacking.id).state is JobState.queued
     worker.engine.close()
+
+
+def test_pipeline_cache_keeps_within_its_memory_budget(services):
+    from darkroom.engines.diffusers_engine import pipeline_bytes
+    from darkroom.worker.cache import LRUCache
+
+    cache: LRUCache[str, str] = LRUCache(capacity=10, budget_bytes=100, release=lambda: None)
+    cache.put("a", "A", size_bytes=60)
+    cache.put("b", "B", size_bytes=30)
+    cache.make_room(incoming_bytes=30)  # 60 + 30 + 30 > 100: the oldest goes
+    assert cache.keys() == ["b"]
+    cache.put("huge", "H", size_bytes=500)  # larger than the budget: kept, alone
+    assert cache.keys() == ["huge"] and cache.used_bytes == 500
+
+    engine = DiffusersEngine(services.registry, cache_size=4, cache_bytes=1)
+    request = GenerationRequest(prompt="x", width=64, height=64, steps=1, seed=1, model="tiny-diffusers")
+    engine.generate(request, None, lambda s, t: None)
+    loaded = engine._cache.get(engine.loaded_models()[0])
+    assert pipeline_bytes(loaded.txt2img) > 100_000
+    engine.generate(request.model_copy(update={"model": "tiny-single"}), None, lambda s, t: None)
+    assert [m for m, _ in engine.loaded_models()] == ["tiny-single"]  # the budget, not the count, evicted
+    engine.close()
+
+
+def test_preload_list_loads_models_before_the_first_job(services):
+    services.settings.preload_models = ["tiny-single", "not-there"]
+    worker = Worker(services.settings, services.store, services.blobs, services.make_engine, "w-pre")
+    worker._preload()  # a missing model is logged, not fatal
+    assert worker.held_models() == {"tiny-single"}
+    worker.engine.close()

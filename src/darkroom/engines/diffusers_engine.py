@@ -143,6 +143,7 @@ class DiffusersEngine:
         dtype: str = "auto",
         cache_size: int = 2,
         batch_invariant: bool = True,
+        cache_bytes: int | None = None,
     ) -> None:
         """`batch_invariant`: denoise the images of a request one at a time (see the module docstring)."""
         enforce_offline()
@@ -151,7 +152,10 @@ class DiffusersEngine:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_invariant = batch_invariant
-        self._cache: LRUCache[tuple[str, str], LoadedModel] = LRUCache(cache_size, on_evict=self._on_evict)
+        budget = cache_bytes if cache_bytes is not None else default_cache_budget(self.device)
+        self._cache: LRUCache[tuple[str, str], LoadedModel] = LRUCache(
+            cache_size, on_evict=self._on_evict, budget_bytes=budget
+        )
         self._run_lock = threading.Lock()  # a pipeline is not re-entrant
 
     # --- Engine protocol ---------------------------------------------------------------------------------------------
@@ -293,10 +297,16 @@ class DiffusersEngine:
         for old in self.loaded_models():
             if old[0] == info.id:  # the file changed on disk: the old version will not be asked for again
                 self._cache.evict(old)
-        self._cache.make_room()
+        self._cache.make_room(incoming_bytes=info.size_bytes)  # the files' size: a fair guess before loading
         loaded = self._load(info)
-        self._cache.put(key, loaded)
+        self._cache.put(key, loaded, size_bytes=pipeline_bytes(loaded.txt2img))
         return loaded, loaded.load_s
+
+    def preload(self, model_id: str) -> None:
+        """Load a model before the first job asks for it (the worker's `preload_models`)."""
+        info = self.registry.get(model_id)
+        with self._run_lock:
+            self._pipelines(info)
 
     def _load(self, info: ModelInfo) -> LoadedModel:
         started = time.perf_counter()
@@ -570,6 +580,29 @@ def _loading_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*`torch_dtype` is deprecated", category=FutureWarning)
         yield
+
+
+def pipeline_bytes(pipe: Any) -> int:
+    """Bytes held by a pipeline's weights and buffers (what the cache budget counts)."""
+    total = 0
+    for component in getattr(pipe, "components", {}).values():
+        if isinstance(component, torch.nn.Module):
+            tensors = [*component.parameters(), *component.buffers()]
+            total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
+def default_cache_budget(device: str) -> int | None:
+    """Most of the device's memory for cached pipelines: 80 % of the GPU's, half of the machine's RAM on the CPU
+    (the rest is for activations, the API and the OS)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory * 0.8)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total * 0.5)
+    except ImportError:
+        return None
 
 
 def versions() -> dict[str, str]:

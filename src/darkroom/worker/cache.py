@@ -25,14 +25,28 @@ class LRUCache(Generic[K, V]):
         capacity: int,
         on_evict: Callable[[K, V], None] | None = None,
         release: Callable[[], None] | None = None,
+        budget_bytes: int | None = None,
     ) -> None:
+        """`capacity`: most entries; `budget_bytes`: most bytes, counting each entry at the size given to `put`."""
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
+        self.budget_bytes = budget_bytes
         self.on_evict = on_evict
         self.release = release if release is not None else release_memory
         self._items: OrderedDict[K, V] = OrderedDict()
+        self._sizes: dict[K, int] = {}
         self._lock = threading.RLock()
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(self._sizes.values())
+
+    def _over(self, incoming: int, extra_slot: int) -> bool:
+        if len(self._items) + extra_slot > self.capacity:
+            return True
+        return self.budget_bytes is not None and self.used_bytes + incoming > self.budget_bytes
 
     def get(self, key: K) -> V | None:
         with self._lock:
@@ -41,25 +55,25 @@ class LRUCache(Generic[K, V]):
             self._items.move_to_end(key)
             return self._items[key]
 
-    def put(self, key: K, value: V) -> None:
-        """Adds or refreshes an entry; beyond capacity the least recently used entries leave."""
+    def put(self, key: K, value: V, size_bytes: int = 0) -> None:
+        """Adds or refreshes an entry; beyond capacity or budget the least recently used *other* entries leave
+        (an entry larger than the whole budget stays alone rather than not at all)."""
         with self._lock:
-            if key in self._items:
-                self._items[key] = value
-                self._items.move_to_end(key)
-                return
             self._items[key] = value
+            self._sizes[key] = size_bytes
+            self._items.move_to_end(key)
             evicted = 0
-            while len(self._items) > self.capacity:
+            while len(self._items) > 1 and self._over(0, 0):
                 evicted += self._evict_oldest()
         if evicted:
             self.release()
 
-    def make_room(self) -> None:
-        """Free one slot ahead of a load, so the old model is gone before the new one claims memory."""
+    def make_room(self, incoming_bytes: int = 0) -> None:
+        """Free a slot (and `incoming_bytes` of budget) ahead of a load, so old models are gone before the new one
+        claims memory."""
         with self._lock:
             evicted = 0
-            while len(self._items) >= self.capacity:
+            while self._items and self._over(incoming_bytes, 1):
                 evicted += self._evict_oldest()
         if evicted:
             self.release()
@@ -69,6 +83,7 @@ class LRUCache(Generic[K, V]):
             if key not in self._items:
                 return False
             value = self._items.pop(key)
+            self._sizes.pop(key, None)
         self._notify(key, value)
         del value
         self.release()
@@ -78,6 +93,7 @@ class LRUCache(Generic[K, V]):
         with self._lock:
             items = list(self._items.items())
             self._items.clear()
+            self._sizes.clear()
         while items:
             self._notify(*items.pop())
         self.release()
@@ -98,6 +114,7 @@ class LRUCache(Generic[K, V]):
     def _evict_oldest(self) -> int:
         """Returns 1 so callers can count; `release` runs in the caller, after this frame drops its reference."""
         key, value = self._items.popitem(last=False)
+        self._sizes.pop(key, None)
         self._notify(key, value)
         return 1
 

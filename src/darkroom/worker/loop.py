@@ -184,12 +184,22 @@ class Worker:
         presence.start()
         log.info("worker %s started", self.id)
         try:
+            self._preload()
             self._loop(stop)
         finally:
             presence.stop()
             if self._engine is not None:
                 self._engine.close()
         log.info("worker %s stopped after %d jobs", self.id, self.jobs_done)
+
+    def _preload(self) -> None:
+        preload = getattr(self.engine, "preload", None) if self.settings.preload_models else None
+        for model_id in self.settings.preload_models if preload else ():
+            try:
+                preload(model_id)
+                log.info("worker %s preloaded %s", self.id, model_id)
+            except Exception:  # a missing model must not keep the worker from serving the others
+                log.exception("worker %s could not preload %s", self.id, model_id)
 
     def _loop(self, stop: threading.Event) -> None:
         waiter = Waiter(self.store.url, stop)

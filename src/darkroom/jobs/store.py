@@ -497,20 +497,17 @@ class JobStore:
         """Record success and its images in one transaction; False (and nothing written) if we lost the lease."""
         now = clock.utcnow()
         with write_tx(self.engine) as conn:
-            moved = conn.execute(
-                jobs.update()
-                .where(*self._owned(job_id, worker_id))
-                .values(
-                    state=JobState.succeeded.value,
-                    result=result,
-                    finished_at=now,
-                    updated_at=now,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    progress_step=jobs.c.progress_total,
-                    error=None,
-                )
-            ).rowcount
+            moved = self._leave(
+                conn,
+                job_id,
+                worker_id,
+                now,
+                JobState.succeeded,
+                result=result,
+                finished_at=now,
+                progress_step=jobs.c.progress_total,
+                error=None,
+            )
             if not moved:
                 return False
             tenant = conn.execute(sa.select(jobs.c.tenant).where(jobs.c.id == job_id)).scalar_one()
@@ -551,17 +548,7 @@ class JobStore:
     def finish_cancelled(self, job_id: str, worker_id: str) -> bool:
         now = clock.utcnow()
         with write_tx(self.engine) as conn:
-            moved = conn.execute(
-                jobs.update()
-                .where(*self._owned(job_id, worker_id))
-                .values(
-                    state=JobState.cancelled.value,
-                    finished_at=now,
-                    updated_at=now,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                )
-            ).rowcount
+            moved = self._leave(conn, job_id, worker_id, now, JobState.cancelled, finished_at=now)
             if moved:
                 self._event(conn, job_id, "cancelled", {"while": "running"}, now)
         return bool(moved)
@@ -570,19 +557,16 @@ class JobStore:
         """Give a claimed job back untouched (graceful drain): queued again, and the attempt does not count."""
         now = clock.utcnow()
         with write_tx(self.engine) as conn:
-            moved = conn.execute(
-                jobs.update()
-                .where(*self._owned(job_id, worker_id))
-                .values(
-                    state=JobState.queued.value,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    updated_at=now,
-                    available_at=now,
-                    attempts=jobs.c.attempts - 1,
-                    progress_step=0,
-                )
-            ).rowcount
+            moved = self._leave(
+                conn,
+                job_id,
+                worker_id,
+                now,
+                JobState.queued,
+                available_at=now,
+                attempts=jobs.c.attempts - 1,
+                progress_step=0,
+            )
             if moved:
                 self._event(conn, job_id, "requeued", {"reason": reason, "worker": worker_id}, now)
                 announce(conn)
@@ -616,6 +600,18 @@ class JobStore:
         return touched
 
     # --- helpers --------------------------------------------------------------------------------------------------
+
+    def _leave(
+        self, conn: sa.Connection, job_id: str, worker_id: str, now: dt.datetime, state: JobState, **values: Any
+    ) -> bool:
+        """Move a job we hold out of `running` and drop its lease; False if the lease is no longer ours."""
+        return bool(
+            conn.execute(
+                jobs.update()
+                .where(*self._owned(job_id, worker_id))
+                .values(state=state.value, updated_at=now, lease_owner=None, lease_expires_at=None, **values)
+            ).rowcount
+        )
 
     @classmethod
     def _owned(cls, job_id: str, worker_id: str) -> tuple[sa.ColumnElement[bool], ...]:

@@ -325,20 +325,6 @@ def test_skip_stops_the_current_job_and_is_a_no_op_when_idle(api_no_worker, serv
 def test_progress_shows_a_preview_the_worker_recorded(api_no_worker, services):
     job_id = running_job(services.store)
     preview = b64png(Image.new("RGB", (8, 8), (1, 2, 3)))
-    from darkroom.jobs.db import write_tx
-    from darkroom.jobs.tables import job_events
-
-    with write_tx(services.store.engine) as conn:  # what a worker that renders previews writes
-        conn.execute(
-            job_events.insert().values(
-                job_id=job_id, type="progress", data={"step": 1, "total": 10, "preview": preview}, created_at=__now()
-            )
-        )
+    services.store.progress(job_id, "w1", 1, 10, 30, preview=f"data:image/jpeg;base64,{preview}")  # as a worker does
     assert api_no_worker.get("/sdapi/v1/progress").json()["current_image"] == preview
     assert api_no_worker.get("/sdapi/v1/progress?skip_current_image=true").json()["current_image"] is None
-
-
-def __now():  # noqa: N807
-    from darkroom import clock
-
-    return clock.utcnow()

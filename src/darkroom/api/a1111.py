@@ -200,6 +200,7 @@ def to_generation(svc: Services, req: Processing, **extra: Any) -> GenerationReq
         "seed": req.seed,
         "n": req.batch_size * req.n_iter,
         "model": request_model(svc, req),
+        "preview": True,  # A1111 clients poll /progress for `current_image`
         **extra,
     }
     return compat.generation_request(fields, FIELD_NAMES)

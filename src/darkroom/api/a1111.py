@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from darkroom import __version__
 from darkroom.engines.samplers import SAMPLERS, resolve_sampler
-from darkroom.errors import Conflict, DarkroomError, InvalidRequest
+from darkroom.errors import Conflict, InvalidRequest
 from darkroom.jobs.db import read_tx
 from darkroom.jobs.store import JobRecord
 from darkroom.jobs.tables import job_events
@@ -40,7 +40,7 @@ from darkroom.service import Services
 
 from . import compat
 from .uploads import decode_base64_image, load_image, load_mask, open_image, png_bytes
-from .v1 import TENANT, services, submit
+from .v1 import TENANT, services
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 
@@ -311,15 +311,6 @@ def echo(req: Processing, include_images: bool = False) -> dict[str, Any]:
     return out
 
 
-async def run(request: Request, req: Processing, body: GenerationRequest, stored: dict[str, str]) -> JobRecord:
-    key = request.headers.get("Idempotency-Key")
-    try:
-        job, _ = await run_in_threadpool(submit, request, body, key, stored)
-    except DarkroomError as exc:
-        raise compat.renamed(exc, FIELD_NAMES) from None
-    return await compat.wait_for(request, job)
-
-
 # --- generation -----------------------------------------------------------------------------------------------------
 
 
@@ -327,7 +318,7 @@ async def run(request: Request, req: Processing, body: GenerationRequest, stored
 async def txt2img(request: Request, req: Txt2ImgRequest) -> ImagesResponse:
     svc = services(request)
     body = await run_in_threadpool(to_generation, svc, req)
-    job = await run(request, req, body, {})
+    job = await compat.submit_and_wait(request, body, {}, FIELD_NAMES)
     return await run_in_threadpool(images_response, svc, job, req, echo(req))
 
 
@@ -338,7 +329,7 @@ async def img2img(request: Request, req: Img2ImgRequest) -> ImagesResponse:
     crop = req.inpaint_full_res_padding if (req.mask and req.inpaint_full_res) else None
     extra = {"init_image": init, "strength": req.denoising_strength, "mask_crop_padding": crop}
     body = await run_in_threadpool(to_generation, svc, req, **extra)
-    job = await run(request, req, body, stored)
+    job = await compat.submit_and_wait(request, body, stored, FIELD_NAMES)
     return await run_in_threadpool(images_response, svc, job, req, echo(req, req.include_init_images))
 
 

@@ -20,7 +20,7 @@ from darkroom.kv import DEFAULT_MODEL, SettingsKV
 from darkroom.schemas import GenerationRequest, JobState, ModelInfo
 from darkroom.service import Services
 
-from .v1 import TENANT, services
+from .v1 import TENANT, services, submit
 
 
 def kv(svc: Services) -> SettingsKV:
@@ -70,6 +70,18 @@ def renamed(exc: DarkroomError, names: dict[str, str]) -> DarkroomError:
     if exc.field in names:
         exc.field = names[exc.field]
     return exc
+
+
+async def submit_and_wait(
+    request: Request, body: GenerationRequest, stored: dict[str, str], names: dict[str, str]
+) -> JobRecord:
+    """Queue through `v1.submit` (errors name the client's fields) and wait for the job: the compat APIs are sync."""
+    key = request.headers.get("Idempotency-Key")
+    try:
+        job, _ = await run_in_threadpool(submit, request, body, key, stored)
+    except DarkroomError as exc:
+        raise renamed(exc, names) from None
+    return await wait_for(request, job)
 
 
 async def wait_for(request: Request, job: JobRecord) -> JobRecord:

@@ -36,7 +36,7 @@ from darkroom.service import Services
 
 from . import compat
 from .uploads import load_mask, open_image
-from .v1 import image_url, services, submit
+from .v1 import image_url, services
 
 OPENAI_MODELS = re.compile(r"^(dall-e-[23]|gpt-image.*|chatgpt-image.*)$")
 NATIVE_SIDE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
@@ -185,15 +185,6 @@ def images_body(request: Request, svc: Services, job: JobRecord, opts: Options) 
     }
 
 
-async def run(request: Request, body: GenerationRequest, stored: dict[str, str]) -> JobRecord:
-    key = request.headers.get("Idempotency-Key")
-    try:
-        job, _ = await run_in_threadpool(submit, request, body, key, stored)
-    except DarkroomError as exc:
-        raise compat.renamed(exc, FIELD_NAMES) from None
-    return await compat.wait_for(request, job)
-
-
 # --- generations ------------------------------------------------------------------------------------------------------
 
 
@@ -208,7 +199,7 @@ def prepare_generation(svc: Services, opts: GenerationsRequest) -> GenerationReq
 async def generations(request: Request, opts: GenerationsRequest) -> dict[str, Any]:
     svc = services(request)
     body = await run_in_threadpool(prepare_generation, svc, opts)
-    job = await run(request, body, {})
+    job = await compat.submit_and_wait(request, body, {}, FIELD_NAMES)
     return await run_in_threadpool(images_body, request, svc, job, opts)
 
 
@@ -267,5 +258,5 @@ async def edits(request: Request) -> dict[str, Any]:
     svc = services(request)
     opts, image, mask = await read_edit_form(request)
     body, stored = await run_in_threadpool(prepare_edit, svc, opts, image, mask)
-    job = await run(request, body, stored)
+    job = await compat.submit_and_wait(request, body, stored, FIELD_NAMES)
     return await run_in_threadpool(images_body, request, svc, job, opts)

@@ -71,6 +71,33 @@ class WebhookSettings(BaseModel):
         return value
 
 
+class SecuritySettings(BaseModel):
+    """Access control and content safety (darkroom/auth, darkroom/safety). Env: `DARKROOM_SECURITY__INSECURE`, …
+
+    Secure by default: without API keys the API answers only on a loopback address; `insecure` (the `--insecure`
+    flag) lets it answer unauthenticated requests on any address, which is for a closed network only."""
+
+    insecure: bool = False
+    allow_pickle_models: bool = Field(
+        default=False,
+        description="load pickled checkpoints (.ckpt/.pt/.bin), which can run code; only an admin turns this on",
+    )
+    prompt_classifier: str | None = Field(
+        default=None, description="`module:callable` checked after the tenant's rules; see darkroom.safety.policy"
+    )
+    output_checker: str | None = Field(
+        default=None, description="`module:callable` that flags images for review; see darkroom.safety.checker"
+    )
+    watermark: bool = Field(default=True, description="embed the invisible watermark in every output")
+    c2pa: bool = Field(default=True, description="embed a C2PA manifest when c2pa-python is installed")
+    retention_sweep_seconds: float = Field(
+        default=300.0, gt=0, description="how often an API process runs the retention sweeper"
+    )
+    default_requests_per_minute: int | None = Field(default=None, ge=1, description="per tenant, unless it sets one")
+    default_images_per_day: int | None = Field(default=None, ge=1)
+    default_gpu_seconds_per_month: float | None = Field(default=None, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DARKROOM_", env_nested_delimiter="__", extra="ignore")
 
@@ -112,6 +139,7 @@ class Settings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
 
     @property
     def resolved_models_dir(self) -> Path:

@@ -27,6 +27,50 @@ class InvalidRequest(DarkroomError):
     code = "invalid_request"
 
 
+class Unauthorized(DarkroomError):
+    """No key, or a key that is unknown, expired or revoked. The message never says which."""
+
+    status = 401
+    code = "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(DarkroomError):
+    """The key is valid but its role may not do this."""
+
+    status = 403
+    code = "forbidden"
+
+
+class HeldForReview(DarkroomError):
+    """The output safety checker (or the tenant's policy) holds the image until an operator approves it."""
+
+    status = 403
+    code = "held_for_review"
+
+
+class PromptBlocked(DarkroomError):
+    """A tenant's prompt rule or the prompt classifier refused the prompt; the message is the rule's reason."""
+
+    status = 422
+    code = "prompt_blocked"
+
+
+class RateLimited(DarkroomError):
+    """A rate limit or quota is used up. `limit` names it; `retry_after` is when it frees up."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, limit: dict, retry_after: int, code: str | None = None) -> None:
+        super().__init__(message, field=limit.get("name"), code=code)
+        self.limit = limit
+        self.retry_after = max(1, retry_after)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "limit": self.limit}
+
+
 class NotFound(DarkroomError):
     status = 404
     code = "not_found"

@@ -6,6 +6,9 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from darkroom.auth.audit import AuditLog
+from darkroom.auth.keys import KeyStore
+from darkroom.auth.tenants import TenantStore
 from darkroom.config import Settings
 from darkroom.engines.base import Engine
 from darkroom.jobs.db import migrate
@@ -23,6 +26,9 @@ class Services:
     store: JobStore
     blobs: BlobStore
     registry: ModelRegistry
+    audit: AuditLog
+    tenants: TenantStore
+    keys: KeyStore
     _threads: list[threading.Thread] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     workers: list[Worker] = field(default_factory=list)
@@ -34,16 +40,20 @@ class Services:
         migrate(url, lock_dir=settings.data_dir)
         models_dir = settings.resolved_models_dir
         models_dir.mkdir(parents=True, exist_ok=True)
+        store = JobStore(
+            url,
+            max_queue_depth=settings.limits.max_queue_depth,
+            max_tenant_queue_depth=settings.limits.max_tenant_queue_depth,
+            tenant_weights=settings.tenant_weights,
+        )
         return cls(
             settings=settings,
-            store=JobStore(
-                url,
-                max_queue_depth=settings.limits.max_queue_depth,
-                max_tenant_queue_depth=settings.limits.max_tenant_queue_depth,
-                tenant_weights=settings.tenant_weights,
-            ),
+            store=store,
             blobs=open_blob_store(settings),
             registry=ModelRegistry(models_dir, settings.data_dir / "model-hashes.json"),
+            audit=AuditLog(store.engine),
+            tenants=TenantStore(store.engine),
+            keys=KeyStore(store.engine),
         )
 
     def ensure_default_model(self) -> None:

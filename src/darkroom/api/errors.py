@@ -30,10 +30,10 @@ def _field_of(loc: tuple) -> str | None:
 def install(app: FastAPI) -> None:
     @app.exception_handler(DarkroomError)
     async def _darkroom(request: Request, exc: DarkroomError) -> JSONResponse:
-        headers = {}
+        headers = dict(getattr(exc, "headers", None) or {})
         if retry_after := getattr(exc, "retry_after", None):
             headers["Retry-After"] = str(retry_after)
-        return problem(exc.status, exc.code, exc.message, exc.field, headers)
+        return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -60,6 +60,10 @@ class JobRecord:
     fair_tag: float = 0.0
     batch_key: str | None = None
     timeout_seconds: float | None = None
+    key_id: str | None = None
+    images_requested: int = 1
+    prompt_redacted_at: dt.datetime | None = None
+    gpu_seconds: float | None = None
 
     def generation_request(self) -> GenerationRequest:
         return GenerationRequest.model_validate(self.request)
@@ -75,14 +79,24 @@ class NewImage:
     blob_key: str
     content_type: str
     size_bytes: int
+    review_state: str = "none"  # none | pending | approved | rejected (see `ImageRecord.released`)
+    review_reason: str | None = None
 
 
 @dataclass(frozen=True)
 class ImageRecord(NewImage):
-    id: str
-    job_id: str
-    tenant: str
-    created_at: dt.datetime
+    id: str = ""
+    job_id: str = ""
+    tenant: str = ""
+    created_at: dt.datetime = dt.datetime.min
+    reviewed_by: str | None = None
+    reviewed_at: dt.datetime | None = None
+    deleted_at: dt.datetime | None = None
+
+    @property
+    def released(self) -> bool:
+        """The tenant may download it: not held for review (or approved), and not deleted by retention."""
+        return self.review_state in ("none", "approved") and self.deleted_at is None
 
 
 @dataclass(frozen=True)
@@ -121,12 +135,17 @@ def _job(row: sa.Row) -> JobRecord:
         fair_tag=m["fair_tag"],
         batch_key=m["batch_key"],
         timeout_seconds=m["timeout_seconds"],
+        key_id=m["key_id"],
+        images_requested=m["images_requested"],
+        prompt_redacted_at=_aware(m["prompt_redacted_at"]),
+        gpu_seconds=m["gpu_seconds"],
     )
 
 
 def _image(row: sa.Row) -> ImageRecord:
     m = dict(row._mapping)
-    m["created_at"] = _aware(m["created_at"])
+    for key in ("created_at", "reviewed_at", "deleted_at"):
+        m[key] = _aware(m[key])
     return ImageRecord(**m)
 
 

@@ -45,6 +45,11 @@ jobs = sa.Table(
     sa.Column("fair_tag", sa.Float, nullable=False, server_default="0"),
     sa.Column("batch_key", sa.String(64), nullable=True),
     sa.Column("timeout_seconds", sa.Float, nullable=True),
+    # Security (migration 0005): the key that submitted it, images it asks for (quotas), prompt redaction time.
+    sa.Column("key_id", sa.String(32), nullable=True),
+    sa.Column("images_requested", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("prompt_redacted_at", TS, nullable=True),
+    sa.Column("gpu_seconds", sa.Float, nullable=True),  # worker time the job took (GPU-seconds quota)
     sa.UniqueConstraint("tenant", "idempotency_key"),
     sa.Index(None, "state", "priority", "created_at"),
     sa.Index(None, "state", "lease_expires_at"),
@@ -52,6 +57,7 @@ jobs = sa.Table(
     sa.Index(None, "tenant", "priority", "fair_tag"),
     sa.Index(None, "tenant", "state"),
     sa.Index(None, "state", "batch_key"),
+    sa.Index(None, "tenant", "created_at"),
 )
 
 images = sa.Table(
@@ -69,7 +75,17 @@ images = sa.Table(
     sa.Column("content_type", sa.String(64), nullable=False),
     sa.Column("size_bytes", sa.Integer, nullable=False),
     sa.Column("created_at", TS, nullable=False),
+    # Output safety (migration 0005): none (released) | pending | approved | rejected. Only none and approved are
+    # downloadable by the tenant.
+    sa.Column("review_state", sa.String(16), nullable=False, server_default="none"),
+    sa.Column("review_reason", sa.String(500), nullable=True),
+    sa.Column("reviewed_by", sa.String(64), nullable=True),
+    sa.Column("reviewed_at", TS, nullable=True),
+    # Retention (migration 0005): when the sweeper deleted the bytes; the row stays as the record.
+    sa.Column("deleted_at", TS, nullable=True),
     sa.UniqueConstraint("job_id", "index"),
+    sa.Index(None, "review_state"),
+    sa.Index(None, "tenant", "created_at"),
 )
 
 job_events = sa.Table(
@@ -83,5 +99,6 @@ job_events = sa.Table(
     sa.Index(None, "job_id", "id"),
 )
 
+from darkroom.auth import tables as auth_tables  # noqa: E402,F401
 from darkroom.jobs import workers_table  # noqa: E402,F401
 from darkroom.webhooks import tables as webhook_tables  # noqa: E402,F401

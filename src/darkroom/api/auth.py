@@ -1,0 +1,126 @@
+"""Authentication and authorization, as FastAPI dependencies: `Depends(require(Permission.generate))`.
+
+Secure by default: with no API keys at all, a caller is the machine's owner (`Principal.local`, an admin) only while
+the service is bound to a loopback address or runs with `--insecure`; once any key exists, every request needs one.
+The request's principal is kept on `request.state.principal` for the audit log and for tenant scoping."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+
+from fastapi import Depends, Request, WebSocket
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from darkroom.auth.limits import RateLimiter, effective
+from darkroom.auth.principal import Permission, Principal
+from darkroom.errors import Forbidden, NotFound, Unauthorized
+from darkroom.jobs.store import ImageRecord, JobRecord
+from darkroom.service import Services
+
+bearer = HTTPBearer(auto_error=False, description="an API key: `darkroom keys create --role user --tenant acme`")
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def open_without_keys(svc: Services) -> bool:
+    """No keys: answer unauthenticated callers only on loopback, or when the operator said `--insecure`."""
+    return svc.settings.security.insecure or is_loopback(svc.settings.host)
+
+
+def authenticate(svc: Services, token: str | None, ip: str | None, request_id: str | None) -> Principal:
+    if token:
+        key = svc.keys.authenticate(token)
+        return Principal(
+            actor=key.id,
+            role=key.role,
+            tenant=key.tenant,
+            key_id=key.id,
+            ip=ip,
+            request_id=request_id,
+            requests_per_minute=key.requests_per_minute,
+        )
+    if svc.keys.any_keys():
+        raise Unauthorized("an API key is required: Authorization: Bearer dk_…")
+    if not open_without_keys(svc):
+        raise Unauthorized("no API keys exist and the service is not on loopback; create one with `darkroom keys`")
+    return Principal.local(ip, request_id)
+
+
+def _admit(svc: Services, token: str | None, ip: str | None, request_id: str | None) -> Principal:
+    who = authenticate(svc, token, ip, request_id)
+    limits = effective(svc.tenants.get(who.tenant), svc.settings.security)
+    RateLimiter(svc.store.engine).hit(who, limits.requests_per_minute)
+    return who
+
+
+def require(permission: Permission) -> Callable[..., object]:
+    """A dependency that authenticates, rate-limits, and checks the role has `permission`."""
+
+    async def dependency(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+        who: Principal | None = getattr(request.state, "principal", None)
+        if who is None:
+            svc: Services = request.app.state.services
+            ip = request.client.host if request.client else None
+            token = creds.credentials if creds else None
+            who = await run_in_threadpool(_admit, svc, token, ip, getattr(request.state, "request_id", None))
+            request.state.principal = who
+        if not who.can(permission):
+            raise Forbidden(f"role {who.role.value!r} may not do this (needs {permission.value!r})")
+        return who
+
+    return dependency
+
+
+async def websocket_principal(websocket: WebSocket, permission: Permission) -> Principal | None:
+    """WebSockets: the key from the Authorization header, or `?api_key=` (browsers cannot set headers there).
+    None (after closing the socket with 4401/4403) when the caller may not."""
+    svc: Services = websocket.app.state.services
+    header = websocket.headers.get("authorization", "")
+    token = header[7:] if header.lower().startswith("bearer ") else websocket.query_params.get("api_key")
+    ip = websocket.client.host if websocket.client else None
+    try:
+        who = await run_in_threadpool(_admit, svc, token, ip, None)
+    except Unauthorized as exc:
+        await websocket.close(code=4401, reason=exc.message[:120])
+        return None
+    if not who.can(permission):
+        await websocket.close(code=4403, reason="forbidden")
+        return None
+    return who
+
+
+def principal(request: Request) -> Principal:
+    """The caller, once a `require(...)` dependency ran for this request."""
+    return request.state.principal
+
+
+def sees_job(who: Principal, job: JobRecord) -> bool:
+    """Tenant isolation, and within a tenant: users see the jobs their own key submitted."""
+    if job.tenant != who.tenant:
+        return False
+    return who.can(Permission.read_tenant_jobs) or (job.key_id is not None and job.key_id == who.key_id)
+
+
+def visible_job(svc: Services, who: Principal, job_id: str) -> JobRecord:
+    """The job, or the same 404 a job that does not exist gets: ids never leak across tenants."""
+    job = svc.store.get(job_id)
+    if job is None or not sees_job(who, job):
+        raise NotFound(f"no job {job_id!r}", field="job_id")
+    return job
+
+
+def visible_image(svc: Services, who: Principal, image_id: str) -> tuple[ImageRecord, JobRecord]:
+    image = svc.store.get_image(image_id)
+    job = svc.store.get(image.job_id) if image else None
+    if image is None or job is None or not sees_job(who, job) or image.deleted_at is not None:
+        raise NotFound(f"no image {image_id!r}", field="image_id")
+    return image, job

@@ -1,0 +1,1 @@
+"""API keys, roles, tenants, quotas and rate limits, the audit log."""

@@ -1,0 +1,169 @@
+"""API keys: `dk_<id>_<secret>`. The secret is shown once and stored only as a SHA-256 hash; the id, which is not
+secret, finds the row. Keys are 190 bits of randomness, so a fast hash is enough (no password stretching is needed:
+nothing guessable is being protected), and the comparison is constant-time."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from darkroom import clock
+from darkroom.auth import audit
+from darkroom.auth.principal import Principal, Role
+from darkroom.auth.tables import api_keys
+from darkroom.auth.tenants import valid_tenant
+from darkroom.errors import InvalidRequest, NotFound, Unauthorized
+from darkroom.jobs.db import read_tx, write_tx
+
+_TOKEN = re.compile(r"^dk_([a-z0-9]{12})_([A-Za-z0-9_-]{32,64})$")
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+_TOUCH_EVERY = dt.timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: str
+    name: str
+    role: Role
+    tenant: str
+    requests_per_minute: int | None
+    created_at: dt.datetime
+    created_by: str | None
+    expires_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+    last_used_at: dt.datetime | None
+
+    def active(self, now: dt.datetime) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+    def public(self) -> dict:
+        """What listings show: never the hash."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["role"] = self.role.value
+        for k in ("created_at", "expires_at", "revoked_at", "last_used_at"):
+            out[k] = out[k].isoformat() if out[k] else None
+        return out
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    return value.replace(tzinfo=dt.UTC) if value is not None and value.tzinfo is None else value
+
+
+def _key(row: sa.Row) -> KeyRecord:
+    m = dict(row._mapping)
+    m.pop("hash", None)
+    m["role"] = Role(m["role"])
+    for k in ("created_at", "expires_at", "revoked_at", "last_used_at"):
+        m[k] = _aware(m[k])
+    return KeyRecord(**m)
+
+
+class KeyStore:
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    def create(
+        self,
+        who: Principal,
+        *,
+        name: str,
+        role: Role,
+        tenant: str,
+        expires_in: dt.timedelta | None = None,
+        requests_per_minute: int | None = None,
+    ) -> tuple[KeyRecord, str]:
+        """A new key and its token (the only time the token exists outside the caller's hands)."""
+        try:
+            valid_tenant(tenant)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), field="tenant") from None
+        if not name.strip() or len(name) > 200:
+            raise InvalidRequest("name: 1 to 200 characters", field="name")
+        if expires_in is not None and expires_in.total_seconds() <= 0:
+            raise InvalidRequest("expires_in must be positive", field="expires_in")
+        key_id = "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
+        token = f"dk_{key_id}_{secrets.token_urlsafe(32)}"
+        now = clock.utcnow()
+        values = dict(
+            id=key_id,
+            name=name.strip(),
+            role=Role(role).value,
+            tenant=tenant,
+            requests_per_minute=requests_per_minute,
+            created_at=now,
+            created_by=who.actor,
+            expires_at=now + expires_in if expires_in else None,
+        )
+        with write_tx(self.engine) as conn:
+            conn.execute(api_keys.insert().values(hash=_hash(token), **values))
+            details = {k: v for k, v in values.items() if k in ("name", "role", "requests_per_minute")}
+            details["expires_at"] = values["expires_at"].isoformat() if values["expires_at"] else None
+            audit.record(conn, who, "key.create", key_id, details, tenant=tenant)
+        return self.require(key_id), token
+
+    def get(self, key_id: str) -> KeyRecord | None:
+        with read_tx(self.engine) as conn:
+            row = conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id)).first()
+        return _key(row) if row else None
+
+    def require(self, key_id: str) -> KeyRecord:
+        key = self.get(key_id)
+        if key is None:
+            raise NotFound(f"no key {key_id!r}", field="key_id")
+        return key
+
+    def list(self, *, tenant: str | None = None, include_revoked: bool = False) -> list[KeyRecord]:
+        query = sa.select(api_keys).order_by(api_keys.c.created_at, api_keys.c.id)
+        if tenant is not None:
+            query = query.where(api_keys.c.tenant == tenant)
+        if not include_revoked:
+            query = query.where(api_keys.c.revoked_at.is_(None))
+        with read_tx(self.engine) as conn:
+            return [_key(r) for r in conn.execute(query)]
+
+    def revoke(self, who: Principal, key_id: str) -> KeyRecord:
+        now = clock.utcnow()
+        with write_tx(self.engine) as conn:
+            row = conn.execute(sa.select(api_keys.c.tenant, api_keys.c.revoked_at).where(api_keys.c.id == key_id))
+            found = row.first()
+            if found is None:
+                raise NotFound(f"no key {key_id!r}", field="key_id")
+            if found.revoked_at is None:
+                conn.execute(api_keys.update().where(api_keys.c.id == key_id).values(revoked_at=now))
+            audit.record(
+                conn, who, "key.revoke", key_id, {"already": found.revoked_at is not None}, tenant=found.tenant
+            )
+        return self.require(key_id)
+
+    def any_keys(self) -> bool:
+        """Whether any key was ever made (revoked ones count: once keys are in use, the API stays locked)."""
+        with read_tx(self.engine) as conn:
+            return conn.execute(sa.select(api_keys.c.id).limit(1)).first() is not None
+
+    def authenticate(self, token: str) -> KeyRecord:
+        """The key behind a bearer token, or 401. Unknown, wrong, expired and revoked read the same to the caller."""
+        match = _TOKEN.match(token.strip())
+        if not match:
+            raise Unauthorized("invalid API key")
+        with read_tx(self.engine) as conn:
+            row = conn.execute(sa.select(api_keys).where(api_keys.c.id == match.group(1))).first()
+        if row is None or not hmac.compare_digest(row.hash, _hash(token.strip())):
+            raise Unauthorized("invalid API key")
+        key = _key(row)
+        now = clock.utcnow()
+        if not key.active(now):
+            raise Unauthorized("invalid API key (expired or revoked)")
+        if key.last_used_at is None or now - key.last_used_at > _TOUCH_EVERY:
+            with write_tx(self.engine) as conn:
+                conn.execute(api_keys.update().where(api_keys.c.id == key.id).values(last_used_at=now))
+        return key

@@ -1,0 +1,85 @@
+"""Tenants and their policies: quotas, prompt rules, output review, retention. A tenant without a row gets the
+defaults, so naming a tenant on a key is all it takes to start one."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import sqlalchemy as sa
+from pydantic import BaseModel, Field, field_validator
+
+from darkroom import clock
+from darkroom.auth import audit
+from darkroom.auth.principal import Principal
+from darkroom.auth.tables import tenants
+from darkroom.jobs.db import read_tx, write_tx
+
+TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class PromptRule(BaseModel):
+    """A blocked term (whole words, case-insensitive) or regular expression, with the reason callers are told."""
+
+    pattern: str = Field(min_length=1, max_length=500)
+    kind: Literal["term", "regex"] = "term"
+    reason: str = Field(min_length=1, max_length=500)
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str, info) -> str:  # type: ignore[no-untyped-def]
+        if info.data.get("kind", "term") == "regex":
+            re.compile(value)
+        return value
+
+
+class TenantPolicy(BaseModel):
+    requests_per_minute: int | None = Field(default=None, ge=1, description="API requests, all keys together")
+    images_per_day: int | None = Field(default=None, ge=1, description="images asked for since 00:00 UTC")
+    gpu_seconds_per_month: float | None = Field(default=None, gt=0, description="worker time since the 1st, UTC")
+    prompt_rules: list[PromptRule] = Field(default_factory=list, max_length=1000)
+    require_review: bool = Field(default=False, description="hold every output until an operator approves it")
+    image_ttl_days: float | None = Field(default=None, gt=0, description="delete images (and uploads) after")
+    prompt_ttl_days: float | None = Field(default=None, gt=0, description="redact prompt text after")
+
+
+def valid_tenant(tenant: str) -> str:
+    if not TENANT_ID.match(tenant):
+        raise ValueError(f"tenant {tenant!r}: lowercase letters, digits, '.', '_' and '-', at most 64")
+    return tenant
+
+
+class TenantStore:
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    def get(self, tenant: str) -> TenantPolicy:
+        with read_tx(self.engine) as conn:
+            row = conn.execute(sa.select(tenants.c.policy).where(tenants.c.id == tenant)).first()
+        return TenantPolicy.model_validate(row.policy) if row else TenantPolicy()
+
+    def all(self) -> dict[str, TenantPolicy]:
+        with read_tx(self.engine) as conn:
+            rows = conn.execute(sa.select(tenants.c.id, tenants.c.policy).order_by(tenants.c.id)).all()
+        return {r.id: TenantPolicy.model_validate(r.policy) for r in rows}
+
+    def put(self, tenant: str, policy: TenantPolicy, who: Principal) -> TenantPolicy:
+        """Replace the tenant's policy; the change and its audit record commit together."""
+        valid_tenant(tenant)
+        now = clock.utcnow()
+        value = policy.model_dump(mode="json")
+        with write_tx(self.engine) as conn:
+            before = conn.execute(sa.select(tenants.c.policy).where(tenants.c.id == tenant)).first()
+            if before is None:
+                conn.execute(tenants.insert().values(id=tenant, policy=value, created_at=now, updated_at=now))
+            else:
+                conn.execute(tenants.update().where(tenants.c.id == tenant).values(policy=value, updated_at=now))
+            audit.record(
+                conn,
+                who,
+                "tenant.update",
+                tenant,
+                {"before": before.policy if before else None, "after": value},
+                tenant=tenant,
+            )
+        return policy

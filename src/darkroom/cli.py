@@ -15,12 +15,16 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from darkroom import __version__
+from darkroom.cli_admin import register as register_admin_commands
 from darkroom.config import Settings
 from darkroom.observability.logging import setup as setup_logging
 
 app = typer.Typer(help="darkroom: self-hosted image generation.", no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="List and add models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+retention_app = typer.Typer(help="Retention: delete expired images, redact expired prompts.", no_args_is_help=True)
+app.add_typer(retention_app, name="retention")
+register_admin_commands(app)
 console = Console(stderr=True)
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="data folder [env DARKROOM_DATA_DIR]")]
@@ -41,9 +45,12 @@ def serve(
     database_url: DbUrl = None,
     models_dir: ModelsDir = None,
     workers: Annotated[int | None, typer.Option(help="in-process workers; 0 for an API-only node")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="without API keys, answer unauthenticated requests off loopback too")
+    ] = False,
     log_level: str = "info",
 ) -> None:
-    """Run the API (and in-process workers)."""
+    """Run the API (and in-process workers). Without API keys it answers only on a loopback address."""
     import uvicorn
 
     from darkroom.api.app import create_app
@@ -53,7 +60,13 @@ def serve(
     settings = settings_from(
         host=host, port=port, data_dir=data_dir, database_url=database_url, models_dir=models_dir, workers=workers
     )
+    if insecure:
+        settings.security.insecure = True
+    _validate_hooks(settings, output_checker=settings.workers > 0)
     services = Services.open(settings)
+    if not _access_check(services):
+        services.close()
+        raise typer.Exit(2)
     if settings.workers > 0:
         services.ensure_default_model()
     services.approve_models()
@@ -64,6 +77,45 @@ def serve(
     )
     uvicorn.run(api, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=10)
     services.close()
+
+
+def _validate_hooks(settings: Settings, *, output_checker: bool) -> None:
+    """A misconfigured prompt classifier or output checker stops the process now, naming the setting."""
+    from darkroom.safety.policy import validate_hooks
+
+    try:
+        validate_hooks(settings, output_checker=output_checker)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _access_check(services: Any) -> bool:
+    """Secure by default: say who may call, and refuse to open an unauthenticated API beyond loopback."""
+    from darkroom.api.auth import is_loopback
+
+    settings = services.settings
+    if services.keys.any_keys():
+        console.print(f"API keys required ({len(services.keys.list())} active); manage them with `darkroom keys`")
+        return True
+    if is_loopback(settings.host):
+        console.print(
+            f"no API keys: unauthenticated requests are accepted because {settings.host} is a loopback address. "
+            "Create a key (`darkroom keys create --role admin`) before exposing the service."
+        )
+        return True
+    if settings.security.insecure:
+        console.print(
+            f"[yellow]--insecure: no API keys, and {settings.host} is not loopback: ANYONE who reaches this port "
+            "can generate, read every job and administer the service.[/yellow]"
+        )
+        return True
+    console.print(
+        f"[red]refusing to start: no API keys exist and {settings.host} is not a loopback address, so anyone on the "
+        "network could use and administer the service. Create a key first (`darkroom keys create --role admin`), "
+        "bind to 127.0.0.1, or pass --insecure on a closed network.[/red]"
+    )
+    return False
 
 
 @app.command()
@@ -80,6 +132,7 @@ def worker(
 
     setup_logging(log_level, "worker")
     settings = settings_from(data_dir=data_dir, database_url=database_url, models_dir=models_dir, worker_id=worker_id)
+    _validate_hooks(settings, output_checker=True)
     services = Services.open(settings)
     services.ensure_default_model()
     loop = Worker(settings, services.store, services.blobs, services.make_engine, registry=services.registry)
@@ -162,7 +215,11 @@ def models_list(models_dir: ModelsDir = None, data_dir: DataDir = None, as_json:
     from darkroom.models.registry import ModelRegistry
 
     settings = settings_from(models_dir=models_dir, data_dir=data_dir)
-    registry = ModelRegistry(settings.resolved_models_dir, settings.data_dir / "model-hashes.json")
+    registry = ModelRegistry(
+        settings.resolved_models_dir,
+        settings.data_dir / "model-hashes.json",
+        allow_pickle=settings.security.allow_pickle_models,
+    )
     models = registry.scan()
     if as_json:
         typer.echo(json.dumps([m.model_dump() for m in models], indent=2))
@@ -184,7 +241,11 @@ def models_add(path: Path, name: str | None = None, models_dir: ModelsDir = None
 
     settings = settings_from(models_dir=models_dir, data_dir=data_dir)
     settings.resolved_models_dir.mkdir(parents=True, exist_ok=True)
-    registry = ModelRegistry(settings.resolved_models_dir, settings.data_dir / "model-hashes.json")
+    registry = ModelRegistry(
+        settings.resolved_models_dir,
+        settings.data_dir / "model-hashes.json",
+        allow_pickle=settings.security.allow_pickle_models,
+    )
     try:
         info = registry.add(path, name=name)
     except DarkroomError as exc:
@@ -210,6 +271,20 @@ def models_approve(
         console.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(1) from None
     typer.echo(f"approved {model_id} sha256 {digest}")
+
+
+@retention_app.command("sweep")
+def retention_sweep(data_dir: DataDir = None, database_url: DbUrl = None) -> None:
+    """Apply every tenant's image and prompt TTLs now (as API processes do in the background); prints the counts."""
+    from darkroom.service import Services
+    from darkroom.storage.retention import RetentionSweeper
+
+    services = Services.open(settings_from(data_dir=data_dir, database_url=database_url))
+    try:
+        report = RetentionSweeper(services.store.engine, services.blobs, services.settings).sweep()
+    finally:
+        services.close()
+    typer.echo(json.dumps(report, indent=2, sort_keys=True))
 
 
 @app.command()

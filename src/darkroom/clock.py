@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import secrets
 import time
 import uuid
+from collections.abc import Iterator
 
 MAX_SEED = 2**32 - 1
+_frozen: dt.datetime | None = None
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+    return _frozen or dt.datetime.now(dt.UTC)
+
+
+@contextlib.contextmanager
+def frozen(at: dt.datetime) -> Iterator[None]:
+    """Tests: wall-clock time stands at `at` (every thread) until the block ends. Monotonic time runs on."""
+    global _frozen
+    previous, _frozen = _frozen, at
+    try:
+        yield
+    finally:
+        _frozen = previous
 
 
 def monotonic() -> float:

@@ -155,7 +155,8 @@ class ImageView(BaseModel):
     width: int
     height: int
     sha256: str
-    url: str
+    url: str | None = Field(description="null while the image is held for review, rejected or deleted")
+    review_state: str = Field("none", description="none | pending | approved | rejected (review holds)")
 
 
 class JobError(BaseModel):

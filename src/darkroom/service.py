@@ -50,7 +50,9 @@ class Services:
             settings=settings,
             store=store,
             blobs=open_blob_store(settings),
-            registry=ModelRegistry(models_dir, settings.data_dir / "model-hashes.json"),
+            registry=ModelRegistry(
+                models_dir, settings.data_dir / "model-hashes.json", allow_pickle=settings.security.allow_pickle_models
+            ),
             audit=AuditLog(store.engine),
             tenants=TenantStore(store.engine),
             keys=KeyStore(store.engine),
@@ -89,6 +91,7 @@ class Services:
             cache_size=s.pipeline_cache_size,
             batch_invariant=s.batch_invariant,
             cache_bytes=s.pipeline_cache_bytes,
+            allow_pickle=s.security.allow_pickle_models,
         )
 
     def start_workers(self, count: int) -> None:

@@ -22,12 +22,14 @@ import os
 from typing import Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image, ImageFilter
 from pydantic import BaseModel, ConfigDict, Field
 
 from darkroom import __version__
+from darkroom.auth import audit
+from darkroom.auth.principal import Permission, Principal
 from darkroom.engines.samplers import SAMPLERS, resolve_sampler
 from darkroom.errors import Conflict, InvalidRequest
 from darkroom.jobs.db import read_tx
@@ -39,10 +41,11 @@ from darkroom.schemas import GenerationRequest, JobState
 from darkroom.service import Services
 
 from . import compat
+from .auth import principal, require, sees_job
 from .uploads import decode_base64_image, load_image, load_mask, open_image, png_bytes
-from .v1 import TENANT, services
+from .v1 import services
 
-router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
+router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], dependencies=[Depends(require(Permission.generate))])
 
 # Internal field → the A1111 field a client sent, for error messages.
 FIELD_NAMES = {
@@ -336,15 +339,17 @@ async def img2img(request: Request, req: Img2ImgRequest) -> ImagesResponse:
 # --- state: progress, interrupt, skip ---------------------------------------------------------------------------------
 
 
-def current_job(svc: Services) -> JobRecord | None:
-    running = [j for j in svc.store.list(state=JobState.running, limit=50) if j.tenant == TENANT]
+def current_job(svc: Services, who: Principal) -> JobRecord | None:
+    """The caller's most recently started running job (A1111 has one job at a time; darkroom has one per tenant)."""
+    listed = svc.store.list(state=JobState.running, limit=50, tenant=who.tenant)
+    running = [j for j in listed if sees_job(who, j)]
     return max(running, key=lambda j: j.started_at or j.created_at) if running else None
 
 
-def progress_view(svc: Services, skip_current_image: bool) -> dict[str, Any]:
+def progress_view(svc: Services, who: Principal, skip_current_image: bool) -> dict[str, Any]:
     counts = svc.store.counts()
     waiting = counts.get(JobState.queued.value, 0) + counts.get(JobState.running.value, 0)
-    job = current_job(svc)
+    job = current_job(svc, who)
     state = {
         "skipped": False,
         "interrupted": False,
@@ -397,26 +402,26 @@ def latest_preview(svc: Services, job: JobRecord) -> str | None:
 
 @router.get("/progress", summary="Progress of the current job (the most recently started running one)")
 def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
-    return progress_view(services(request), skip_current_image)
+    return progress_view(services(request), principal(request), skip_current_image)
 
 
-def _stop_current(svc: Services) -> None:
-    job = current_job(svc)
+def _stop_current(svc: Services, who: Principal) -> None:
+    job = current_job(svc, who)
     if job is None:
         return
     with contextlib.suppress(Conflict):  # it finished between the look and the cancel
-        svc.store.cancel(job.id)
+        svc.store.cancel(job.id, record=lambda conn, state: audit.record(conn, who, "job.cancel", job.id, state))
 
 
 @router.post("/interrupt", summary="Stop the current job at its next step")
 def interrupt(request: Request) -> dict[str, Any]:
-    _stop_current(services(request))
+    _stop_current(services(request), principal(request))
     return {}
 
 
 @router.post("/skip", summary="Like interrupt: darkroom runs a job's images as one unit")
 def skip(request: Request) -> dict[str, Any]:
-    _stop_current(services(request))
+    _stop_current(services(request), principal(request))
     return {}
 
 
@@ -454,17 +459,23 @@ def options_view(svc: Services) -> dict[str, Any]:
     }
 
 
-def set_options(svc: Services, values: dict[str, Any]) -> None:
+def set_options(svc: Services, who: Principal, values: dict[str, Any]) -> None:
     """`sd_model_checkpoint` chooses the default model (checked, stored in the database for every process); other
-    options are kept and echoed back by GET, but change nothing in how darkroom renders."""
+    options are kept and echoed back by GET, but change nothing in how darkroom renders. Audited as a settings
+    change."""
     values = dict(values)
     checkpoint = values.pop("sd_model_checkpoint", None)
     values.pop("sd_checkpoint_hash", None)
     store = compat.kv(svc)
+    changed: dict[str, Any] = {}
     if checkpoint:
-        store.set(DEFAULT_MODEL, compat.find_model(svc, str(checkpoint), "sd_model_checkpoint").id)
+        changed["default_model"] = compat.find_model(svc, str(checkpoint), "sd_model_checkpoint").id
+        store.set(DEFAULT_MODEL, changed["default_model"])
     if values:
         store.set(OPTIONS_KEY, {**(store.get(OPTIONS_KEY, {}) or {}), **values})
+        changed["options"] = sorted(values)
+    if changed:
+        svc.audit.record(who, "settings.update", "a1111.options", changed)
 
 
 @router.get("/options", summary="Options; `sd_model_checkpoint` is the default model")
@@ -473,8 +484,10 @@ def get_options(request: Request) -> dict[str, Any]:
 
 
 @router.post("/options", summary="Set options; `sd_model_checkpoint` chooses the default model")
-def post_options(request: Request, values: dict[str, Any]) -> None:
-    set_options(services(request), values)
+def post_options(
+    request: Request, values: dict[str, Any], who: Principal = Depends(require(Permission.models))
+) -> None:
+    set_options(services(request), who, values)
 
 
 @router.get("/samplers", summary="Sampler names")

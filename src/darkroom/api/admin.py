@@ -1,21 +1,30 @@
-"""Operator endpoints: the worker fleet.
-
-TODO(auth): admin-only once API keys and roles exist (issue: auth); until then anyone who reaches the API can read
-this. It exposes host names, pids and devices, nothing that controls the service.
-"""
+"""Operator endpoints: the worker fleet (operators), and API keys, tenant policies and the audit log (admins)."""
 
 from __future__ import annotations
 
 import datetime as dt
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from darkroom.auth.limits import effective, usage
+from darkroom.auth.principal import DEFAULT_TENANT, Permission, Principal, Role
+from darkroom.auth.tenants import TenantPolicy
+from darkroom.errors import InvalidRequest
 from darkroom.jobs.workers import WorkerRegistry, WorkerState, stale_after
+from darkroom.kv import SettingsKV
+from darkroom.models.approvals import approve
 from darkroom.service import Services
 
+from .auth import require
+
 router = APIRouter(prefix="/v1", tags=["admin"])
+Admin = Depends(require(Permission.admin))
+
+
+def _services(request: Request) -> Services:
+    return request.app.state.services
 
 
 class WorkerView(BaseModel):
@@ -45,5 +54,137 @@ def _list(request: Request, state: WorkerState | None) -> list[WorkerView]:
 
 
 @router.get("/workers", response_model=list[WorkerView], summary="Worker processes: device, models, liveness")
-async def list_workers(request: Request, state: WorkerState | None = None) -> list[WorkerView]:
+async def list_workers(
+    request: Request, state: WorkerState | None = None, who: Principal = Depends(require(Permission.queue))
+) -> list[WorkerView]:
     return await run_in_threadpool(_list, request, state)
+
+
+# --- API keys (admin) ------------------------------------------------------------------------------------------------
+
+
+class KeyCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    role: Role = Role.user
+    tenant: str = Field(DEFAULT_TENANT, min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    expires_in_days: float | None = Field(None, gt=0, le=3650)
+    requests_per_minute: int | None = Field(None, ge=1, le=1_000_000)
+
+
+class KeyView(BaseModel):
+    id: str
+    name: str
+    role: Role
+    tenant: str
+    requests_per_minute: int | None
+    created_at: dt.datetime
+    created_by: str | None
+    expires_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+    last_used_at: dt.datetime | None
+
+
+class NewKey(KeyView):
+    token: str = Field(description="the API key; shown this once and never again")
+
+
+@router.post("/keys", status_code=201, response_model=NewKey, tags=["admin"], summary="Create an API key (admin)")
+def create_key(request: Request, body: KeyCreate, who: Principal = Admin) -> NewKey:
+    svc = _services(request)
+    expires = dt.timedelta(days=body.expires_in_days) if body.expires_in_days else None
+    key, token = svc.keys.create(
+        who,
+        name=body.name,
+        role=body.role,
+        tenant=body.tenant,
+        expires_in=expires,
+        requests_per_minute=body.requests_per_minute,
+    )
+    return NewKey(**KeyView.model_validate(key, from_attributes=True).model_dump(), token=token)
+
+
+@router.get("/keys", response_model=list[KeyView], tags=["admin"], summary="API keys, without their secrets (admin)")
+def list_keys(
+    request: Request, tenant: str | None = None, include_revoked: bool = False, who: Principal = Admin
+) -> list[KeyView]:
+    keys = _services(request).keys.list(tenant=tenant, include_revoked=include_revoked)
+    return [KeyView.model_validate(k, from_attributes=True) for k in keys]
+
+
+@router.delete("/keys/{key_id}", response_model=KeyView, tags=["admin"], summary="Revoke an API key (admin)")
+def revoke_key(request: Request, key_id: str, who: Principal = Admin) -> KeyView:
+    return KeyView.model_validate(_services(request).keys.revoke(who, key_id), from_attributes=True)
+
+
+# --- tenants (admin) and usage (everyone, for their own tenant) -------------------------------------------------------
+
+
+@router.get("/tenants", tags=["admin"], summary="Tenants with a policy of their own (admin)")
+def list_tenants(request: Request, who: Principal = Admin) -> dict[str, TenantPolicy]:
+    return _services(request).tenants.all()
+
+
+@router.get("/tenants/{tenant}", response_model=TenantPolicy, tags=["admin"], summary="A tenant's policy (admin)")
+def get_tenant(request: Request, tenant: str, who: Principal = Admin) -> TenantPolicy:
+    return _services(request).tenants.get(tenant)
+
+
+@router.put("/tenants/{tenant}", response_model=TenantPolicy, tags=["admin"], summary="Set a tenant's policy (admin)")
+def put_tenant(request: Request, tenant: str, policy: TenantPolicy, who: Principal = Admin) -> TenantPolicy:
+    try:
+        return _services(request).tenants.put(tenant, policy, who)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), field="tenant") from None
+
+
+@router.get("/usage", tags=["v1"], summary="Your tenant's usage against its quotas")
+def get_usage(request: Request, who: Principal = Depends(require(Permission.generate))) -> dict:
+    svc = _services(request)
+    policy = effective(svc.tenants.get(who.tenant), svc.settings.security)
+    return {"tenant": who.tenant, **usage(svc.store.engine, who.tenant, policy)}
+
+
+# --- audit log (admin) ------------------------------------------------------------------------------------------------
+
+
+class AuditView(BaseModel):
+    id: int
+    at: dt.datetime
+    actor: str
+    role: str | None
+    tenant: str | None
+    action: str
+    target: str | None
+    outcome: str
+    ip: str | None
+    request_id: str | None
+    details: dict
+
+
+@router.get("/audit", response_model=list[AuditView], tags=["admin"], summary="The audit log, oldest first (admin)")
+def list_audit(
+    request: Request,
+    after: int = Query(0, ge=0, description="the last id seen: pages forward"),
+    limit: int = Query(100, ge=1, le=1000),
+    action: str | None = Query(None, max_length=64, description="`job.submit`, or a prefix ending in `.`: `job.`"),
+    tenant: str | None = Query(None, max_length=64),
+    actor: str | None = Query(None, max_length=64),
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    who: Principal = Admin,
+) -> list[AuditView]:
+    records = _services(request).audit.list(
+        after_id=after, limit=limit, action=action, tenant=tenant, actor=actor, since=since, until=until
+    )
+    return [AuditView.model_validate(r, from_attributes=True) for r in records]
+
+
+# --- models (operators) ---------------------------------------------------------------------------------------------
+
+
+@router.post("/models/{model_id}/approve", tags=["admin"], summary="Approve this node's copy of a model (operator)")
+def approve_model(request: Request, model_id: str, who: Principal = Depends(require(Permission.models))) -> dict:
+    svc = _services(request)
+    digest = approve(SettingsKV(svc.store.engine), svc.registry, model_id)
+    svc.audit.record(who, "model.approve", model_id, {"sha256": digest})
+    return {"model": model_id, "sha256": digest}

@@ -11,9 +11,10 @@ from fastapi.responses import RedirectResponse
 
 from darkroom import __version__, clock
 from darkroom.service import Services
+from darkroom.storage.retention import start_for as start_retention
 from darkroom.webhooks.dispatcher import start_for as start_webhooks
 
-from . import a1111, admin, errors, health, openai_compat, v1, webhooks
+from . import a1111, admin, errors, health, openai_compat, review, v1, webhooks
 
 log = logging.getLogger("darkroom.api")
 
@@ -23,9 +24,11 @@ def create_app(services: Services, workers: int = 0) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services.start_workers(workers)
         dispatcher = start_webhooks(services.settings, services.store)
+        retention = start_retention(services.settings, services)
         try:
             yield
         finally:
+            retention.stop()
             if dispatcher is not None:
                 dispatcher.stop()
             services.stop_workers()
@@ -45,6 +48,7 @@ def create_app(services: Services, workers: int = 0) -> FastAPI:
     app.include_router(a1111.router)
     app.include_router(openai_compat.router)
     app.include_router(webhooks.router)
+    app.include_router(review.router)
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:

@@ -14,13 +14,14 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
-from darkroom.errors import DarkroomError, InvalidRequest, JobTimeout, NotFound
+from darkroom.errors import DarkroomError, HeldForReview, InvalidRequest, JobTimeout
 from darkroom.jobs.store import ImageRecord, JobRecord
 from darkroom.kv import DEFAULT_MODEL, SettingsKV
 from darkroom.schemas import GenerationRequest, JobState, ModelInfo
 from darkroom.service import Services
 
-from .v1 import TENANT, services, submit
+from .auth import principal, visible_job
+from .v1 import services, submit
 
 
 def kv(svc: Services) -> SettingsKV:
@@ -101,20 +102,23 @@ async def wait_for(request: Request, job: JobRecord) -> JobRecord:
 
 
 def job_images(svc: Services, job: JobRecord) -> list[tuple[ImageRecord, bytes]]:
+    """The job's released images. Held ones are left out; when every image is held the call fails with 403
+    `held_for_review`, naming the job so the client can poll `GET /v1/jobs/{id}` until an operator decides."""
     if job.state is not JobState.succeeded:
         return []
-    return [(image, svc.blobs.get(image.blob_key)) for image in svc.store.images_for(job.id)]
+    images = svc.store.images_for(job.id)
+    released = [image for image in images if image.released]
+    if images and not released:
+        raise HeldForReview(f"the images of job {job.id} are held for review; GET /v1/jobs/{job.id} shows when")
+    return [(image, svc.blobs.get(image.blob_key)) for image in released]
 
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def tenant_job(svc: Services, job_id: str) -> JobRecord:
-    job = svc.store.get(job_id)
-    if job is None or job.tenant != TENANT:
-        raise NotFound(f"no job {job_id!r}", field="job_id")
-    return job
+def tenant_job(request: Request, job_id: str) -> JobRecord:
+    return visible_job(services(request), principal(request), job_id)
 
 
 def raise_for_job(job: JobRecord, names: dict[str, str]) -> None:

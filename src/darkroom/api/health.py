@@ -1,11 +1,15 @@
-"""Liveness, readiness and metrics."""
+"""Liveness and readiness (open, for probes; they reveal nothing), and metrics (operators)."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+
+from darkroom.auth.principal import Permission
+
+from .auth import require
 
 router = APIRouter(tags=["health"])
 
@@ -32,7 +36,12 @@ def readyz(request: Request) -> JSONResponse:
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (operators: give the scraper an operator key)",
+    include_in_schema=False,
+    dependencies=[Depends(require(Permission.queue))],
+)
 def metrics(request: Request) -> Response:
     svc = request.app.state.services
     registry = CollectorRegistry()

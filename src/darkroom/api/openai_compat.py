@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -29,12 +29,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from darkroom.auth.principal import Permission
 from darkroom.errors import DarkroomError, InvalidRequest
 from darkroom.jobs.store import JobRecord
 from darkroom.schemas import GenerationRequest, ModelInfo
 from darkroom.service import Services
 
 from . import compat
+from .auth import require
 from .uploads import load_mask, open_image
 from .v1 import image_url, services
 
@@ -68,8 +70,9 @@ class OpenAIRoute(APIRoute):
                 return openai_error(400, f"{param}: {first.get('msg', 'invalid request')}", param, "invalid_value")
             except DarkroomError as exc:
                 status = 400 if exc.status == InvalidRequest.status else exc.status
-                retry = getattr(exc, "retry_after", None)
-                headers = {"Retry-After": str(retry)} if retry else None
+                headers = dict(getattr(exc, "headers", None) or {})
+                if retry := getattr(exc, "retry_after", None):
+                    headers["Retry-After"] = str(retry)
                 return openai_error(status, exc.message, exc.field, exc.code, headers)
             except HTTPException as exc:
                 return openai_error(exc.status_code, str(exc.detail), None, None)
@@ -77,7 +80,12 @@ class OpenAIRoute(APIRoute):
         return route
 
 
-router = APIRouter(prefix="/v1/images", tags=["openai"], route_class=OpenAIRoute)
+router = APIRouter(
+    prefix="/v1/images",
+    tags=["openai"],
+    route_class=OpenAIRoute,
+    dependencies=[Depends(require(Permission.generate))],
+)
 
 
 class Options(BaseModel):

@@ -7,14 +7,18 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Depends, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from darkroom import clock
+from darkroom.auth import audit
+from darkroom.auth.limits import check_quotas, effective
+from darkroom.auth.principal import Permission, Principal
 from darkroom.engines.samplers import SAMPLERS, resolve_sampler
-from darkroom.errors import InvalidRequest, NotFound
+from darkroom.errors import DarkroomError, HeldForReview, InvalidRequest
 from darkroom.jobs.store import JobRecord, JobStore, request_hash
+from darkroom.safety.policy import check_prompt
 from darkroom.schemas import (
     PRIORITY_NAME,
     GenerationRequest,
@@ -29,12 +33,13 @@ from darkroom.schemas import (
 )
 from darkroom.service import Services
 
+from .auth import principal, require, visible_image, visible_job, websocket_principal
 from .uploads import decode_base64_image, load_image, load_mask
 
 TERMINAL_EVENTS = {"succeeded", "failed", "cancelled", "dead"}
-TENANT = "default"  # one tenant until API keys arrive
 
 router = APIRouter(prefix="/v1", tags=["v1"])
+Generate = Depends(require(Permission.generate))
 
 
 def services(request: Request) -> Services:
@@ -58,7 +63,8 @@ def job_view(request: Request, job: JobRecord) -> JobView:
                 width=i.width,
                 height=i.height,
                 sha256=i.sha256,
-                url=image_url(request, i.id),
+                url=image_url(request, i.id) if i.released else None,
+                review_state=i.review_state,
             )
             for i in svc.store.images_for(job.id)
         ]
@@ -84,11 +90,15 @@ def job_view(request: Request, job: JobRecord) -> JobView:
 def submit(
     request: Request, body: GenerationRequest, idempotency_key: str | None, stored: dict[str, str] | None = None
 ) -> tuple[JobRecord, bool]:
-    """Everything between a validated body and a queued job: limits, model, seed, init image, idempotency.
+    """Everything between a validated body and a queued job: limits, prompt policy, model, seed, init image,
+    quotas, idempotency, and the audit record (committed with the job).
     `stored`: fields the caller already checked and stored as blobs (`{"mask_image": "blob:…"}`), taken as given."""
     svc = services(request)
+    who = principal(request)
     limits = svc.settings.limits
     check_limits(body, limits)
+    policy = effective(svc.tenants.get(who.tenant), svc.settings.security)
+    check_prompt(svc.settings, policy, who.tenant, body.prompt, body.negative_prompt)
     body_hash = request_hash(body.model_dump(mode="json"))
     model = svc.registry.get(body.model) if body.model else svc.registry.default()
     updates: dict = {
@@ -113,19 +123,28 @@ def submit(
     resolved = body.model_copy(update=updates)
     return svc.store.create(
         resolved,
-        tenant=TENANT,
+        tenant=who.tenant,
+        key_id=who.key_id,
         idempotency_key=idempotency_key,
         request_id=request.state.request_id,
         body_hash=body_hash,
         max_attempts=svc.settings.max_attempts,
+        admit=lambda conn: check_quotas(conn, who.tenant, policy, resolved.n),
+        record=lambda conn, job_id: audit.record(conn, who, "job.submit", job_id, _audit_details(resolved)),
     )
 
 
-def _tenant_job(request: Request, job_id: str) -> JobRecord:
-    job = services(request).store.get(job_id)
-    if job is None or job.tenant != TENANT:
-        raise NotFound(f"no job {job_id!r}", field="job_id")
-    return job
+def _audit_details(body: GenerationRequest) -> dict:
+    """What the audit log keeps of a request: its shape, never the prompt (prompts expire; the log does not)."""
+    return {
+        "model": body.model,
+        "n": body.n,
+        "size": f"{body.width}x{body.height}",
+        "steps": body.steps,
+        "priority": body.priority,
+        "mode": "inpaint" if body.mask_image else "img2img" if body.init_image else "txt2img",
+        "prompt_chars": len(body.prompt),
+    }
 
 
 @router.post("/jobs", status_code=202, response_model=JobView, summary="Queue a generation job")
@@ -133,6 +152,7 @@ def create_job(
     request: Request,
     body: GenerationRequest,
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200),
+    who: Principal = Generate,
 ) -> JSONResponse:
     job, created = submit(request, body, idempotency_key)
     view = job_view(request, job)
@@ -147,6 +167,7 @@ async def generate(
     body: GenerationRequest,
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200),
     timeout: float | None = Query(None, gt=0, description="seconds to wait; default from settings"),
+    who: Principal = Generate,
 ) -> JSONResponse:
     svc = services(request)
     job, _ = await run_in_threadpool(submit, request, body, idempotency_key)
@@ -162,25 +183,31 @@ async def generate(
 
 
 @router.get("/jobs", response_model=list[JobView], summary="Recent jobs")
-def list_jobs(request: Request, state: JobState | None = None, limit: int = Query(50, ge=1, le=500)) -> list[JobView]:
-    jobs = services(request).store.list(state=state, limit=limit)
-    return [job_view(request, j) for j in jobs if j.tenant == TENANT]
+def list_jobs(
+    request: Request, state: JobState | None = None, limit: int = Query(50, ge=1, le=500), who: Principal = Generate
+) -> list[JobView]:
+    """The caller's tenant's jobs; a `user` key sees the jobs it submitted."""
+    own = None if who.can(Permission.read_tenant_jobs) else (who.key_id or "")
+    jobs = services(request).store.list(state=state, limit=limit, tenant=who.tenant, key_id=own)
+    return [job_view(request, j) for j in jobs]
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, summary="A job: state, queue position, progress, images")
-def get_job(request: Request, job_id: str) -> JobView:
-    return job_view(request, _tenant_job(request, job_id))
+def get_job(request: Request, job_id: str, who: Principal = Generate) -> JobView:
+    return job_view(request, visible_job(services(request), who, job_id))
 
 
 @router.delete("/jobs/{job_id}", response_model=JobView, summary="Cancel: queued at once, running at the next step")
-def cancel_job(request: Request, job_id: str) -> JobView:
-    _tenant_job(request, job_id)
-    return job_view(request, services(request).store.cancel(job_id))
+def cancel_job(request: Request, job_id: str, who: Principal = Generate) -> JobView:
+    svc = services(request)
+    visible_job(svc, who, job_id)
+    job = svc.store.cancel(job_id, record=lambda conn, state: audit.record(conn, who, "job.cancel", job_id, state))
+    return job_view(request, job)
 
 
 @router.get("/jobs/{job_id}/events", summary="Server-Sent Events: queued, started, progress, succeeded/failed")
-async def job_events(request: Request, job_id: str) -> StreamingResponse:
-    await run_in_threadpool(_tenant_job, request, job_id)
+async def job_events(request: Request, job_id: str, who: Principal = Generate) -> StreamingResponse:
+    await run_in_threadpool(visible_job, services(request), who, job_id)
     last = request.headers.get("Last-Event-ID", "0")
     after = int(last) if last.isdigit() else 0
     return StreamingResponse(
@@ -225,8 +252,12 @@ async def _event_stream(request: Request, job_id: str, after: int) -> AsyncItera
 async def job_websocket(websocket: WebSocket, job_id: str) -> None:
     """The same events as the SSE stream, as JSON messages; closes after the terminal event."""
     svc: Services = websocket.app.state.services
-    job = await run_in_threadpool(svc.store.get, job_id)
-    if job is None or job.tenant != TENANT:
+    who = await websocket_principal(websocket, Permission.generate)
+    if who is None:
+        return
+    try:
+        await run_in_threadpool(visible_job, svc, who, job_id)
+    except DarkroomError:
         await websocket.close(code=4404, reason="no such job")
         return
     await websocket.accept()
@@ -242,11 +273,12 @@ async def job_websocket(websocket: WebSocket, job_id: str) -> None:
 @router.get(
     "/images/{image_id}", summary="An image (PNG with provenance)", responses={200: {"content": {"image/png": {}}}}
 )
-def get_image(request: Request, image_id: str) -> Response:
+def get_image(request: Request, image_id: str, who: Principal = Generate) -> Response:
     svc = services(request)
-    image = svc.store.get_image(image_id)
-    if image is None or image.tenant != TENANT:
-        raise NotFound(f"no image {image_id!r}", field="image_id")
+    image, _ = visible_image(svc, who, image_id)
+    if not image.released:
+        state = "rejected in review" if image.review_state == "rejected" else "held for review"
+        raise HeldForReview(f"image {image_id} is {state}", field="image_id")
     return Response(
         svc.blobs.get(image.blob_key),
         media_type=image.content_type,
@@ -257,10 +289,10 @@ def get_image(request: Request, image_id: str) -> Response:
 @router.get(
     "/models", response_model=list[ModelInfo], response_model_exclude={"__all__": {"path"}}, summary="Approved models"
 )
-def list_models(request: Request) -> list[ModelInfo]:
+def list_models(request: Request, who: Principal = Generate) -> list[ModelInfo]:
     return services(request).registry.scan()
 
 
 @router.get("/samplers", summary="Sampler names (AUTOMATIC1111's) and the diffusers scheduler each maps to")
-def list_samplers() -> list[dict]:
+def list_samplers(who: Principal = Generate) -> list[dict]:
     return [spec.public() for spec in SAMPLERS]

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
+from darkroom.auth.principal import Permission
 from darkroom.webhooks.deliveries import DeliveryStore
 
 from . import compat
+from .auth import require
 from .v1 import services
 
-router = APIRouter(prefix="/v1", tags=["webhooks"])
+router = APIRouter(prefix="/v1", tags=["webhooks"], dependencies=[Depends(require(Permission.generate))])
 
 
 @router.get("/jobs/{job_id}/webhooks", summary="Webhook deliveries of a job: state, attempts, responses")
 def job_webhooks(request: Request, job_id: str) -> list[dict[str, Any]]:
     svc = services(request)
-    compat.tenant_job(svc, job_id)
+    compat.tenant_job(request, job_id)
     return [d.public() for d in DeliveryStore(svc.store.engine).for_job(job_id)]

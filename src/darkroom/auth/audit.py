@@ -68,6 +68,24 @@ class AuditLog:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
 
+    def denied_login(self, key_id: str | None, ip: str | None, request_id: str | None, reason: str) -> None:
+        """A failed authentication: the key id it claimed (ids are not secret), where from, and why."""
+        with write_tx(self.engine) as conn:
+            conn.execute(
+                audit_log.insert().values(
+                    at=clock.utcnow(),
+                    actor=(key_id or "anonymous")[:64],
+                    role=None,
+                    tenant=None,
+                    action="auth.login",
+                    target=key_id,
+                    outcome="denied",
+                    ip=ip,
+                    request_id=request_id,
+                    details={"reason": reason},
+                )
+            )
+
     def record(self, who: Principal, action: str, target: str | None = None, details: dict | None = None, **kw: Any):
         """Append one record in its own transaction (for changes that are not a database write of ours)."""
         with write_tx(self.engine) as conn:

@@ -21,7 +21,7 @@ from darkroom.auth.tables import rate_counters
 from darkroom.auth.tenants import TenantPolicy
 from darkroom.config import SecuritySettings
 from darkroom.errors import RateLimited
-from darkroom.jobs.db import write_tx
+from darkroom.jobs.db import read_tx, write_tx
 from darkroom.jobs.tables import jobs
 
 COUNTED_STATES = ("queued", "running", "succeeded")  # failed, cancelled and dead jobs give their images back
@@ -75,6 +75,47 @@ class RateLimiter:
         return conn.execute(stmt).scalar_one()
 
 
+def _day_start(now: dt.datetime) -> dt.datetime:
+    return now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _month_start(now: dt.datetime) -> dt.datetime:
+    return _day_start(now).replace(day=1)
+
+
+def _images_today(conn: sa.Connection, tenant: str, now: dt.datetime) -> int:
+    return conn.execute(
+        sa.select(sa.func.coalesce(sa.func.sum(jobs.c.images_requested), 0)).where(
+            jobs.c.tenant == tenant, jobs.c.created_at >= _day_start(now), jobs.c.state.in_(COUNTED_STATES)
+        )
+    ).scalar_one()
+
+
+def _gpu_seconds_this_month(conn: sa.Connection, tenant: str, now: dt.datetime) -> float:
+    return float(
+        conn.execute(
+            sa.select(sa.func.coalesce(sa.func.sum(jobs.c.gpu_seconds), 0.0)).where(
+                jobs.c.tenant == tenant, jobs.c.finished_at >= _month_start(now)
+            )
+        ).scalar_one()
+    )
+
+
+def usage(engine: sa.Engine, tenant: str, policy: TenantPolicy) -> dict:
+    """A tenant's use against its limits, for `GET /v1/usage`."""
+    now = clock.utcnow()
+    with read_tx(engine) as conn:
+        images = _images_today(conn, tenant, now)
+        seconds = _gpu_seconds_this_month(conn, tenant, now)
+    return {
+        "images_today": images,
+        "images_per_day": policy.images_per_day,
+        "gpu_seconds_this_month": round(seconds, 3),
+        "gpu_seconds_per_month": policy.gpu_seconds_per_month,
+        "requests_per_minute": policy.requests_per_minute,
+    }
+
+
 def check_quotas(conn: sa.Connection, tenant: str, policy: TenantPolicy, images: int) -> None:
     """Inside the submit transaction: would `images` more break the tenant's daily images or monthly GPU time?"""
     if conn.dialect.name == "postgresql":
@@ -82,43 +123,28 @@ def check_quotas(conn: sa.Connection, tenant: str, policy: TenantPolicy, images:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": f"quota:{tenant}"})
     now = clock.utcnow()
     if policy.images_per_day:
-        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        used = conn.execute(
-            sa.select(sa.func.coalesce(sa.func.sum(jobs.c.images_requested), 0)).where(
-                jobs.c.tenant == tenant, jobs.c.created_at >= day, jobs.c.state.in_(COUNTED_STATES)
-            )
-        ).scalar_one()
+        used = _images_today(conn, tenant, now)
         if used + images > policy.images_per_day:
+            tomorrow = _day_start(now) + dt.timedelta(days=1)
             raise RateLimited(
                 f"quota: {policy.images_per_day} images per day for tenant {tenant!r} "
                 f"({used} used, {images} asked for); it resets at 00:00 UTC",
-                limit={
-                    "name": "images_per_day",
-                    "scope": f"tenant:{tenant}",
-                    "limit": policy.images_per_day,
-                    "used": used,
-                },
-                retry_after=int((day + dt.timedelta(days=1) - now).total_seconds()) + 1,
+                limit=_limit("images_per_day", tenant, policy.images_per_day, used),
+                retry_after=int((tomorrow - now).total_seconds()) + 1,
                 code="quota_exceeded",
             )
     if policy.gpu_seconds_per_month:
-        month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        used = conn.execute(
-            sa.select(sa.func.coalesce(sa.func.sum(jobs.c.gpu_seconds), 0.0)).where(
-                jobs.c.tenant == tenant, jobs.c.finished_at >= month
-            )
-        ).scalar_one()
-        if used >= policy.gpu_seconds_per_month:
-            following = (month + dt.timedelta(days=32)).replace(day=1)
+        used_s = _gpu_seconds_this_month(conn, tenant, now)
+        if used_s >= policy.gpu_seconds_per_month:
+            following = (_month_start(now) + dt.timedelta(days=32)).replace(day=1)
             raise RateLimited(
                 f"quota: {policy.gpu_seconds_per_month:g} GPU-seconds per month for tenant {tenant!r} "
-                f"({used:.1f} used); it resets on the 1st, 00:00 UTC",
-                limit={
-                    "name": "gpu_seconds_per_month",
-                    "scope": f"tenant:{tenant}",
-                    "limit": policy.gpu_seconds_per_month,
-                    "used": round(float(used), 3),
-                },
+                f"({used_s:.1f} used); it resets on the 1st, 00:00 UTC",
+                limit=_limit("gpu_seconds_per_month", tenant, policy.gpu_seconds_per_month, round(used_s, 3)),
                 retry_after=int((following - now).total_seconds()) + 1,
                 code="quota_exceeded",
             )
+
+
+def _limit(name: str, tenant: str, limit: float, used: float) -> dict:
+    return {"name": name, "scope": f"tenant:{tenant}", "limit": limit, "used": used}

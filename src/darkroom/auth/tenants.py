@@ -7,7 +7,7 @@ import re
 from typing import Literal
 
 import sqlalchemy as sa
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, model_validator
 
 from darkroom import clock
 from darkroom.auth import audit
@@ -25,12 +25,13 @@ class PromptRule(BaseModel):
     kind: Literal["term", "regex"] = "term"
     reason: str = Field(min_length=1, max_length=500)
 
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, value: str, info) -> str:  # type: ignore[no-untyped-def]
-        if info.data.get("kind", "term") == "regex":
-            re.compile(value)
-        return value
+    @model_validator(mode="after")
+    def _safe(self) -> PromptRule:
+        """A regex that does not compile, or could backtrack catastrophically, is refused when it is stored."""
+        from darkroom.safety.policy import validate_rules  # the policy module imports this one
+
+        validate_rules([self])
+        return self
 
 
 class TenantPolicy(BaseModel):

@@ -46,7 +46,7 @@ from darkroom.engines.preview import latents_to_jpeg
 from darkroom.engines.samplers import SamplerSpec, make_scheduler, resolve_sampler, seed_scheduler_noise
 from darkroom.errors import DarkroomError, EngineError, EngineOutOfMemory, InvalidRequest, ModelLoadError
 from darkroom.models.offline import enforce_offline
-from darkroom.models.registry import SIDECAR_CONFIG_SUFFIX, ModelRegistry
+from darkroom.models.registry import PICKLE_HINT, PICKLE_SUFFIXES, SIDECAR_CONFIG_SUFFIX, ModelRegistry
 from darkroom.schemas import GenerationRequest, ModelInfo
 from darkroom.worker.cache import LRUCache, release_memory
 
@@ -144,11 +144,15 @@ class DiffusersEngine:
         cache_size: int = 2,
         batch_invariant: bool = True,
         cache_bytes: int | None = None,
+        allow_pickle: bool = False,
     ) -> None:
-        """`batch_invariant`: denoise the images of a request one at a time (see the module docstring)."""
+        """`batch_invariant`: denoise the images of a request one at a time (see the module docstring).
+        `allow_pickle`: load single-file pickled checkpoints (`security.allow_pickle_models`), checked here again
+        whatever the registry lists, and then only with `torch.load(weights_only=True)` (diffusers' loader)."""
         enforce_offline()
         _quiet_progress_bars()
         self.registry = registry
+        self.allow_pickle = allow_pickle
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_invariant = batch_invariant
@@ -332,7 +336,12 @@ class DiffusersEngine:
     def _load_pipeline(self, info: ModelInfo) -> Any:
         if info.format == "diffusers":
             return load_diffusers_folder(Path(info.path), info.arch, self.dtype)
-        return load_single_file(Path(info.path), info.arch, self.dtype, self._tokenizer_donors(info.arch))
+        checkpoint = Path(info.path)
+        if checkpoint.suffix.lower() in PICKLE_SUFFIXES and not self.allow_pickle:
+            raise ModelLoadError(
+                f"model {info.id} is a pickled checkpoint, which can run code when loaded; {PICKLE_HINT}"
+            )
+        return load_single_file(checkpoint, info.arch, self.dtype, self._tokenizer_donors(info.arch))
 
     def _tokenizer_donors(self, arch: str) -> list[Path]:
         return [Path(m.path) for m in self.registry.scan() if m.format == "diffusers" and m.arch == arch]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,9 +187,15 @@ class JobStore:
         request_id: str | None = None,
         body_hash: str | None = None,
         max_attempts: int = 3,
+        key_id: str | None = None,
+        admit: Callable[[sa.Connection], None] | None = None,
+        record: Callable[[sa.Connection, str], None] | None = None,
     ) -> tuple[JobRecord, bool]:
         """Insert a queued job. With an idempotency key already used by this tenant, return that job instead
-        (created=False) — or 409 if the key was used for a different request body."""
+        (created=False) — or 409 if the key was used for a different request body.
+
+        Inside the inserting transaction, `admit(conn)` may refuse the job (quotas: raise), and `record(conn, job_id)`
+        writes what must commit with it (the audit record)."""
         if request.seed is None:
             raise ValueError("resolve the seed before creating the job")
         body_hash = body_hash or request_hash(request.model_dump(mode="json"))
@@ -200,6 +206,8 @@ class JobStore:
         try:
             with write_tx(self.engine) as conn:
                 self._check_depth(conn, tenant)
+                if admit is not None:
+                    admit(conn)
                 priority = PRIORITY_VALUE[request.priority]
                 conn.execute(
                     jobs.insert().values(
@@ -223,9 +231,13 @@ class JobStore:
                         fair_tag=self._fair_tag(conn, tenant, priority, request.n),
                         batch_key=request.batch_key(),
                         timeout_seconds=request.timeout_seconds,
+                        key_id=key_id,
+                        images_requested=request.n,
                     )
                 )
                 self._event(conn, job_id, "queued", {"priority": request.priority}, now)
+                if record is not None:
+                    record(conn, job_id)
                 announce(conn)
         except sa.exc.IntegrityError:
             # Two submits with the same key raced; the other one won.
@@ -290,10 +302,22 @@ class JobStore:
             raise NotFound(f"no job {job_id!r}", field="job_id")
         return job
 
-    def list(self, *, state: JobState | None = None, limit: int = 50) -> list[JobRecord]:
+    def list(
+        self,
+        *,
+        state: JobState | None = None,
+        limit: int = 50,
+        tenant: str | None = None,
+        key_id: str | None = None,
+    ) -> list[JobRecord]:
+        """Newest first; `tenant` and `key_id` scope the listing to what a caller may see."""
         query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
         if state is not None:
             query = query.where(jobs.c.state == state.value)
+        if tenant is not None:
+            query = query.where(jobs.c.tenant == tenant)
+        if key_id is not None:
+            query = query.where(jobs.c.key_id == key_id)
         with read_tx(self.engine) as conn:
             return [_job(r) for r in conn.execute(query)]
 
@@ -348,8 +372,9 @@ class JobStore:
             sa.select(sa.func.count(sa.distinct(jobs.c.lease_owner))).where(jobs.c.state == JobState.running.value)
         ).scalar_one()
 
-    def cancel(self, job_id: str) -> JobRecord:
-        """Queued: cancelled at once. Running: flagged; its worker stops at the next step."""
+    def cancel(self, job_id: str, record: Callable[[sa.Connection, dict], None] | None = None) -> JobRecord:
+        """Queued: cancelled at once. Running: flagged; its worker stops at the next step. `record(conn, details)`
+        writes the audit record in the same transaction."""
         now = clock.utcnow()
         with write_tx(self.engine) as conn:
             row = conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).first()
@@ -364,6 +389,8 @@ class JobStore:
                 self._event(conn, job_id, "cancel_requested", {}, now)
             else:
                 raise Conflict(f"job {job_id} is already {state.value}", field="job_id")
+            if record is not None:
+                record(conn, {"while": state.value})
         return self.require(job_id)
 
     def events_since(self, job_id: str, after: int = 0, limit: int = 500) -> list[JobEvent]:
@@ -523,6 +550,7 @@ class JobStore:
                 now,
                 JobState.succeeded,
                 result=result,
+                gpu_seconds=(result.get("timings") or {}).get("worker_total_s"),
                 finished_at=now,
                 progress_step=jobs.c.progress_total,
                 error=None,
@@ -537,7 +565,8 @@ class JobStore:
                 conn.execute(
                     images.insert().values(id=image_id, job_id=job_id, tenant=tenant, created_at=now, **img.__dict__)
                 )
-            self._event(conn, job_id, "succeeded", {"images": ids}, now)
+            held = [i for i, img in zip(ids, new_images, strict=True) if img.review_state == "pending"]
+            self._event(conn, job_id, "succeeded", {"images": ids, **({"held_for_review": held} if held else {})}, now)
         return True
 
     def fail(

@@ -7,7 +7,10 @@ What counts as a model (top level of the models dir only; hidden entries are ign
 - a diffusers folder: a directory holding `model_index.json`;
 - a single-file checkpoint: `NAME.safetensors` whose keys hold an LDM UNet (`model.diffusion_model.*`). Its optional
   sidecars are `NAME.json` (darkroom metadata) and `NAME.config/` (a diffusers config folder, see the engine).
-Pickled checkpoints (`.ckpt`, `.pt`, `.bin`, `.pth`) can run code when loaded, so they are never listed or added.
+Pickled checkpoints (`.ckpt`, `.pt`, `.bin`, `.pth`) can run code when loaded, so they are not listed or added, unless
+an admin sets `security.allow_pickle_models` (`allow_pickle=True` here): then a single-file `NAME.ckpt` (`.pt`, `.pth`)
+counts like a `.safetensors` one. Even so its keys are read by an allow-listed unpickler (`darkroom.models.pickled`)
+and the engine loads it with `torch.load(weights_only=True)`, so a checkpoint that would run code is still refused.
 
 `darkroom.json` in a diffusers folder (or `NAME.json` beside a single file) may hold
 `{"description": "...", "smoke_test": true}`; that is how the smoke-test model is labelled.
@@ -37,6 +40,8 @@ from darkroom.schemas import ModelInfo
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl"})
+PICKLE_CHECKPOINT_SUFFIXES = frozenset({".ckpt", ".pt", ".pth"})  # single files an admin may allow (`.bin` are parts)
+PICKLE_HINT = "convert it to .safetensors, or have an admin set DARKROOM_SECURITY__ALLOW_PICKLE_MODELS=true"
 DARKROOM_META = "darkroom.json"
 SIDECAR_CONFIG_SUFFIX = ".config"
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -66,9 +71,11 @@ def slugify(name: str) -> str:
 
 
 class ModelRegistry:
-    def __init__(self, models_dir: Path, cache_file: Path) -> None:
+    def __init__(self, models_dir: Path, cache_file: Path, *, allow_pickle: bool = False) -> None:
+        """`allow_pickle`: list and add single-file pickled checkpoints (`security.allow_pickle_models`)."""
         self.models_dir = Path(models_dir)
         self.cache_file = Path(cache_file)
+        self.allow_pickle = allow_pickle
         self._lock = threading.RLock()
         self._fingerprint: Fingerprint | None = None
         self._models: list[ModelInfo] = []
@@ -117,9 +124,9 @@ class ModelRegistry:
         half-written model.
         """
         path = Path(path).expanduser().resolve()
-        kind = _validate_source(path)
+        kind = _validate_source(path, self.allow_pickle)
         stem = slugify(name) if name else slugify(path.stem if kind == "single_file" else path.name)
-        dest = self.models_dir / (f"{stem}.safetensors" if kind == "single_file" else stem)
+        dest = self.models_dir / (f"{stem}{path.suffix.lower()}" if kind == "single_file" else stem)
         if dest.exists() or any(m.id == stem for m in self.scan()):
             raise Conflict(f"a model named {stem!r} already exists in {self.models_dir}", field="name")
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +167,7 @@ class ModelRegistry:
         infos: list[ModelInfo] = []
         taken: set[str] = set()
         for entry in _visible_entries(self.models_dir):
-            kind = _model_kind(entry)
+            kind = _model_kind(entry, self.allow_pickle)
             if kind is None:
                 continue
             try:
@@ -257,16 +264,25 @@ class ModelRegistry:
 
 def single_file_arch(path: Path) -> str | None:
     """sd1 | sd2 | sdxl | unknown from the tensor names alone; None when the file holds no SD UNet (a LoRA, a VAE)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as fh:
-        keys = list(fh.keys())
+    keys = checkpoint_keys(path)
     if not any(k.startswith(LDM_UNET_PREFIX) for k in keys):
         return None
     for prefix, arch in SINGLE_FILE_ARCH_MARKERS:
         if any(k.startswith(prefix) for k in keys):
             return arch
     return "unknown"
+
+
+def checkpoint_keys(path: Path) -> list[str]:
+    """Tensor names: the safetensors header, or a pickle read by the allow-listed unpickler (no code runs)."""
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        from darkroom.models.pickled import pickle_keys
+
+        return pickle_keys(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as fh:
+        return list(fh.keys())
 
 
 def diffusers_arch(folder: Path) -> str:
@@ -296,14 +312,16 @@ def _is_listable(entry: Path) -> bool:
     return False
 
 
-def _model_kind(entry: Path) -> str | None:
+def _model_kind(entry: Path, allow_pickle: bool = False) -> str | None:
     if entry.is_dir():
         if entry.name.endswith(SIDECAR_CONFIG_SUFFIX):
             return None  # a single file's config sidecar (weights-less), not a model of its own
         return "diffusers" if (entry / "model_index.json").is_file() else None
     suffix = entry.suffix.lower()
+    if allow_pickle and suffix in PICKLE_CHECKPOINT_SUFFIXES:
+        return "single_file"
     if suffix in PICKLE_SUFFIXES:
-        log.warning("ignoring %s: pickled checkpoints can run code when loaded; convert it to .safetensors", entry)
+        log.warning("ignoring %s: pickled checkpoints can run code when loaded; %s", entry, PICKLE_HINT)
         return None
     return "single_file" if suffix == ".safetensors" else None
 
@@ -342,15 +360,15 @@ def _diffusers_weights_are_safe(folder: Path) -> bool:
     return True
 
 
-def _validate_source(path: Path) -> str:
+def _validate_source(path: Path, allow_pickle: bool = False) -> str:
     if not path.exists():
         raise InvalidRequest(f"{path} does not exist", field="path")
-    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
+    pickled = path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES
+    if pickled and not (allow_pickle and path.suffix.lower() in PICKLE_CHECKPOINT_SUFFIXES):
         raise InvalidRequest(
-            f"{path.name} is a pickled checkpoint, which can run code when loaded; convert it to .safetensors first",
-            field="path",
+            f"{path.name} is a pickled checkpoint, which can run code when loaded; {PICKLE_HINT}", field="path"
         )
-    kind = _model_kind(path)
+    kind = _model_kind(path, allow_pickle)
     if kind is None:
         raise InvalidRequest(
             f"{path} is neither a .safetensors checkpoint nor a diffusers folder (with model_index.json)", field="path"
@@ -364,7 +382,8 @@ def _validate_source(path: Path) -> str:
         try:
             arch = single_file_arch(path)
         except Exception as exc:  # safetensors raises its own error type for a corrupt header
-            raise InvalidRequest(f"{path.name} is not a readable safetensors file: {exc}", field="path") from exc
+            what = "weights-only checkpoint" if pickled else "safetensors file"
+            raise InvalidRequest(f"{path.name} is not a readable {what}: {exc}", field="path") from exc
         if arch is None:
             raise InvalidRequest(f"{path.name} holds no Stable Diffusion UNet ({LDM_UNET_PREFIX}*)", field="path")
     return kind

@@ -13,6 +13,7 @@ pixels do not depend on what it was batched with.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import logging
 import os
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from darkroom import __version__, clock
+from darkroom.auth.tenants import TenantStore
 from darkroom.config import Settings
 from darkroom.engines.base import Engine, EngineResult
 from darkroom.errors import DarkroomError, Draining, FatalEngineError, JobCancelled, JobTimeout, LeaseLost
@@ -33,6 +35,7 @@ from darkroom.kv import SettingsKV
 from darkroom.models.approvals import approved
 from darkroom.models.registry import ModelRegistry
 from darkroom.models.verify import verify_local_models
+from darkroom.safety.checker import OutputChecker, load_checker, review_decision
 from darkroom.safety.provenance import encode_png
 from darkroom.storage.base import BlobStore
 from darkroom.worker.presence import Presence
@@ -161,6 +164,11 @@ class Worker:
         if self._engine is None:
             self._engine = self.engine_factory()
         return self._engine
+
+    @functools.cached_property
+    def output_checker(self) -> OutputChecker | None:
+        """Imported on first use, once per worker; a bad path fails the job rather than release unchecked images."""
+        return load_checker(self.settings)
 
     def held_models(self) -> set[str]:
         loaded = getattr(self._engine, "loaded_models", None)
@@ -335,10 +343,12 @@ class Worker:
             "timings": timings,
             "worker": self.id,
         }
+        policy = TenantStore(self.store.engine).get(job.tenant)  # read per job: a policy change applies at once
         new_images = []
         for index, item in enumerate(result.images):
             png = encode_png(item.image, {**common, "seed": item.seed, "image_index": index})
             digest, key = self.blobs.put(png, "image/png")
+            review_state, review_reason = review_decision(self.output_checker, policy, item.image, request, job.tenant)
             new_images.append(
                 NewImage(
                     index=index,
@@ -349,6 +359,8 @@ class Worker:
                     blob_key=key,
                     content_type="image/png",
                     size_bytes=len(png),
+                    review_state=review_state,
+                    review_reason=review_reason,
                 )
             )
         seeds = [i.seed for i in result.images]

@@ -1,0 +1,330 @@
+"""Retention: each tenant's time-to-live for images (with the source images it uploaded) and for prompt text.
+
+A sweep, per tenant with a TTL (`TenantPolicy.image_ttl_days`, `prompt_ttl_days`):
+1. *images* older than the image TTL lose their bytes; the row stays as the record, with `deleted_at` set (the API
+   answers 404 for it);
+2. *uploads*: the init and mask images of finished jobs older than the image TTL are deleted, and the job's
+   `blob:<key>` references (in `request` and in the provenance copy `result["request"]`) become `[deleted]`;
+3. *prompts*: finished jobs older than the prompt TTL get `prompt` and `negative_prompt` replaced by `[redacted]`, in
+   `request` and in `result["request"]`, and `prompt_redacted_at` set. Queued and running jobs are never touched.
+
+Blobs are content-addressed, so one blob may back several image rows and job uploads, across tenants. A blob is
+deleted only when nothing outside the batch being expired still references it: the last reference to expire takes
+the bytes with it. Bytes are deleted *before* their rows are marked, so a crash in between leaves rows that the next
+sweep marks (deleting again is a no-op), never marked rows whose bytes linger. One residual race is accepted: a new
+job that uploads the very same bytes while the sweep deletes them finds its source gone and fails with a clear error.
+
+Work goes in batches (`batch_size` rows per transaction), so a large backlog never holds SQLite's write lock for long.
+Each tenant a sweep changed gets one audit record (`retention.sweep`, by `system:retention`) with the counts and TTLs
+applied; a sweep with nothing to do writes nothing, so a second sweep is a no-op. Every API process runs a sweeper
+(`start_for`); a lease in `settings_kv` lets one sweep at a time across all of them.
+
+Not covered here: the PNG bytes of a still-live image carry the prompt in their metadata, so a prompt TTL shorter
+than the image TTL leaves that copy until the image itself expires.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from darkroom import clock
+from darkroom.auth import audit
+from darkroom.auth.principal import Principal, Role
+from darkroom.auth.tenants import TenantPolicy, TenantStore
+from darkroom.jobs.db import read_tx, write_tx
+from darkroom.jobs.tables import images, jobs
+from darkroom.schemas import TERMINAL_STATES
+from darkroom.storage.base import BlobStore
+from darkroom.webhooks.tables import settings_kv
+
+if TYPE_CHECKING:
+    from darkroom.config import Settings
+    from darkroom.service import Services
+
+log = logging.getLogger("darkroom.retention")
+
+ACTOR = "system:retention"
+REDACTED = "[redacted]"
+DELETED = "[deleted]"
+UPLOAD_FIELDS = ("init_image", "mask_image")
+PROMPT_FIELDS = ("prompt", "negative_prompt")
+BATCH_SIZE = 500
+LEASE_KEY = "retention.lease"
+LEASE_SECONDS = 900.0
+FIRST_SWEEP_MAX_DELAY = 30.0
+_TERMINAL = [state.value for state in TERMINAL_STATES]
+
+
+@dataclass
+class TenantCounts:
+    images_deleted: int = 0
+    uploads_deleted: int = 0  # jobs whose init/mask images were removed
+    blobs_deleted: int = 0
+    prompts_redacted: int = 0
+
+    def changed(self) -> bool:
+        return any(asdict(self).values())
+
+
+class RetentionSweeper:
+    def __init__(
+        self, engine: sa.Engine, blobs: BlobStore, settings: Settings, *, batch_size: int = BATCH_SIZE
+    ) -> None:
+        self.engine = engine
+        self.blobs = blobs
+        self.settings = settings
+        self.batch_size = batch_size
+        self.id = clock.new_id("retention")
+
+    def sweep(self, now: dt.datetime | None = None) -> dict[str, dict[str, int]]:
+        """Apply every tenant's TTLs as of `now`; returns counts per tenant that has a TTL. Empty when no tenant has
+        one, or while another process holds the sweep lease."""
+        now = now or clock.utcnow()
+        policies = {t: p for t, p in TenantStore(self.engine).all().items() if _has_ttl(p)}
+        if not policies:
+            return {}
+        if not self._take_lease():
+            log.info("retention sweep skipped: another process is sweeping")
+            return {}
+        try:
+            return {tenant: asdict(self._sweep_tenant(tenant, policy, now)) for tenant, policy in policies.items()}
+        finally:
+            self._release_lease()
+
+    def _sweep_tenant(self, tenant: str, policy: TenantPolicy, now: dt.datetime) -> TenantCounts:
+        counts = TenantCounts()
+        if policy.image_ttl_days is not None:
+            cutoff = now - dt.timedelta(days=policy.image_ttl_days)
+            self._expire_images(tenant, cutoff, now, counts)
+            self._expire_uploads(tenant, cutoff, counts)
+        if policy.prompt_ttl_days is not None:
+            self._redact_prompts(tenant, now - dt.timedelta(days=policy.prompt_ttl_days), now, counts)
+        if counts.changed():
+            self._audit(tenant, policy, counts)
+            log.info("retention: tenant %s: %s", tenant, asdict(counts))
+        return counts
+
+    # --- images ----------------------------------------------------------------------------------------------------
+
+    def _expire_images(self, tenant: str, cutoff: dt.datetime, now: dt.datetime, counts: TenantCounts) -> None:
+        expired = sa.and_(images.c.tenant == tenant, images.c.deleted_at.is_(None), images.c.created_at < cutoff)
+        query = (
+            sa.select(images.c.id, images.c.blob_key)
+            .where(expired)
+            .order_by(images.c.created_at, images.c.id)
+            .limit(self.batch_size)
+        )
+        while True:
+            with read_tx(self.engine) as conn:
+                rows = conn.execute(query).all()
+            if not rows:
+                return
+            ids = [r.id for r in rows]
+            counts.blobs_deleted += self._delete_unreferenced({r.blob_key for r in rows}, skip_images=ids)
+            with write_tx(self.engine) as conn:
+                counts.images_deleted += conn.execute(
+                    images.update().where(images.c.id.in_(ids), images.c.deleted_at.is_(None)).values(deleted_at=now)
+                ).rowcount
+            if len(rows) < self.batch_size:
+                return
+
+    # --- uploads ---------------------------------------------------------------------------------------------------
+
+    def _expire_uploads(self, tenant: str, cutoff: dt.datetime, counts: TenantCounts) -> None:
+        stored = sa.or_(*(_ref(field).like("blob:%") for field in UPLOAD_FIELDS))
+        query = (
+            sa.select(jobs.c.id, jobs.c.request)
+            .where(jobs.c.tenant == tenant, jobs.c.state.in_(_TERMINAL), jobs.c.created_at < cutoff, stored)
+            .order_by(jobs.c.created_at, jobs.c.id)
+            .limit(self.batch_size)
+        )
+        while True:
+            with read_tx(self.engine) as conn:
+                rows = conn.execute(query).all()
+            if not rows:
+                return
+            ids = [r.id for r in rows]
+            keys = {ref.removeprefix("blob:") for r in rows for ref in _upload_refs(r.request)}
+            counts.blobs_deleted += self._delete_unreferenced(keys, skip_jobs=ids)
+            with write_tx(self.engine) as conn:
+                counts.uploads_deleted += self._rewrite(conn, ids, _drop_uploads)
+            if len(rows) < self.batch_size:
+                return
+
+    # --- prompts ---------------------------------------------------------------------------------------------------
+
+    def _redact_prompts(self, tenant: str, cutoff: dt.datetime, now: dt.datetime, counts: TenantCounts) -> None:
+        query = (
+            sa.select(jobs.c.id)
+            .where(
+                jobs.c.tenant == tenant,
+                jobs.c.state.in_(_TERMINAL),
+                jobs.c.created_at < cutoff,
+                jobs.c.prompt_redacted_at.is_(None),
+            )
+            .order_by(jobs.c.created_at, jobs.c.id)
+            .limit(self.batch_size)
+        )
+        while True:
+            with write_tx(self.engine) as conn:
+                ids = list(conn.execute(query).scalars())
+                counts.prompts_redacted += self._rewrite(conn, ids, _redact, prompt_redacted_at=now)
+            if len(ids) < self.batch_size:
+                return
+
+    # --- shared ----------------------------------------------------------------------------------------------------
+
+    def _rewrite(self, conn: sa.Connection, ids: list[str], change: Any, **values: Any) -> int:
+        """Apply `change` to the request and its provenance copy of each finished job; returns how many changed."""
+        if not ids:
+            return 0
+        rows = conn.execute(
+            sa.select(jobs.c.id, jobs.c.request, jobs.c.result).where(jobs.c.id.in_(ids), jobs.c.state.in_(_TERMINAL))
+        ).all()
+        for row in rows:
+            result = row.result
+            if isinstance(result, dict) and isinstance(result.get("request"), dict):
+                result = {**result, "request": change(result["request"])}
+            conn.execute(
+                jobs.update().where(jobs.c.id == row.id).values(request=change(row.request), result=result, **values)
+            )
+        return len(rows)
+
+    def _delete_unreferenced(
+        self, keys: set[str], *, skip_images: Iterable[str] = (), skip_jobs: Iterable[str] = ()
+    ) -> int:
+        """Delete the blobs that nothing but the rows being expired (`skip_*`) references; returns how many."""
+        if not keys:
+            return 0
+        with read_tx(self.engine) as conn:
+            doomed = keys - _live_keys(conn, keys, list(skip_images), list(skip_jobs))
+        for key in sorted(doomed):
+            self.blobs.delete(key)
+        return len(doomed)
+
+    def _audit(self, tenant: str, policy: TenantPolicy, counts: TenantCounts) -> None:
+        who = Principal(actor=ACTOR, role=Role.admin, tenant=tenant)
+        details = {
+            **asdict(counts),
+            "image_ttl_days": policy.image_ttl_days,
+            "prompt_ttl_days": policy.prompt_ttl_days,
+        }
+        with write_tx(self.engine) as conn:
+            audit.record(conn, who, "retention.sweep", tenant, details, tenant=tenant)
+
+    # --- one sweeper at a time ---------------------------------------------------------------------------------------
+
+    def _take_lease(self) -> bool:
+        """Compare-and-set on a `settings_kv` row. Another process's unexpired lease means it is sweeping now."""
+        now = clock.utcnow()
+        lease = {"owner": self.id, "until": (now + dt.timedelta(seconds=LEASE_SECONDS)).isoformat()}
+        mine = settings_kv.c.key == LEASE_KEY
+        try:
+            with write_tx(self.engine) as conn:
+                row = conn.execute(sa.select(settings_kv.c.value).where(mine).with_for_update()).first()
+                if row is None:
+                    conn.execute(settings_kv.insert().values(key=LEASE_KEY, value=lease, updated_at=now))
+                    return True
+                if _lease_held(row.value, self.id, now):
+                    return False
+                conn.execute(settings_kv.update().where(mine).values(value=lease, updated_at=now))
+                return True
+        except sa.exc.IntegrityError:  # another process inserted the row first (PostgreSQL)
+            return False
+
+    def _release_lease(self) -> None:
+        with write_tx(self.engine) as conn:
+            row = conn.execute(sa.select(settings_kv.c.value).where(settings_kv.c.key == LEASE_KEY)).first()
+            if row is not None and row.value.get("owner") == self.id:
+                conn.execute(settings_kv.delete().where(settings_kv.c.key == LEASE_KEY))
+
+
+def _has_ttl(policy: TenantPolicy) -> bool:
+    return policy.image_ttl_days is not None or policy.prompt_ttl_days is not None
+
+
+def _lease_held(value: Any, owner: str, now: dt.datetime) -> bool:
+    if not isinstance(value, dict) or value.get("owner") == owner:
+        return False
+    try:
+        return dt.datetime.fromisoformat(str(value.get("until"))) > now
+    except ValueError:
+        return False
+
+
+def _ref(field: str) -> sa.ColumnElement[str]:
+    return jobs.c.request[field].as_string()
+
+
+def _upload_refs(request: dict[str, Any]) -> list[str]:
+    return [v for f in UPLOAD_FIELDS if isinstance(v := request.get(f), str) and v.startswith("blob:")]
+
+
+def _drop_uploads(request: dict[str, Any]) -> dict[str, Any]:
+    gone = set(UPLOAD_FIELDS) & {k for k, v in request.items() if isinstance(v, str) and v.startswith("blob:")}
+    return {k: DELETED if k in gone else v for k, v in request.items()}
+
+
+def _redact(request: dict[str, Any]) -> dict[str, Any]:
+    """Text goes; an empty negative prompt stays empty (there was nothing to hide)."""
+    return {k: REDACTED if k in PROMPT_FIELDS and v else v for k, v in request.items()}
+
+
+def _live_keys(conn: sa.Connection, keys: set[str], skip_images: list[str], skip_jobs: list[str]) -> set[str]:
+    """Which of `keys` an image row (not deleted) or a job's upload reference still uses, outside the rows skipped."""
+    live = set(
+        conn.execute(
+            sa.select(images.c.blob_key).where(
+                images.c.blob_key.in_(keys), images.c.deleted_at.is_(None), images.c.id.not_in(skip_images)
+            )
+        ).scalars()
+    )
+    refs = [f"blob:{key}" for key in keys]
+    for field in UPLOAD_FIELDS:
+        used = conn.execute(sa.select(_ref(field)).where(_ref(field).in_(refs), jobs.c.id.not_in(skip_jobs)))
+        live |= {ref.removeprefix("blob:") for ref in used.scalars()}
+    return live
+
+
+# --- the background sweeper ------------------------------------------------------------------------------------------
+
+
+class RetentionThread:
+    """Sweeps every `retention_sweep_seconds` in a daemon thread; an error is logged and the next sweep goes on."""
+
+    def __init__(self, sweeper: RetentionSweeper, interval: float) -> None:
+        self.sweeper = sweeper
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="retention-sweeper", daemon=True)
+
+    def start(self) -> RetentionThread:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        # The first sweep comes soon after start (a process restarted often still sweeps), not at once (startup).
+        delay = min(self.interval, FIRST_SWEEP_MAX_DELAY)
+        while not self._stop.wait(delay):
+            try:
+                self.sweeper.sweep()
+            except Exception:
+                log.exception("retention sweep failed; retrying in %.0f s", self.interval)
+            delay = self.interval
+
+
+def start_for(settings: Settings, services: Services) -> RetentionThread:
+    """What the app's lifespan calls: a running background sweeper."""
+    sweeper = RetentionSweeper(services.store.engine, services.blobs, settings)
+    return RetentionThread(sweeper, settings.security.retention_sweep_seconds).start()

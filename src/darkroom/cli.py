@@ -154,6 +154,7 @@ def generate(
         "out.png"
     ),
     url: Annotated[str, typer.Option(envvar="DARKROOM_URL", help="server base URL")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option(envvar="DARKROOM_API_KEY", help="API key (dk_…)")] = None,
     negative_prompt: Annotated[str | None, typer.Option("--negative", "-N")] = None,
     width: int | None = None,
     height: int | None = None,
@@ -191,7 +192,7 @@ def generate(
     from darkroom.client_cli import run_generate
 
     try:
-        paths = run_generate(url, body, output, _progress_bar())
+        paths = run_generate(url, body, output, _progress_bar(), api_key=api_key)
     except RuntimeError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
@@ -270,6 +271,9 @@ def models_approve(
     except DarkroomError as exc:
         console.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(1) from None
+    from darkroom.auth.principal import Principal
+
+    services.audit.record(Principal.cli(), "model.approve", model_id, {"sha256": digest})
     typer.echo(f"approved {model_id} sha256 {digest}")
 
 
@@ -285,6 +289,30 @@ def retention_sweep(data_dir: DataDir = None, database_url: DbUrl = None) -> Non
     finally:
         services.close()
     typer.echo(json.dumps(report, indent=2, sort_keys=True))
+
+
+@app.command()
+def verify(
+    image: Path,
+    as_json: Annotated[bool, typer.Option("--json", help="print the full report as JSON")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Check an image for darkroom's watermark, provenance and C2PA manifest.
+
+    Exit status 0: darkroom's watermark is in the pixels; 1: it is not; 2: the file is not a readable image.
+    """
+    from darkroom.safety.c2pa_manifest import trust_anchor
+    from darkroom.safety.verify import UnreadableImage, render
+    from darkroom.safety.verify import verify as check
+
+    anchor = trust_anchor(settings_from(data_dir=data_dir).data_dir / "c2pa")
+    try:
+        report = check(image.read_bytes(), trust_anchors=anchor)
+    except (OSError, UnreadableImage) as exc:
+        console.print(f"[red]{image}: {exc}[/red]")
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(report, indent=2) if as_json else render(report))
+    raise typer.Exit(0 if report["watermark"]["present"] else 1)
 
 
 @app.command()

@@ -17,9 +17,11 @@ def output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(count)]
 
 
-def run_generate(url: str, body: dict[str, Any], output: Path, progress: Progress) -> list[Path]:
+def run_generate(
+    url: str, body: dict[str, Any], output: Path, progress: Progress, api_key: str | None = None
+) -> list[Path]:
     try:
-        with Client(url) as client, progress:
+        with Client(url, api_key=api_key) as client, progress:
             job = client.submit(body)
             task = progress.add_task(f"{job['id']} queued", total=job["progress"]["total"] or None)
             for event in client.events(job["id"]):

@@ -148,6 +148,19 @@ class ModelInfo(BaseModel):
     description: str = ""
 
 
+class PublicModelInfo(BaseModel):
+    """What the API shows of a model: no file-system path."""
+
+    id: str
+    name: str
+    format: Literal["diffusers", "single_file"]
+    arch: str
+    sha256: str
+    size_bytes: int
+    smoke_test: bool = False
+    description: str = ""
+
+
 class ImageView(BaseModel):
     id: str
     index: int

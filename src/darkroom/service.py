@@ -75,10 +75,17 @@ class Services:
 
     def approve_models(self) -> dict[str, str]:
         """An API node approves the models it holds (first version seen); workers elsewhere verify against it."""
+        from darkroom.auth.principal import DEFAULT_TENANT, Principal, Role
         from darkroom.kv import SettingsKV
-        from darkroom.models.approvals import approve_new
+        from darkroom.models.approvals import approve_new, approved
 
-        return approve_new(SettingsKV(self.store.engine), self.registry.scan())
+        kv = SettingsKV(self.store.engine)
+        before = approved(kv)
+        current = approve_new(kv, self.registry.scan())
+        system = Principal(actor="system:startup", role=Role.admin, tenant=DEFAULT_TENANT)
+        for model_id in sorted(set(current) - set(before)):
+            self.audit.record(system, "model.approve", model_id, {"sha256": current[model_id], "first_seen": True})
+        return current
 
     def make_engine(self) -> Engine:
         from darkroom.engines.diffusers_engine import DiffusersEngine  # torch stays out of API-only processes

@@ -31,6 +31,9 @@ WEBHOOKS = {
     "DARKROOM_WEBHOOKS__POLL_SECONDS": "0.1",
 }
 
+# Kept pixels stay within the invisible watermark's change (luma, a few levels), which marks every output.
+WATERMARK_DELTA = 4
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, models_dir):
@@ -96,7 +99,7 @@ def test_openai_package_generates_edits_and_gets_openai_errors(cluster):
     )
     out = pixels(base64.b64decode(edited.data[0].b64_json))
     keep = np.asarray(mask.getchannel("A")) == 255
-    assert np.array_equal(out[keep], np.asarray(source).astype(int)[keep])
+    assert np.abs(out[keep] - np.asarray(source).astype(int)[keep]).max() <= WATERMARK_DELTA
 
     with pytest.raises(openai.BadRequestError) as err:
         oai.images.generate(prompt="x", size="12x12")
@@ -135,7 +138,7 @@ def test_a1111_txt2img_img2img_and_inpainting(http):
     assert inpaint.status_code == 200, inpaint.text
     out = pixels(base64.b64decode(inpaint.json()["images"][0]))
     keep = np.asarray(centre(255, 0)) == 0
-    assert np.array_equal(out[keep], np.asarray(source).astype(int)[keep])
+    assert np.abs(out[keep] - np.asarray(source).astype(int)[keep]).max() <= WATERMARK_DELTA
     assert np.abs(out[~keep] - np.asarray(source).astype(int)[~keep]).mean() > 1
 
 

@@ -20,6 +20,9 @@ from darkroom.service import Services
 
 SMALL = {"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 2}
 
+# Kept pixels stay within the invisible watermark's change (luma, a few levels), which marks every output.
+WATERMARK_DELTA = 4
+
 
 @pytest.fixture
 def settings(tmp_path, models_dir) -> Settings:
@@ -165,7 +168,7 @@ def test_inpainting_keeps_pixels_outside_the_mask(api):
     out = decode(response.json()["images"][0])
     keep = np.asarray(centre_mask()) == 0
     source = np.asarray(src).astype(int)
-    assert np.array_equal(out[keep], source[keep])
+    assert np.abs(out[keep] - source[keep]).max() <= WATERMARK_DELTA
     assert np.abs(out[~keep] - source[~keep]).mean() > 1
     job_id = json.loads(response.json()["info"])["job_id"]
     request = api.get(f"/v1/jobs/{job_id}").json()["request"]
@@ -185,7 +188,7 @@ def test_inverted_mask_keeps_the_centre(api):
     }
     out = decode(api.post("/sdapi/v1/img2img", json=body).json()["images"][0])
     centre = np.asarray(centre_mask()) == 255
-    assert np.array_equal(out[centre], np.asarray(src).astype(int)[centre])
+    assert np.abs(out[centre] - np.asarray(src).astype(int)[centre]).max() <= WATERMARK_DELTA
 
 
 def test_inpaint_full_res_is_a_crop_around_the_mask(api):

@@ -206,13 +206,12 @@ def test_the_job_stream_websocket_refuses_other_tenants(api, services):
     alice = key(services, Role.service, tenant="a")
     bob_token = key(services, Role.service, tenant="b")["Authorization"].removeprefix("Bearer ")
     job = submit(api, alice)
-    with pytest.raises(WebSocketDisconnect) as closed:
-        with api.websocket_connect(f"/v1/jobs/{job['id']}/ws?api_key={bob_token}"):
-            pass
+    theirs = f"/v1/jobs/{job['id']}/ws?api_key={bob_token}"
+    with pytest.raises(WebSocketDisconnect) as closed, api.websocket_connect(theirs):
+        pass
     assert closed.value.code == 4404
-    with pytest.raises(WebSocketDisconnect) as closed:
-        with api.websocket_connect(f"/v1/jobs/{job['id']}/ws"):
-            pass
+    with pytest.raises(WebSocketDisconnect) as closed, api.websocket_connect(f"/v1/jobs/{job['id']}/ws"):
+        pass
     assert closed.value.code == 4401
     alice_token = alice["Authorization"].removeprefix("Bearer ")
     with api.websocket_connect(f"/v1/jobs/{job['id']}/ws?api_key={alice_token}") as ws:

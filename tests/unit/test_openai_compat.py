@@ -20,6 +20,9 @@ from tests.support.live import LiveServer
 
 FAST = {"steps": 2}  # darkroom extension, sent with extra_body
 
+# Kept pixels stay within the invisible watermark's change (luma, a few levels), which marks every output.
+WATERMARK_DELTA = 4
+
 
 @pytest.fixture
 def services(tmp_path, models_dir):
@@ -178,7 +181,7 @@ def test_edits_with_a_mask_repaint_only_the_transparent_area(oai):
     out = pixels(base64.b64decode(result.data[0].b64_json))
     alpha = np.asarray(openai_mask().getchannel("A"))
     keep = alpha == 255
-    assert np.array_equal(out[keep], np.asarray(source).astype(int)[keep])
+    assert np.abs(out[keep] - np.asarray(source).astype(int)[keep]).max() <= WATERMARK_DELTA
     assert np.abs(out[~keep] - np.asarray(source).astype(int)[~keep]).mean() > 1
 
 
@@ -188,7 +191,7 @@ def test_edits_without_a_mask_use_the_images_transparency(oai):
     result = oai.images.edit(image=("s.png", png(source), "image/png"), prompt="sky", extra_body=FAST)
     out = pixels(base64.b64decode(result.data[0].b64_json))
     assert out.shape == (64, 64, 3)  # size: the source's
-    assert np.array_equal(out[:, 40:], np.asarray(source.convert("RGB")).astype(int)[:, 40:])
+    assert np.abs(out[:, 40:] - np.asarray(source.convert("RGB")).astype(int)[:, 40:]).max() <= WATERMARK_DELTA
 
 
 def test_edits_of_an_opaque_image_without_mask_reimagine_it(oai, live):

@@ -78,7 +78,7 @@ def hostile(tmp_path: Path, tiny_single_file_model: Path) -> tuple[list[Path], P
     for name in ("bare", "zipped"):
         shutil.copytree(tiny_single_file_model.with_suffix(".config"), folder / f"{name}.config")
     bare = folder / "bare.ckpt"
-    bare.write_bytes(pickle.dumps({"state_dict": {"model.diffusion_model.x": RunsCode(marker)}}))
+    bare.write_bytes(pickle.dumps({"state_dict": {"model.diffusion_model.x": RunsCode(marker)}}, protocol=2))
     zipped = folder / "zipped.ckpt"
     weights = {"model.diffusion_model.x.weight": torch.zeros(2), "cond_stage_model.transformer.y": torch.zeros(1)}
     torch.save({"state_dict": weights, "callbacks": RunsCode(marker)}, zipped)

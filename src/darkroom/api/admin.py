@@ -164,7 +164,7 @@ class AuditView(BaseModel):
 @router.get("/audit", response_model=list[AuditView], tags=["admin"], summary="The audit log, oldest first (admin)")
 def list_audit(
     request: Request,
-    after: int = Query(0, ge=0, description="the last id seen: pages forward"),
+    after: int = Query(0, ge=0, le=2**63 - 1, description="the last id seen: pages forward"),
     limit: int = Query(100, ge=1, le=1000),
     action: str | None = Query(None, max_length=64, description="`job.submit`, or a prefix ending in `.`: `job.`"),
     tenant: str | None = Query(None, max_length=64),

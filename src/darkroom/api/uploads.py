@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from darkroom.config import Limits
 from darkroom.errors import InvalidRequest, PayloadTooLarge
 
-ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}
+ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP"}  # MPO: how Pillow names the JPEGs many cameras and phones write
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 
 
@@ -51,7 +51,11 @@ def open_image(data: bytes, limits: Limits, field: str) -> Image.Image:
                 )
             img.load()
             return img.copy()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError):
+    except Image.DecompressionBombError:  # Pillow's own guard, in Image.open, for headers far past ours
+        raise InvalidRequest(
+            f"{field} claims more than {limits.max_upload_pixels} pixels (a decompression bomb?)", field=field
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError):
         raise InvalidRequest(f"{field} is not a readable image", field=field) from None
 
 

@@ -28,7 +28,7 @@ from darkroom.schemas import (
     JobProgress,
     JobState,
     JobView,
-    ModelInfo,
+    PublicModelInfo,
     check_limits,
 )
 from darkroom.service import Services
@@ -208,13 +208,18 @@ def cancel_job(request: Request, job_id: str, who: Principal = Generate) -> JobV
 @router.get("/jobs/{job_id}/events", summary="Server-Sent Events: queued, started, progress, succeeded/failed")
 async def job_events(request: Request, job_id: str, who: Principal = Generate) -> StreamingResponse:
     await run_in_threadpool(visible_job, services(request), who, job_id)
-    last = request.headers.get("Last-Event-ID", "0")
-    after = int(last) if last.isdigit() else 0
+    after = event_cursor(request.headers.get("Last-Event-ID"))
     return StreamingResponse(
         _event_stream(request, job_id, after),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+def event_cursor(value: str | None) -> int:
+    """A client's last-seen event id (`Last-Event-ID`, `?after=`); anything that is not one starts from the top."""
+    value = (value or "").strip()
+    return int(value) if value.isdigit() and len(value) <= 18 else 0
 
 
 async def _job_events(store: JobStore, job_id: str, after: int) -> AsyncIterator[JobEvent | None]:
@@ -262,7 +267,7 @@ async def job_websocket(websocket: WebSocket, job_id: str) -> None:
         return
     await websocket.accept()
     try:
-        async for event in _job_events(svc.store, job_id, int(websocket.query_params.get("after", "0") or 0)):
+        async for event in _job_events(svc.store, job_id, event_cursor(websocket.query_params.get("after"))):
             if event is not None:
                 await websocket.send_json({"id": event.id, **_payload(event)})
         await websocket.close()
@@ -286,11 +291,9 @@ def get_image(request: Request, image_id: str, who: Principal = Generate) -> Res
     )
 
 
-@router.get(
-    "/models", response_model=list[ModelInfo], response_model_exclude={"__all__": {"path"}}, summary="Approved models"
-)
-def list_models(request: Request, who: Principal = Generate) -> list[ModelInfo]:
-    return services(request).registry.scan()
+@router.get("/models", response_model=list[PublicModelInfo], summary="Approved models")
+def list_models(request: Request, who: Principal = Generate) -> list[PublicModelInfo]:
+    return [PublicModelInfo.model_validate(m.model_dump()) for m in services(request).registry.scan()]
 
 
 @router.get("/samplers", summary="Sampler names (AUTOMATIC1111's) and the diffusers scheduler each maps to")

@@ -123,6 +123,8 @@ class ModelRegistry:
         The copy goes to a hidden temporary name first and is renamed into place, so a concurrent scan never lists a
         half-written model.
         """
+        if name:
+            _check_name(name)
         path = Path(path).expanduser().resolve()
         kind = _validate_source(path, self.allow_pickle)
         stem = slugify(name) if name else slugify(path.stem if kind == "single_file" else path.name)
@@ -387,6 +389,12 @@ def _validate_source(path: Path, allow_pickle: bool = False) -> str:
         if arch is None:
             raise InvalidRequest(f"{path.name} holds no Stable Diffusion UNet ({LDM_UNET_PREFIX}*)", field="path")
     return kind
+
+
+def _check_name(name: str) -> None:
+    """A name that looks like a path is refused, not quietly slugified: `--name ../evil` is a mistake or an attack."""
+    if any(sep in name for sep in ("/", "\\", "\0")) or name.strip() in (".", ".."):
+        raise InvalidRequest(f"model name {name!r} must be a plain name, not a path", field="name")
 
 
 def _atomic_copy(src: Path, dest: Path) -> None:

@@ -74,6 +74,9 @@ class TenantCounts:
 
 
 class RetentionSweeper:
+    """One sweep applies every tenant's TTLs (see the module docstring); the API's lifespan runs it periodically
+    (`start_for`) and `darkroom retention sweep` runs it once."""
+
     def __init__(
         self, engine: sa.Engine, blobs: BlobStore, settings: Settings, *, batch_size: int = BATCH_SIZE
     ) -> None:

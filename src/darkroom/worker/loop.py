@@ -346,7 +346,12 @@ class Worker:
         policy = TenantStore(self.store.engine).get(job.tenant)  # read per job: a policy change applies at once
         new_images = []
         for index, item in enumerate(result.images):
-            png = encode_png(item.image, {**common, "seed": item.seed, "image_index": index})
+            png = encode_png(
+                item.image,
+                {**common, "seed": item.seed, "image_index": index},
+                watermark=self.settings.security.watermark,
+                c2pa_dir=self.settings.data_dir / "c2pa" if self.settings.security.c2pa else None,
+            )
             digest, key = self.blobs.put(png, "image/png")
             review_state, review_reason = review_decision(self.output_checker, policy, item.image, request, job.tenant)
             new_images.append(

@@ -64,6 +64,9 @@ def serve(
         settings.security.insecure = True
     _validate_hooks(settings, output_checker=settings.workers > 0)
     services = Services.open(settings)
+    if settings.security.bootstrap_admin_key and not _bootstrap(services):
+        services.close()
+        raise typer.Exit(2)
     if not _access_check(services):
         services.close()
         raise typer.Exit(2)
@@ -88,6 +91,19 @@ def _validate_hooks(settings: Settings, *, output_checker: bool) -> None:
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
+
+
+def _bootstrap(services: Any) -> bool:
+    from darkroom.errors import DarkroomError
+
+    try:
+        key = services.keys.bootstrap(services.settings.security.bootstrap_admin_key.get_secret_value())
+    except DarkroomError as exc:
+        console.print(f"[red]{exc.message}[/red]")
+        return False
+    if key is not None:
+        console.print(f"registered the bootstrap admin key {key.id}")
+    return True
 
 
 def _access_check(services: Any) -> bool:

@@ -84,6 +84,14 @@ def keys_create(
     typer.echo(token)
 
 
+@keys_app.command("token")
+def keys_token() -> None:
+    """Print a fresh key without storing it: for DARKROOM_SECURITY__BOOTSTRAP_ADMIN_KEY in a secret store."""
+    from darkroom.auth.keys import new_token
+
+    typer.echo(new_token()[1])
+
+
 @keys_app.command("list")
 def keys_list(
     tenant: str | None = None,

@@ -78,10 +78,20 @@ class SecuritySettings(BaseModel):
     flag) lets it answer unauthenticated requests on any address, which is for a closed network only."""
 
     insecure: bool = False
+    bootstrap_admin_key: SecretStr | None = Field(
+        default=None,
+        description="a `dk_…` key (from `darkroom keys token`) registered as an admin key at start if it is not yet:"
+        " how a container platform hands the first key over as a secret",
+    )
     allow_pickle_models: bool = Field(
         default=False,
         description="load pickled checkpoints (.ckpt/.pt/.bin), which can run code; only an admin turns this on",
     )
+    @field_validator("bootstrap_admin_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     prompt_classifier: str | None = Field(
         default=None, description="`module:callable` checked after the tenant's rules; see darkroom.safety.policy"
     )

@@ -90,7 +90,11 @@ def test_negative_prompt_is_not_held_to_the_rules(tmp_path):
 
 
 def test_catastrophic_regex_is_refused_and_fails_closed_quickly(tmp_path):
-    rules = policy((r"(a+)+$", "regex", "never"))
+    with pytest.raises(ValueError, match=r"prompt_rules\[0\].*nested"):
+        policy((r"(a+)+$", "regex", "never"))  # refused when a policy is built (and so when one is stored)
+    # A rule that got into the database some other way (by hand, say) still fails closed, and fast.
+    unsafe = PromptRule.model_construct(pattern=r"(a+)+$", kind="regex", reason="never")
+    rules = TenantPolicy.model_construct(prompt_rules=[unsafe])
     with pytest.raises(ValueError, match=r"prompt_rules\[0\].*nested"):
         validate_rules(rules.prompt_rules)
     started = time.monotonic()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import asdict, dataclass
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
+from darkroom.auth.audit import AuditRecord
+from darkroom.auth.keys import KeyRecord
 from darkroom.auth.limits import effective, usage
 from darkroom.auth.principal import DEFAULT_TENANT, Permission, Principal, Role
 from darkroom.auth.tenants import TenantPolicy
@@ -71,21 +74,9 @@ class KeyCreate(BaseModel):
     requests_per_minute: int | None = Field(None, ge=1, le=1_000_000)
 
 
-class KeyView(BaseModel):
-    id: str
-    name: str
-    role: Role
-    tenant: str
-    requests_per_minute: int | None
-    created_at: dt.datetime
-    created_by: str | None
-    expires_at: dt.datetime | None
-    revoked_at: dt.datetime | None
-    last_used_at: dt.datetime | None
-
-
-class NewKey(KeyView):
-    token: str = Field(description="the API key; shown this once and never again")
+@dataclass(frozen=True)
+class NewKey(KeyRecord):
+    token: str = ""  # the API key; shown this once and never again
 
 
 @router.post("/keys", status_code=201, response_model=NewKey, tags=["admin"], summary="Create an API key (admin)")
@@ -100,20 +91,19 @@ def create_key(request: Request, body: KeyCreate, who: Principal = Admin) -> New
         expires_in=expires,
         requests_per_minute=body.requests_per_minute,
     )
-    return NewKey(**KeyView.model_validate(key, from_attributes=True).model_dump(), token=token)
+    return NewKey(**asdict(key), token=token)
 
 
-@router.get("/keys", response_model=list[KeyView], tags=["admin"], summary="API keys, without their secrets (admin)")
+@router.get("/keys", response_model=list[KeyRecord], tags=["admin"], summary="API keys, without their secrets (admin)")
 def list_keys(
     request: Request, tenant: str | None = None, include_revoked: bool = False, who: Principal = Admin
-) -> list[KeyView]:
-    keys = _services(request).keys.list(tenant=tenant, include_revoked=include_revoked)
-    return [KeyView.model_validate(k, from_attributes=True) for k in keys]
+) -> list[KeyRecord]:
+    return _services(request).keys.list(tenant=tenant, include_revoked=include_revoked)
 
 
-@router.delete("/keys/{key_id}", response_model=KeyView, tags=["admin"], summary="Revoke an API key (admin)")
-def revoke_key(request: Request, key_id: str, who: Principal = Admin) -> KeyView:
-    return KeyView.model_validate(_services(request).keys.revoke(who, key_id), from_attributes=True)
+@router.delete("/keys/{key_id}", response_model=KeyRecord, tags=["admin"], summary="Revoke an API key (admin)")
+def revoke_key(request: Request, key_id: str, who: Principal = Admin) -> KeyRecord:
+    return _services(request).keys.revoke(who, key_id)
 
 
 # --- tenants (admin) and usage (everyone, for their own tenant) -------------------------------------------------------
@@ -147,21 +137,7 @@ def get_usage(request: Request, who: Principal = Depends(require(Permission.gene
 # --- audit log (admin) ------------------------------------------------------------------------------------------------
 
 
-class AuditView(BaseModel):
-    id: int
-    at: dt.datetime
-    actor: str
-    role: str | None
-    tenant: str | None
-    action: str
-    target: str | None
-    outcome: str
-    ip: str | None
-    request_id: str | None
-    details: dict
-
-
-@router.get("/audit", response_model=list[AuditView], tags=["admin"], summary="The audit log, oldest first (admin)")
+@router.get("/audit", response_model=list[AuditRecord], tags=["admin"], summary="The audit log, oldest first (admin)")
 def list_audit(
     request: Request,
     after: int = Query(0, ge=0, le=2**63 - 1, description="the last id seen: pages forward"),
@@ -172,11 +148,10 @@ def list_audit(
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
     who: Principal = Admin,
-) -> list[AuditView]:
-    records = _services(request).audit.list(
+) -> list[AuditRecord]:
+    return _services(request).audit.list(
         after_id=after, limit=limit, action=action, tenant=tenant, actor=actor, since=since, until=until
     )
-    return [AuditView.model_validate(r, from_attributes=True) for r in records]
 
 
 # --- models (operators) ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import RedirectResponse
 
 from darkroom import __version__, clock
@@ -50,6 +51,8 @@ def create_app(services: Services, workers: int = 0) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(review.router)
 
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
         return RedirectResponse("/docs")
@@ -71,3 +74,33 @@ def _install_middleware(app: FastAPI, services: Services) -> None:
         response = await call_next(request)
         response.headers["X-Request-ID"] = request.state.request_id
         return response
+
+
+PROBLEM_SCHEMA = {
+    "title": "Problem",
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "field": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            },
+        }
+    },
+}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI documents validation errors as its own `{"detail": …}`; darkroom answers `{"error": …}` (errors.py)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        if "HTTPValidationError" in components:
+            components["HTTPValidationError"] = PROBLEM_SCHEMA
+            components.pop("ValidationError", None)  # only FastAPI's shape used it
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from darkroom import clock
 from darkroom.auth import audit
-from darkroom.auth.principal import Principal, Role
+from darkroom.auth.principal import DEFAULT_TENANT, Principal, Role
 from darkroom.auth.tables import api_keys
 from darkroom.auth.tenants import valid_tenant
 from darkroom.errors import InvalidRequest, NotFound, Unauthorized
@@ -49,6 +49,12 @@ class KeyRecord:
         for k in ("created_at", "expires_at", "revoked_at", "last_used_at"):
             out[k] = out[k].isoformat() if out[k] else None
         return out
+
+
+def new_token() -> tuple[str, str]:
+    """(id, token) for a fresh key."""
+    key_id = "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
+    return key_id, f"dk_{key_id}_{secrets.token_urlsafe(32)}"
 
 
 def _hash(token: str) -> str:
@@ -91,8 +97,7 @@ class KeyStore:
             raise InvalidRequest("name: 1 to 200 characters", field="name")
         if expires_in is not None and expires_in.total_seconds() <= 0:
             raise InvalidRequest("expires_in must be positive", field="expires_in")
-        key_id = "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
-        token = f"dk_{key_id}_{secrets.token_urlsafe(32)}"
+        key_id, token = new_token()
         now = clock.utcnow()
         values = dict(
             id=key_id,
@@ -110,6 +115,36 @@ class KeyStore:
             details["expires_at"] = values["expires_at"].isoformat() if values["expires_at"] else None
             audit.record(conn, who, "key.create", key_id, details, tenant=tenant)
         return self.require(key_id), token
+
+    def bootstrap(self, token: str) -> KeyRecord | None:
+        """Register a key made elsewhere (`darkroom keys token`, kept in a secret store) as an admin key of the
+        default tenant, once. Returns it when it was new; None when it was already there. A token whose id exists
+        with a different secret is an error, never an overwrite."""
+        match = _TOKEN.match(token.strip())
+        if not match:
+            raise InvalidRequest(
+                "bootstrap_admin_key: not a darkroom key (dk_<id>_<secret>)", field="bootstrap_admin_key"
+            )
+        existing = self.get(match.group(1))
+        if existing is not None:
+            with read_tx(self.engine) as conn:
+                stored = conn.execute(sa.select(api_keys.c.hash).where(api_keys.c.id == existing.id)).scalar_one()
+            if not hmac.compare_digest(stored, _hash(token.strip())):
+                raise InvalidRequest(
+                    "bootstrap_admin_key: that key id exists with another secret", field="bootstrap_admin_key"
+                )
+            return None
+        who = Principal(actor="system:bootstrap", role=Role.admin, tenant=DEFAULT_TENANT)
+        now = clock.utcnow()
+        values = dict(id=match.group(1), name="bootstrap admin", role=Role.admin.value, tenant=DEFAULT_TENANT)
+        with write_tx(self.engine) as conn:
+            conn.execute(
+                api_keys.insert().values(hash=_hash(token.strip()), created_at=now, created_by=who.actor, **values)
+            )
+            audit.record(
+                conn, who, "key.create", values["id"], {"name": values["name"], "role": "admin", "bootstrap": True}
+            )
+        return self.require(values["id"])
 
     def get(self, key_id: str) -> KeyRecord | None:
         with read_tx(self.engine) as conn:

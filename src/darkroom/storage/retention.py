@@ -28,7 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -124,17 +124,21 @@ class RetentionSweeper:
             .order_by(images.c.created_at, images.c.id)
             .limit(self.batch_size)
         )
-        while True:
-            with read_tx(self.engine) as conn:
-                rows = conn.execute(query).all()
-            if not rows:
-                return
+        for rows in self._batches(query):
             ids = [r.id for r in rows]
             counts.blobs_deleted += self._delete_unreferenced({r.blob_key for r in rows}, skip_images=ids)
             with write_tx(self.engine) as conn:
                 counts.images_deleted += conn.execute(
                     images.update().where(images.c.id.in_(ids), images.c.deleted_at.is_(None)).values(deleted_at=now)
                 ).rowcount
+
+    def _batches(self, query: sa.Select) -> Iterator[list[sa.Row]]:
+        """Rows of `query`, a batch at a time; the caller's work on a batch takes its rows out of the query."""
+        while True:
+            with read_tx(self.engine) as conn:
+                rows = conn.execute(query).all()
+            if rows:
+                yield rows
             if len(rows) < self.batch_size:
                 return
 
@@ -148,18 +152,12 @@ class RetentionSweeper:
             .order_by(jobs.c.created_at, jobs.c.id)
             .limit(self.batch_size)
         )
-        while True:
-            with read_tx(self.engine) as conn:
-                rows = conn.execute(query).all()
-            if not rows:
-                return
+        for rows in self._batches(query):
             ids = [r.id for r in rows]
             keys = {ref.removeprefix("blob:") for r in rows for ref in _upload_refs(r.request)}
             counts.blobs_deleted += self._delete_unreferenced(keys, skip_jobs=ids)
             with write_tx(self.engine) as conn:
                 counts.uploads_deleted += self._rewrite(conn, ids, _drop_uploads)
-            if len(rows) < self.batch_size:
-                return
 
     # --- prompts ---------------------------------------------------------------------------------------------------
 

@@ -87,6 +87,7 @@ class SecuritySettings(BaseModel):
         default=False,
         description="load pickled checkpoints (.ckpt/.pt/.bin), which can run code; only an admin turns this on",
     )
+
     @field_validator("bootstrap_admin_key", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:

@@ -232,12 +232,7 @@ def models_list(models_dir: ModelsDir = None, data_dir: DataDir = None, as_json:
     from darkroom.models.registry import ModelRegistry
 
     settings = settings_from(models_dir=models_dir, data_dir=data_dir)
-    registry = ModelRegistry(
-        settings.resolved_models_dir,
-        settings.data_dir / "model-hashes.json",
-        allow_pickle=settings.security.allow_pickle_models,
-    )
-    models = registry.scan()
+    models = ModelRegistry.for_settings(settings).scan()
     if as_json:
         typer.echo(json.dumps([m.model_dump() for m in models], indent=2))
         return
@@ -258,13 +253,8 @@ def models_add(path: Path, name: str | None = None, models_dir: ModelsDir = None
 
     settings = settings_from(models_dir=models_dir, data_dir=data_dir)
     settings.resolved_models_dir.mkdir(parents=True, exist_ok=True)
-    registry = ModelRegistry(
-        settings.resolved_models_dir,
-        settings.data_dir / "model-hashes.json",
-        allow_pickle=settings.security.allow_pickle_models,
-    )
     try:
-        info = registry.add(path, name=name)
+        info = ModelRegistry.for_settings(settings).add(path, name=name)
     except DarkroomError as exc:
         console.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(1) from None

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from darkroom import clock
 from darkroom.config import Settings
 
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
@@ -211,7 +212,13 @@ def audit_export(
 ) -> None:
     """Every matching audit record as JSON Lines, oldest first."""
     svc = _services(data_dir, database_url)
-    filters = {"since": _utc(since), "until": _utc(until), "action": action, "tenant": tenant, "actor": actor}
+    filters = {
+        "since": clock.aware(since),
+        "until": clock.aware(until),
+        "action": action,
+        "tenant": tenant,
+        "actor": actor,
+    }
     out = output.open("w") if output else sys.stdout
     count = 0
     try:
@@ -223,7 +230,3 @@ def audit_export(
             out.close()
         svc.store.close()
     console.print(f"{count} audit records")
-
-
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    return value.replace(tzinfo=dt.UTC) if value is not None and value.tzinfo is None else value

@@ -17,6 +17,11 @@ def utcnow() -> dt.datetime:
     return _frozen or dt.datetime.now(dt.UTC)
 
 
+def aware(value: dt.datetime | None) -> dt.datetime | None:
+    """A timestamp read back from the database, in UTC: SQLite hands back naive datetimes, PostgreSQL aware ones."""
+    return value.replace(tzinfo=dt.UTC) if value is not None and value.tzinfo is None else value
+
+
 @contextlib.contextmanager
 def frozen(at: dt.datetime) -> Iterator[None]:
     """Tests: wall-clock time stands at `at` (every thread) until the block ends. Monotonic time runs on."""

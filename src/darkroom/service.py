@@ -50,9 +50,7 @@ class Services:
             settings=settings,
             store=store,
             blobs=open_blob_store(settings),
-            registry=ModelRegistry(
-                models_dir, settings.data_dir / "model-hashes.json", allow_pickle=settings.security.allow_pickle_models
-            ),
+            registry=ModelRegistry.for_settings(settings),
             audit=AuditLog(store.engine),
             tenants=TenantStore(store.engine),
             keys=KeyStore(store.engine),

@@ -15,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from darkroom.auth.limits import RateLimiter, effective
 from darkroom.auth.principal import Permission, Principal
+from darkroom.auth.tenants import TenantPolicy
 from darkroom.errors import Forbidden, NotFound, Unauthorized
 from darkroom.jobs.store import ImageRecord, JobRecord
 from darkroom.service import Services
@@ -38,10 +39,12 @@ def open_without_keys(svc: Services) -> bool:
 
 def authenticate(svc: Services, token: str | None, ip: str | None, request_id: str | None) -> Principal:
     """The caller. Without any keys an open service ignores whatever token comes (OpenAI clients always send one)."""
-    if token and (svc.keys.any_keys() or not open_without_keys(svc)):
+    if token:
         try:
             key = svc.keys.authenticate(token)
         except Unauthorized as exc:
+            if open_without_keys(svc) and not svc.keys.any_keys():
+                return Principal.local(ip, request_id)
             claimed = token.split("_")[1][:32] if token.startswith("dk_") and token.count("_") >= 2 else None
             svc.audit.denied_login(claimed, ip, request_id, exc.message)
             raise
@@ -61,11 +64,12 @@ def authenticate(svc: Services, token: str | None, ip: str | None, request_id: s
     return Principal.local(ip, request_id)
 
 
-def _admit(svc: Services, token: str | None, ip: str | None, request_id: str | None) -> Principal:
+def _admit(svc: Services, token: str | None, ip: str | None, request_id: str | None) -> tuple[Principal, TenantPolicy]:
+    """The caller and its tenant's effective policy (read once per request: submit checks it again), rate-limited."""
     who = authenticate(svc, token, ip, request_id)
-    limits = effective(svc.tenants.get(who.tenant), svc.settings.security)
-    RateLimiter(svc.store.engine).hit(who, limits.requests_per_minute)
-    return who
+    policy = effective(svc.tenants.get(who.tenant), svc.settings.security)
+    RateLimiter(svc.store.engine).hit(who, policy.requests_per_minute)
+    return who, policy
 
 
 def require(permission: Permission) -> Callable[..., object]:
@@ -77,7 +81,8 @@ def require(permission: Permission) -> Callable[..., object]:
             svc: Services = request.app.state.services
             ip = request.client.host if request.client else None
             token = creds.credentials if creds else None
-            who = await run_in_threadpool(_admit, svc, token, ip, getattr(request.state, "request_id", None))
+            rid = getattr(request.state, "request_id", None)
+            who, request.state.tenant_policy = await run_in_threadpool(_admit, svc, token, ip, rid)
             request.state.principal = who
         if not who.can(permission):
             raise Forbidden(f"role {who.role.value!r} may not do this (needs {permission.value!r})")
@@ -94,7 +99,7 @@ async def websocket_principal(websocket: WebSocket, permission: Permission) -> P
     token = header[7:] if header.lower().startswith("bearer ") else websocket.query_params.get("api_key")
     ip = websocket.client.host if websocket.client else None
     try:
-        who = await run_in_threadpool(_admit, svc, token, ip, None)
+        who, _ = await run_in_threadpool(_admit, svc, token, ip, None)
     except Unauthorized as exc:
         await websocket.close(code=4401, reason=exc.message[:120])
         return None
@@ -107,6 +112,11 @@ async def websocket_principal(websocket: WebSocket, permission: Permission) -> P
 def principal(request: Request) -> Principal:
     """The caller, once a `require(...)` dependency ran for this request."""
     return request.state.principal
+
+
+def tenant_policy(request: Request) -> TenantPolicy:
+    """The caller's tenant's policy with the service-wide defaults filled in, as `require(...)` read it."""
+    return request.state.tenant_policy
 
 
 def sees_job(who: Principal, job: JobRecord) -> bool:

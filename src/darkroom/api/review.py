@@ -19,6 +19,7 @@ from darkroom.safety.review import Decision, ReviewItem, ReviewStore, review_sco
 from darkroom.service import Services
 
 from .auth import require
+from .v1 import public_url
 
 router = APIRouter(prefix="/v1/review", tags=["review"])
 Reviewer = Depends(require(Permission.review))
@@ -64,7 +65,6 @@ def _store(request: Request) -> tuple[ReviewStore, Services]:
 
 def _view(request: Request, item: ReviewItem) -> ReviewView:
     image, req = item.image, item.request
-    base = request.app.state.services.settings.public_url or str(request.base_url).rstrip("/")
     return ReviewView(
         image_id=image.id,
         **{k: getattr(image, k) for k in ("job_id", "tenant", "index", "seed", "width", "height", "sha256")},
@@ -72,7 +72,7 @@ def _view(request: Request, item: ReviewItem) -> ReviewView:
         prompt=None if item.prompt_redacted else req.get("prompt"),
         negative_prompt=None if item.prompt_redacted else req.get("negative_prompt"),
         model=req.get("model"),
-        url=f"{base.rstrip('/')}/v1/review/images/{image.id}",
+        url=public_url(request, f"/v1/review/images/{image.id}"),
     )
 
 

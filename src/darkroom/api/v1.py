@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from darkroom import clock
 from darkroom.auth import audit
-from darkroom.auth.limits import check_quotas, effective
+from darkroom.auth.limits import check_quotas
 from darkroom.auth.principal import Permission, Principal
 from darkroom.engines.samplers import SAMPLERS, resolve_sampler
 from darkroom.errors import DarkroomError, HeldForReview, InvalidRequest
@@ -33,7 +33,7 @@ from darkroom.schemas import (
 )
 from darkroom.service import Services
 
-from .auth import principal, require, visible_image, visible_job, websocket_principal
+from .auth import principal, require, tenant_policy, visible_image, visible_job, websocket_principal
 from .uploads import decode_base64_image, load_image, load_mask
 
 TERMINAL_EVENTS = {"succeeded", "failed", "cancelled", "dead"}
@@ -46,9 +46,14 @@ def services(request: Request) -> Services:
     return request.app.state.services
 
 
+def public_url(request: Request, path: str) -> str:
+    """`path` on the base URL clients use (`settings.public_url`, else the one this request came in on)."""
+    base = services(request).settings.public_url or str(request.base_url)
+    return f"{base.rstrip('/')}{path}"
+
+
 def image_url(request: Request, image_id: str) -> str:
-    base = services(request).settings.public_url or str(request.base_url).rstrip("/")
-    return f"{base.rstrip('/')}/v1/images/{image_id}"
+    return public_url(request, f"/v1/images/{image_id}")
 
 
 def job_view(request: Request, job: JobRecord) -> JobView:
@@ -97,7 +102,7 @@ def submit(
     who = principal(request)
     limits = svc.settings.limits
     check_limits(body, limits)
-    policy = effective(svc.tenants.get(who.tenant), svc.settings.security)
+    policy = tenant_policy(request)
     check_prompt(svc.settings, policy, who.tenant, body.prompt, body.negative_prompt)
     body_hash = request_hash(body.model_dump(mode="json"))
     model = svc.registry.get(body.model) if body.model else svc.registry.default()

@@ -133,6 +133,5 @@ class AuditLog:
 
 def _record(row: sa.Row) -> AuditRecord:
     m = dict(row._mapping)
-    if m["at"].tzinfo is None:
-        m["at"] = m["at"].replace(tzinfo=dt.UTC)
+    m["at"] = clock.aware(m["at"])
     return AuditRecord(**m)

@@ -10,6 +10,7 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -61,8 +62,8 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    return value.replace(tzinfo=dt.UTC) if value is not None and value.tzinfo is None else value
+def _matches(stored_hash: str, token: str) -> bool:
+    return hmac.compare_digest(stored_hash, _hash(token))
 
 
 def _key(row: sa.Row) -> KeyRecord:
@@ -70,7 +71,7 @@ def _key(row: sa.Row) -> KeyRecord:
     m.pop("hash", None)
     m["role"] = Role(m["role"])
     for k in ("created_at", "expires_at", "revoked_at", "last_used_at"):
-        m[k] = _aware(m[k])
+        m[k] = clock.aware(m[k])
     return KeyRecord(**m)
 
 
@@ -98,53 +99,61 @@ class KeyStore:
         if expires_in is not None and expires_in.total_seconds() <= 0:
             raise InvalidRequest("expires_in must be positive", field="expires_in")
         key_id, token = new_token()
-        now = clock.utcnow()
-        values = dict(
-            id=key_id,
+        expires_at = clock.utcnow() + expires_in if expires_in else None
+        extra = {"expires_at": expires_at.isoformat() if expires_at else None}
+        record = self._insert(
+            who,
+            token,
+            key_id,
+            details=extra,
             name=name.strip(),
             role=Role(role).value,
             tenant=tenant,
             requests_per_minute=requests_per_minute,
-            created_at=now,
-            created_by=who.actor,
-            expires_at=now + expires_in if expires_in else None,
+            expires_at=expires_at,
         )
-        with write_tx(self.engine) as conn:
-            conn.execute(api_keys.insert().values(hash=_hash(token), **values))
-            details = {k: v for k, v in values.items() if k in ("name", "role", "requests_per_minute")}
-            details["expires_at"] = values["expires_at"].isoformat() if values["expires_at"] else None
-            audit.record(conn, who, "key.create", key_id, details, tenant=tenant)
-        return self.require(key_id), token
+        return record, token
 
     def bootstrap(self, token: str) -> KeyRecord | None:
         """Register a key made elsewhere (`darkroom keys token`, kept in a secret store) as an admin key of the
         default tenant, once. Returns it when it was new; None when it was already there. A token whose id exists
         with a different secret is an error, never an overwrite."""
-        match = _TOKEN.match(token.strip())
+        token = token.strip()
+        match = _TOKEN.match(token)
         if not match:
             raise InvalidRequest(
                 "bootstrap_admin_key: not a darkroom key (dk_<id>_<secret>)", field="bootstrap_admin_key"
             )
-        existing = self.get(match.group(1))
-        if existing is not None:
-            with read_tx(self.engine) as conn:
-                stored = conn.execute(sa.select(api_keys.c.hash).where(api_keys.c.id == existing.id)).scalar_one()
-            if not hmac.compare_digest(stored, _hash(token.strip())):
+        with read_tx(self.engine) as conn:
+            stored = conn.execute(sa.select(api_keys.c.hash).where(api_keys.c.id == match.group(1))).scalar()
+        if stored is not None:
+            if not _matches(stored, token):
                 raise InvalidRequest(
                     "bootstrap_admin_key: that key id exists with another secret", field="bootstrap_admin_key"
                 )
             return None
         who = Principal(actor="system:bootstrap", role=Role.admin, tenant=DEFAULT_TENANT)
-        now = clock.utcnow()
-        values = dict(id=match.group(1), name="bootstrap admin", role=Role.admin.value, tenant=DEFAULT_TENANT)
+        return self._insert(
+            who,
+            token,
+            match.group(1),
+            details={"bootstrap": True},
+            name="bootstrap admin",
+            role=Role.admin.value,
+            tenant=DEFAULT_TENANT,
+        )
+
+    def _insert(self, who: Principal, token: str, key_id: str, details: dict, **values: Any) -> KeyRecord:
+        """The key's row and its `key.create` audit record, in one transaction."""
         with write_tx(self.engine) as conn:
             conn.execute(
-                api_keys.insert().values(hash=_hash(token.strip()), created_at=now, created_by=who.actor, **values)
+                api_keys.insert().values(
+                    id=key_id, hash=_hash(token), created_at=clock.utcnow(), created_by=who.actor, **values
+                )
             )
-            audit.record(
-                conn, who, "key.create", values["id"], {"name": values["name"], "role": "admin", "bootstrap": True}
-            )
-        return self.require(values["id"])
+            shown = {k: values.get(k) for k in ("name", "role", "requests_per_minute")}
+            audit.record(conn, who, "key.create", key_id, {**shown, **details}, tenant=values["tenant"])
+        return self.require(key_id)
 
     def get(self, key_id: str) -> KeyRecord | None:
         with read_tx(self.engine) as conn:
@@ -192,7 +201,7 @@ class KeyStore:
             raise Unauthorized("invalid API key")
         with read_tx(self.engine) as conn:
             row = conn.execute(sa.select(api_keys).where(api_keys.c.id == match.group(1))).first()
-        if row is None or not hmac.compare_digest(row.hash, _hash(token.strip())):
+        if row is None or not _matches(row.hash, token.strip()):
             raise Unauthorized("invalid API key")
         key = _key(row)
         now = clock.utcnow()

@@ -111,12 +111,6 @@ def request_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=dt.UTC)
-    return value
-
-
 def _job(row: sa.Row) -> JobRecord:
     m = row._mapping
     return JobRecord(
@@ -125,28 +119,34 @@ def _job(row: sa.Row) -> JobRecord:
         attempts=m["attempts"],
         max_attempts=m["max_attempts"],
         lease_owner=m["lease_owner"],
-        lease_expires_at=_aware(m["lease_expires_at"]),
+        lease_expires_at=clock.aware(m["lease_expires_at"]),
         cancel_requested=bool(m["cancel_requested"]),
         progress_step=m["progress_step"],
         progress_total=m["progress_total"],
         result=m["result"],
         error=m["error"],
-        **{k: _aware(m[k]) for k in ("created_at", "updated_at", "started_at", "finished_at")},
+        **{k: clock.aware(m[k]) for k in ("created_at", "updated_at", "started_at", "finished_at")},
         fair_tag=m["fair_tag"],
         batch_key=m["batch_key"],
         timeout_seconds=m["timeout_seconds"],
         key_id=m["key_id"],
         images_requested=m["images_requested"],
-        prompt_redacted_at=_aware(m["prompt_redacted_at"]),
+        prompt_redacted_at=clock.aware(m["prompt_redacted_at"]),
         gpu_seconds=m["gpu_seconds"],
     )
 
 
-def _image(row: sa.Row) -> ImageRecord:
-    m = dict(row._mapping)
+def job_event(row: sa.Row) -> JobEvent:
+    return JobEvent(id=row.id, job_id=row.job_id, type=row.type, data=row.data, created_at=clock.aware(row.created_at))
+
+
+def image_record(row: sa.Row | sa.RowMapping) -> ImageRecord:
+    """An `images` row (alone, or joined with other tables' columns) as an ImageRecord."""
+    m = row._mapping if isinstance(row, sa.Row) else row
+    values = {column.name: m[column.name] for column in images.c}
     for key in ("created_at", "reviewed_at", "deleted_at"):
-        m[key] = _aware(m[key])
-    return ImageRecord(**m)
+        values[key] = clock.aware(values[key])
+    return ImageRecord(**values)
 
 
 class JobStore:
@@ -358,7 +358,7 @@ class JobStore:
             .order_by(jobs.c.finished_at.desc())
             .limit(sample)
         ).all()
-        seconds = sum((_aware(r.finished_at) - _aware(r.started_at)).total_seconds() for r in rows)
+        seconds = sum((clock.aware(r.finished_at) - clock.aware(r.started_at)).total_seconds() for r in rows)
         steps = sum(max(1, r.progress_total) * r.request.get("n", 1) for r in rows)
         return seconds / steps if rows and steps else None
 
@@ -402,19 +402,17 @@ class JobStore:
         )
         with read_tx(self.engine) as conn:
             rows = conn.execute(query).all()
-        return [
-            JobEvent(id=r.id, job_id=r.job_id, type=r.type, data=r.data, created_at=_aware(r.created_at)) for r in rows
-        ]
+        return [job_event(r) for r in rows]
 
     def images_for(self, job_id: str) -> list[ImageRecord]:
         with read_tx(self.engine) as conn:
             rows = conn.execute(sa.select(images).where(images.c.job_id == job_id).order_by(images.c.index)).all()
-        return [_image(r) for r in rows]
+        return [image_record(r) for r in rows]
 
     def get_image(self, image_id: str) -> ImageRecord | None:
         with read_tx(self.engine) as conn:
             row = conn.execute(sa.select(images).where(images.c.id == image_id)).first()
-        return _image(row) if row else None
+        return image_record(row) if row else None
 
     def counts(self) -> dict[str, int]:
         with read_tx(self.engine) as conn:

@@ -56,16 +56,11 @@ class WorkerRecord(WorkerInfo):
     jobs_done: int = 0
 
 
-def _aware(value: dt.datetime) -> dt.datetime:
-    """SQLite hands back naive datetimes; everything darkroom writes is UTC."""
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
-
-
 def _record(row: sa.Row) -> WorkerRecord:
     m = dict(row._mapping)
     m["state"] = WorkerState(m["state"])
-    m["started_at"] = _aware(m["started_at"])
-    m["last_heartbeat_at"] = _aware(m["last_heartbeat_at"])
+    m["started_at"] = clock.aware(m["started_at"])
+    m["last_heartbeat_at"] = clock.aware(m["last_heartbeat_at"])
     return WorkerRecord(**m)
 
 

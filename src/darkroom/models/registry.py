@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from darkroom.config import Settings
 from darkroom.errors import Conflict, InvalidRequest, ServiceUnavailable
 from darkroom.schemas import ModelInfo
 
@@ -81,6 +82,15 @@ class ModelRegistry:
         self._models: list[ModelInfo] = []
         self._hashes: dict[str, dict[str, Any]] | None = None
         self._hashes_dirty = False
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> ModelRegistry:
+        """The registry of a deployment: its models folder, the hash cache in its data dir, its pickle setting."""
+        return cls(
+            settings.resolved_models_dir,
+            settings.data_dir / "model-hashes.json",
+            allow_pickle=settings.security.allow_pickle_models,
+        )
 
     # --- queries ---------------------------------------------------------------------------------------------------
 

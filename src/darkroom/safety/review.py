@@ -9,7 +9,6 @@ everywhere else, so ids never leak across tenants).
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,7 +19,7 @@ from darkroom.auth import audit
 from darkroom.auth.principal import Permission, Principal
 from darkroom.errors import Conflict, Forbidden, NotFound
 from darkroom.jobs.db import read_tx, write_tx
-from darkroom.jobs.store import ImageRecord
+from darkroom.jobs.store import ImageRecord, image_record
 from darkroom.jobs.tables import images, jobs
 
 ReviewState = Literal["pending", "approved", "rejected"]
@@ -35,17 +34,6 @@ class ReviewItem:
     image: ImageRecord
     request: dict[str, Any]
     prompt_redacted: bool
-
-
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    return value.replace(tzinfo=dt.UTC) if value is not None and value.tzinfo is None else value
-
-
-def _image(mapping: Any) -> ImageRecord:
-    values = {column.name: mapping[column.name] for column in images.c}
-    for key in ("created_at", "reviewed_at", "deleted_at"):
-        values[key] = _aware(values[key])
-    return ImageRecord(**values)
 
 
 def review_scope(who: Principal, tenant: str | None) -> str | None:
@@ -122,7 +110,7 @@ class ReviewStore:
             details = {"job_id": row.job_id, "reason": row.review_reason, "note": note}
             audit.record(conn, who, f"review.{decision}", image_id, details, tenant=row.tenant)
             image = conn.execute(sa.select(images).where(images.c.id == image_id)).one()
-        return _image(image._mapping)
+        return image_record(image)
 
     @staticmethod
     def _in_scope(who: Principal, tenant: str) -> bool:
@@ -131,7 +119,7 @@ class ReviewStore:
     @staticmethod
     def _item(mapping: Any) -> ReviewItem:
         return ReviewItem(
-            image=_image(mapping),
+            image=image_record(mapping),
             request=dict(mapping["request"] or {}),
             prompt_redacted=mapping["prompt_redacted_at"] is not None,
         )

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from darkroom import clock
 from darkroom.jobs.db import read_tx, write_tx
+from darkroom.jobs.store import job_event
 from darkroom.jobs.tables import job_events, jobs
 from darkroom.schemas import JobEvent
 from darkroom.webhooks.tables import webhook_deliveries as wd
@@ -29,12 +30,6 @@ def wanted_events(names: Iterable[str]) -> set[str]:
     for name in names:
         out |= COMPLETED if name == "completed" else {name}
     return out
-
-
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=dt.UTC)
-    return value
 
 
 @dataclass(frozen=True)
@@ -58,7 +53,7 @@ class Delivery:
     @classmethod
     def from_row(cls, row: sa.Row) -> Delivery:
         m = row._mapping
-        times = {k: _aware(m[k]) for k in ("next_attempt_at", "created_at", "updated_at", "delivered_at")}
+        times = {k: clock.aware(m[k]) for k in ("next_attempt_at", "created_at", "updated_at", "delivered_at")}
         plain = ("id", "job_id", "event_id", "event", "url", "state", "attempts", "payload", "log")
         return cls(**{k: m[k] for k in plain}, last_status=m["last_status"], last_error=m["last_error"], **times)
 
@@ -103,9 +98,7 @@ class DeliveryStore:
         query = sa.select(job_events).where(job_events.c.id > after).order_by(job_events.c.id).limit(limit)
         with read_tx(self.engine) as conn:
             rows = conn.execute(query).all()
-        return [
-            JobEvent(id=r.id, job_id=r.job_id, type=r.type, data=r.data, created_at=_aware(r.created_at)) for r in rows
-        ]
+        return [job_event(r) for r in rows]
 
     def jobs_with_webhooks(self, job_ids: set[str]) -> dict[str, sa.RowMapping]:
         if not job_ids:

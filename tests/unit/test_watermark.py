@@ -16,7 +16,7 @@ from darkroom.cli import app as cli_app
 from darkroom.config import SecuritySettings, Settings
 from darkroom.safety import c2pa_manifest, watermark
 from darkroom.safety.provenance import encode_png, pixel_digest, read_png
-from darkroom.safety.verify import UnreadableImage, verify
+from darkroom.safety.verify import UnreadableImage, _same, verify
 from darkroom.schemas import GenerationRequest, JobState
 from darkroom.service import Services
 from darkroom.worker.loop import Worker
@@ -252,6 +252,18 @@ def test_c2pa_manifest_is_signed_trusted_and_breaks_when_the_file_changes(tmp_pa
 
     assert (identity / "key.pem").stat().st_mode & 0o077 == 0, "the signing key is private to its owner"
     assert c2pa_manifest.load_identity(identity).ca_pem == anchor, "made once, then reused"
+
+
+@needs_c2pa
+def test_c2pa_match_survives_a_float_reprinted_one_ulp_off_but_not_a_changed_value(tmp_path):
+    """The C2PA library prints some full-precision floats (timings) one ULP off; that is the same provenance."""
+    identity = tmp_path / "c2pa"
+    prov = {**PROV, "timings": {"engine_s": 0.22565230577485962}}
+    png = encode_png(natural(128, 128), prov, c2pa_dir=identity)
+    assert verify(png, trust_anchors=c2pa_manifest.trust_anchor(identity))["c2pa"]["matches_provenance"] is True
+    # Anything more than float print noise is still a difference.
+    assert not _same({"engine_s": 0.2256}, {"engine_s": 0.2257})
+    assert not _same({"seed": 1}, {"seed": 1.0}) and not _same({"a": 1}, {"a": 1, "b": 2})
 
 
 @pytest.mark.parametrize("mark", [True, False], ids=["watermark-on", "watermark-off"])

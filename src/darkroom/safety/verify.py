@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
+import math
 import warnings
 from typing import Any
 
@@ -106,12 +106,20 @@ def _c2pa_report(
     if manifest is None:
         return {"available": True, "present": False}
     generation = manifest.pop("generation", None)
-    same = _canonical(generation) == _canonical(provenance) if generation is not None and provenance else None
+    same = _same(generation, provenance) if generation is not None and provenance else None
     return {"available": True, "present": True, **manifest, "matches_provenance": same}
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
+def _same(signed: Any, stored: Any) -> bool:
+    """Equal values, where floats may differ in their last bit: the C2PA library re-prints a full-precision float
+    (a timing, say) one ULP off now and then, and that is not a change to the provenance."""
+    if isinstance(signed, dict) and isinstance(stored, dict):
+        return signed.keys() == stored.keys() and all(_same(signed[k], stored[k]) for k in signed)
+    if isinstance(signed, list) and isinstance(stored, list):
+        return len(signed) == len(stored) and all(_same(a, b) for a, b in zip(signed, stored, strict=True))
+    if isinstance(signed, float) and isinstance(stored, float):
+        return math.isclose(signed, stored, rel_tol=1e-15, abs_tol=0.0)
+    return type(signed) is type(stored) and signed == stored
 
 
 def _watermark_line(mark: dict[str, Any]) -> str:

@@ -9,9 +9,11 @@ Terms match whole words after normalisation (NFKC, casefold, accents, zero-width
 dropped), so `B a D`, `ｂａｄ`, `bad!!!` and `b.a.d` all match the term `bad` while `badminton` does not. That catches
 simple evasions, not homoglyphs from other scripts or leetspeak: a classifier is the place for those.
 
-Python's `re` cannot be timed out, so regex rules are guarded instead: the prompt is capped by
-`limits.max_prompt_chars`, and a pattern with nested unbounded quantifiers (`(a+)+`, `(\\w+\\s?)*`), the shape behind
-catastrophic backtracking, is refused (`validate_rules`, for whoever stores policies) and fails closed here.
+Regex rules run on RE2 (google-re2), whose matching time is linear in the prompt whatever the pattern: a tenant's
+pattern is untrusted input, and no heuristic over a backtracking engine's syntax catches every catastrophic shape
+(`(a|a)*$` took 46 s on 27 characters with `re`). RE2 has no backreferences or lookarounds; a pattern it cannot compile
+is refused when the policy is stored (`validate_rules`, 422 naming the rule) and fails closed here if one was stored
+before.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import logging
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
-from re import _constants as sre_constants  # type: ignore[attr-defined]
-from re import _parser as sre_parser  # type: ignore[attr-defined]
 from typing import Any
+
+import re2
 
 from darkroom.auth.tenants import PromptRule, TenantPolicy
 from darkroom.config import Settings
@@ -40,7 +42,7 @@ PromptClassifier = Callable[[str, str | None, str], str | None]
 
 _WORD = re.compile(r"[^\W_]+")  # letters and digits; `_` separates words like any punctuation
 _DROPPED = {"Mn", "Me", "Cf"}  # combining marks (accents) and format characters (zero-width spaces, joiners, …)
-_REPEATS = {sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT}  # possessive repeats never backtrack: not counted
+_MAX_MEM = 8 << 20  # RE2's budget per compiled rule: a pattern whose automaton needs more is refused at store time
 
 
 # --- hooks ---------------------------------------------------------------------------------------------------------
@@ -176,8 +178,8 @@ def _has_term(forms: tuple[str, ...], term: str) -> bool:
 
 
 def validate_rules(rules: Iterable[PromptRule]) -> None:
-    """A `ValueError` naming the first regex rule that does not compile or could backtrack catastrophically. For the
-    code that stores tenant policies: refuse such a rule there (422) rather than at every submit."""
+    """A `ValueError` naming the first regex rule RE2 cannot compile. For the code that stores tenant policies: refuse
+    such a rule there (422) rather than at every submit."""
     for index, rule in enumerate(rules):
         if rule.kind == "regex":
             problem = _regex_problem(rule.pattern)
@@ -185,50 +187,38 @@ def validate_rules(rules: Iterable[PromptRule]) -> None:
                 raise ValueError(f"prompt_rules[{index}]: {problem}")
 
 
+def _options() -> re2.Options:
+    options = re2.Options()
+    options.case_sensitive = False
+    options.log_errors = False  # a refused pattern is reported to the caller, not printed on the server's stderr
+    options.max_mem = _MAX_MEM
+    return options
+
+
 def _regex_problem(pattern: str) -> str | None:
     try:
-        parsed = sre_parser.parse(pattern, re.IGNORECASE)
-    except re.error as exc:
-        return f"invalid regular expression: {exc}"
-    if _star_height(parsed) > 1:
-        return "nested unbounded quantifiers (like `(a+)+`) can take exponential time; rewrite the pattern"
+        re2.compile(pattern, _options())
+    except re2.error as exc:
+        detail = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        return f"not a regular expression RE2 accepts (no backreferences or lookarounds): {detail}"
     return None
 
 
 @functools.lru_cache(maxsize=4096)
-def _compiled(pattern: str) -> re.Pattern[str] | None:
-    """The compiled pattern, or None when it is unsafe (see `_regex_problem`)."""
-    if _regex_problem(pattern):
+def _compiled(pattern: str) -> Any:
+    """The compiled RE2 pattern, or None when RE2 refuses it."""
+    try:
+        return re2.compile(pattern, _options())
+    except re2.error:
         return None
-    return re.compile(pattern, re.IGNORECASE)
 
 
 def _regex_matches(index: int, pattern: str, texts: tuple[str, str]) -> bool:
     """Searched in the prompt as written and normalised, so `caf(e|é)` and evasions of `cafe` both count."""
     compiled = _compiled(pattern)
     if compiled is None:  # fail closed: an unusable rule refuses, and says which rule to fix
-        log.error("prompt rule %d has an unsafe pattern %r; refusing prompts until it is fixed", index, pattern)
+        log.error("prompt rule %d has a pattern RE2 refuses %r; refusing prompts until it is fixed", index, pattern)
         raise PromptBlocked(
-            f"the tenant's prompt rule {index} is unsafe and must be fixed by an administrator", field="prompt"
+            f"the tenant's prompt rule {index} is unusable and must be fixed by an administrator", field="prompt"
         )
     return any(compiled.search(text) for text in texts)
-
-
-def _star_height(items: Iterable[tuple[Any, Any]]) -> int:
-    """How deeply repeats of more than one item nest: 2 or more is the catastrophic-backtracking shape."""
-    height = 0
-    for op, av in items:
-        inner = max((_star_height(sub) for sub in _subpatterns(av)), default=0)
-        if op in _REPEATS and av[1] > 1:
-            inner += 1
-        height = max(height, inner)
-    return height
-
-
-def _subpatterns(av: Any) -> Iterator[Any]:
-    """Every sub-pattern inside an opcode's argument, whatever its shape (groups, branches, lookarounds, repeats)."""
-    if isinstance(av, sre_parser.SubPattern):
-        yield av
-    elif isinstance(av, tuple | list):
-        for item in av:
-            yield from _subpatterns(item)

@@ -1,31 +1,381 @@
-"""Wake idle workers when work arrives.
+"""Wake whoever waits on the job store, without a polling loop per waiter.
 
-On PostgreSQL a new job is announced with `NOTIFY darkroom_jobs` inside the transaction that creates it (delivered
-on commit), and idle workers `LISTEN` on a connection of their own, so a worker wakes within milliseconds without
-polling. A slow fallback poll remains for work that becomes due without an insert (a retry's backoff ends, a lease
-expires). On SQLite, which has no notifications, idle workers poll every `poll_seconds`.
+A process holds one `ChangeFeed`. Its single thread tails `job_events` by id (one SELECT for all new events, whoever
+they are for) and hands each event to the subscriptions for its job (a `/v1/generate` call, an SSE stream, a compat
+route) and, for events that make work claimable, to the idle workers' wake-ups. Waiters therefore cost nothing while
+nothing happens, and one read serves all of them.
+
+What makes the feed read, cheapest first:
+- a commit in this process: a listener on the store's engine pokes the feed when a connection that committed goes
+  back to the pool (SQLAlchemy's `commit` event fires *before* the commit, when the rows are not visible yet);
+- PostgreSQL: `NOTIFY darkroom_jobs` in every transaction that writes an event (`announce`), heard on a LISTEN
+  connection of the feed's own, plus a slow fallback read in case a notice was lost while reconnecting;
+- SQLite, written by other processes: `PRAGMA data_version` on a dedicated connection, checked every
+  `check_seconds`. It changes only when another connection commits, so an idle database costs one tiny pragma per tick.
+
+Event ids are handed out at insert and become visible at commit, which on PostgreSQL can happen out of id order. The
+feed therefore keeps reading from the lowest id it has not seen yet and gives a gap up only after `gap_seconds` (a
+rolled-back insert never fills it). On SQLite, where writers are serialised, ids commit in order and no gap waits.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
+import select
 import threading
+from collections import deque
+from collections.abc import Callable, Collection
+from typing import Any
 
 import sqlalchemy as sa
+
+from darkroom import clock
+from darkroom.jobs.db import create_engine
+from darkroom.jobs.tables import job_events
+from darkroom.schemas import JobEvent
 
 log = logging.getLogger("darkroom.jobs")
 
 CHANNEL = "darkroom_jobs"
+WORK_EVENTS = frozenset({"queued", "requeued", "retrying"})  # a job became (or will become) claimable
+TERMINAL_EVENTS = frozenset({"succeeded", "failed", "cancelled", "dead"})
+_ANNOUNCED = "darkroom_announced"
+_COMMITTED = "darkroom_committed"
+_READ_LIMIT = 1000
 
 
 def announce(conn: sa.Connection) -> None:
-    """Call inside the transaction that made a job claimable."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
+    """Call inside a transaction that wrote an event or made a job claimable: PostgreSQL delivers the notice on
+    commit (never for a rollback). Sent once per transaction; SQLite needs nothing (see `ChangeFeed`)."""
+    if conn.dialect.name != "postgresql":
+        return
+    transaction = conn.get_transaction()
+    if transaction is not None and conn.info.get(_ANNOUNCED) is transaction:
+        return
+    conn.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
+    conn.info[_ANNOUNCED] = transaction
+
+
+class Subscription:
+    """One waiter's inbox for one job's events, filled by the feed thread.
+
+    Subscribe *before* reading the job's current state or past events: whatever commits after that read reaches the
+    inbox, and whatever committed before it the read shows. Works from a thread (`next_sync`) and from asyncio
+    (`next`: the feed wakes the loop with `call_soon_threadsafe`)."""
+
+    def __init__(self, feed: ChangeFeed, job_id: str, types: Collection[str] | None) -> None:
+        self.feed, self.job_id = feed, job_id
+        self.types = frozenset(types) if types is not None else None
+        self._events: deque[JobEvent] = deque()
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._async_ready: asyncio.Event | None = None
+
+    def deliver(self, event: JobEvent) -> None:
+        """Feed thread: queue the event and wake the waiter."""
+        if self.types is not None and event.type not in self.types:
+            return
+        with self._lock:
+            self._events.append(event)
+            loop, ready = self._loop, self._async_ready
+        self._ready.set()
+        if loop is not None and ready is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
+                loop.call_soon_threadsafe(ready.set)
+
+    def take(self) -> list[JobEvent]:
+        with self._lock:
+            events = list(self._events)
+            self._events.clear()
+        return events
+
+    async def next(self, timeout: float) -> list[JobEvent]:
+        """The events that arrived, waiting up to `timeout` seconds for one; [] on timeout."""
+        with self._lock:
+            if self._async_ready is None:
+                self._loop, self._async_ready = asyncio.get_running_loop(), asyncio.Event()
+            ready = self._async_ready
+            ready.clear()
+            pending = bool(self._events)
+        if not pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ready.wait(), timeout)
+        return self.take()
+
+    def next_sync(self, timeout: float) -> list[JobEvent]:
+        self._ready.clear()
+        if not self._events:
+            self._ready.wait(timeout)
+        return self.take()
+
+    def close(self) -> None:
+        self.feed.unsubscribe(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ChangeFeed:
+    """The process's one reader of `job_events` (see the module docstring). Starts on first use; `close` stops it."""
+
+    def __init__(
+        self,
+        url: str,
+        engine: sa.Engine | None = None,
+        *,
+        check_seconds: float = 0.015,
+        fallback_seconds: float = 1.0,
+        gap_seconds: float = 5.0,
+    ) -> None:
+        """`engine`: the store's engine, whose commits poke the feed (it reads through an engine of its own)."""
+        self.url = url
+        self.postgres = sa.engine.make_url(url).get_backend_name() == "postgresql"
+        self.check_seconds = check_seconds
+        self.fallback_seconds = fallback_seconds
+        self.gap_seconds = gap_seconds if self.postgres else 0.0
+        self._watched = engine
+        self._engine = create_engine(url)
+        self._subs: dict[str, set[Subscription]] = {}
+        self._work: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._poke_pending = False
+        self._low = 0  # every id up to here was dispatched (or given up as a gap)
+        self._seen: set[int] = set()  # ids above `_low` already dispatched
+        self._gaps: dict[int, float] = {}  # ids above `_low` not seen yet → when first missed
+        self._version: int | None = None
+        self._sqlite: Any = None  # the dedicated DBAPI connection that reads data_version
+        self._listen: Any = None  # the psycopg LISTEN connection
+        self.reads = 0  # SELECTs of new events so far (tests and metrics)
+
+    # --- subscribing ------------------------------------------------------------------------------------------------
+
+    def subscribe(self, job_id: str, types: Collection[str] | None = None) -> Subscription:
+        """An inbox for `job_id`'s events (only `types`, when given). Close it when done (or use `with`)."""
+        self.start()
+        sub = Subscription(self, job_id, types)
+        with self._lock:
+            self._subs.setdefault(job_id, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            subs = self._subs.get(sub.job_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._subs[sub.job_id]
+
+    def on_work(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` (from the feed thread; keep it short) whenever a job becomes claimable. Returns the
+        function that stops it."""
+        self.start()
+        with self._lock:
+            self._work.append(callback)
+
+        def cancel() -> None:
+            with self._lock, contextlib.suppress(ValueError):
+                self._work.remove(callback)
+
+        return cancel
+
+    def poke(self) -> None:
+        """Something committed in this process: read now rather than at the next tick."""
+        if not self._poke_pending:
+            self._poke_pending = True
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+
+    # --- life cycle -------------------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> ChangeFeed:
+        """Idempotent. The starting point (the newest event id) and the LISTEN are set up here, before returning,
+        so a subscription made right after misses nothing."""
+        if self._thread is not None:
+            return self
+        with self._start_lock:
+            if self._thread is not None:
+                return self
+            if self.postgres:
+                self._connect_listen()
+            else:
+                self._version = self._data_version()
+            with self._engine.connect() as conn:
+                self._low = conn.execute(sa.select(sa.func.max(job_events.c.id))).scalar() or 0
+            if self._watched is not None:
+                sa.event.listen(self._watched, "commit", self._on_commit)
+                sa.event.listen(self._watched, "checkin", self._on_checkin)
+            self._thread = threading.Thread(target=self._run, name="darkroom-feed", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self.poke()
+        self._poke_pending = True  # from now on a poke writes nothing: the pipe is about to close
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._watched is not None and self._thread is not None:
+            with contextlib.suppress(sa.exc.InvalidRequestError):
+                sa.event.remove(self._watched, "commit", self._on_commit)
+                sa.event.remove(self._watched, "checkin", self._on_checkin)
+        for conn in (self._sqlite, self._listen):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        self._sqlite = self._listen = None
+        self._engine.dispose()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _on_commit(self, conn: sa.Connection) -> None:
+        """`commit` fires before the DBAPI commit, when other connections cannot see the rows yet: mark the
+        connection, and poke when it goes back to the pool."""
+        conn.info[_COMMITTED] = True
+
+    def _on_checkin(self, _dbapi_conn: Any, record: Any) -> None:
+        if record is not None and record.info.pop(_COMMITTED, False):
+            self.poke()
+
+    # --- the feed thread --------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._changed():
+                    self._read()
+            except Exception:  # the database went away for a moment: waiters time out and retry; we carry on
+                log.exception("change feed: read failed")
+                self._drop_connections()
+                self._stop.wait(min(1.0, self.fallback_seconds))
+
+    def _changed(self) -> bool:
+        """Wait for the next reason to read; False when nothing can have changed."""
+        watch = [self._wake_r]
+        if self._listen is not None:
+            watch.append(self._listen.pgconn.socket)
+        timeout = self.fallback_seconds if self.postgres else self.check_seconds
+        readable, _, _ = select.select(watch, [], [], timeout)
+        poked = self._wake_r in readable
+        if poked:
+            self._poke_pending = False
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.read(self._wake_r, 4096)
+        if self.postgres:
+            if self._listen is None:
+                self._connect_listen()
+            elif len(readable) > int(poked):
+                for _ in self._listen.notifies(timeout=0):
+                    pass
+            return True  # a notice, a poke or the fallback tick: one cheap read either way
+        version = self._data_version()
+        changed = version != self._version
+        self._version = version
+        return changed
+
+    def _data_version(self) -> int:
+        if self._sqlite is None:
+            self._sqlite = self._engine.raw_connection()
+        cur = self._sqlite.cursor()
+        try:
+            cur.execute("PRAGMA data_version")
+            return int(cur.fetchone()[0])
+        finally:
+            cur.close()
+
+    def _connect_listen(self) -> None:
+        import psycopg
+
+        dsn = sa.engine.make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+        try:
+            conn = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
+            conn.execute(f"LISTEN {CHANNEL}")
+            self._listen = conn
+        except Exception as exc:  # the fallback read every `fallback_seconds` covers the time without it
+            log.warning("change feed: LISTEN unavailable (%s); reading every %g s", exc, self.fallback_seconds)
+
+    def _drop_connections(self) -> None:
+        for name in ("_sqlite", "_listen"):
+            conn = getattr(self, name)
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+                setattr(self, name, None)
+
+    def _read(self) -> None:
+        query = (
+            sa.select(job_events).where(job_events.c.id > self._low).order_by(job_events.c.id).limit(_READ_LIMIT)
+        )
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+            conn.rollback()
+        self.reads += 1
+        for row in rows:
+            if row.id in self._seen:
+                continue
+            self._seen.add(row.id)
+            event = JobEvent(
+                id=row.id, job_id=row.job_id, type=row.type, data=row.data, created_at=clock.aware(row.created_at)
+            )
+            self._dispatch(event)
+        self._advance()
+        if len(rows) == _READ_LIMIT:
+            self.poke()  # more to read: go round again at once
+
+    def _advance(self) -> None:
+        """Move `_low` over every id seen, and over gaps older than `gap_seconds`."""
+        top = max(self._seen, default=self._low)
+        now = clock.monotonic()
+        if top - self._low > 100_000:  # ids jumped (a sequence reset): nothing in between is coming
+            self._low, self._seen, self._gaps = top, set(), {}
+            return
+        for missing in range(self._low + 1, top):
+            if missing not in self._seen:
+                self._gaps.setdefault(missing, now)
+        while self._low < top:
+            nxt = self._low + 1
+            if nxt in self._seen:
+                self._seen.discard(nxt)
+            elif now - self._gaps.get(nxt, now) >= self.gap_seconds:
+                self._gaps.pop(nxt, None)
+            else:
+                break
+            self._low = nxt
+
+    def _dispatch(self, event: JobEvent) -> None:
+        with self._lock:
+            subs = list(self._subs.get(event.job_id, ()))
+            work = list(self._work) if event.type in WORK_EVENTS else []
+        for sub in subs:
+            sub.deliver(event)
+        for callback in work:
+            try:
+                callback()
+            except Exception:
+                log.exception("change feed: work listener failed")
 
 
 class Waiter:
-    """Sleeps until work may be there: a NOTIFY (PostgreSQL), the timeout, or `stop`."""
+    """Sleeps until work may be there: a NOTIFY (PostgreSQL), the timeout, or `stop`. A single-purpose listener for
+    tools that run without a `ChangeFeed`; workers use the feed."""
 
     def __init__(self, url: str, stop: threading.Event) -> None:
         self.url = sa.engine.make_url(url)

@@ -670,3 +670,4 @@ class JobStore:
     @staticmethod
     def _event(conn: sa.Connection, job_id: str, kind: str, data: dict[str, Any], now: dt.datetime) -> None:
         conn.execute(job_events.insert().values(job_id=job_id, type=kind, data=data, created_at=now))
+        announce(conn)  # PostgreSQL: wakes every process's change feed on commit (once per transaction)

@@ -5,17 +5,19 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import hashlib
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from darkroom.config import Limits
 from darkroom.errors import InvalidRequest
+from darkroom.webhooks.guard import MAX_URL_CHARS, WebhookRefused, validate_url
 
 Priority = Literal["high", "normal", "low"]
 WebhookEvent = Literal[
     "queued", "started", "progress", "retrying", "requeued", "succeeded", "failed", "cancelled", "dead", "completed"
 ]
+WEBHOOK_EVENTS: tuple[str, ...] = get_args(WebhookEvent)
 PRIORITY_VALUE: dict[str, int] = {"high": 2, "normal": 1, "low": 0}
 PRIORITY_NAME: dict[int, str] = {v: k for k, v in PRIORITY_VALUE.items()}
 
@@ -72,16 +74,34 @@ class GenerationRequest(BaseModel):
     priority: Priority = "normal"
     webhook_url: str | None = Field(
         None,
-        max_length=2000,
-        pattern=r"^https?://[^\s]+$",
-        description="POSTed signed JSON on the events in webhook_events (see docs/api.md)",
+        max_length=MAX_URL_CHARS,
+        description="POSTed signed JSON on the events in webhook_events (see docs/api.md): an http(s) URL with a "
+        "host, no user name or password, no whitespace or control characters",
     )
     webhook_events: list[WebhookEvent] = Field(
         default_factory=lambda: ["completed"],
+        max_length=len(WEBHOOK_EVENTS),
         description="which events to deliver; `completed` stands for succeeded, failed, cancelled and dead",
     )
     timeout_seconds: float | None = Field(None, gt=0, description="fail the job if it runs longer than this")
     preview: bool = Field(False, description="attach low-resolution previews to progress events (SSE, WebSocket)")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, v: str | None) -> str | None:
+        """Checked strictly here, at submit: a URL the delivery log cannot store (NUL on PostgreSQL) or the SSRF
+        guard would refuse anyway is a 422 now, not a failed delivery later."""
+        if v is not None:
+            try:
+                validate_url(v)
+            except WebhookRefused as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _webhook_events(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))  # each event once: duplicates would only grow the stored row
 
     @field_validator("seed")
     @classmethod

@@ -7,6 +7,8 @@ processes scanning the same events — and is claimed with a lease before it is 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +22,18 @@ from darkroom.jobs.tables import job_events, jobs
 from darkroom.schemas import JobEvent
 from darkroom.webhooks.tables import webhook_deliveries as wd
 
+log = logging.getLogger("darkroom.webhooks")
+
 COMPLETED = frozenset({"succeeded", "failed", "cancelled", "dead"})
 PENDING, DELIVERING, DELIVERED, FAILED, REFUSED = "pending", "delivering", "delivered", "failed", "refused"
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (NUL first of all, which PostgreSQL text cannot hold) written as `\\xNN`."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def wanted_events(names: Iterable[str]) -> set[str]:
@@ -71,7 +83,7 @@ class Delivery:
             "next_attempt_at": self.next_attempt_at.isoformat() if self.state == PENDING else None,
             "created_at": self.created_at.isoformat(),
             "delivered_at": self.delivered_at.isoformat() if self.delivered_at else None,
-            "log": self.log,
+            "log": [{k: v for k, v in entry.items() if k != "address"} for entry in self.log],  # older rows had it
         }
 
 
@@ -119,8 +131,9 @@ class DeliveryStore:
             return {(r.job_id, r.event_id) for r in conn.execute(query)}
 
     def enqueue(self, rows: list[dict[str, Any]]) -> int:
-        """Insert new deliveries in one transaction. If another dispatcher inserted one of them first, fall back to
-        one row at a time and skip the rows it already has."""
+        """Insert new deliveries in one transaction. If that fails — another dispatcher inserted one of them first,
+        or the database refuses a row's content — fall back to one row at a time: rows another dispatcher has are
+        skipped, and a row the database refuses is isolated (`isolate`), so one bad row never stops the scan."""
         if not rows:
             return 0
         now = clock.utcnow()
@@ -130,7 +143,7 @@ class DeliveryStore:
             with write_tx(self.engine) as conn:
                 conn.execute(wd.insert(), full)
             return len(full)
-        except sa.exc.IntegrityError:
+        except (sa.exc.IntegrityError, sa.exc.DataError, sa.exc.StatementError):
             pass
         added = 0
         for values in full:
@@ -140,7 +153,30 @@ class DeliveryStore:
                 added += 1
             except sa.exc.IntegrityError:
                 continue
+            except (sa.exc.DataError, sa.exc.StatementError) as exc:
+                added += self.isolate(values, exc)
         return added
+
+    def isolate(self, values: dict[str, Any], exc: Exception) -> int:
+        """Record a delivery the database would not store as `failed`, with printable stand-ins for what it refused
+        (PostgreSQL stores no NUL in text) and the reason. It is never sent. 0 if even that cannot be stored."""
+        reason = f"not deliverable: the database refused the delivery row ({type(getattr(exc, 'orig', exc)).__name__})"
+        log.error("webhook delivery for job %s event %s isolated: %s", values["job_id"], values["event_id"], exc)
+        stand_in = {
+            **values,
+            "url": printable(values["url"])[:2000],
+            "payload": {"job_id": values["job_id"], "event_id": values["event_id"]},
+            "state": FAILED,
+            "last_error": reason,
+            "log": [{"attempt": 0, "at": values["created_at"].isoformat(), "status": None, "error": reason}],
+        }
+        try:
+            with write_tx(self.engine) as conn:
+                conn.execute(wd.insert().values(**stand_in))
+            return 1
+        except sa.exc.DBAPIError:
+            log.exception("webhook delivery for job %s could not be isolated either; skipped", values["job_id"])
+            return 0
 
     # --- sending --------------------------------------------------------------------------------------------------
 
@@ -170,20 +206,20 @@ class DeliveryStore:
     def record(self, delivery: Delivery, owner: str, outcome: Outcome) -> bool:
         """Write one attempt's result; False if our lease was taken over (then the other dispatcher owns the row)."""
         now = clock.utcnow()
+        error = printable(outcome.error) if outcome.error is not None else None  # a receiver's body may hold NUL
         entry = {
             "attempt": delivery.attempts + 1,
             "at": now.isoformat(),
             "status": outcome.status,
-            "error": outcome.error,
+            "error": error,
             "duration_ms": round(outcome.duration_ms, 1),
-            "address": outcome.address,
         }
         values: dict[str, Any] = {
             "state": outcome.state,
             "attempts": delivery.attempts + 1,
             "log": [*delivery.log, entry][-50:],
             "last_status": outcome.status,
-            "last_error": outcome.error,
+            "last_error": error,
             "lease_owner": None,
             "lease_expires_at": None,
             "updated_at": now,

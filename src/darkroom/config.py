@@ -109,6 +109,29 @@ class SecuritySettings(BaseModel):
     default_gpu_seconds_per_month: float | None = Field(default=None, gt=0)
 
 
+class RecoverySettings(BaseModel):
+    """How a worker rides out failures that are not the job's fault (darkroom/worker/health.py) and when a job that
+    keeps breaking workers is given up. Env: `DARKROOM_RECOVERY__STORAGE_BACKOFF_SECONDS`, …"""
+
+    fatal_backoff_seconds: float = Field(default=5.0, gt=0, description="first pause after a device failure")
+    storage_backoff_seconds: float = Field(default=30.0, gt=0, description="first pause while the blob store fails")
+    max_backoff_seconds: float = Field(default=600.0, gt=0, description="pauses double up to this")
+    poison_after: int = Field(default=3, ge=1, description="device failures one job may cause before it is given up")
+    restart_backoff_seconds: float = Field(
+        default=1.0, gt=0, description="first delay before a crashed worker thread restarts; doubles per crash in a row"
+    )
+
+
+class PruneSettings(BaseModel):
+    """What the retention sweeper deletes besides expired images (darkroom/jobs/prune.py), in bounded batches.
+    `None` keeps rows forever. Env: `DARKROOM_PRUNE__FINISHED_JOBS_DAYS`, …"""
+
+    finished_jobs_days: float | None = Field(default=90.0, gt=0, description="finished jobs (with images rows) older")
+    deliveries_days: float | None = Field(default=30.0, gt=0, description="finished webhook deliveries older than")
+    workers_days: float | None = Field(default=7.0, gt=0, description="stopped or lost worker rows silent longer")
+    batch_size: int = Field(default=500, ge=1, description="rows per delete: one short transaction each")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DARKROOM_", env_nested_delimiter="__", extra="ignore")
 
@@ -151,6 +174,8 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
+    recovery: RecoverySettings = Field(default_factory=RecoverySettings)
+    prune: PruneSettings = Field(default_factory=PruneSettings)
 
     @property
     def resolved_models_dir(self) -> Path:

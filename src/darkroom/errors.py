@@ -137,7 +137,38 @@ class LeaseLost(EngineError):
     code = "lease_lost"
 
 
-class FatalEngineError(DarkroomError):
-    """The engine itself is broken (driver gone, CUDA context lost): stop claiming."""
+class TransientEngineError(EngineError):
+    """A failure of unknown cause: the job is retried with backoff, since nothing says the request is at fault."""
 
+    code = "engine_transient"
+    permanent = False
+
+
+class FatalEngineError(DarkroomError):
+    """The engine itself is broken (driver gone, CUDA context lost, device-side assert). The job is not at fault:
+    it goes back to the queue without being charged an attempt, and the worker marks itself unhealthy, drops its
+    engine and claims again only after a backoff (see `darkroom.worker.health`)."""
+
+    status = 503
     code = "engine_fatal"
+
+
+# --- storage -----------------------------------------------------------------------------------------------------
+
+
+class StorageUnavailable(DarkroomError):
+    """The blob store cannot take or give bytes right now (S3 down, disk unmounted, I/O error). It is the node's
+    problem, not the request's: the API answers 503 with Retry-After, and a worker gives the job back uncharged and
+    pauses for minutes rather than burning every attempt in seconds."""
+
+    status = 503
+    code = "storage_unavailable"
+    retry_after = 30
+
+
+class StorageFull(StorageUnavailable):
+    """The blob store's disk is full (ENOSPC, EDQUOT): 507 Insufficient Storage, otherwise like `StorageUnavailable`."""
+
+    status = 507
+    code = "storage_full"
+    retry_after = 60

@@ -2,7 +2,8 @@
 
 The worker hands over a validated `GenerationRequest` (seed already resolved) and a progress callback; the engine hands
 back PIL images with their seeds and what it used. The callback may raise `JobCancelled` or `LeaseLost` to stop the
-run at the next denoising step.
+run at the next denoising step. Failures leave typed (`darkroom.errors`): `InvalidRequest` or a permanent `EngineError`
+when the request is at fault, `FatalEngineError` when the device is, a retryable `EngineError` otherwise.
 """
 
 from __future__ import annotations
@@ -52,3 +53,12 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class CheckableEngine(Engine, Protocol):
+    """An engine that can test its device. Optional: after a device failure (`FatalEngineError`) the worker calls
+    `check()` on the rebuilt engine before it claims again, so a broken device touches no more jobs."""
+
+    def check(self) -> None:
+        """Raise `FatalEngineError` when the device cannot compute."""
+        ...

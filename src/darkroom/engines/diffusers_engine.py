@@ -21,7 +21,9 @@ different algorithms by batch size, and a convolution over 4 images rounds diffe
 to 1/255 per pixel on CPU). So by default (`batch_invariant=True`) each image of a request is its own pass, and seeds
 [s, s+1] give exactly the pixels of s and s+1 run alone; `batch_invariant=False` runs them as one batch, which is
 faster on a GPU at the cost of that guarantee. Progress is reported from `callback_on_step_end`; when the callback
-raises (JobCancelled, LeaseLost) the exception leaves the pipeline at that step and propagates.
+raises (JobCancelled, LeaseLost) the exception leaves the pipeline at that step and propagates. Any other failure is
+classified (`engines/classify.py`): the request's fault is permanent, a device failure is fatal to the worker, the
+rest is retried.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ import torch
 from darkroom import __version__
 from darkroom.clock import random_seed
 from darkroom.engines.base import EngineImage, EngineResult, ProgressFn
+from darkroom.engines.classify import classify
 from darkroom.engines.preview import latents_to_jpeg
 from darkroom.engines.samplers import SamplerSpec, make_scheduler, resolve_sampler, seed_scheduler_noise
-from darkroom.errors import DarkroomError, EngineError, EngineOutOfMemory, InvalidRequest, ModelLoadError
+from darkroom.errors import DarkroomError, EngineOutOfMemory, FatalEngineError, InvalidRequest, ModelLoadError
 from darkroom.models.offline import enforce_offline
 from darkroom.models.registry import PICKLE_HINT, PICKLE_SUFFIXES, SIDECAR_CONFIG_SUFFIX, ModelRegistry
 from darkroom.schemas import GenerationRequest, ModelInfo
@@ -199,6 +202,18 @@ class DiffusersEngine:
     def close(self) -> None:
         self._cache.clear()
 
+    def check(self) -> None:
+        """A device self-test the worker runs before claiming again after a device failure: a little arithmetic on
+        the device, synchronised, so a lost CUDA context or driver shows here and not in the next job."""
+        try:
+            probe = torch.arange(64, dtype=torch.float32, device=self.device)
+            if float((probe * 2).sum().cpu()) != 4032.0:
+                raise RuntimeError("the device computed a wrong sum")
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize(self.device)
+        except Exception as exc:
+            raise FatalEngineError(f"device self-check failed on {self.device}: {type(exc).__name__}: {exc}") from exc
+
     def loaded_models(self) -> list[tuple[str, str]]:
         """(model id, sha256) pairs held in memory, least recently used first: what the scheduler's affinity needs."""
         return self._cache.keys()
@@ -283,10 +298,8 @@ class DiffusersEngine:
         except torch.OutOfMemoryError as exc:
             n = kwargs["num_images_per_prompt"]
             raise EngineOutOfMemory(f"out of memory on {self.device} generating {n} image(s) at once") from exc
-        except ValueError as exc:  # diffusers' own input checks name the argument
-            raise InvalidRequest(f"the pipeline refused the request: {exc}") from exc
-        except Exception as exc:
-            raise EngineError(f"generation failed: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # the request's fault, the device's, or transient: see engines/classify.py
+            raise classify(exc) from exc
         finally:
             pipe.scheduler = original
             pipe._interrupt = False
@@ -324,6 +337,8 @@ class DiffusersEngine:
         except torch.OutOfMemoryError as exc:
             raise EngineOutOfMemory(f"out of memory on {self.device} loading model {info.id}") from exc
         except Exception as exc:
+            if isinstance(fatal := classify(exc), FatalEngineError):
+                raise fatal from exc  # a broken device, not a broken model
             raise ModelLoadError(
                 f"could not load model {info.id} from {info.path}: {type(exc).__name__}: {exc}"
             ) from exc

@@ -7,8 +7,10 @@ leases run out on their own and the reaper (`JobStore.requeue_expired`) puts the
 keeps a job safe whether its worker died, hung, or was cut off from the database.
 
 States: `active` (claims jobs) → `draining` (finishing its job, claims no more) → `stopped` (exited cleanly);
-`lost` when the heartbeats stopped. A lost worker that heartbeats again (a paused VM, a network partition) is active
-again: whatever leases it lost meanwhile, the job store already refuses its writes to them.
+`lost` when the heartbeats stopped; `unhealthy` while it is alive but paused by a device failure, a storage outage or
+a crash of its thread (see `darkroom.worker.health`), and `active` again once it recovers. A lost worker that
+heartbeats again (a paused VM, a network partition) is active again: whatever leases it lost meanwhile, the job
+store already refuses its writes to them.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ class WorkerState(enum.StrEnum):
     draining = "draining"
     lost = "lost"
     stopped = "stopped"
+    unhealthy = "unhealthy"
 
 
-LIVE = (WorkerState.active.value, WorkerState.draining.value)
+LIVE = (WorkerState.active.value, WorkerState.draining.value, WorkerState.unhealthy.value)
 
 
 @dataclass(frozen=True)
@@ -102,16 +105,22 @@ class WorkerRegistry:
         loaded_models: Iterable[str],
         jobs_done: int,
         models_available: Iterable[str] | None = None,
+        healthy: bool = True,
     ) -> WorkerState | None:
         """Record that the worker is alive and what it holds. Returns its state (a worker told to drain learns it
-        here), or None when there is no row to update (deleted, or stopped): the caller registers again."""
+        here), or None when there is no row to update (deleted, or stopped): the caller registers again.
+        `healthy=False` shows an active worker as `unhealthy`; `True` brings it (or a lost one) back to `active`."""
+        back = (WorkerState.lost.value, WorkerState.unhealthy.value)
+        if healthy:
+            state = sa.case((workers.c.state.in_(back), WorkerState.active.value), else_=workers.c.state)
+        else:
+            sick = (WorkerState.active.value, WorkerState.lost.value)
+            state = sa.case((workers.c.state.in_(sick), WorkerState.unhealthy.value), else_=workers.c.state)
         values: dict[str, object] = {
             "last_heartbeat_at": clock.utcnow(),
             "loaded_models": list(loaded_models),
             "jobs_done": jobs_done,
-            "state": sa.case(
-                (workers.c.state == WorkerState.lost.value, WorkerState.active.value), else_=workers.c.state
-            ),
+            "state": state,
         }
         if models_available is not None:
             values["models_available"] = list(models_available)
@@ -121,6 +130,10 @@ class WorkerRegistry:
                 return None
             state = conn.execute(sa.select(workers.c.state).where(workers.c.id == worker_id)).scalar_one()
         return WorkerState(state)
+
+    def mark_unhealthy(self, worker_id: str) -> bool:
+        """A worker's thread crashed (its supervisor restarts it): show it until it registers again."""
+        return self._move(worker_id, WorkerState.unhealthy, from_states=(*LIVE, WorkerState.lost.value))
 
     def mark_draining(self, worker_id: str) -> bool:
         return self._move(worker_id, WorkerState.draining, from_states=LIVE)

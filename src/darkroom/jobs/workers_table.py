@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from darkroom.jobs.tables import TS, metadata
 
-WORKER_STATES = ("active", "draining", "lost", "stopped")
+WORKER_STATES = ("active", "draining", "lost", "stopped", "unhealthy")
 
 workers = sa.Table(
     "workers",

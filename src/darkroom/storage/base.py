@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from typing import Protocol
+
+from darkroom.errors import StorageFull, StorageUnavailable
+
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def content_key(data: bytes) -> tuple[str, str]:
@@ -22,3 +27,11 @@ class BlobStore(Protocol):
     def exists(self, key: str) -> bool: ...
 
     def delete(self, key: str) -> None: ...
+
+
+def storage_error(exc: OSError, action: str) -> StorageUnavailable:
+    """The typed error for an OS error from a blob store: a full disk (507) or an unavailable store (503). Both are
+    the node's problem, never the request's, so the worker backs off instead of failing the job."""
+    if exc.errno in FULL_ERRNOS:
+        return StorageFull(f"blob store is full: cannot {action} ({exc.strerror or exc})", field=None)
+    return StorageUnavailable(f"blob store unavailable: cannot {action} ({type(exc).__name__}: {exc})", field=None)

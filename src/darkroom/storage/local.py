@@ -1,4 +1,8 @@
-"""Blobs in a local folder (the embedded default). Writes are atomic: temp file, fsync, rename."""
+"""Blobs in a local folder (the embedded default). Writes are atomic: temp file, fsync, rename.
+
+OS errors leave as typed storage errors (`storage_error`): a full disk is `StorageFull` (507), anything else but a
+missing blob is `StorageUnavailable` (503), so neither the API nor the worker mistakes them for a bad request.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from darkroom.errors import NotFound
-from darkroom.storage.base import content_key
+from darkroom.storage.base import content_key, storage_error
 
 _KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{64}$")
 
@@ -29,6 +33,14 @@ class LocalBlobStore:
         path = self._path(key)
         if path.exists():
             return digest, key
+        try:
+            self._write(path, data)
+        except OSError as exc:
+            raise storage_error(exc, "store a blob") from exc
+        return digest, key
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
@@ -40,13 +52,14 @@ class LocalBlobStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return digest, key
 
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
             raise NotFound("no such blob", field="key") from None
+        except OSError as exc:
+            raise storage_error(exc, "read a blob") from exc
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()

@@ -3,11 +3,14 @@
 Keys are the same content addresses as the local store, under an optional prefix, so one bucket can hold several
 deployments. Clients fetch images with presigned GET URLs, so image bytes need not pass through the API process.
 Uploads go through boto3's managed transfer (`upload_fileobj`): multipart above 8 MiB, so a large blob never has to
-fit in one request. botocore retries throttling and transient errors itself (standard mode, `s3_max_attempts`).
+fit in one request. botocore retries throttling and transient errors itself (standard mode, `s3_max_attempts`);
+what still fails (server unreachable, 5xx after the retries) leaves as `StorageUnavailable` (503), so the API and the
+worker treat it as an outage of the node's store, not as the request's fault.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import re
@@ -18,9 +21,9 @@ from typing import IO, TYPE_CHECKING, Any
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
-from darkroom.errors import NotFound
+from darkroom.errors import NotFound, StorageUnavailable
 from darkroom.storage.base import content_key
 
 if TYPE_CHECKING:
@@ -103,7 +106,8 @@ class S3BlobStore:
     def put(self, data: bytes, content_type: str) -> tuple[str, str]:
         digest, key = content_key(data)
         if not self.exists(key):
-            self._upload(io.BytesIO(data), key, content_type, digest)
+            with _unavailable("store a blob"):
+                self._upload(io.BytesIO(data), key, content_type, digest)
         return digest, key
 
     def put_stream(self, fileobj: IO[bytes], content_type: str) -> tuple[str, str]:
@@ -118,7 +122,8 @@ class S3BlobStore:
             key = f"{digest[:2]}/{digest[2:4]}/{digest}"
             if not self.exists(key):
                 spool.seek(0)
-                self._upload(spool, key, content_type, digest)
+                with _unavailable("store a blob"):
+                    self._upload(spool, key, content_type, digest)
         return digest, key
 
     def get(self, key: str) -> bytes:
@@ -127,7 +132,8 @@ class S3BlobStore:
     def stream(self, key: str, chunk_size: int = MiB) -> Iterator[bytes]:
         """The blob in chunks, for responses that should not buffer a whole file."""
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self.object_name(key))["Body"]
+            with _unavailable("read a blob"):
+                body = self.client.get_object(Bucket=self.bucket, Key=self.object_name(key))["Body"]
         except ClientError as exc:
             raise _not_found(exc) from None
         with body:
@@ -135,15 +141,17 @@ class S3BlobStore:
 
     def exists(self, key: str) -> bool:
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self.object_name(key))
+            with _unavailable("look up a blob"):
+                self.client.head_object(Bucket=self.bucket, Key=self.object_name(key))
         except ClientError as exc:
             if _code(exc) in _MISSING:
                 return False
-            raise
+            raise StorageUnavailable(f"blob store unavailable: cannot look up a blob ({_code(exc)})") from exc
         return True
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self.object_name(key))
+        with _unavailable("delete a blob"):
+            self.client.delete_object(Bucket=self.bucket, Key=self.object_name(key))
 
     def url(self, key: str, expires: int | None = None) -> str:
         """A presigned GET URL: anyone holding it can fetch this blob until it expires, without credentials."""
@@ -163,6 +171,20 @@ class S3BlobStore:
             ExtraArgs={"ContentType": content_type, "Metadata": {"sha256": digest}},
             Config=self.transfer,
         )
+
+
+@contextlib.contextmanager
+def _unavailable(action: str) -> Iterator[None]:
+    """Connection failures, and server errors that outlived botocore's retries, are an outage of the store."""
+    try:
+        yield
+    except BotoCoreError as exc:
+        raise StorageUnavailable(f"blob store unavailable: cannot {action} ({type(exc).__name__})") from exc
+    except ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if status >= 500 or _code(exc) in {"SlowDown", "ServiceUnavailable", "InternalError"}:
+            raise StorageUnavailable(f"blob store unavailable: cannot {action} ({_code(exc) or status})") from exc
+        raise
 
 
 def _code(exc: ClientError) -> str:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import threading
 from collections.abc import Callable, Iterable
 
 from darkroom.config import Settings
 from darkroom.jobs.workers import WorkerInfo, WorkerRegistry, WorkerState, stale_after
+from darkroom.worker.health import HealthView
 
 log = logging.getLogger("darkroom.worker")
 
@@ -40,9 +40,11 @@ class Presence:
         models_available: Callable[[], Iterable[str]] | None = None,
         draining: Callable[[], bool] = lambda: False,
         device: tuple[str, int | None] | None = None,
+        health: Callable[[], HealthView] | None = None,
     ) -> None:
         """`draining`: polled each beat, so a signal handler only flips a flag and the database write happens here.
-        `device`: (description, memory in bytes); detected from `settings.device` when not given."""
+        `device`: (description, memory in bytes); detected from `settings.device` when not given.
+        `health`: the worker's own health, polled each beat; an unhealthy worker shows as `unhealthy`."""
         self.registry = registry
         self.worker_id = worker_id
         self.settings = settings
@@ -51,6 +53,7 @@ class Presence:
         self.models_available = models_available
         self.draining = draining
         self.device = device
+        self.health = health
         self.state: WorkerState | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -96,7 +99,10 @@ class Presence:
         if self.state is WorkerState.active and self.draining():
             self.drain()
         available = list(self.models_available()) if self.models_available else None
-        state = self.registry.heartbeat(self.worker_id, _ids(self.loaded_models()), self.jobs_done(), available)
+        healthy = self.health().healthy if self.health else True
+        state = self.registry.heartbeat(
+            self.worker_id, _ids(self.loaded_models()), self.jobs_done(), available, healthy=healthy
+        )
         if state is None:  # our row went away (or was stopped by someone else): put ourselves back
             self._register()
         else:
@@ -122,14 +128,17 @@ class Presence:
 
 def describe_device(device: str) -> tuple[str, int | None]:
     """("cuda:0 NVIDIA H100 80GB HBM3", total bytes) or ("cpu", RAM bytes). torch is imported only when a GPU may be
-    meant (`auto`, `cuda*`) and the engine will import it anyway; `cpu` workers register without it."""
-    torch = sys.modules.get("torch")
-    if torch is None and device.startswith(("cuda", "auto")):
+    meant (`auto`, `cuda*`) and the engine will import it anyway; `cpu` workers register without it.
+
+    Always through `import`, never `sys.modules`: while another worker thread is still importing torch, its entry
+    in `sys.modules` is a half-initialised module (no `torch.cuda` yet), whereas `import` waits for the import lock."""
+    torch = None
+    if device.startswith(("cuda", "auto")):
         try:
             import torch  # type: ignore[no-redef]
         except ImportError:
             torch = None
-    if torch is not None and device.startswith(("cuda", "auto")) and torch.cuda.is_available():
+    if torch is not None and torch.cuda.is_available():
         index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
         return f"cuda:{index} {props.name}", int(props.total_memory)

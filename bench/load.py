@@ -1,0 +1,245 @@
+"""The load battery: many clients submitting and polling at once for a bounded time, and how the service holds up.
+
+Each of `--clients` clients loops until `--seconds` have passed: submit a small job (`POST /v1/jobs`), then read one
+of its own unfinished jobs (`GET /v1/jobs/{id}`), then submit again, with no think time. A 429 is honoured: the
+client sleeps for its `Retry-After` (what a well-behaved client does; the SDK does the same). Meanwhile one more
+client reads `/healthz` every `--health-every` seconds, and the server's RSS and CPU are sampled every second when
+its pid is known (a server this script starts, or `--pid`). Reports p50/p95/p99 of submits (accepted and refused
+apart) and polls, jobs accepted per second, 429 and 5xx counts, `/healthz` latency and memory over time, as JSON.
+
+    .venv/bin/python bench/load.py                          # starts `darkroom serve` (1 worker) in a temp dir
+    .venv/bin/python bench/load.py --url http://127.0.0.1:8000 --api-key dk_... --pid 1234
+Traffic goes to loopback only unless `--url` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx  # noqa: E402
+from _common import (  # noqa: E402
+    bench_env,
+    cpu_seconds,
+    darkroom_server,
+    ensure_model,
+    git_commit,
+    latency_summary,
+    rss_bytes,
+)
+
+TERMINAL = {"succeeded", "failed", "cancelled", "dead"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--url", help="a running darkroom; default: start one on loopback in a temp dir")
+    p.add_argument("--api-key", default=os.environ.get("DARKROOM_API_KEY"))
+    p.add_argument("--pid", type=int, help="the running server's pid, to sample its memory and CPU")
+    p.add_argument("--clients", type=int, default=200)
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--steps", type=int, default=4, help="denoising steps of each job (64x64)")
+    p.add_argument("--health-every", type=float, default=0.1, help="seconds between /healthz reads")
+    p.add_argument("--workers", type=int, default=1, help="started server: in-process workers")
+    p.add_argument("--omp-threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    p.add_argument("--models-dir", type=Path, help="started server: reuse (or build once) the tiny model here")
+    p.add_argument("--request-timeout", type=float, default=60.0, help="a request slower than this is an error")
+    return p.parse_args(argv)
+
+
+@dataclass
+class Tally:
+    """What every client saw; asyncio runs them on one thread, so plain lists and counters are safe."""
+
+    submit_ok: list[float] = field(default_factory=list)
+    submit_refused: list[float] = field(default_factory=list)
+    polls: list[float] = field(default_factory=list)
+    health: list[float] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+    retry_after_missing: int = 0
+    finished_seen: int = 0
+
+    def status(self, route: str, code: int | str) -> None:
+        key = f"{route} {code}"
+        self.statuses[key] = self.statuses.get(key, 0) + 1
+
+    def count(self, predicate: Any) -> int:
+        return sum(n for key, n in self.statuses.items() if predicate(key.split(" ", 1)[1]))
+
+
+def job_body(client: int, i: int, steps: int) -> dict[str, Any]:
+    return {"prompt": f"load {client}-{i}", "width": 64, "height": 64, "steps": steps, "seed": client * 100_000 + i}
+
+
+def retry_after(response: httpx.Response, tally: Tally) -> float:
+    value = response.headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else _missing(tally)
+    except ValueError:  # an HTTP date: not what darkroom sends, but a client must still back off
+        return 1.0
+
+
+def _missing(tally: Tally) -> float:
+    tally.retry_after_missing += 1
+    return 1.0
+
+
+async def client_loop(n: int, http: httpx.AsyncClient, tally: Tally, deadline: float, steps: int) -> None:
+    mine: list[str] = []
+    i = 0
+    while time.monotonic() < deadline:
+        i += 1
+        started = time.perf_counter()
+        try:
+            r = await http.post("/v1/jobs", json=job_body(n, i, steps))
+        except httpx.TransportError as exc:
+            tally.status("submit", type(exc).__name__)
+            continue
+        elapsed = time.perf_counter() - started
+        tally.status("submit", r.status_code)
+        if r.status_code in (200, 202):
+            tally.submit_ok.append(elapsed)
+            mine.append(r.json()["id"])
+        elif r.status_code == 429:
+            tally.submit_refused.append(elapsed)
+            await asyncio.sleep(min(retry_after(r, tally), max(0.0, deadline - time.monotonic())))
+        if mine and time.monotonic() < deadline:
+            await poll_one(http, tally, mine)
+
+
+async def poll_one(http: httpx.AsyncClient, tally: Tally, mine: list[str]) -> None:
+    """Read the oldest of the client's unfinished jobs, as a client waiting for its results does."""
+    job_id = mine[0]
+    started = time.perf_counter()
+    try:
+        r = await http.get(f"/v1/jobs/{job_id}")
+    except httpx.TransportError as exc:
+        tally.status("poll", type(exc).__name__)
+        return
+    tally.status("poll", r.status_code)
+    if r.status_code == 200:
+        tally.polls.append(time.perf_counter() - started)
+        if r.json().get("state") in TERMINAL:
+            tally.finished_seen += 1
+            mine.pop(0)
+    elif r.status_code == 429:
+        await asyncio.sleep(min(retry_after(r, tally), 5.0))
+
+
+async def health_loop(url: str, tally: Tally, deadline: float, every: float, timeout: float) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=timeout) as http:
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            try:
+                r = await http.get("/healthz")
+                tally.status("healthz", r.status_code)
+                if r.status_code == 200:
+                    tally.health.append(time.perf_counter() - started)
+            except httpx.TransportError as exc:
+                tally.status("healthz", type(exc).__name__)
+            await asyncio.sleep(max(0.0, every - (time.perf_counter() - started)))
+
+
+async def sample_loop(pid: int | None, samples: list[dict[str, float]], deadline: float) -> None:
+    """RSS and CPU once a second (sleeping on the event loop, so it costs the clients nothing)."""
+    if pid is None:
+        return
+    t0, cpu0 = time.monotonic(), cpu_seconds(pid)
+    while True:
+        now = time.monotonic()
+        cpu = cpu_seconds(pid)
+        samples.append({"t_s": round(now - t0, 1), "rss_mb": round(rss_bytes(pid) / 2**20, 1), "cpu_s": cpu - cpu0})
+        if now >= deadline:
+            return
+        await asyncio.sleep(min(1.0, max(0.0, deadline - now)))
+
+
+async def run_load(url: str, args: argparse.Namespace, pid: int | None) -> dict[str, Any]:
+    tally, samples = Tally(), []
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.request_timeout, limits=limits) as http:
+        started = time.monotonic()
+        deadline = started + args.seconds
+        await asyncio.gather(
+            *(client_loop(n, http, tally, deadline, args.steps) for n in range(args.clients)),
+            health_loop(url, tally, deadline, args.health_every, args.request_timeout),
+            sample_loop(pid, samples, deadline),
+        )
+        wall = time.monotonic() - started
+    return report(tally, samples, wall)
+
+
+def report(tally: Tally, samples: list[dict[str, float]], wall: float) -> dict[str, Any]:
+    rss = [s["rss_mb"] for s in samples]
+    return {
+        "wall_s": round(wall, 2),
+        "jobs_accepted": len(tally.submit_ok),
+        "jobs_accepted_per_s": round(len(tally.submit_ok) / wall, 2),
+        "jobs_seen_finished": tally.finished_seen,
+        "submit_accepted": latency_summary(tally.submit_ok),
+        "submit_429": latency_summary(tally.submit_refused),
+        "poll": latency_summary(tally.polls),
+        "healthz": latency_summary(tally.health),
+        "count_429": tally.count(lambda code: code == "429"),
+        "count_5xx": tally.count(lambda code: code.isdigit() and code.startswith("5")),
+        "transport_errors": tally.count(lambda code: not code.isdigit()),
+        "retry_after_missing": tally.retry_after_missing,
+        "statuses": dict(sorted(tally.statuses.items())),
+        "server": {
+            "rss_mb_start": rss[0] if rss else None,
+            "rss_mb_max": max(rss) if rss else None,
+            "rss_mb_end": rss[-1] if rss else None,
+            "cpu_s": round(samples[-1]["cpu_s"], 2) if samples else None,
+            "samples": [{**s, "cpu_s": round(s["cpu_s"], 2)} for s in samples],
+        },
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    head: dict[str, Any] = {
+        "benchmark": "load",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "cpus": os.cpu_count(),
+        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "api_key"},
+    }
+    if args.url:
+        return {**head, "target": args.url, **(await run_load(args.url, args, args.pid))}
+    with tempfile.TemporaryDirectory(prefix="darkroom-load-") as tmp:
+        work = Path(tmp)
+        models_dir = args.models_dir or work / "models"
+        ensure_model(models_dir)
+        env = bench_env(args.omp_threads)
+        server = darkroom_server("darkroom", work / "data", models_dir, args.workers, work, env)
+        try:
+            head["ready_s"] = round(server.wait_ready(), 2)
+            head["target"] = f"darkroom serve --workers {args.workers} (default settings, SQLite, started here)"
+            result = await run_load(server.url, args, server.pid)
+        except Exception:
+            sys.stderr.write(server.tail())
+            raise
+        finally:
+            server.stop()
+    return {**head, **result}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    json.dump(asyncio.run(main_async(args)), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,486 @@
+"""What darkroom costs on top of the work it schedules, measured against the server people would otherwise write.
+
+Both servers run as their own processes on loopback with the same tiny SD model folder, the same OMP_NUM_THREADS and
+the same request defaults: `bench/plain_server.py` (FastAPI + one diffusers pipeline behind an asyncio lock) and
+`darkroom serve` (SQLite in a temp data dir, watermark and C2PA as by default) with 1 and 2 worker threads. The rounds
+interleave the servers (the order flips every round) and the medians over rounds are reported, so machine noise hits
+every side alike. Phases, each bounded by `--phase-timeout`:
+
+- latency: one client, sequential, `--steps` steps at 64²: plain `POST /generate` (PNG bytes) against darkroom's
+  native sync `POST /v1/generate` followed by the image download, since a client wants the picture, not its id;
+- throughput: `--clients` concurrent clients, `--jobs` images of `--tput-steps` steps: plain `POST /generate` against
+  darkroom's SDK (`AsyncClient`: `POST /v1/jobs`, follow the job's SSE stream, read the job, download the image),
+  with 1 and 2 workers; server CPU per image (utime + stime from /proc over the phase) for both;
+- sql: statements and transactions per `POST /v1/jobs` and `GET /v1/jobs/{id}`, counted in this process with a
+  SQLAlchemy cursor event on the store's engine around the real app served over loopback (the service itself
+  exposes no statement count); only statements run by request threads are counted, not background loops';
+- submit: an API-only node (`--workers 0`) with `--queued` jobs (and 100,000 with `--deep`) already queued through
+  `JobStore.create`, `--submit-clients` clients submitting for `--submit-seconds`: p50/p99, submits/s, 429s.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/service_overhead.py --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx  # noqa: E402
+from _common import (  # noqa: E402
+    HOST,
+    Server,
+    bench_env,
+    darkroom_server,
+    ensure_model,
+    free_port,
+    git_commit,
+    latency_summary,
+    median,
+    ms,
+    plain_server,
+    ratio,
+)
+
+PHASES = ("latency", "throughput", "sql", "submit")
+DEEP_QUEUE = 100_000
+
+
+def body(i: int, steps: int, size: int = 64) -> dict[str, Any]:
+    return {"prompt": f"a lighthouse at dusk {i}", "steps": steps, "width": size, "height": size, "seed": i}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20, help="latency phase: denoising steps")
+    p.add_argument("--seq-requests", type=int, default=8, help="latency phase: requests per server per round")
+    p.add_argument("--clients", type=int, default=16, help="throughput phase: concurrent clients")
+    p.add_argument("--jobs", type=int, default=64, help="throughput phase: images per server per round")
+    p.add_argument("--tput-steps", type=int, default=4, help="throughput phase: denoising steps")
+    p.add_argument("--sql-requests", type=int, default=20, help="sql phase: requests of each kind")
+    p.add_argument("--submit-clients", default="16,200", help="submit phase: comma-separated client counts")
+    p.add_argument("--submit-seconds", type=float, default=10.0, help="submit phase: seconds per client count")
+    p.add_argument("--queued", type=int, default=1000, help="submit phase: jobs queued before it starts")
+    p.add_argument("--deep", action="store_true", help=f"submit phase: also with {DEEP_QUEUE:,} jobs queued")
+    p.add_argument("--omp-threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    p.add_argument("--phase-timeout", type=float, default=300.0, help="seconds any one measured phase may take")
+    p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    p.add_argument("--models-dir", type=Path, help="reuse (or build once) the tiny model here; default: a temp dir")
+    return p.parse_args(argv)
+
+
+async def bounded(coro: Awaitable[dict[str, Any]], timeout: float) -> dict[str, Any]:
+    try:
+        return await asyncio.wait_for(coro, timeout)
+    except TimeoutError:
+        return {"timed_out": True}
+
+
+# --- latency ---------------------------------------------------------------------------------------------------------
+
+
+async def seq_plain(server: Server, n: int, steps: int) -> list[float]:
+    out = []
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+        for i in range(n):
+            started = time.perf_counter()
+            r = await http.post("/generate", json=body(i, steps))
+            r.raise_for_status()
+            out.append(time.perf_counter() - started)
+    return out
+
+
+async def seq_darkroom(server: Server, n: int, steps: int) -> list[float]:
+    out = []
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+        for i in range(n):
+            started = time.perf_counter()
+            r = await http.post("/v1/generate", json=body(i, steps))
+            r.raise_for_status()
+            job = r.json()
+            if job["state"] != "succeeded":
+                raise RuntimeError(f"darkroom job ended {job['state']}: {job.get('error')}")
+            (await http.get(job["images"][0]["url"])).raise_for_status()
+            out.append(time.perf_counter() - started)
+    return out
+
+
+# --- throughput ------------------------------------------------------------------------------------------------------
+
+
+async def fan_out(clients: int, jobs: int, one: Callable[[int], Awaitable[None]]) -> float:
+    """`jobs` calls of `one` spread over `clients` concurrent tasks; returns the wall time."""
+    counter = iter(range(jobs))
+
+    async def client() -> None:
+        for i in counter:
+            await one(i)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return time.perf_counter() - started
+
+
+async def tput_plain(server: Server, clients: int, jobs: int, steps: int) -> float:
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits) as http:
+
+        async def one(i: int) -> None:
+            (await http.post("/generate", json=body(i, steps))).raise_for_status()
+
+        return await fan_out(clients, jobs, one)
+
+
+async def tput_darkroom(server: Server, clients: int, jobs: int, steps: int) -> float:
+    from darkroom.client import AsyncClient
+
+    async with AsyncClient(server.url, timeout=600) as sdk:
+
+        async def one(i: int) -> None:
+            job = await sdk.generate(body(i, steps))
+            await sdk.image(job["images"][0]["url"])
+
+        return await fan_out(clients, jobs, one)
+
+
+async def measured(server: Server, work: Awaitable[Any]) -> tuple[Any, float, float]:
+    """(result, wall seconds, server CPU seconds) of one piece of client work."""
+    cpu0, t0 = server.cpu(), time.perf_counter()
+    result = await work
+    return result, time.perf_counter() - t0, server.cpu() - cpu0
+
+
+# --- sql -------------------------------------------------------------------------------------------------------------
+
+
+class StatementCounter:
+    """Counts the store engine's statements and transactions by the request threads of an in-process server."""
+
+    def __init__(self, engine: Any, request_threads: Callable[[threading.Thread], bool]) -> None:
+        import sqlalchemy as sa
+
+        self.request_threads = request_threads
+        self.statements = self.transactions = self.writes = 0
+        self.lock = threading.Lock()
+        sa.event.listen(engine, "before_cursor_execute", self._statement)
+        sa.event.listen(engine, "begin", self._begin)
+
+    def _ours(self) -> bool:
+        return self.request_threads(threading.current_thread())
+
+    def _statement(self, conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if not self._ours():
+            return
+        head = statement.lstrip()[:16].upper()
+        with self.lock:
+            if head.startswith("BEGIN IMMEDIATE"):
+                self.writes += 1
+            elif not head.startswith(("BEGIN", "COMMIT", "ROLLBACK")):
+                self.statements += 1
+
+    def _begin(self, conn: Any) -> None:
+        if self._ours():
+            with self.lock:
+                self.transactions += 1
+
+    def snapshot(self) -> tuple[int, int, int]:
+        with self.lock:
+            return self.statements, self.transactions, self.writes
+
+
+def sql_phase(models_dir: Path, n: int) -> dict[str, Any]:
+    import uvicorn
+
+    from darkroom.api.app import create_app
+    from darkroom.auth.principal import Principal, Role
+    from darkroom.config import Settings
+    from darkroom.service import Services
+
+    with tempfile.TemporaryDirectory(prefix="darkroom-sql-") as tmp:
+        settings = Settings(data_dir=Path(tmp), models_dir=models_dir, workers=0, create_default_model=False)
+        settings.webhooks.enabled = False
+        svc = Services.open(settings)
+        _, token = svc.keys.create(Principal.cli(), name="bench", role=Role.service, tenant="default")
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(svc, workers=0), host=HOST, port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, name="bench-sql-server", daemon=True)
+        counter = StatementCounter(
+            svc.store.engine, lambda t: t is thread or t.name.startswith(("AnyIO worker", "anyio"))
+        )
+        thread.start()
+        try:
+            deadline = time.monotonic() + 30
+            while not server.started:
+                if time.monotonic() > deadline or not thread.is_alive():
+                    raise RuntimeError("in-process server did not start")
+                time.sleep(0.02)
+            return count_requests(f"http://{HOST}:{port}", token, counter, n)
+        finally:
+            server.should_exit = True
+            thread.join(30)
+            svc.close()
+
+
+def count_requests(url: str, token: str, counter: StatementCounter, n: int) -> dict[str, Any]:
+    """Median statements per request after one warm-up of each kind (caches, prepared state)."""
+    per: dict[str, list[tuple[int, int, int]]] = {"submit": [], "status": []}
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+        job_id = ""
+        for i in range(n + 1):
+            before = counter.snapshot()
+            r = http.post("/v1/jobs", json=body(i, 4))
+            r.raise_for_status()
+            job_id = r.json()["id"]
+            after = counter.snapshot()
+            if i:
+                per["submit"].append(tuple(a - b for a, b in zip(after, before, strict=True)))  # type: ignore[arg-type]
+            before = counter.snapshot()
+            http.get(f"/v1/jobs/{job_id}").raise_for_status()
+            after = counter.snapshot()
+            if i:
+                per["status"].append(tuple(a - b for a, b in zip(after, before, strict=True)))  # type: ignore[arg-type]
+    out: dict[str, Any] = {"counted": "in-process cursor events on the store engine, request threads only"}
+    for kind, rows in per.items():
+        out[kind] = {
+            "statements": median([r[0] for r in rows]),
+            "transactions": median([r[1] for r in rows]),
+            "write_transactions": median([r[2] for r in rows]),
+            "requests": len(rows),
+        }
+    return out
+
+
+# --- submit ------------------------------------------------------------------------------------------------------
+
+
+def prefill(data_dir: Path, models_dir: Path, count: int) -> float:
+    """`count` queued jobs through darkroom's own JobStore (so every maintained table stays consistent)."""
+    from darkroom.config import Limits, Settings
+    from darkroom.schemas import GenerationRequest
+    from darkroom.service import Services
+
+    limits = Limits(max_queue_depth=10 * (count + DEEP_QUEUE), max_tenant_queue_depth=None)
+    settings = Settings(data_dir=data_dir, models_dir=models_dir, workers=0, limits=limits)
+    svc = Services.open(settings)
+    started = time.perf_counter()
+    try:
+        model = svc.registry.default().id
+        for i in range(count):
+            request = GenerationRequest(prompt=f"queued {i}", width=64, height=64, steps=4, seed=i, model=model)
+            svc.store.create(request)
+    finally:
+        svc.close()
+    return time.perf_counter() - started
+
+
+async def submit_load(url: str, clients: int, seconds: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    deadline = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+
+    async def client(c: int, http: httpx.AsyncClient) -> None:
+        i = 0
+        while time.monotonic() < deadline:
+            i += 1
+            started = time.perf_counter()
+            try:
+                r = await http.post("/v1/jobs", json=body(c * 1_000_000 + i, 4))
+            except httpx.TransportError as exc:
+                statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1
+                continue
+            statuses[str(r.status_code)] = statuses.get(str(r.status_code), 0) + 1
+            if r.status_code == 202:
+                latencies.append(time.perf_counter() - started)
+            elif r.status_code == 429:
+                wait = float(r.headers.get("Retry-After", "1") or 1)
+                await asyncio.sleep(max(0.0, min(wait, deadline - time.monotonic())))
+
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(c, http) for c in range(clients)))
+        wall = time.perf_counter() - started
+    return {
+        "clients": clients,
+        "seconds": round(wall, 2),
+        "accepted_per_s": round(len(latencies) / wall, 1),
+        "accepted": latency_summary(latencies),
+        "statuses": statuses,
+    }
+
+
+async def submit_phase(args: argparse.Namespace, models_dir: Path, logs: Path) -> list[dict[str, Any]]:
+    depths = [args.queued] + ([DEEP_QUEUE] if args.deep else [])
+    roomy = str(10 * DEEP_QUEUE)  # measure the submit path, not the depth limit (429s are counted all the same)
+    env = bench_env(
+        args.omp_threads,
+        {"DARKROOM_LIMITS__MAX_QUEUE_DEPTH": roomy, "DARKROOM_LIMITS__MAX_TENANT_QUEUE_DEPTH": roomy},
+    )
+    out = []
+    for depth in depths:
+        with tempfile.TemporaryDirectory(prefix="darkroom-api-") as tmp:
+            fill_s = prefill(Path(tmp), models_dir, depth)
+            server = darkroom_server(f"api-only-{depth}", Path(tmp), models_dir, 0, logs, env)
+            try:
+                server.wait_ready()
+                for clients in [int(c) for c in args.submit_clients.split(",") if c.strip()]:
+                    cpu0 = server.cpu()
+                    row = await bounded(submit_load(server.url, clients, args.submit_seconds), args.phase_timeout)
+                    accepted = row.get("statuses", {}).get("202", 0)
+                    row["server_cpu_ms_per_submit"] = ms((server.cpu() - cpu0) / accepted) if accepted else None
+                    out.append({"queued_before": depth, "prefill_s": round(fill_s, 1), **row})
+            finally:
+                server.stop()
+    return out
+
+
+# --- the run ---------------------------------------------------------------------------------------------------------
+
+
+async def rounds(args: argparse.Namespace, servers: dict[str, Server], phases: set[str]) -> dict[str, Any]:
+    raw: dict[str, dict[str, list[float]]] = {"latency_s": {}, "seq_cpu_s_per_image": {}}
+    raw.update({"images_per_s": {}, "cpu_s_per_image": {}})
+    order = list(servers)
+    for r in range(args.rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            server, darkroom = servers[name], name != "plain"
+            if "latency" in phases and name != "darkroom_2w":
+                seq = seq_darkroom if darkroom else seq_plain
+                n = args.seq_requests
+                lat, _, cpu = await measured(server, bounded(_wrap(seq(server, n, args.steps)), args.phase_timeout))
+                if "values" in lat:
+                    raw["latency_s"].setdefault(name, []).append(median(lat["values"]))
+                    raw["seq_cpu_s_per_image"].setdefault(name, []).append(cpu / n)
+            if "throughput" in phases:
+                tput = tput_darkroom if darkroom else tput_plain
+                job = _wrap(tput(server, args.clients, args.jobs, args.tput_steps))
+                res, wall, cpu = await measured(server, bounded(job, args.phase_timeout))
+                if "values" in res:
+                    raw["images_per_s"].setdefault(name, []).append(args.jobs / wall)
+                    raw["cpu_s_per_image"].setdefault(name, []).append(cpu / args.jobs)
+    return raw
+
+
+async def _wrap(coro: Awaitable[Any]) -> dict[str, Any]:
+    return {"values": await coro}
+
+
+async def warm_up(servers: dict[str, Server]) -> dict[str, float]:
+    """Load the model in every server (darkroom loads it on the first job) before anything is timed; all at once,
+    since nothing is measured yet."""
+
+    async def first(name: str, server: Server) -> float:
+        started = time.perf_counter()
+        await (seq_plain if name == "plain" else seq_darkroom)(server, 2, 2)
+        return round(time.perf_counter() - started, 2)
+
+    times = await asyncio.gather(*(first(name, server) for name, server in servers.items()))
+    return dict(zip(servers, times, strict=True))
+
+
+def summarize(raw: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
+    med = {key: {name: median(vs) for name, vs in by.items()} for key, by in raw.items()}
+    lat, ips, cpu, seq_cpu = med["latency_s"], med["images_per_s"], med["cpu_s_per_image"], med["seq_cpu_s_per_image"]
+    out: dict[str, Any] = {
+        "latency": {
+            "plain_median_ms": ms(lat.get("plain")),
+            "darkroom_median_ms": ms(lat.get("darkroom_1w")),
+            "ratio_darkroom_vs_plain": ratio(lat.get("darkroom_1w"), lat.get("plain")),
+            "cpu_ms_per_image": {k: ms(v) for k, v in seq_cpu.items()},
+        },
+        "throughput": {
+            "images_per_s": {k: round(v, 3) for k, v in ips.items()},
+            "ratio_1_worker_vs_plain": ratio(ips.get("darkroom_1w"), ips.get("plain")),
+            "ratio_2_workers_vs_plain": ratio(ips.get("darkroom_2w"), ips.get("plain")),
+            "cpu_ms_per_image": {k: ms(v) for k, v in cpu.items()},
+        },
+    }
+    for section, table in (("latency", seq_cpu), ("throughput", cpu)):
+        plain = table.get("plain")
+        beyond = {k: ms(v - plain) for k, v in table.items() if k != "plain" and plain is not None}
+        out[section]["darkroom_cpu_beyond_engine_ms_per_image"] = beyond
+    out["raw"] = {key: {n: [round(v, 4) for v in vs] for n, vs in by.items()} for key, by in raw.items()}
+    return out
+
+
+async def run(args: argparse.Namespace, models_dir: Path, work: Path) -> dict[str, Any]:
+    phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+    if unknown := phases - set(PHASES):
+        raise SystemExit(f"unknown phases: {', '.join(sorted(unknown))}")
+    model = ensure_model(models_dir)
+    (work / "logs").mkdir()
+    result: dict[str, Any] = {
+        "benchmark": "service_overhead",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "cpus": os.cpu_count(),
+        "omp_threads": args.omp_threads,
+        "model": "darkroom-smoke-test (random weights, tiny SD-1 shapes)",
+        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    if phases & {"latency", "throughput"}:
+        await guarded(result, "servers", server_phases(args, phases, model, models_dir, work, result))
+    if "sql" in phases:
+        await guarded(result, "sql_per_request", asyncio.to_thread(sql_phase, models_dir, args.sql_requests))
+    if "submit" in phases:
+        await guarded(result, "submit_api_only", submit_phase(args, models_dir, work / "logs"))
+    return result
+
+
+async def guarded(result: dict[str, Any], key: str, work: Awaitable[Any]) -> None:
+    """A phase that fails is reported as such (with the server logs' tail) and the others still run."""
+    try:
+        value = await work
+    except Exception as exc:  # noqa: BLE001 - a benchmark reports what broke rather than dying on it
+        result.setdefault("errors", {})[key] = f"{type(exc).__name__}: {exc}"[-3000:]
+        return
+    if value is not None:
+        result[key] = value
+
+
+async def server_phases(
+    args: argparse.Namespace, phases: set[str], model: Path, models_dir: Path, work: Path, result: dict[str, Any]
+) -> None:
+    logs, env = work / "logs", bench_env(args.omp_threads)
+    servers = {
+        "plain": plain_server("plain", model, logs, env),
+        "darkroom_1w": darkroom_server("darkroom_1w", work / "data1", models_dir, 1, logs, env),
+        "darkroom_2w": darkroom_server("darkroom_2w", work / "data2", models_dir, 2, logs, env),
+    }
+    try:
+        result["ready_s"] = {name: round(s.wait_ready(), 2) for name, s in servers.items()}
+        result["first_requests_s"] = await warm_up(servers)
+        result.update(summarize(await rounds(args, servers, phases)))
+        result["rss_mb"] = {name: round(s.rss() / 2**20, 1) for name, s in servers.items()}
+    except Exception:
+        result["server_log_tails"] = {name: s.tail(1500) for name, s in servers.items()}
+        raise
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="darkroom-bench-") as tmp:
+        work = Path(tmp)
+        models_dir = args.models_dir or work / "models"
+        result = asyncio.run(run(args, models_dir, work))
+    json.dump(result, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The service benchmarks run end to end with tiny parameters and print the JSON the docs quote, so they never rot.
+
+Each script runs as users run it (a subprocess on this interpreter), against real servers it starts on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench_models(tmp_path_factory) -> Path:
+    """One models folder with darkroom's smoke model, shared by the runs (each would otherwise build its own)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _common import ensure_model
+    finally:
+        sys.path.remove(str(BENCH))
+    root = tmp_path_factory.mktemp("bench-models")
+    ensure_model(root)
+    return root
+
+
+def run_bench(script: str, *args: str, timeout: float = 300) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )
+    assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stderr[-6000:]}"
+    return json.loads(done.stdout)
+
+
+def is_positive(value: object) -> bool:
+    return isinstance(value, int | float) and value > 0
+
+
+def test_percentile_is_nearest_rank() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _common import percentile
+    finally:
+        sys.path.remove(str(BENCH))
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile(values, 100) == 100
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) is None
+
+
+def test_service_overhead_prints_every_figure(bench_models: Path) -> None:
+    out = run_bench(
+        "service_overhead.py",
+        *("--rounds", "1", "--steps", "2", "--seq-requests", "1", "--clients", "2", "--jobs", "2"),
+        *("--tput-steps", "2", "--sql-requests", "1", "--submit-clients", "2", "--submit-seconds", "1"),
+        *("--queued", "5", "--phase-timeout", "120", "--models-dir", str(bench_models)),
+    )
+    assert "errors" not in out, (out.get("errors"), out.get("server_log_tails"))
+    assert out["benchmark"] == "service_overhead"
+    latency, throughput = out["latency"], out["throughput"]
+    assert is_positive(latency["plain_median_ms"]) and is_positive(latency["darkroom_median_ms"])
+    assert is_positive(latency["ratio_darkroom_vs_plain"])
+    assert set(throughput["images_per_s"]) == {"plain", "darkroom_1w", "darkroom_2w"}
+    assert is_positive(throughput["ratio_1_worker_vs_plain"]) and is_positive(throughput["ratio_2_workers_vs_plain"])
+    assert set(throughput["cpu_ms_per_image"]) == {"plain", "darkroom_1w", "darkroom_2w"}
+    assert set(throughput["darkroom_cpu_beyond_engine_ms_per_image"]) == {"darkroom_1w", "darkroom_2w"}
+    for kind in ("submit", "status"):
+        assert is_positive(out["sql_per_request"][kind]["statements"])
+        assert is_positive(out["sql_per_request"][kind]["transactions"])
+    (row,) = out["submit_api_only"]
+    assert row["queued_before"] == 5 and row["clients"] == 2
+    assert row["statuses"].get("202", 0) > 0 and is_positive(row["accepted"]["p99_ms"])
+
+
+def test_load_reports_latencies_errors_and_memory(bench_models: Path) -> None:
+    out = run_bench(
+        "load.py",
+        *("--clients", "4", "--seconds", "2", "--workers", "0", "--models-dir", str(bench_models)),
+    )
+    assert out["benchmark"] == "load"
+    assert out["jobs_accepted"] > 0 and is_positive(out["jobs_accepted_per_s"])
+    assert is_positive(out["submit_accepted"]["p99_ms"]) and is_positive(out["poll"]["p50_ms"])
+    assert out["healthz"]["count"] > 0 and is_positive(out["healthz"]["p99_ms"])
+    assert out["count_5xx"] == 0 and out["transport_errors"] == 0
+    assert {"count_429", "retry_after_missing", "statuses"} <= set(out)
+    samples = out["server"]["samples"]
+    assert len(samples) >= 2 and all(s["rss_mb"] > 0 for s in samples)

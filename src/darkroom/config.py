@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -109,6 +110,34 @@ class SecuritySettings(BaseModel):
     default_gpu_seconds_per_month: float | None = Field(default=None, gt=0)
 
 
+class ServerSettings(BaseModel):
+    """The API process's edge (darkroom/api/edge.py): request threads, backpressure, the body cap and the auth
+    caches. Env: `DARKROOM_SERVER__MAX_IN_FLIGHT`, …"""
+
+    request_threads: int = Field(default=40, ge=1, description="threads that run sync handlers (anyio's limiter)")
+    max_in_flight: int = Field(
+        default_factory=lambda: max(64, 32 * (os.cpu_count() or 1)),
+        ge=1,
+        description="requests handled at once; beyond it an immediate 429 `overloaded` (health probes exempt)",
+    )
+    overloaded_retry_after: int = Field(default=1, ge=1, description="Retry-After (s) of an `overloaded` 429")
+    max_body_bytes: int | None = Field(
+        default=None, ge=1, description="request body cap, counted as it streams; default: the upload limit in base64"
+    )
+    auth_cache_seconds: float = Field(
+        default=5.0, ge=0, description="API keys and tenant policies are re-read after this (0: never cached)"
+    )
+    auth_failures_per_minute: int = Field(
+        default=20, ge=1, description="bad API keys one client address may send a minute before it gets 429"
+    )
+    audited_failures_per_minute: int = Field(
+        default=5, ge=1, description="failed logins audited one by one per address a minute; the rest as a summary"
+    )
+    ready_cache_seconds: float = Field(default=1.0, ge=0, description="how long /readyz reuses its last check")
+    ready_timeout_seconds: float = Field(default=2.0, gt=0, description="/readyz gives up on the database after")
+    database_retry_after: int = Field(default=5, ge=1, description="Retry-After (s) while the database is down")
+
+
 class RecoverySettings(BaseModel):
     """How a worker rides out failures that are not the job's fault (darkroom/worker/health.py) and when a job that
     keeps breaking workers is given up. Env: `DARKROOM_RECOVERY__STORAGE_BACKOFF_SECONDS`, …"""
@@ -176,6 +205,7 @@ class Settings(BaseSettings):
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     recovery: RecoverySettings = Field(default_factory=RecoverySettings)
     prune: PruneSettings = Field(default_factory=PruneSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
 
     @property
     def resolved_models_dir(self) -> Path:

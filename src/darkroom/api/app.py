@@ -1,4 +1,5 @@
-"""The FastAPI app factory. Workers in the same process start and stop with the app's lifespan."""
+"""The FastAPI app factory. Workers in the same process start and stop with the app's lifespan, and so do the
+request thread pool's size, the auth caches' cross-process invalidation and the failed-login summaries."""
 
 from __future__ import annotations
 
@@ -6,23 +7,40 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+import anyio.to_thread
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import RedirectResponse
 
-from darkroom import __version__, clock
+from darkroom import __version__
+from darkroom.auth import invalidation
+from darkroom.auth.failures import LoginFailures
 from darkroom.service import Services
 from darkroom.storage.retention import start_for as start_retention
 from darkroom.webhooks.dispatcher import start_for as start_webhooks
 
 from . import a1111, admin, errors, health, openai_compat, review, v1, webhooks
+from .auth import admit_before_body
+from .edge import Edge, InFlight
 
 log = logging.getLogger("darkroom.api")
 
 
 def create_app(services: Services, workers: int = 0) -> FastAPI:
+    server = services.settings.server
+    services.keys.configure_cache(server.auth_cache_seconds)
+    services.tenants.configure_cache(server.auth_cache_seconds)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Sync handlers run on anyio's default limiter: its size is the request thread pool.
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = server.request_threads
+        app.state.request_limiter = limiter
+        listener = invalidation.listen(
+            services.settings.resolved_database_url, {"key": services.keys, "tenant": services.tenants}
+        )
+        app.state.cache_listener = listener
         services.start_workers(workers)
         dispatcher = start_webhooks(services.settings, services.store)
         retention = start_retention(services.settings, services)
@@ -33,6 +51,9 @@ def create_app(services: Services, workers: int = 0) -> FastAPI:
             if dispatcher is not None:
                 dispatcher.stop()
             services.stop_workers()
+            if listener is not None:
+                listener.stop()
+            app.state.login_failures.flush()
 
     app = FastAPI(
         title="darkroom",
@@ -41,8 +62,21 @@ def create_app(services: Services, workers: int = 0) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = services
-    errors.install(app)
-    _install_middleware(app, services)
+    app.state.login_failures = LoginFailures(
+        services.audit,
+        per_minute=server.auth_failures_per_minute,
+        audited_per_minute=server.audited_failures_per_minute,
+    )
+    app.state.readiness = health.Readiness(services, server.ready_cache_seconds, server.ready_timeout_seconds)
+    app.state.in_flight = InFlight(server.max_in_flight)
+    errors.install(app, database_retry_after=server.database_retry_after)
+    app.add_middleware(
+        Edge,
+        in_flight=app.state.in_flight,
+        retry_after=server.overloaded_retry_after,
+        max_body=_max_body(services),
+        admit=admit_before_body,
+    )
     app.include_router(v1.router)
     app.include_router(health.router)
     app.include_router(admin.router)
@@ -60,20 +94,11 @@ def create_app(services: Services, workers: int = 0) -> FastAPI:
     return app
 
 
-def _install_middleware(app: FastAPI, services: Services) -> None:
-    # JSON bodies carry base64 images, so the cap is the upload limit plus base64 and field overhead.
-    max_body = services.settings.limits.max_upload_bytes * 4 // 3 + 256 * 1024
-
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):  # type: ignore[no-untyped-def]
-        rid = request.headers.get("X-Request-ID") or clock.new_id("req")
-        request.state.request_id = rid[:64]
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_body:
-            return errors.problem(413, "payload_too_large", f"request body is larger than {max_body} bytes", "body")
-        response = await call_next(request)
-        response.headers["X-Request-ID"] = request.state.request_id
-        return response
+def _max_body(services: Services) -> int:
+    """The body cap, counted as the body streams (api/edge.py). JSON bodies carry base64 images, so by default it
+    is the upload limit plus base64 and field overhead."""
+    settings = services.settings
+    return settings.server.max_body_bytes or settings.limits.max_upload_bytes * 4 // 3 + 256 * 1024
 
 
 PROBLEM_SCHEMA = {

@@ -2,7 +2,12 @@
 
 Secure by default: with no API keys at all, a caller is the machine's owner (`Principal.local`, an admin) only while
 the service is bound to a loopback address or runs with `--insecure`; once any key exists, every request needs one.
-The request's principal is kept on `request.state.principal` for the audit log and for tenant scoping."""
+The request's principal is kept on `request.state.principal` for the audit log and for tenant scoping.
+
+Requests that carry a body are authenticated by the edge middleware (api/edge.py, `admit_before_body`) before a byte
+of the body is read: a caller without a valid key cannot make the server buffer anything. A failure there is kept on
+`request.state.auth_error`, the body is withheld from the route, and the route's `require(...)` raises it, so the
+error leaves in the route's own shape (OpenAI routes answer in OpenAI's)."""
 
 from __future__ import annotations
 
@@ -13,10 +18,11 @@ from fastapi import Depends, Request, WebSocket
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from darkroom.auth.failures import LoginFailures
 from darkroom.auth.limits import RateLimiter, effective
 from darkroom.auth.principal import Permission, Principal
 from darkroom.auth.tenants import TenantPolicy
-from darkroom.errors import Forbidden, NotFound, Unauthorized
+from darkroom.errors import Forbidden, NotFound, RateLimited, Unauthorized
 from darkroom.jobs.store import ImageRecord, JobRecord
 from darkroom.service import Services
 
@@ -37,16 +43,25 @@ def open_without_keys(svc: Services) -> bool:
     return svc.settings.security.insecure or is_loopback(svc.settings.host)
 
 
-def authenticate(svc: Services, token: str | None, ip: str | None, request_id: str | None) -> Principal:
-    """The caller. Without any keys an open service ignores whatever token comes (OpenAI clients always send one)."""
+def authenticate(
+    svc: Services, token: str | None, ip: str | None, request_id: str | None, failures: LoginFailures | None = None
+) -> Principal:
+    """The caller. Without any keys an open service ignores whatever token comes (OpenAI clients always send one).
+    With `failures`, an address that keeps sending bad keys is refused before any key is looked up, and its failed
+    logins are audited in aggregate; without it (callers outside the API) each failure is audited."""
     if token:
+        if failures is not None:
+            failures.check(ip)
         try:
             key = svc.keys.authenticate(token)
         except Unauthorized as exc:
             if open_without_keys(svc) and not svc.keys.any_keys():
                 return Principal.local(ip, request_id)
             claimed = token.split("_")[1][:32] if token.startswith("dk_") and token.count("_") >= 2 else None
-            svc.audit.denied_login(claimed, ip, request_id, exc.message)
+            if failures is not None:
+                failures.failed(claimed, ip, request_id, exc.message)
+            else:
+                svc.audit.denied_login(claimed, ip, request_id, exc.message)
             raise
         return Principal(
             actor=key.id,
@@ -64,9 +79,11 @@ def authenticate(svc: Services, token: str | None, ip: str | None, request_id: s
     return Principal.local(ip, request_id)
 
 
-def _admit(svc: Services, token: str | None, ip: str | None, request_id: str | None) -> tuple[Principal, TenantPolicy]:
+def _admit(
+    svc: Services, failures: LoginFailures | None, token: str | None, ip: str | None, request_id: str | None
+) -> tuple[Principal, TenantPolicy]:
     """The caller and its tenant's effective policy (read once per request: submit checks it again), rate-limited."""
-    who = authenticate(svc, token, ip, request_id)
+    who = authenticate(svc, token, ip, request_id, failures)
     policy = effective(svc.tenants.get(who.tenant), svc.settings.security)
     RateLimiter(svc.store.engine).hit(who, policy.requests_per_minute)
     return who, policy
@@ -76,13 +93,16 @@ def require(permission: Permission) -> Callable[..., object]:
     """A dependency that authenticates, rate-limits, and checks the role has `permission`."""
 
     async def dependency(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+        if (error := getattr(request.state, "auth_error", None)) is not None:
+            raise error  # the edge refused the caller before reading the body (admit_before_body)
         who: Principal | None = getattr(request.state, "principal", None)
         if who is None:
             svc: Services = request.app.state.services
             ip = request.client.host if request.client else None
             token = creds.credentials if creds else None
             rid = getattr(request.state, "request_id", None)
-            who, request.state.tenant_policy = await run_in_threadpool(_admit, svc, token, ip, rid)
+            failures = getattr(request.app.state, "login_failures", None)
+            who, request.state.tenant_policy = await run_in_threadpool(_admit, svc, failures, token, ip, rid)
             request.state.principal = who
         if not who.can(permission):
             raise Forbidden(f"role {who.role.value!r} may not do this (needs {permission.value!r})")
@@ -98,15 +118,39 @@ async def websocket_principal(websocket: WebSocket, permission: Permission) -> P
     header = websocket.headers.get("authorization", "")
     token = header[7:] if header.lower().startswith("bearer ") else websocket.query_params.get("api_key")
     ip = websocket.client.host if websocket.client else None
+    failures = getattr(websocket.app.state, "login_failures", None)
     try:
-        who, _ = await run_in_threadpool(_admit, svc, token, ip, None)
-    except Unauthorized as exc:
-        await websocket.close(code=4401, reason=exc.message[:120])
+        who, _ = await run_in_threadpool(_admit, svc, failures, token, ip, None)
+    except (Unauthorized, RateLimited) as exc:
+        await websocket.close(code=4401 if isinstance(exc, Unauthorized) else 4429, reason=exc.message[:120])
         return None
     if not who.can(permission):
         await websocket.close(code=4403, reason="forbidden")
         return None
     return who
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of `Authorization: Bearer …`, read as `HTTPBearer` reads it."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    return credentials.strip() or None if scheme.lower() == "bearer" else None
+
+
+async def admit_before_body(request: Request) -> None:
+    """Authenticate and rate-limit a request before its body is read (the edge middleware calls this for requests
+    that carry one). Success leaves the principal and policy on `request.state` for `require(...)`; failure leaves
+    the error on `request.state.auth_error`. Either way nothing of the body has been read."""
+    svc: Services = request.app.state.services
+    ip = request.client.host if request.client else None
+    rid = getattr(request.state, "request_id", None)
+    failures = getattr(request.app.state, "login_failures", None)
+    try:
+        who, policy = await run_in_threadpool(_admit, svc, failures, bearer_token(request), ip, rid)
+    except Exception as exc:  # raised again by the route's own `require(...)`, so it leaves in the route's shape
+        request.state.auth_error = exc
+        return
+    request.state.principal = who
+    request.state.tenant_policy = policy
 
 
 def principal(request: Request) -> Principal:

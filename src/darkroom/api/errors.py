@@ -1,9 +1,15 @@
-"""Every error leaves the API in one shape: {"error": {"code", "message", "field"}} with a fitting status."""
+"""Every error leaves the API in one shape: {"error": {"code", "message", "field"}} with a fitting status.
+
+Database outages are mapped here, once: a lost or refused connection (SQLAlchemy's OperationalError, a DBAPIError
+that invalidated its connection, a pool that cannot hand one out) is 503 `database_unavailable` with Retry-After,
+not 500. Being handled, it also keeps the client's keep-alive connection: an unhandled error makes the server drop
+it, and every client reconnecting at once is the last thing a recovering database needs."""
 
 from __future__ import annotations
 
 import logging
 
+import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -27,7 +33,14 @@ def _field_of(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
-def install(app: FastAPI) -> None:
+def database_outage(exc: BaseException) -> bool:
+    """Whether a database error means the database cannot be reached (retry later), not a bad statement."""
+    if isinstance(exc, sa.exc.TimeoutError | sa.exc.OperationalError | sa.exc.InterfaceError):
+        return True
+    return isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
+
+
+def install(app: FastAPI, database_retry_after: int = 5) -> None:
     @app.exception_handler(DarkroomError)
     async def _darkroom(request: Request, exc: DarkroomError) -> JSONResponse:
         headers = dict(getattr(exc, "headers", None) or {})
@@ -47,7 +60,25 @@ def install(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             exc.status_code, "http_error"
         )
+        if exc.status_code == 413:  # the streamed body passed the cap (edge.BodyTooLarge)
+            return problem(413, code, str(exc.detail), "body")
         return problem(exc.status_code, code, str(exc.detail))
+
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        rid = getattr(request.state, "request_id", None)
+        if not database_outage(exc):
+            log.exception("database error (request %s)", rid)
+            return problem(500, "internal_error", f"internal error; request id {rid}")
+        log.warning("database unavailable (request %s): %s", rid, type(exc).__name__)
+        return problem(
+            503,
+            "database_unavailable",
+            f"the database is unavailable; retry in {database_retry_after}s",
+            headers={"Retry-After": str(database_retry_after)},
+        )
+
+    app.add_exception_handler(sa.exc.DBAPIError, _database)
+    app.add_exception_handler(sa.exc.TimeoutError, _database)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -1,35 +1,73 @@
-"""Liveness and readiness (open, for probes; they reveal nothing), and metrics (operators)."""
+"""Liveness and readiness (open, for probes; they reveal nothing), and metrics (operators).
+
+Probes must answer while the service is busy, or an orchestrator restarts a healthy but loaded node. So `/healthz`
+is a coroutine (it never waits for a request thread), the edge middleware lets both probes past its in-flight limit,
+and `/readyz` runs its database and models check on a thread of its own (not the request pool), with a timeout,
+sharing one result for up to `ready_cache_seconds` however many probes arrive."""
 
 from __future__ import annotations
 
+import asyncio
+
+import anyio
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
+from darkroom import clock
 from darkroom.auth.principal import Permission
+from darkroom.service import Services
 
 from .auth import require
 
 router = APIRouter(tags=["health"])
 
 
+class Readiness:
+    """The last readiness check and when it ran; at most one check runs at a time."""
+
+    def __init__(self, svc: Services, max_age: float, timeout: float) -> None:
+        self.svc = svc
+        self.max_age = max_age
+        self.timeout = timeout
+        self._checks: dict[str, str] | None = None
+        self._at = 0.0
+        self._lock: asyncio.Lock | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    async def checks(self) -> dict[str, str]:
+        if self._lock is None or self._limiter is None:  # made on the event loop, at first use
+            self._lock, self._limiter = asyncio.Lock(), anyio.CapacityLimiter(1)
+        async with self._lock:
+            if self._checks is not None and clock.monotonic() - self._at <= self.max_age:
+                return self._checks
+            checks = {"database": f"error: no answer within {self.timeout:g}s", "models": "unknown"}
+            with anyio.move_on_after(self.timeout):
+                checks = await anyio.to_thread.run_sync(self._check, limiter=self._limiter, abandon_on_cancel=True)
+            self._checks, self._at = checks, clock.monotonic()
+            return checks
+
+    def _check(self) -> dict[str, str]:
+        checks: dict[str, str] = {}
+        try:
+            with self.svc.store.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"error: {type(exc).__name__}"
+        checks["models"] = "ok" if self.svc.registry.scan() else "error: no models"
+        return checks
+
+
 @router.get("/healthz", summary="The process is up")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
 @router.get("/readyz", summary="The database answers and a model is available")
-def readyz(request: Request) -> JSONResponse:
-    svc = request.app.state.services
-    checks: dict[str, str] = {}
-    try:
-        with svc.store.engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as exc:
-        checks["database"] = f"error: {type(exc).__name__}"
-    checks["models"] = "ok" if svc.registry.scan() else "error: no models"
+async def readyz(request: Request) -> JSONResponse:
+    checks = await request.app.state.readiness.checks()
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503

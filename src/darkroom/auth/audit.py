@@ -86,6 +86,24 @@ class AuditLog:
                 )
             )
 
+    def denied_logins_summary(self, ip: str | None, details: dict[str, Any]) -> None:
+        """Failed logins from one address that were counted, not recorded one by one (auth/failures.py)."""
+        with write_tx(self.engine) as conn:
+            conn.execute(
+                audit_log.insert().values(
+                    at=clock.utcnow(),
+                    actor="anonymous",
+                    role=None,
+                    tenant=None,
+                    action="auth.login",
+                    target=None,
+                    outcome="denied",
+                    ip=ip,
+                    request_id=None,
+                    details={"summary": True, **details},
+                )
+            )
+
     def record(self, who: Principal, action: str, target: str | None = None, details: dict | None = None, **kw: Any):
         """Append one record in its own transaction (for changes that are not a database write of ours)."""
         with write_tx(self.engine) as conn:

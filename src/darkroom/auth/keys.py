@@ -1,6 +1,10 @@
 """API keys: `dk_<id>_<secret>`. The secret is shown once and stored only as a SHA-256 hash; the id, which is not
 secret, finds the row. Keys are 190 bits of randomness, so a fast hash is enough (no password stretching is needed:
-nothing guessable is being protected), and the comparison is constant-time."""
+nothing guessable is being protected), and the comparison is constant-time.
+
+Every request authenticates, so keys are cached by id for `cache_seconds` (the hash comparison and the expiry check
+still run on every request). A revocation drops the entry at once in this process, and in other processes through
+`darkroom_cache` notices on PostgreSQL (`auth.invalidation`), or when the TTL ends on SQLite."""
 
 from __future__ import annotations
 
@@ -9,13 +13,14 @@ import hashlib
 import hmac
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
 
 from darkroom import clock
-from darkroom.auth import audit
+from darkroom.auth import audit, invalidation
+from darkroom.auth.cache import TTLCache
 from darkroom.auth.principal import DEFAULT_TENANT, Principal, Role
 from darkroom.auth.tables import api_keys
 from darkroom.auth.tenants import valid_tenant
@@ -76,8 +81,24 @@ def _key(row: sa.Row) -> KeyRecord:
 
 
 class KeyStore:
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(self, engine: sa.Engine, cache_seconds: float = 5.0) -> None:
         self.engine = engine
+        self._keys: TTLCache[str, tuple[str, KeyRecord]] = TTLCache(cache_seconds)  # id -> (hash, record)
+        self._any: TTLCache[str, bool] = TTLCache(cache_seconds)
+        self._ever_had_keys = False  # keys are never deleted: once one exists, that answer never changes
+
+    def configure_cache(self, seconds: float) -> None:
+        self._keys.ttl = self._any.ttl = seconds
+        self.forget_all()
+
+    def forget(self, key_id: str) -> None:
+        """A key changed (here, or in another process: `auth.invalidation`)."""
+        self._keys.forget(key_id)
+        self._any.forget("any")
+
+    def forget_all(self) -> None:
+        self._keys.forget_all()
+        self._any.forget_all()
 
     def create(
         self,
@@ -153,6 +174,8 @@ class KeyStore:
             )
             shown = {k: values.get(k) for k in ("name", "role", "requests_per_minute")}
             audit.record(conn, who, "key.create", key_id, {**shown, **details}, tenant=values["tenant"])
+            invalidation.announce(conn, "key", key_id)
+        self.forget(key_id)
         return self.require(key_id)
 
     def get(self, key_id: str) -> KeyRecord | None:
@@ -187,27 +210,48 @@ class KeyStore:
             audit.record(
                 conn, who, "key.revoke", key_id, {"already": found.revoked_at is not None}, tenant=found.tenant
             )
+            invalidation.announce(conn, "key", key_id)
+        self.forget(key_id)
         return self.require(key_id)
 
     def any_keys(self) -> bool:
-        """Whether any key was ever made (revoked ones count: once keys are in use, the API stays locked)."""
+        """Whether any key was ever made (revoked ones count: once keys are in use, the API stays locked). Read on
+        every request without a token, so cached; a True never expires, since keys are never deleted."""
+        if self._ever_had_keys:
+            return True
+        generation = self._any.generation
+        cached = self._any.get("any")
+        if cached is not None:
+            return cached
         with read_tx(self.engine) as conn:
-            return conn.execute(sa.select(api_keys.c.id).limit(1)).first() is not None
+            found = conn.execute(sa.select(api_keys.c.id).limit(1)).first() is not None
+        self._ever_had_keys = found
+        return self._any.put("any", found, generation)
 
     def authenticate(self, token: str) -> KeyRecord:
         """The key behind a bearer token, or 401. Unknown, wrong, expired and revoked read the same to the caller."""
-        match = _TOKEN.match(token.strip())
+        token = token.strip()
+        match = _TOKEN.match(token)
         if not match:
             raise Unauthorized("invalid API key")
-        with read_tx(self.engine) as conn:
-            row = conn.execute(sa.select(api_keys).where(api_keys.c.id == match.group(1))).first()
-        if row is None or not _matches(row.hash, token.strip()):
+        key_id = match.group(1)
+        generation = self._keys.generation  # before the read: a revocation meanwhile keeps the row out of the cache
+        cached = self._keys.get(key_id)
+        if cached is None:
+            with read_tx(self.engine) as conn:
+                row = conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id)).first()
+            if row is None:
+                raise Unauthorized("invalid API key")
+            cached = self._keys.put(key_id, (row.hash, _key(row)), generation)
+        stored_hash, key = cached
+        if not _matches(stored_hash, token):
             raise Unauthorized("invalid API key")
-        key = _key(row)
         now = clock.utcnow()
         if not key.active(now):
             raise Unauthorized("invalid API key (expired or revoked)")
         if key.last_used_at is None or now - key.last_used_at > _TOUCH_EVERY:
             with write_tx(self.engine) as conn:
                 conn.execute(api_keys.update().where(api_keys.c.id == key.id).values(last_used_at=now))
+            key = replace(key, last_used_at=now)
+            self._keys.put(key_id, (stored_hash, key), generation)
         return key

@@ -1,5 +1,8 @@
 """Tenants and their policies: quotas, prompt rules, output review, retention. A tenant without a row gets the
-defaults, so naming a tenant on a key is all it takes to start one."""
+defaults, so naming a tenant on a key is all it takes to start one.
+
+Every request reads its tenant's policy, so policies are cached for `cache_seconds`; `put` drops the entry at once in
+this process and, on PostgreSQL, in every other one through a `darkroom_cache` notice (`auth.invalidation`)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import sqlalchemy as sa
 from pydantic import BaseModel, Field, model_validator
 
 from darkroom import clock
-from darkroom.auth import audit
+from darkroom.auth import audit, invalidation
+from darkroom.auth.cache import TTLCache
 from darkroom.auth.principal import Principal
 from darkroom.auth.tables import tenants
 from darkroom.jobs.db import read_tx, write_tx
@@ -51,13 +55,30 @@ def valid_tenant(tenant: str) -> str:
 
 
 class TenantStore:
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(self, engine: sa.Engine, cache_seconds: float = 5.0) -> None:
         self.engine = engine
+        self._policies: TTLCache[str, TenantPolicy] = TTLCache(cache_seconds)
+
+    def configure_cache(self, seconds: float) -> None:
+        self._policies.ttl = seconds
+        self.forget_all()
+
+    def forget(self, tenant: str) -> None:
+        self._policies.forget(tenant)
+
+    def forget_all(self) -> None:
+        self._policies.forget_all()
 
     def get(self, tenant: str) -> TenantPolicy:
+        """The tenant's policy (cached: callers copy before they change it, as `limits.effective` does)."""
+        generation = self._policies.generation
+        cached = self._policies.get(tenant)
+        if cached is not None:
+            return cached
         with read_tx(self.engine) as conn:
             row = conn.execute(sa.select(tenants.c.policy).where(tenants.c.id == tenant)).first()
-        return TenantPolicy.model_validate(row.policy) if row else TenantPolicy()
+        policy = TenantPolicy.model_validate(row.policy) if row else TenantPolicy()
+        return self._policies.put(tenant, policy, generation)
 
     def all(self) -> dict[str, TenantPolicy]:
         with read_tx(self.engine) as conn:
@@ -83,4 +104,6 @@ class TenantStore:
                 {"before": before.policy if before else None, "after": value},
                 tenant=tenant,
             )
+            invalidation.announce(conn, "tenant", tenant)
+        self.forget(tenant)
         return policy

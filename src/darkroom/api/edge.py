@@ -1,0 +1,136 @@
+"""The API's edge: one pure ASGI middleware that sees every request before any handler or body read.
+
+In order, for each HTTP request:
+1. a request id (the caller's `X-Request-ID`, or a new one), echoed on the response;
+2. health probes (`/healthz`, `/readyz`) pass straight through: they must answer while everything else is busy;
+3. backpressure: past `max_in_flight` requests in this process, an immediate 429 `overloaded` with Retry-After.
+   Latency under overload grows without bound when requests queue for threads; a fast refusal lets clients back
+   off and keeps the accepted ones fast (the store's queue-depth 429 is the other half);
+4. the body cap: a declared Content-Length past it is refused at once; otherwise bytes are counted as they stream
+   (chunked bodies have no Content-Length, and a declared one is only a claim), and the read that passes the cap
+   raises 413 `payload_too_large` (field `body`), so at most the cap is ever buffered;
+5. a request that carries a body is authenticated before the body is read (`auth.admit_before_body`); a refused
+   caller's body is never read at all (the route sees an empty one and its `require(...)` raises the refusal).
+
+Pure ASGI rather than `BaseHTTPMiddleware`: no extra task per request, and `receive` can be wrapped or withheld.
+Starlette's own body limit is not used: it answers in plain text, replacing the API's error shape."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from darkroom import clock
+
+from .errors import problem
+
+PROBES = frozenset({"/healthz", "/readyz"})
+
+
+class InFlight:
+    """Requests this process is handling now. Touched only on the event loop's thread, so a plain counter."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` by the read that passes the cap. An HTTPException, so FastAPI passes it on from its
+    body parsing (rather than calling it a parse error) and the error handlers answer 413 in the route's shape."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(413, f"request body is larger than {cap} bytes")
+
+
+class Edge:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        in_flight: InFlight,
+        retry_after: int,
+        max_body: int,
+        admit: Callable[[Request], Awaitable[None]],
+    ) -> None:
+        self.app = app
+        self.in_flight = in_flight
+        self.retry_after = retry_after
+        self.max_body = max_body
+        self.admit = admit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        rid = (headers.get("x-request-id") or clock.new_id("req"))[:64]
+        scope.setdefault("state", {})["request_id"] = rid
+        send = _echo_request_id(send, rid)
+        if scope["path"] in PROBES:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight.count >= self.in_flight.limit:
+            refusal = problem(
+                429,
+                "overloaded",
+                f"the server is handling {self.in_flight.limit} requests; retry after {self.retry_after}s",
+                headers={"Retry-After": str(self.retry_after)},
+            )
+            await refusal(scope, receive, send)
+            return
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            too_large = problem(413, "payload_too_large", f"request body is larger than {self.max_body} bytes", "body")
+            await too_large(scope, receive, send)
+            return
+        self.in_flight.count += 1
+        try:
+            receive = _counted(receive, self.max_body)
+            if "transfer-encoding" in headers or declared not in ("", "0"):
+                request = Request(scope)  # no receive: admission cannot read the body
+                await self.admit(request)
+                if getattr(request.state, "auth_error", None) is not None:
+                    receive = _no_body()
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight.count -= 1
+
+
+def _counted(receive: Receive, cap: int) -> Receive:
+    total = 0
+
+    async def counting() -> Message:
+        nonlocal total
+        message = await receive()
+        if message["type"] == "http.request":
+            total += len(message.get("body", b""))
+            if total > cap:
+                raise BodyTooLarge(cap)
+        return message
+
+    return counting
+
+
+def _no_body() -> Receive:
+    """The body of a refused request, as the route sees it: empty, then a disconnect. It is never read from the
+    socket; the server closes the connection after the response, since the request was not read to its end."""
+    messages = iter([{"type": "http.request", "body": b"", "more_body": False}])
+
+    async def receive() -> Message:
+        return next(messages, {"type": "http.disconnect"})
+
+    return receive
+
+
+def _echo_request_id(send: Send, rid: str) -> Send:
+    async def sender(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            MutableHeaders(scope=message).setdefault("X-Request-ID", rid)
+        await send(message)
+
+    return sender

@@ -1,0 +1,426 @@
+"""The API's edge under abuse and load, against a real uvicorn server on loopback with a real SQLite (or PostgreSQL)
+store: bodies counted as they stream and refused before they are read when the caller has no key, probes that answer
+while every request thread is stuck, the in-flight limit's 429, the auth caches (statements counted with SQLAlchemy
+engine events) and their invalidation across processes, and a database outage answered 503 on a kept connection."""
+
+from __future__ import annotations
+
+import http.client
+import select
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import sqlalchemy as sa
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from darkroom.api.app import create_app
+from darkroom.auth.keys import KeyStore
+from darkroom.auth.principal import Principal, Role
+from darkroom.auth.tenants import TenantPolicy, TenantStore
+from darkroom.config import Limits, Settings
+from darkroom.errors import Unauthorized
+from darkroom.jobs.db import create_engine
+from darkroom.service import Services
+from tests.integration.harness import free_port, wait_until
+
+CLI = Principal.cli()
+BASE = {"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 2}
+
+
+def open_services(tmp_path: Path, database_url: str | None = None, **server: object) -> Services:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        models_dir=tmp_path / "models",
+        database_url=database_url,
+        limits=Limits(max_upload_bytes=1024 * 1024),  # body cap ≈ 1.6 MB
+        server=server,  # validated into ServerSettings
+    )
+    return Services.open(settings)
+
+
+class LiveServer:
+    """uvicorn serving the app on a loopback port, on a thread of this process (so tests can read its state)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        wait_until(lambda: self.server.started, timeout=30, what="uvicorn to start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@contextmanager
+def live(services: Services, workers: int = 0) -> Iterator[LiveServer]:
+    try:
+        with LiveServer(create_app(services, workers=workers)) as server:
+            yield server
+    finally:
+        services.close()
+
+
+def token_for(svc: Services, role: Role = Role.user, tenant: str = "acme") -> str:
+    return svc.keys.create(CLI, name=f"{role}@{tenant}", role=role, tenant=tenant)[1]
+
+
+# --- 1. bodies: counted as they stream, never read for a caller without a key -------------------------------------
+
+
+def send_chunked(port: int, headers: str, total_bytes: int, chunk: int = 1024 * 1024) -> tuple[int, int, bytes]:
+    """POST a chunked body of up to `total_bytes`, stopping as soon as the server answers.
+    Returns (status, bytes sent, response head)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(
+        f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Transfer-Encoding: chunked\r\n{headers}\r\n".encode()
+    )
+    piece = f"{chunk:x}\r\n".encode() + b"A" * chunk + b"\r\n"
+    sent = 0
+    try:
+        while sent < total_bytes:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable:
+                break
+            try:
+                sock.sendall(piece)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # the server answered and closed the connection
+            sent += chunk
+        head = read_response(sock)
+    finally:
+        sock.close()
+    return int(head.split(b" ", 2)[1]), sent, head
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole HTTP response (head and Content-Length body) from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = sock.recv(65536)
+        if not more:
+            return data
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")), 0
+    )
+    while len(body) < length:
+        more = sock.recv(65536)
+        if not more:
+            break
+        body += more
+    return head + b"\r\n\r\n" + body
+
+
+@contextmanager
+def peak_rss() -> Iterator[dict[str, int]]:
+    """The largest resident set size of this process (the server runs in it) while the block runs, from a sampler."""
+    proc = psutil.Process()
+    result = {"before": proc.memory_info().rss, "peak": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            result["peak"] = max(result["peak"], proc.memory_info().rss)
+            done.wait(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        sampler.join()
+        result["growth"] = result["peak"] - result["before"]
+
+
+def test_a_chunked_body_without_a_key_is_refused_before_it_is_read(tmp_path):
+    services = open_services(tmp_path)
+    token_for(services)  # keys exist: every request needs one
+    with live(services) as server, peak_rss() as rss:
+        status, sent, head = send_chunked(server.port, "", 200 * 1024 * 1024)
+        status_bad, sent_bad, _ = send_chunked(
+            server.port, "Authorization: Bearer dk_aaaaaaaaaaaa_" + "B" * 43 + "\r\n", 200 * 1024 * 1024
+        )
+    assert status == 401 and b"unauthorized" in head
+    assert status_bad == 401
+    assert sent < 200 * 1024 * 1024 and sent_bad < 200 * 1024 * 1024  # answered long before the body ended
+    assert rss["growth"] < 50 * 1024 * 1024, rss
+
+
+def test_a_chunked_body_past_the_cap_is_413_while_it_streams(tmp_path):
+    services = open_services(tmp_path)
+    token = token_for(services)
+    with live(services) as server, peak_rss() as rss:
+        status, sent, head = send_chunked(server.port, f"Authorization: Bearer {token}\r\n", 200 * 1024 * 1024)
+    assert status == 413, head
+    assert b'"payload_too_large"' in head and b'"field":"body"' in head
+    assert sent < 200 * 1024 * 1024
+    assert rss["growth"] < 50 * 1024 * 1024, rss
+
+
+def test_a_declared_length_past_the_cap_is_413_and_openai_routes_keep_their_shape(tmp_path):
+    services = open_services(tmp_path)
+    token = token_for(services)
+    with live(services) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        auth = {"Authorization": f"Bearer {token}"}
+        response = client.post("/v1/jobs", content=b"x" * (3 * 1024 * 1024), headers=auth)
+        assert response.status_code == 413 and response.json()["error"]["field"] == "body"
+        response = client.post("/v1/images/generations", json={"prompt": "x"})  # no key, body withheld
+        assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+
+
+# --- 2. probes answer while every request thread is stuck -------------------------------------------------------
+
+
+@contextmanager
+def sqlite_write_lock(db: Path) -> Iterator[None]:
+    """Another writer holds SQLite's write lock: every write transaction in the server waits on its busy timeout."""
+    conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+
+
+def test_probes_answer_while_every_request_thread_is_stuck(tmp_path):
+    services = open_services(tmp_path, request_threads=2)
+    db = services.settings.data_dir / "darkroom.db"
+    with live(services) as server, ThreadPoolExecutor(4) as pool:
+        limiter = server.app.state.request_limiter
+        assert limiter.total_tokens == 2
+        with sqlite_write_lock(db):
+            put = {"requests_per_minute": 60}
+            stuck = [pool.submit(httpx.put, f"{server.url}/v1/tenants/t{i}", json=put, timeout=60) for i in range(4)]
+            wait_until(lambda: limiter.borrowed_tokens == 2, timeout=30, what="both request threads to block")
+            assert httpx.get(f"{server.url}/healthz", timeout=10).json() == {"status": "ok"}
+            ready = httpx.get(f"{server.url}/readyz", timeout=10).json()
+            assert ready["checks"]["database"] == "ok"
+            assert limiter.borrowed_tokens == 2  # still stuck: the probes did not need a request thread
+        assert [f.result().status_code for f in stuck] == [200] * 4
+
+
+# --- 3. backpressure ------------------------------------------------------------------------------------------
+
+
+def open_slow_request(port: int, path: str, body: bytes) -> socket.socket:
+    """A request whose body has not finished arriving: it holds its in-flight slot until the rest is sent."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(
+        f"PUT {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body[:5]
+    )
+    return sock
+
+
+def test_past_the_in_flight_limit_requests_get_an_immediate_429_and_probes_still_answer(tmp_path):
+    services = open_services(tmp_path, max_in_flight=3, overloaded_retry_after=2)
+    body = b'{"requests_per_minute": 60}'
+    with live(services) as server:
+        in_flight = server.app.state.in_flight
+        slow = [open_slow_request(server.port, f"/v1/tenants/slow{i}", body) for i in range(3)]
+        wait_until(lambda: in_flight.count == 3, timeout=30, what="three requests in flight")
+        refused = httpx.get(f"{server.url}/v1/jobs", timeout=10)
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "2"
+        assert refused.json()["error"]["code"] == "overloaded"
+        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+        assert httpx.get(f"{server.url}/readyz", timeout=10).status_code in (200, 503)  # answers (no models here)
+        for sock in slow:
+            sock.sendall(body[5:])
+        heads = [read_response(sock) for sock in slow]
+        for sock in slow:
+            sock.close()
+        assert all(head.startswith(b"HTTP/1.1 200") for head in heads), heads
+        wait_until(lambda: in_flight.count == 0, timeout=30, what="the slots to free")
+
+        # A burst far past the limit: only successes and immediate refusals, never a 5xx.
+        with ThreadPoolExecutor(24) as pool:
+            statuses = list(pool.map(lambda _: httpx.get(f"{server.url}/v1/jobs", timeout=60), range(96)))
+    codes = {r.status_code for r in statuses}
+    assert codes <= {200, 429}, codes
+    assert all(r.headers.get("Retry-After") for r in statuses if r.status_code == 429)
+
+
+# --- 4. auth caches ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def statements(engine: sa.Engine) -> Iterator[list[str]]:
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        seen.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+
+
+def auth_statements(seen: list[str]) -> list[str]:
+    return [s for s in seen if "api_keys" in s or "FROM tenants" in s or "tenants." in s]
+
+
+@pytest.fixture
+def services(tmp_path):
+    svc = open_services(tmp_path)
+    yield svc
+    svc.close()
+
+
+def test_with_warm_caches_a_request_issues_no_key_or_policy_statements(services):
+    token = token_for(services)
+    services.tenants.put("acme", TenantPolicy(images_per_day=1000), CLI)
+    auth = {"Authorization": f"Bearer {token}"}
+    with TestClient(create_app(services)) as api:
+        job = api.post("/v1/jobs", json=BASE, headers=auth)
+        assert job.status_code == 202, job.text
+        assert api.get(f"/v1/jobs/{job.json()['id']}", headers=auth).status_code == 200
+        with statements(services.store.engine) as seen:
+            assert api.get(f"/v1/jobs/{job.json()['id']}", headers=auth).status_code == 200
+            assert api.get("/v1/jobs", headers=auth).status_code == 200
+        assert seen and auth_statements(seen) == [], auth_statements(seen)
+
+
+def test_whether_any_key_exists_is_cached_for_requests_without_a_token(services):
+    with TestClient(create_app(services)) as api:
+        assert api.get("/v1/jobs").status_code == 200  # loopback, no keys: the local admin
+        with statements(services.store.engine) as seen:
+            assert api.get("/v1/jobs").status_code == 200
+        assert auth_statements(seen) == []
+        token_for(services)  # a key made here: the open door shuts at once
+        assert api.get("/v1/jobs").status_code == 401
+
+
+def test_a_key_revoked_over_the_api_is_refused_at_once_here_and_within_the_ttl_elsewhere(tmp_path):
+    services = open_services(tmp_path, auth_cache_seconds=1.0)
+    admin, user = token_for(services, Role.admin), token_for(services)
+    user_id = user.split("_")[1]
+    elsewhere = KeyStore(create_engine(services.settings.resolved_database_url), cache_seconds=1.0)
+    try:
+        assert elsewhere.authenticate(user).id == user_id  # now cached there
+        with TestClient(create_app(services)) as api:
+            assert api.get("/v1/jobs", headers={"Authorization": f"Bearer {user}"}).status_code == 200
+            revoked = api.delete(f"/v1/keys/{user_id}", headers={"Authorization": f"Bearer {admin}"})
+            assert revoked.status_code == 200 and revoked.json()["revoked_at"]
+            assert api.get("/v1/jobs", headers={"Authorization": f"Bearer {user}"}).status_code == 401
+        revoked_at = time.monotonic()
+
+        def refused_elsewhere() -> bool:
+            try:
+                elsewhere.authenticate(user)
+            except Unauthorized:
+                return True
+            return False
+
+        wait_until(refused_elsewhere, timeout=10, what="the other process to refuse the key")
+        assert time.monotonic() - revoked_at <= 1.0 + 0.5  # the TTL, and a margin for a loaded machine
+    finally:
+        elsewhere.engine.dispose()
+        services.close()
+
+
+def test_a_tenant_policy_put_applies_to_the_next_request(services):
+    token = token_for(services)
+    auth = {"Authorization": f"Bearer {token}"}
+    with TestClient(create_app(services)) as api:
+        assert api.get("/v1/usage", headers=auth).json()["requests_per_minute"] is None
+        services.tenants.put("acme", TenantPolicy(requests_per_minute=7), CLI)
+        assert api.get("/v1/usage", headers=auth).json()["requests_per_minute"] == 7
+
+
+def test_on_postgresql_changes_reach_other_processes_by_notify(pg_url):
+    from darkroom.auth.invalidation import Listener
+    from darkroom.jobs.db import migrate
+
+    migrate(pg_url)
+    here, there = create_engine(pg_url), create_engine(pg_url)
+    keys_here, keys_there = KeyStore(here), KeyStore(there, cache_seconds=3600)
+    tenants_here, tenants_there = TenantStore(here), TenantStore(there, cache_seconds=3600)
+    listener = Listener(pg_url, {"key": keys_there, "tenant": tenants_there}).start()
+    try:
+        wait_until(listener.listening.is_set, timeout=30, what="the LISTEN")
+        record, token = keys_here.create(CLI, name="u", role=Role.user, tenant="acme")
+        assert keys_there.authenticate(token).id == record.id
+        assert tenants_there.get("acme").requests_per_minute is None
+        keys_here.revoke(CLI, record.id)
+        tenants_here.put("acme", TenantPolicy(requests_per_minute=9), CLI)
+
+        def refused() -> bool:
+            try:
+                keys_there.authenticate(token)
+            except Unauthorized:
+                return True
+            return False
+
+        # The TTL there is an hour: only the notice can explain a prompt refusal.
+        wait_until(refused, timeout=10, what="the revocation notice")
+        wait_until(lambda: tenants_there.get("acme").requests_per_minute == 9, timeout=10, what="the policy notice")
+    finally:
+        listener.stop()
+        here.dispose()
+        there.dispose()
+
+
+# --- 6. a database outage is 503 on a kept connection --------------------------------------------------------------
+
+
+def test_a_database_outage_is_503_with_retry_after_and_the_connection_is_kept(tmp_path):
+    from tests.conftest import require_service
+    from tests.infra.postgres import PgCluster, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        require_service("PostgreSQL binaries not found")
+    cluster = PgCluster(bindir).init()  # our own: this test stops it
+    try:
+        services = open_services(tmp_path, database_url=cluster.url, auth_cache_seconds=0, database_retry_after=7)
+        with live(services) as server:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+
+            def get() -> tuple[int, dict, http.client.HTTPResponse]:
+                conn.request("GET", "/v1/jobs")
+                response = conn.getresponse()
+                body = response.read()
+                return response.status, (httpx.Response(200, content=body).json()), response
+
+            status, _, _ = get()
+            assert status == 200
+            sock = conn.sock
+            cluster.stop()
+            for _ in range(2):
+                status, body, response = get()
+                assert status == 503, body
+                assert body["error"]["code"] == "database_unavailable"
+                assert response.getheader("Retry-After") == "7"
+                assert not response.will_close and conn.sock is sock  # the same keep-alive connection
+            cluster.start()
+            wait_until(lambda: get()[0] == 200, timeout=60, what="the database to be back")
+            assert conn.sock is sock
+            conn.close()
+    finally:
+        cluster.destroy()

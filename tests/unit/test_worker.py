@@ -300,3 +300,37 @@ def test_preload_list_loads_models_before_the_first_job(services):
     worker._preload()  # a missing model is logged, not fatal
     assert worker.held_models() == {"tiny-single"}
     worker.engine.close()
+
+
+def test_two_worker_threads_both_register_and_claim_and_a_crashed_one_restarts(services, monkeypatch, caplog):
+    """`serve --workers 2`: both threads run. The first start of one thread crashes where the torch import race
+    crashed it (describing the device); the supervisor logs it, shows it and restarts it."""
+    import time
+
+    from darkroom.jobs.workers import WorkerRegistry
+    from darkroom.worker import presence
+
+    services.settings.max_batch = 1
+    services.settings.recovery.restart_backoff_seconds = 0.05
+    real, crashed = presence.describe_device, []
+
+    def describe_device(device):
+        if threading.current_thread().name == "worker-1" and not crashed:
+            crashed.append(True)
+            raise AttributeError("partially initialized module 'torch' has no attribute 'cuda'")
+        return real(device)
+
+    monkeypatch.setattr(presence, "describe_device", describe_device)
+    jobs = [submit(services, seed=s, steps=8) for s in range(8)]
+    services.start_workers(2)
+    deadline = time.monotonic() + 120
+    while not all(services.store.get(j.id).state is JobState.succeeded for j in jobs):
+        assert time.monotonic() < deadline, "jobs did not finish"
+        time.sleep(0.05)
+    ran_on = {services.store.get(j.id).result["worker"] for j in jobs}
+    health = services.worker_health()
+    registered = {w.id for w in WorkerRegistry(services.store.engine).list()}
+    assert len(ran_on) == 2 and ran_on <= registered and len(registered) == 2
+    assert health["status"] == "ok" and health["workers"] == 2
+    assert [s["crashes"] for s in health["slots"]] == [0, 1] and "torch" in health["slots"][1]["last_error"]
+    assert "crashed" in caplog.text

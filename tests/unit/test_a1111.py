@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -331,3 +332,59 @@ def test_progress_shows_a_preview_the_worker_recorded(api_no_worker, services):
     services.store.progress(job_id, "w1", 1, 10, 30, preview=f"data:image/jpeg;base64,{preview}")  # as a worker does
     assert api_no_worker.get("/sdapi/v1/progress").json()["current_image"] == preview
     assert api_no_worker.get("/sdapi/v1/progress?skip_current_image=true").json()["current_image"] is None
+
+
+# --- limits before work ---------------------------------------------------------------------------------------------
+
+
+def stored_blobs(services) -> list:
+    return [p for p in services.blobs.root.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"width": 0}, "width"),
+        ({"width": -64}, "width"),
+        ({"height": -64}, "height"),
+        ({"width": 20000, "height": 20000}, "width"),
+        ({"width": 8192, "height": 8192}, "width"),
+        ({"width": 2048, "height": 2048, "steps": 10**9}, "steps"),
+        ({"batch_size": 1000}, "batch_size"),
+        ({"n_iter": 10**6}, "batch_size"),
+        ({"prompt": "x" * 100_000}, "prompt"),
+        ({"mask_blur": 10**6}, "mask_blur"),
+        ({"mask_blur_x": -1}, "mask_blur_x"),
+    ],
+)
+def test_inpainting_limits_are_checked_before_the_mask_is_decoded(api_no_worker, services, patch, field):
+    """8192² with a 64² mask was 64 s of CPU resizing the mask before the size limit said no; width 0 or -64 and
+    20000² were 500s. Now each is a 422 naming the field, at once, with nothing stored."""
+    body = {**SMALL, "init_images": [b64png(ramp())], "mask": b64png(centre_mask()), **patch}
+    started = time.monotonic()
+    response = api_no_worker.post("/sdapi/v1/img2img", json=body)
+    assert time.monotonic() - started < 2
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == field
+    assert stored_blobs(services) == [] and services.store.list() == []
+
+
+def test_a_source_over_the_upload_pixel_limit_is_refused_before_the_mask_is_made(api_no_worker, services):
+    wide = b64png(Image.new("RGB", (1, 100_000)))  # 100,000 px, within bytes; over a 4096-pixel limit below
+    services.settings.limits.max_upload_pixels = 4096
+    body = {**SMALL, "init_images": [wide], "mask": b64png(centre_mask())}
+    response = api_no_worker.post("/sdapi/v1/img2img", json=body)
+    assert response.status_code == 422 and response.json()["error"]["field"] == "init_images"
+    assert stored_blobs(services) == []
+
+
+# --- progress is the caller's tenant's --------------------------------------------------------------------------------
+
+
+def test_progress_counts_only_the_callers_tenants_jobs(api_no_worker, services):
+    req = GenerationRequest(prompt="p", width=64, height=64, steps=2, seed=1, model="tiny-diffusers")
+    for _ in range(3):
+        services.store.create(req, tenant="other-tenant")
+    assert api_no_worker.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
+    services.store.create(req)
+    assert api_no_worker.get("/sdapi/v1/progress").json()["state"]["job_count"] == 1

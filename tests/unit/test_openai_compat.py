@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 
 import httpx
 import numpy as np
@@ -201,3 +202,35 @@ def test_edits_of_an_opaque_image_without_mask_reimagine_it(oai, live):
     assert len(result.data) == 1
     job = httpx.get(f"{live.url}/v1/jobs").json()[0]
     assert job["request"]["mask_image"] is None and job["request"]["strength"] == 0.5
+
+
+# --- limits before work ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"size": "0x0"}, "size"),
+        ({"size": "8192x8192"}, "size"),
+        ({"size": "20000x20000"}, "size"),
+        ({"size": "64x0"}, "size"),
+        ({"n": "100"}, "n"),
+        ({"steps": "1000000"}, "quality"),
+        ({"prompt": "x" * 100_000}, "prompt"),
+    ],
+)
+def test_edit_limits_are_checked_before_the_mask_is_resized(api, services, fields, param):
+    """`size=0x0` with a mask was a 500, and 8192² with a small mask seconds of CPU resizing it first."""
+    files = {"image": ("a.png", png(ramp()), "image/png"), "mask": ("m.png", png(openai_mask()), "image/png")}
+    started = time.monotonic()
+    response = api.post("/v1/images/edits", data={"prompt": "x", **fields}, files=files)
+    assert time.monotonic() - started < 2
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert [p for p in services.blobs.root.rglob("*") if p.is_file()] == [] and services.store.list() == []
+
+
+def test_an_upload_over_the_byte_limit_is_refused_by_its_size(api, services):
+    files = {"image": ("a.png", b"\x89PNG" + b"\0" * 500_000, "image/png")}
+    response = api.post("/v1/images/edits", data={"prompt": "x"}, files=files)
+    assert response.status_code == 413 and response.json()["error"]["param"] == "image"

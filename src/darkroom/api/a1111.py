@@ -34,15 +34,15 @@ from darkroom.engines.samplers import SAMPLERS, resolve_sampler
 from darkroom.errors import Conflict, InvalidRequest
 from darkroom.jobs.db import read_tx
 from darkroom.jobs.store import JobRecord
-from darkroom.jobs.tables import job_events
+from darkroom.jobs.tables import job_events, jobs
 from darkroom.kv import DEFAULT_MODEL
 from darkroom.safety.provenance import read_png
-from darkroom.schemas import GenerationRequest, JobState
+from darkroom.schemas import GenerationRequest, JobState, check_limits
 from darkroom.service import Services
 
 from . import compat
 from .auth import principal, require, sees_job
-from .uploads import decode_base64_image, load_image, load_mask, open_image, png_bytes
+from .uploads import decode_base64_image, image_size, load_image, load_mask, open_image, png_bytes
 from .v1 import services
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], dependencies=[Depends(require(Permission.generate))])
@@ -58,6 +58,8 @@ FIELD_NAMES = {
     "model": "sd_model_checkpoint",
 }
 OPTIONS_KEY = "a1111.options"
+MAX_MASK_BLUR = 64  # px; A1111's UI offers up to 64
+MAX_JOB_COUNT = 1000
 BASE_OPTIONS: dict[str, Any] = {
     "samples_format": "png",
     "sd_vae": "Automatic",
@@ -144,9 +146,9 @@ class Img2ImgRequest(Processing):
     denoising_strength: float = 0.75
     image_cfg_scale: float | None = None
     mask: str | None = None
-    mask_blur_x: int = 4
-    mask_blur_y: int = 4
-    mask_blur: int | None = None
+    mask_blur_x: int = Field(4, ge=0, le=MAX_MASK_BLUR)
+    mask_blur_y: int = Field(4, ge=0, le=MAX_MASK_BLUR)
+    mask_blur: int | None = Field(None, ge=0, le=MAX_MASK_BLUR)
     mask_round: bool = True
     inpainting_fill: int = Field(0, ge=0, le=3, description="0 fill, 1 original, 2 latent noise, 3 latent nothing")
     inpaint_full_res: bool = True
@@ -190,6 +192,7 @@ def request_model(svc: Services, req: Processing) -> str:
 
 
 def to_generation(svc: Services, req: Processing, **extra: Any) -> GenerationRequest:
+    """The internal request, with every configured limit checked (errors name A1111's fields)."""
     if not req.prompt.strip():
         raise InvalidRequest("prompt: darkroom needs a non-empty prompt", field="prompt")
     fields = {
@@ -206,26 +209,38 @@ def to_generation(svc: Services, req: Processing, **extra: Any) -> GenerationReq
         "preview": True,  # A1111 clients poll /progress for `current_image`
         **extra,
     }
-    return compat.generation_request(fields, FIELD_NAMES)
+    body = compat.generation_request(fields, FIELD_NAMES)
+    try:
+        check_limits(body, svc.settings.limits)
+    except InvalidRequest as exc:
+        raise compat.renamed(exc, FIELD_NAMES) from None
+    return body
 
 
-def img2img_sources(svc: Services, req: Img2ImgRequest) -> tuple[str, dict[str, str]]:
-    """The source image (base64, for `submit` to check and store) and the stored mask, with A1111's mask options
-    applied: invert, blur, and `inpainting_fill` (how the masked area starts) approximated in pixel space."""
+def prepare_img2img(svc: Services, req: Img2ImgRequest) -> GenerationRequest:
+    """The request with every limit checked first (size, steps, n, prompt, upload bytes and pixels), and only then the
+    source and mask decoded and A1111's mask options applied: invert, blur, and `inpainting_fill` (how the masked area
+    starts) approximated in pixel space. Resizing a mask to an unchecked size was seconds of CPU per request.
+
+    Images go to `submit` as base64, which stores them after its own checks: nothing is stored here."""
     if not req.init_images:
         raise InvalidRequest("init_images: img2img needs at least one image", field="init_images")
+    crop = req.inpaint_full_res_padding if (req.mask and req.inpaint_full_res) else None
+    extra = {"init_image": req.init_images[0], "strength": req.denoising_strength, "mask_crop_padding": crop}
+    body = to_generation(svc, req, **extra)
     if not req.mask:
-        return req.init_images[0], {}
-    limits, size = svc.settings.limits, (req.width, req.height)
+        return body
+    limits, size = svc.settings.limits, (body.width, body.height)
     blur = req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x, req.mask_blur_y)
+    init = req.init_images[0]
+    raw_init = decode_base64_image(init, limits, "init_images")
+    image_size(raw_init, limits, "init_images")  # a bad source is refused before the mask costs anything
     raw_mask = decode_base64_image(req.mask, limits, "mask")
     mask_png = load_mask(raw_mask, limits, "mask", size, invert=bool(req.inpainting_mask_invert), blur=blur)
-    _, key = svc.blobs.put(mask_png, "image/png")
-    init = req.init_images[0]
     if req.inpainting_fill != 1:
-        source = load_image(decode_base64_image(init, limits, "init_images"), limits, "init_images", size)
+        source = load_image(raw_init, limits, "init_images", size)
         init = compat.b64(fill_masked(source, mask_png, req.inpainting_fill))
-    return init, {"mask_image": f"blob:{key}"}
+    return body.model_copy(update={"init_image": init, "mask_image": compat.b64(mask_png)})
 
 
 def fill_masked(source_png: bytes, mask_png: bytes, mode: int) -> bytes:
@@ -328,11 +343,8 @@ async def txt2img(request: Request, req: Txt2ImgRequest) -> ImagesResponse:
 @router.post("/img2img", response_model=ImagesResponse, summary="A1111 img2img and inpainting (with `mask`)")
 async def img2img(request: Request, req: Img2ImgRequest) -> ImagesResponse:
     svc = services(request)
-    init, stored = await run_in_threadpool(img2img_sources, svc, req)
-    crop = req.inpaint_full_res_padding if (req.mask and req.inpaint_full_res) else None
-    extra = {"init_image": init, "strength": req.denoising_strength, "mask_crop_padding": crop}
-    body = await run_in_threadpool(to_generation, svc, req, **extra)
-    job = await compat.submit_and_wait(request, body, stored, FIELD_NAMES)
+    body = await run_in_threadpool(prepare_img2img, svc, req)
+    job = await compat.submit_and_wait(request, body, {}, FIELD_NAMES)
     return await run_in_threadpool(images_response, svc, job, req, echo(req, req.include_init_images))
 
 
@@ -346,9 +358,19 @@ def current_job(svc: Services, who: Principal) -> JobRecord | None:
     return max(running, key=lambda j: j.started_at or j.created_at) if running else None
 
 
+def waiting_jobs(svc: Services, who: Principal) -> int:
+    """A1111's `job_count`: the caller's queued and running jobs (its tenant's, or its own for a `user` key), never
+    other tenants'. Counted up to `MAX_JOB_COUNT` on the (tenant, state) index: a poll must not scan the table."""
+    where = [jobs.c.tenant == who.tenant, jobs.c.state.in_([JobState.queued.value, JobState.running.value])]
+    if not who.can(Permission.read_tenant_jobs):
+        where.append(jobs.c.key_id == (who.key_id or ""))
+    capped = sa.select(jobs.c.id).where(*where).limit(MAX_JOB_COUNT).subquery()
+    with read_tx(svc.store.engine) as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(capped)).scalar_one())
+
+
 def progress_view(svc: Services, who: Principal, skip_current_image: bool) -> dict[str, Any]:
-    counts = svc.store.counts()
-    waiting = counts.get(JobState.queued.value, 0) + counts.get(JobState.running.value, 0)
+    waiting = waiting_jobs(svc, who)
     job = current_job(svc, who)
     state = {
         "skipped": False,

@@ -30,20 +30,27 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from darkroom.auth.principal import Permission
-from darkroom.errors import DarkroomError, InvalidRequest
+from darkroom.config import Limits
+from darkroom.errors import DarkroomError, InvalidRequest, PayloadTooLarge
 from darkroom.jobs.store import JobRecord
-from darkroom.schemas import GenerationRequest, ModelInfo
+from darkroom.schemas import GenerationRequest, ModelInfo, check_limits
 from darkroom.service import Services
 
 from . import compat
 from .auth import require
-from .uploads import load_mask, open_image
+from .uploads import image_size, load_mask, open_image
 from .v1 import image_url, services
 
 OPENAI_MODELS = re.compile(r"^(dall-e-[23]|gpt-image.*|chatgpt-image.*)$")
 NATIVE_SIDE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 QUALITY_STEPS = {"low": 12, "standard": 20, "auto": 20, "medium": 25, "hd": 40, "high": 40, "xhigh": 50, "max": 60}
-FIELD_NAMES = {"init_image": "image", "mask_image": "mask", "width": "size", "height": "size", "steps": "quality"}
+FIELD_NAMES = {
+    "init_image": "image",
+    "mask_image": "mask",
+    "width": "size",
+    "height": "size",
+    "steps": "quality",
+}
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
@@ -147,7 +154,10 @@ def check_unsupported(opts: Options) -> None:
         raise InvalidRequest("transparent backgrounds are not supported", field="background")
 
 
-def to_generation(opts: Options, model: ModelInfo, size: tuple[int, int], **extra: Any) -> GenerationRequest:
+def to_generation(
+    opts: Options, model: ModelInfo, size: tuple[int, int], limits: Limits, **extra: Any
+) -> GenerationRequest:
+    """The internal request, with every configured limit checked (errors name OpenAI's fields)."""
     quality = (opts.quality or "auto").lower()
     if opts.steps is None and quality not in QUALITY_STEPS:
         raise InvalidRequest(f"quality must be one of {sorted(QUALITY_STEPS)}", field="quality")
@@ -166,7 +176,12 @@ def to_generation(opts: Options, model: ModelInfo, size: tuple[int, int], **extr
         fields["guidance_scale"] = opts.guidance_scale
     if opts.sampler:
         fields["sampler"] = opts.sampler
-    return compat.generation_request(fields, FIELD_NAMES)
+    body = compat.generation_request(fields, FIELD_NAMES)
+    try:
+        check_limits(body, limits)
+    except InvalidRequest as exc:
+        raise compat.renamed(exc, FIELD_NAMES) from None
+    return body
 
 
 def response_format(opts: Options) -> str:
@@ -200,7 +215,7 @@ def prepare_generation(svc: Services, opts: GenerationsRequest) -> GenerationReq
     check_unsupported(opts)
     model = resolve_model(svc, opts.model)
     side = NATIVE_SIDE.get(model.arch, 512)
-    return to_generation(opts, model, parse_size(opts.size, (side, side)))
+    return to_generation(opts, model, parse_size(opts.size, (side, side)), svc.settings.limits)
 
 
 @router.post("/generations", summary="OpenAI Images: create images from a prompt (waits for them)")
@@ -231,28 +246,37 @@ async def read_edit_form(request: Request) -> tuple[EditsRequest, bytes, bytes |
         first = exc.errors()[0]
         param = str(first["loc"][0]) if first["loc"] else None
         raise InvalidRequest(f"{param}: {first['msg']}", field=param) from None
-    image_bytes = await uploads[0].read()
-    mask_bytes = await mask.read() if isinstance(mask, UploadFile) else None
+    limit = services(request).settings.limits.max_upload_bytes
+    image_bytes = await _read_upload(uploads[0], "image", limit)
+    mask_bytes = await _read_upload(mask, "mask", limit) if isinstance(mask, UploadFile) else None
     return opts, image_bytes, mask_bytes
 
 
-def prepare_edit(
-    svc: Services, opts: EditsRequest, image: bytes, mask: bytes | None
-) -> tuple[GenerationRequest, dict[str, str]]:
+async def _read_upload(upload: UploadFile, field: str, limit: int) -> bytes:
+    """The file's bytes, refused by its size before they are read into memory."""
+    if upload.size is not None and upload.size > limit:
+        raise PayloadTooLarge(f"{field} is larger than {limit} bytes", field=field)
+    return await upload.read()
+
+
+def prepare_edit(svc: Services, opts: EditsRequest, image: bytes, mask: bytes | None) -> GenerationRequest:
+    """Every limit first (the source's header, the size asked for, steps, n, prompt), then the pixels: resizing a
+    mask to an unchecked size was seconds of CPU per request. The mask goes to `submit` as base64, which stores it
+    after its own checks: nothing is stored here."""
     check_unsupported(opts)
     limits = svc.settings.limits
-    source = open_image(image, limits, "image")
-    size = parse_size(opts.size, (max(64, source.width // 8 * 8), max(64, source.height // 8 * 8)))
+    width, height = image_size(image, limits, "image")
+    if mask is not None:
+        image_size(mask, limits, "mask")
+    size = parse_size(opts.size, (max(64, width // 8 * 8), max(64, height // 8 * 8)))
     model = resolve_model(svc, opts.model)
-    stored: dict[str, str] = {}
-    strength = opts.strength
-    mask_source = mask if mask is not None else (image if _has_transparency(source) else None)
-    if mask_source is not None:
-        mask_png = load_mask(mask_source, limits, "mask", size, transparent_repaints=True)
-        stored["mask_image"] = f"blob:{svc.blobs.put(mask_png, 'image/png')[1]}"
-        strength = 1.0  # OpenAI repaints the masked area from scratch
-    body = to_generation(opts, model, size, init_image=compat.b64(image), strength=strength)
-    return body, stored
+    body = to_generation(opts, model, size, limits, init_image=compat.b64(image), strength=opts.strength)
+    if mask is None and not _has_transparency(open_image(image, limits, "image")):
+        return body
+    mask_source = mask if mask is not None else image
+    mask_png = load_mask(mask_source, limits, "mask", size, transparent_repaints=True)
+    # OpenAI repaints the masked area from scratch
+    return body.model_copy(update={"mask_image": compat.b64(mask_png), "strength": 1.0})
 
 
 def _has_transparency(image: Any) -> bool:
@@ -265,6 +289,6 @@ def _has_transparency(image: Any) -> bool:
 async def edits(request: Request) -> dict[str, Any]:
     svc = services(request)
     opts, image, mask = await read_edit_form(request)
-    body, stored = await run_in_threadpool(prepare_edit, svc, opts, image, mask)
-    job = await compat.submit_and_wait(request, body, stored, FIELD_NAMES)
+    body = await run_in_threadpool(prepare_edit, svc, opts, image, mask)
+    job = await compat.submit_and_wait(request, body, {}, FIELD_NAMES)
     return await run_in_threadpool(images_body, request, svc, job, opts)

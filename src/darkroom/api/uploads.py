@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import re
+from collections.abc import Iterator
 
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
@@ -34,29 +36,45 @@ def load_image(data: bytes, limits: Limits, field: str, size: tuple[int, int] | 
     return png_bytes(rgb)
 
 
+def image_size(data: bytes, limits: Limits, field: str) -> tuple[int, int]:
+    """An upload's width and height from its header alone, after the byte, format and pixel-count checks: what a
+    caller needs to check the request's own limits before any pixel is decoded."""
+    with _opened(data, limits, field) as img:
+        return img.size
+
+
 def open_image(data: bytes, limits: Limits, field: str) -> Image.Image:
     """Decode an upload after the checks (size, format allow-list, pixel count) that must come before decoding."""
+    with _opened(data, limits, field) as img:
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError, EOFError):
+            raise InvalidRequest(f"{field} is not a readable image", field=field) from None
+        return img.copy()
+
+
+@contextlib.contextmanager
+def _opened(data: bytes, limits: Limits, field: str) -> Iterator[Image.Image]:
+    """The image with only its header read (Pillow opens lazily), every check that needs no pixels passed."""
     if len(data) > limits.max_upload_bytes:
         raise PayloadTooLarge(f"{field} is larger than {limits.max_upload_bytes} bytes", field=field)
     try:
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only
-            if img.format not in ALLOWED_FORMATS:
-                raise InvalidRequest(
-                    f"{field}: format {img.format} is not one of {sorted(ALLOWED_FORMATS)}", field=field
-                )
-            if img.width * img.height > limits.max_upload_pixels:
-                raise InvalidRequest(
-                    f"{field} is {img.width}x{img.height}; at most {limits.max_upload_pixels} pixels are accepted",
-                    field=field,
-                )
-            img.load()
-            return img.copy()
-    except Image.DecompressionBombError:  # Pillow's own guard, in Image.open, for headers far past ours
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's guard, for headers far past ours
         raise InvalidRequest(
             f"{field} claims more than {limits.max_upload_pixels} pixels (a decompression bomb?)", field=field
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError):
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
         raise InvalidRequest(f"{field} is not a readable image", field=field) from None
+    with img:
+        if img.format not in ALLOWED_FORMATS:
+            raise InvalidRequest(f"{field}: format {img.format} is not one of {sorted(ALLOWED_FORMATS)}", field=field)
+        if img.width < 1 or img.height < 1 or img.width * img.height > limits.max_upload_pixels:
+            raise InvalidRequest(
+                f"{field} is {img.width}x{img.height}; at most {limits.max_upload_pixels} pixels are accepted",
+                field=field,
+            )
+        yield img
 
 
 def load_mask(

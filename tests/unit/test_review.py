@@ -238,3 +238,22 @@ def test_openapi_describes_the_review_routes(held):
         schema = api.get("/openapi.json").json()
     assert {"/v1/review", "/v1/review/images/{image_id}"} <= set(schema["paths"])
     assert {"ReviewView", "ReviewPage", "ReviewDecision"} <= set(schema["components"]["schemas"])
+
+
+def test_an_admins_reads_of_other_tenants_images_are_audited_and_an_operators_own_are_not(held):
+    admin, op = bearer(held, Role.admin, tenant="default"), bearer(held, Role.operator)
+    globex = ReviewStore(held.store.engine).queue(tenant="globex")[0].image.id
+    acme = [i.image.id for i in ReviewStore(held.store.engine).queue(tenant="acme")]
+    with TestClient(create_app(held, workers=0)) as api:
+        assert len(api.get("/v1/review", headers=op).json()["items"]) == 2
+        assert api.get(f"/v1/review/images/{acme[0]}", headers=op).status_code == 200
+        assert held.audit.list(action="review.read") == []  # an operator reading its own tenant: nothing to record
+
+        assert len(api.get("/v1/review", headers=admin).json()["items"]) == 3
+        assert api.get(f"/v1/review/images/{globex}", headers=admin).status_code == 200
+    records = held.audit.list(action="review.read")
+    listed = {r.tenant: r.details for r in records if r.details["via"] == "list"}
+    assert listed == {"acme": {"via": "list", "images": acme}, "globex": {"via": "list", "images": [globex]}}
+    [looked] = [r for r in records if r.details["via"] == "image"]
+    assert (looked.tenant, looked.target, looked.role) == ("globex", globex, "admin")
+    assert all("prompt" not in repr(r.details) for r in records)

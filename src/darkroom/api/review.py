@@ -1,7 +1,8 @@
 """Review of held outputs (operators and admins): list the queue, look at an image, approve or reject it.
 
 Held images are never served by `GET /v1/images/{id}`; here an operator fetches the bytes of any image in its scope,
-pending and rejected ones included, so it can look before deciding. Scope: see `darkroom.safety.review`.
+pending and rejected ones included, so it can look before deciding. Scope, and the audit of an admin's reads of other
+tenants' images: see `darkroom.safety.review`.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def list_review(
     store, _ = _store(request)
     scope = review_scope(who, tenant)
     items = store.queue(None if state == "any" else state, tenant=scope, limit=limit, after=after)
+    store.record_reads(who, items, "list")
     views = [_view(request, item) for item in items]
     return ReviewPage(items=views, next_after=views[-1].image_id if len(views) == limit else None)
 
@@ -99,9 +101,11 @@ def list_review(
 )
 def review_image(request: Request, image_id: str, who: Principal = Reviewer) -> Response:
     store, svc = _store(request)
-    image = store.get(who, image_id).image
+    item = store.get(who, image_id)
+    image = item.image
     if image.deleted_at is not None:
         raise NotFound(f"image {image_id!r} was deleted by retention", field="image_id")
+    store.record_reads(who, [item], "image")
     # Not cached by the browser: the decision changes who may see it.
     return Response(svc.blobs.get(image.blob_key), media_type=image.content_type, headers={"Cache-Control": "no-store"})
 

@@ -4,7 +4,9 @@ A decision and its audit record commit in one transaction, and the move is guard
 two operators deciding at once cannot both win: the second gets a 409.
 
 Scope: admins review every tenant; operators only their own tenant's images (another tenant's image is a 404, as
-everywhere else, so ids never leak across tenants).
+everywhere else, so ids never leak across tenants). An admin's look at another tenant's held images and prompts is
+the one place where images cross tenants, so each such read is audited (`review.read`, recorded under the tenant whose
+images were read, with the image ids and never the prompt): the tenant can see who looked.
 """
 
 from __future__ import annotations
@@ -111,6 +113,19 @@ class ReviewStore:
             audit.record(conn, who, f"review.{decision}", image_id, details, tenant=row.tenant)
             image = conn.execute(sa.select(images).where(images.c.id == image_id)).one()
         return image_record(image)
+
+    def record_reads(self, who: Principal, items: list[ReviewItem], via: str) -> None:
+        """One `review.read` audit record per other tenant whose images (and prompts) `who` was just shown."""
+        foreign: dict[str, list[str]] = {}
+        for item in items:
+            if item.image.tenant != who.tenant:
+                foreign.setdefault(item.image.tenant, []).append(item.image.id)
+        if not foreign:
+            return
+        with write_tx(self.engine) as conn:
+            for tenant, ids in sorted(foreign.items()):
+                target = ids[0] if len(ids) == 1 else None
+                audit.record(conn, who, "review.read", target, {"via": via, "images": ids}, tenant=tenant)
 
     @staticmethod
     def _in_scope(who: Principal, tenant: str) -> bool:

@@ -48,6 +48,13 @@ def serve(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="without API keys, answer unauthenticated requests off loopback too")
     ] = False,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="request threads for sync handlers [env DARKROOM_SERVER__REQUEST_THREADS]")
+    ] = None,
+    max_in_flight: Annotated[
+        int | None,
+        typer.Option(min=1, help="requests at once before an immediate 429 [env DARKROOM_SERVER__MAX_IN_FLIGHT]"),
+    ] = None,
     log_level: str = "info",
 ) -> None:
     """Run the API (and in-process workers). Without API keys it answers only on a loopback address."""
@@ -62,6 +69,10 @@ def serve(
     )
     if insecure:
         settings.security.insecure = True
+    if threads is not None:
+        settings.server.request_threads = threads
+    if max_in_flight is not None:
+        settings.server.max_in_flight = max_in_flight
     _validate_hooks(settings, output_checker=settings.workers > 0)
     services = Services.open(settings)
     if settings.security.bootstrap_admin_key and not _bootstrap(services):

@@ -6,7 +6,6 @@ engine events) and their invalidation across processes, and a database outage an
 from __future__ import annotations
 
 import http.client
-import select
 import socket
 import sqlite3
 import threading
@@ -33,15 +32,18 @@ from darkroom.errors import Unauthorized
 from darkroom.jobs.db import create_engine
 from darkroom.service import Services
 from tests.integration.harness import free_port, wait_until
+from tests.support.raw_http import peak_rss_of, read_response, send_chunked
 
 CLI = Principal.cli()
 BASE = {"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 2}
 
 
-def open_services(tmp_path: Path, database_url: str | None = None, **server: object) -> Services:
+def open_services(
+    tmp_path: Path, database_url: str | None = None, models: Path | None = None, **server: object
+) -> Services:
     settings = Settings(
         data_dir=tmp_path / "data",
-        models_dir=tmp_path / "models",
+        models_dir=models or tmp_path / "models",
         database_url=database_url,
         limits=Limits(max_upload_bytes=1024 * 1024),  # body cap ≈ 1.6 MB
         server=server,  # validated into ServerSettings
@@ -86,78 +88,10 @@ def token_for(svc: Services, role: Role = Role.user, tenant: str = "acme") -> st
 # --- 1. bodies: counted as they stream, never read for a caller without a key -------------------------------------
 
 
-def send_chunked(port: int, headers: str, total_bytes: int, chunk: int = 1024 * 1024) -> tuple[int, int, bytes]:
-    """POST a chunked body of up to `total_bytes`, stopping as soon as the server answers.
-    Returns (status, bytes sent, response head)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    sock.sendall(
-        f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"Transfer-Encoding: chunked\r\n{headers}\r\n".encode()
-    )
-    piece = f"{chunk:x}\r\n".encode() + b"A" * chunk + b"\r\n"
-    sent = 0
-    try:
-        while sent < total_bytes:
-            readable, _, _ = select.select([sock], [], [], 0)
-            if readable:
-                break
-            try:
-                sock.sendall(piece)
-            except (BrokenPipeError, ConnectionResetError):
-                break  # the server answered and closed the connection
-            sent += chunk
-        head = read_response(sock)
-    finally:
-        sock.close()
-    return int(head.split(b" ", 2)[1]), sent, head
-
-
-def read_response(sock: socket.socket) -> bytes:
-    """One whole HTTP response (head and Content-Length body) from a raw socket."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        more = sock.recv(65536)
-        if not more:
-            return data
-        data += more
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        (int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")), 0
-    )
-    while len(body) < length:
-        more = sock.recv(65536)
-        if not more:
-            break
-        body += more
-    return head + b"\r\n\r\n" + body
-
-
-@contextmanager
-def peak_rss() -> Iterator[dict[str, int]]:
-    """The largest resident set size of this process (the server runs in it) while the block runs, from a sampler."""
-    proc = psutil.Process()
-    result = {"before": proc.memory_info().rss, "peak": 0}
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            result["peak"] = max(result["peak"], proc.memory_info().rss)
-            done.wait(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        yield result
-    finally:
-        done.set()
-        sampler.join()
-        result["growth"] = result["peak"] - result["before"]
-
-
 def test_a_chunked_body_without_a_key_is_refused_before_it_is_read(tmp_path):
     services = open_services(tmp_path)
     token_for(services)  # keys exist: every request needs one
-    with live(services) as server, peak_rss() as rss:
+    with live(services) as server, peak_rss_of(psutil.Process()) as rss:
         status, sent, head = send_chunked(server.port, "", 200 * 1024 * 1024)
         status_bad, sent_bad, _ = send_chunked(
             server.port, "Authorization: Bearer dk_aaaaaaaaaaaa_" + "B" * 43 + "\r\n", 200 * 1024 * 1024
@@ -171,7 +105,7 @@ def test_a_chunked_body_without_a_key_is_refused_before_it_is_read(tmp_path):
 def test_a_chunked_body_past_the_cap_is_413_while_it_streams(tmp_path):
     services = open_services(tmp_path)
     token = token_for(services)
-    with live(services) as server, peak_rss() as rss:
+    with live(services) as server, peak_rss_of(psutil.Process()) as rss:
         status, sent, head = send_chunked(server.port, f"Authorization: Bearer {token}\r\n", 200 * 1024 * 1024)
     assert status == 413, head
     assert b'"payload_too_large"' in head and b'"field":"body"' in head
@@ -292,7 +226,8 @@ def services(tmp_path):
     svc.close()
 
 
-def test_with_warm_caches_a_request_issues_no_key_or_policy_statements(services):
+def test_with_warm_caches_a_request_issues_no_key_or_policy_statements(tmp_path, models_dir):
+    services = open_services(tmp_path, models=models_dir)
     token = token_for(services)
     services.tenants.put("acme", TenantPolicy(images_per_day=1000), CLI)
     auth = {"Authorization": f"Bearer {token}"}
@@ -303,7 +238,8 @@ def test_with_warm_caches_a_request_issues_no_key_or_policy_statements(services)
         with statements(services.store.engine) as seen:
             assert api.get(f"/v1/jobs/{job.json()['id']}", headers=auth).status_code == 200
             assert api.get("/v1/jobs", headers=auth).status_code == 200
-        assert seen and auth_statements(seen) == [], auth_statements(seen)
+    services.close()
+    assert seen and auth_statements(seen) == [], auth_statements(seen)
 
 
 def test_whether_any_key_exists_is_cached_for_requests_without_a_token(services):

@@ -19,8 +19,7 @@ from darkroom.auth.principal import Principal, Role
 from darkroom.auth.tables import api_keys, audit_log
 from darkroom.auth.tenants import TenantPolicy
 from darkroom.config import Limits, SecuritySettings, Settings
-from darkroom.jobs.db import migrate, write_tx
-from darkroom.jobs.tables import jobs
+from darkroom.jobs.db import migrate
 from darkroom.service import Services
 
 BASE = {"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 2}
@@ -119,6 +118,28 @@ def test_revoked_and_expired_keys_are_401_and_the_failed_login_is_audited(api, s
     assert api.get("/v1/jobs", headers=soon).status_code == 200
     with clock.frozen(clock.utcnow() + dt.timedelta(seconds=5)):
         assert api.get("/v1/jobs", headers=soon).status_code == 401
+
+
+def test_a_flood_of_bad_keys_is_braked_by_address_and_audited_in_aggregate(services):
+    key(services)
+    limits = services.settings.server  # 20 failures a minute per address, the first 5 audited one by one
+    with clock.frozen(dt.datetime(2026, 11, 24, 12, 0, 10, tzinfo=dt.UTC)), TestClient(create_app(services)) as api:
+        responses = [
+            api.get("/v1/jobs", headers={"Authorization": f"Bearer dk_{i:012d}_{'A' * 43}"}) for i in range(300)
+        ]
+        one_by_one = services.audit.list(action="auth.login")
+    statuses = [r.status_code for r in responses]
+    assert statuses[: limits.auth_failures_per_minute] == [401] * limits.auth_failures_per_minute
+    assert set(statuses[limits.auth_failures_per_minute :]) == {429}
+    braked = responses[-1]
+    assert braked.json()["error"]["code"] == "too_many_failures" and 1 <= int(braked.headers["Retry-After"]) <= 51
+    assert len(one_by_one) == limits.audited_failures_per_minute
+    # The rest of the minute is one summary row, written when the window ended (here: at shutdown).
+    rows = services.audit.list(action="auth.login")
+    assert len(rows) == limits.audited_failures_per_minute + 1
+    summary = rows[-1].details
+    assert summary["summary"] and (summary["failures"], summary["recorded"], summary["refused"]) == (20, 5, 280)
+    assert rows[-1].ip == "testclient" and summary["window_start"].startswith("2026-11-24T12:00:00")
 
 
 def test_keys_are_stored_hashed(services):
@@ -303,12 +324,9 @@ def test_gpu_seconds_quota_counts_finished_jobs_this_month(api, services):
     services.tenants.put("acme", TenantPolicy(gpu_seconds_per_month=10), CLI)
     headers = key(services, Role.service)
     job = submit(api, headers)
-    with write_tx(services.store.engine) as conn:
-        conn.execute(
-            jobs.update()
-            .where(jobs.c.id == job["id"])
-            .values(state="succeeded", gpu_seconds=12.5, finished_at=clock.utcnow())
-        )
+    assert services.store.claim("w", 30).id == job["id"]  # a worker runs it for 12.5 s: the month's counter says so
+    services.store.start(job["id"], "w")
+    assert services.store.complete(job["id"], "w", [], {"timings": {"worker_total_s": 12.5}})
     response = api.post("/v1/jobs", json=BASE, headers=headers)
     assert response.status_code == 429
     assert response.json()["error"]["field"] == "gpu_seconds_per_month"

@@ -76,7 +76,8 @@ def test_queue_position_follows_claim_order(store):
 def test_complete_writes_images_once_and_only_for_the_lease_owner(store):
     job, _ = store.create(req(n=2))
     claimed = store.claim("w1", 30)
-    assert claimed.state is JobState.running and claimed.attempts == 1
+    assert claimed.state is JobState.running and claimed.attempts == 0  # charged when it starts, not at claim
+    assert store.start(job.id, "w1") == 1
     assert not store.complete(job.id, "someone-else", [image(0), image(1)], {})
     assert store.complete(job.id, "w1", [image(0), image(1)], {"ok": True})
     assert not store.complete(job.id, "w1", [image(0), image(1)], {"ok": True})
@@ -88,11 +89,13 @@ def test_complete_writes_images_once_and_only_for_the_lease_owner(store):
 
 def test_expired_lease_requeues_and_old_owner_cannot_finish(store):
     job, _ = store.create(req())
-    store.claim("w1", lease_seconds=0.05)
-    time.sleep(0.1)
+    store.claim("w1", lease_seconds=-1)  # a lease that has already run out
+    store.start(job.id, "w1")
     assert store.requeue_expired() == [job.id]
     assert store.get(job.id).state is JobState.queued
     assert store.claim("w2", 30).id == job.id
+    assert store.start(job.id, "w1") is None
+    assert store.start(job.id, "w2") == 2
     assert not store.heartbeat(job.id, "w1", 30).owned
     assert not store.complete(job.id, "w1", [image()], {})
     assert store.complete(job.id, "w2", [image()], {})
@@ -103,8 +106,8 @@ def test_expired_lease_requeues_and_old_owner_cannot_finish(store):
 def test_job_is_dead_after_its_last_attempt(store):
     job, _ = store.create(req(), max_attempts=2)
     for _ in range(2):
-        store.claim("w", lease_seconds=0.01)
-        time.sleep(0.03)
+        store.claim("w", lease_seconds=-1)
+        store.start(job.id, "w")
         store.requeue_expired()
     final = store.get(job.id)
     assert final.state is JobState.dead
@@ -114,8 +117,10 @@ def test_job_is_dead_after_its_last_attempt(store):
 def test_transient_failure_retries_then_dies(store):
     job, _ = store.create(req(), max_attempts=2)
     store.claim("w", 30)
+    store.start(job.id, "w")
     assert store.fail(job.id, "w", {"code": "x", "message": "boom"}, retry_in=0) is JobState.queued
     store.claim("w", 30)
+    store.start(job.id, "w")
     assert store.fail(job.id, "w", {"code": "x", "message": "boom"}, retry_in=0) is JobState.dead
     assert store.get(job.id).error["message"] == "boom"
 
@@ -254,6 +259,7 @@ def test_per_tenant_queue_limit(store):
 def test_eta_from_recent_step_rates(store):
     done, _ = store.create(req(steps=10))
     store.claim("w", 30)
+    store.start(done.id, "w")
     store.complete(done.id, "w", [image()], {})
     waiting = [store.create(req(steps=10))[0] for _ in range(3)]
     last = store.get(waiting[-1].id)

@@ -16,8 +16,8 @@ from darkroom.auth import audit
 from darkroom.auth.limits import check_quotas
 from darkroom.auth.principal import Permission, Principal
 from darkroom.engines.samplers import SAMPLERS, resolve_sampler
-from darkroom.errors import DarkroomError, HeldForReview, InvalidRequest
-from darkroom.jobs.store import JobRecord, JobStore, request_hash
+from darkroom.errors import Conflict, DarkroomError, HeldForReview, InvalidRequest, NotFound
+from darkroom.jobs.store import JobRecord, JobStatus, JobStore, request_hash
 from darkroom.safety.policy import check_prompt
 from darkroom.schemas import (
     PRIORITY_NAME,
@@ -33,7 +33,7 @@ from darkroom.schemas import (
 )
 from darkroom.service import Services
 
-from .auth import principal, require, tenant_policy, visible_image, visible_job, websocket_principal
+from .auth import principal, require, sees_job, tenant_policy, visible_image, visible_job, websocket_principal
 from .uploads import decode_base64_image, load_image, load_mask
 
 TERMINAL_EVENTS = {"succeeded", "failed", "cancelled", "dead"}
@@ -56,23 +56,24 @@ def image_url(request: Request, image_id: str) -> str:
     return public_url(request, f"/v1/images/{image_id}")
 
 
-def job_view(request: Request, job: JobRecord) -> JobView:
-    svc = services(request)
-    images = []
-    if job.state is JobState.succeeded:
-        images = [
-            ImageView(
-                id=i.id,
-                index=i.index,
-                seed=i.seed,
-                width=i.width,
-                height=i.height,
-                sha256=i.sha256,
-                url=image_url(request, i.id) if i.released else None,
-                review_state=i.review_state,
-            )
-            for i in svc.store.images_for(job.id)
-        ]
+def job_view(request: Request, job: JobRecord | JobStatus) -> JobView:
+    """The public view of a job. Given a `JobStatus` (read with the job in one transaction) it reads nothing more;
+    given a bare record it reads the status in one read transaction."""
+    status = job if isinstance(job, JobStatus) else services(request).store.status_of(job)
+    job = status.job
+    images = [
+        ImageView(
+            id=i.id,
+            index=i.index,
+            seed=i.seed,
+            width=i.width,
+            height=i.height,
+            sha256=i.sha256,
+            url=image_url(request, i.id) if i.released else None,
+            review_state=i.review_state,
+        )
+        for i in status.images
+    ]
     return JobView(
         id=job.id,
         state=job.state,
@@ -81,8 +82,8 @@ def job_view(request: Request, job: JobRecord) -> JobView:
         started_at=job.started_at,
         finished_at=job.finished_at,
         attempts=job.attempts,
-        queue_position=(position := svc.store.queue_position(job)),
-        eta_seconds=svc.store.eta_seconds(job, position),
+        queue_position=status.queue_position,
+        eta_seconds=status.eta_seconds,
         progress=JobProgress(step=job.progress_step, total=job.progress_total),
         request=job.request,
         images=images,
@@ -98,8 +99,28 @@ def submit(
     """Everything between a validated body and a queued job: limits, prompt policy, model, seed, init image,
     quotas, idempotency, and the audit record (committed with the job).
     `stored`: fields the caller already checked and stored as blobs (`{"mask_image": "blob:…"}`), taken as given."""
+    status, created = submit_status(request, body, idempotency_key, stored)
+    return status.job, created
+
+
+def check_idempotency_key(key: str | None) -> None:
+    """A key is 1-200 printable characters: anything else is the client's mistake (4xx naming the header), never a
+    500 from a database that refuses the bytes."""
+    if key is None:
+        return
+    if not 1 <= len(key) <= 200 or not key.isprintable():
+        raise InvalidRequest(
+            "Idempotency-Key must be 1-200 printable characters (no control characters)", field="Idempotency-Key"
+        )
+
+
+def submit_status(
+    request: Request, body: GenerationRequest, idempotency_key: str | None, stored: dict[str, str] | None = None
+) -> tuple[JobStatus, bool]:
+    """`submit`, answering with the job's status (queue position, ETA) read in the same, single write transaction."""
     svc = services(request)
     who = principal(request)
+    check_idempotency_key(idempotency_key)
     limits = svc.settings.limits
     check_limits(body, limits)
     policy = tenant_policy(request)
@@ -126,7 +147,7 @@ def submit(
     if body.webhook_url and not svc.settings.webhooks.secret:
         raise InvalidRequest("webhooks are not configured (DARKROOM_WEBHOOKS__SECRET)", field="webhook_url")
     resolved = body.model_copy(update=updates)
-    return svc.store.create(
+    status, created = svc.store.enqueue(
         resolved,
         tenant=who.tenant,
         key_id=who.key_id,
@@ -134,9 +155,12 @@ def submit(
         request_id=request.state.request_id,
         body_hash=body_hash,
         max_attempts=svc.settings.max_attempts,
-        admit=lambda conn: check_quotas(conn, who.tenant, policy, resolved.n),
+        admit=lambda conn, images_today: check_quotas(conn, who.tenant, policy, resolved.n, images_today),
         record=lambda conn, job_id: audit.record(conn, who, "job.submit", job_id, _audit_details(resolved)),
     )
+    if not created and not sees_job(who, status.job):  # keys are scoped to the caller; never hand a replay across
+        raise Conflict("this Idempotency-Key belongs to another caller", field="Idempotency-Key")
+    return status, created
 
 
 def _audit_details(body: GenerationRequest) -> dict:
@@ -156,13 +180,15 @@ def _audit_details(body: GenerationRequest) -> dict:
 def create_job(
     request: Request,
     body: GenerationRequest,
-    idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200),
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", description="1-200 printable characters"),
     who: Principal = Generate,
 ) -> JSONResponse:
-    job, created = submit(request, body, idempotency_key)
-    view = job_view(request, job)
+    status, created = submit_status(request, body, idempotency_key)
+    view = job_view(request, status)
     return JSONResponse(
-        view.model_dump(mode="json"), status_code=202 if created else 200, headers={"Location": f"/v1/jobs/{job.id}"}
+        view.model_dump(mode="json"),
+        status_code=202 if created else 200,
+        headers={"Location": f"/v1/jobs/{status.job.id}"},
     )
 
 
@@ -193,13 +219,17 @@ def list_jobs(
 ) -> list[JobView]:
     """The caller's tenant's jobs; a `user` key sees the jobs it submitted."""
     own = None if who.can(Permission.read_tenant_jobs) else (who.key_id or "")
-    jobs = services(request).store.list(state=state, limit=limit, tenant=who.tenant, key_id=own)
-    return [job_view(request, j) for j in jobs]
+    listed = services(request).store.list_status(state=state, limit=limit, tenant=who.tenant, key_id=own)
+    return [job_view(request, status) for status in listed]
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, summary="A job: state, queue position, progress, images")
 def get_job(request: Request, job_id: str, who: Principal = Generate) -> JobView:
-    return job_view(request, visible_job(services(request), who, job_id))
+    """One read transaction: the job, its images, queue position and ETA (`JobStore.status`)."""
+    status = services(request).store.status(job_id)
+    if status is None or not sees_job(who, status.job):
+        raise NotFound(f"no job {job_id!r}", field="job_id")  # the same 404 either way: ids never leak
+    return job_view(request, status)
 
 
 @router.delete("/jobs/{job_id}", response_model=JobView, summary="Cancel: queued at once, running at the next step")

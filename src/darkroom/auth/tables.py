@@ -1,5 +1,5 @@
 """Security and governance tables (migration 0005_security): API keys, tenants and their policies, the audit log,
-and the rate-limit counters.
+and the rate-limit counters; usage counters for quotas (0006_hot_path).
 
 Imported at the bottom of `darkroom.jobs.tables`, so the one `metadata` (and the test that migrations rebuild it)
 covers them too."""
@@ -65,4 +65,17 @@ rate_counters = sa.Table(
     sa.Column("scope", sa.String(120), primary_key=True),
     sa.Column("window", sa.BigInteger, primary_key=True),
     sa.Column("count", sa.Integer, nullable=False),
+)
+
+usage_counters = sa.Table(
+    "usage_counters",
+    metadata,
+    # Quotas read one row instead of summing a tenant's jobs (migration 0006_hot_path). `period` is a UTC day
+    # (`d:2026-11-24`: images asked for by jobs created that day, given back when a job fails or is cancelled) or
+    # a UTC month (`m:2026-11`: GPU-seconds of the jobs that finished in it). Updated in the transactions that
+    # create and finish jobs, so a counter is exactly as current as the jobs it counts.
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("period", sa.String(16), primary_key=True),
+    sa.Column("images", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("gpu_seconds", sa.Float, nullable=False, server_default="0"),
 )

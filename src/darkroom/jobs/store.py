@@ -2,8 +2,15 @@
 
 Portable SQL only (SQLite and PostgreSQL): a claim selects the next job `FOR UPDATE SKIP LOCKED` (a no-op on SQLite,
 where `BEGIN IMMEDIATE` already serialises writers) and then moves it with a guarded `UPDATE … WHERE state='queued'`.
-Every worker-side write is guarded by `lease_owner`, so a worker whose lease expired can never overwrite the job
-another worker now owns: a job succeeds exactly once.
+Every transition is one UPDATE through `_move`, guarded by the state the job must be in and, for a worker, by
+`lease_owner`, so a worker whose lease expired can never overwrite the job another worker now owns: a job succeeds
+exactly once, and a stale worker's failure changes nothing.
+
+Hot-path budgets (checked by tests/unit/test_hot_path_budget.py): a submit is one write transaction, a status read or
+a listing one read transaction with a constant number of statements, a claim, a start, a heartbeat and a completion
+one transaction each. Every ORDER BY here has an index with the same columns and directions (see `tables.py`), and
+nothing on these paths reads a table whose size grows with the history: quotas read `usage_counters`, ETAs read
+`step_rates`, queue positions count at most `POSITION_CAP` index entries.
 """
 
 from __future__ import annotations
@@ -11,17 +18,20 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+import statistics
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from darkroom import clock
+from darkroom.auth import usage
 from darkroom.errors import Conflict, DarkroomError, NotFound
 from darkroom.jobs.db import create_engine, read_tx, write_tx
 from darkroom.jobs.notify import announce
-from darkroom.jobs.tables import images, job_events, jobs
+from darkroom.jobs.tables import CLAIM_ORDER, images, job_events, jobs, step_rates
 from darkroom.schemas import PRIORITY_VALUE, GenerationRequest, JobEvent, JobState
 
 
@@ -107,12 +117,29 @@ class LeaseAck:
     cancel_requested: bool
 
 
+@dataclass(frozen=True)
+class JobStatus:
+    """A job with what a status read shows beside it, all read in one transaction."""
+
+    job: JobRecord
+    images: list[ImageRecord] = field(default_factory=list)
+    queue_position: int | None = None
+    eta_seconds: float | None = None
+
+
 def request_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _job(row: sa.Row) -> JobRecord:
-    m = row._mapping
+def idempotency_digest(key_id: str | None, key: str) -> str:
+    """What the store keeps of an Idempotency-Key: scoped to the API key that sent it (another user of the tenant
+    neither replays nor collides with it), of fixed length, and never the client's raw bytes (a NUL in a key cannot
+    reach PostgreSQL). Key ids never contain a newline, so the pair is unambiguous."""
+    return hashlib.sha256(f"{key_id or ''}\n{key}".encode()).hexdigest()
+
+
+def _job(row: sa.Row | Mapping[str, Any]) -> JobRecord:
+    m = row._mapping if isinstance(row, sa.Row) else row
     return JobRecord(
         **{k: m[k] for k in ("id", "tenant", "priority", "model", "request", "request_id", "idempotency_key")},
         state=JobState(m["state"]),
@@ -149,6 +176,16 @@ def image_record(row: sa.Row | sa.RowMapping) -> ImageRecord:
     return ImageRecord(**values)
 
 
+POSITION_CAP = 1000
+"""Queue positions are exact up to here; a job further back reads `POSITION_CAP + 1` ("more than this many ahead").
+Counting is an index-only range scan, so the bound keeps a status read's cost flat at any depth."""
+
+_EWMA = 0.2  # weight of the newest job in a model's seconds-per-step (after the first few, which average plainly)
+_TERMINAL = tuple(s.value for s in JobState if s.terminal)
+_GIVES_BACK = (JobState.failed, JobState.cancelled, JobState.dead)  # images that will never be made stop counting
+_QUEUED = JobState.queued.value
+
+
 class JobStore:
     """Jobs in SQL.
 
@@ -178,7 +215,12 @@ class JobStore:
 
     # --- API side -------------------------------------------------------------------------------------------------
 
-    def create(
+    def create(self, request: GenerationRequest, **options: Any) -> tuple[JobRecord, bool]:
+        """Insert a queued job (see `enqueue`); the job alone, without its queue position."""
+        status, created = self.enqueue(request, with_status=False, **options)
+        return status.job, created
+
+    def enqueue(
         self,
         request: GenerationRequest,
         *,
@@ -188,108 +230,144 @@ class JobStore:
         body_hash: str | None = None,
         max_attempts: int = 3,
         key_id: str | None = None,
-        admit: Callable[[sa.Connection], None] | None = None,
+        admit: Callable[[sa.Connection, int], None] | None = None,
         record: Callable[[sa.Connection, str], None] | None = None,
-    ) -> tuple[JobRecord, bool]:
-        """Insert a queued job. With an idempotency key already used by this tenant, return that job instead
-        (created=False) — or 409 if the key was used for a different request body.
+        with_status: bool = True,
+    ) -> tuple[JobStatus, bool]:
+        """Insert a queued job in ONE write transaction and answer from what was written (no read-back). With an
+        Idempotency-Key this caller already used, return that job instead (created=False), or 409 if the key was
+        used for a different request body; the lookup runs inside the same transaction.
 
-        Inside the inserting transaction, `admit(conn)` may refuse the job (quotas: raise), and `record(conn, job_id)`
-        writes what must commit with it (the audit record)."""
+        Inside the transaction the job's images are charged to the tenant's day (`darkroom.auth.usage`); then
+        `admit(conn, images_today)` may refuse the job (quotas: raise, and the charge rolls back with it), and
+        `record(conn, job_id)` writes what must commit with it (the audit record)."""
         if request.seed is None:
             raise ValueError("resolve the seed before creating the job")
         body_hash = body_hash or request_hash(request.model_dump(mode="json"))
-        if idempotency_key and (existing := self._by_idempotency_key(tenant, idempotency_key)):
-            return self._same_request(existing, body_hash), False
+        scoped_key = idempotency_digest(key_id, idempotency_key) if idempotency_key else None
         now = clock.utcnow()
-        job_id = clock.new_id("job")
+        priority = PRIORITY_VALUE[request.priority]
+        row = self._new_row(request, tenant, priority, now, scoped_key, body_hash, request_id, max_attempts, key_id)
         try:
             with write_tx(self.engine) as conn:
-                self._check_depth(conn, tenant)
+                if scoped_key and (existing := self._by_idempotency_key(conn, tenant, scoped_key)):
+                    job = self._same_request(existing, body_hash)
+                    return (self._statuses(conn, [job])[0] if with_status else JobStatus(job)), False
+                row["fair_tag"] = self._admit_to_queue(conn, tenant, priority, request.n)
+                images_today = usage.charge_images(conn, tenant, now, request.n)
                 if admit is not None:
-                    admit(conn)
-                priority = PRIORITY_VALUE[request.priority]
-                conn.execute(
-                    jobs.insert().values(
-                        id=job_id,
-                        state=JobState.queued.value,
-                        tenant=tenant,
-                        priority=PRIORITY_VALUE[request.priority],
-                        model=request.model,
-                        request=request.model_dump(mode="json"),
-                        request_id=request_id,
-                        idempotency_key=idempotency_key,
-                        request_hash=body_hash,
-                        attempts=0,
-                        max_attempts=max_attempts,
-                        cancel_requested=False,
-                        progress_step=0,
-                        progress_total=request.steps,
-                        created_at=now,
-                        updated_at=now,
-                        available_at=now,
-                        fair_tag=self._fair_tag(conn, tenant, priority, request.n),
-                        batch_key=request.batch_key(),
-                        timeout_seconds=request.timeout_seconds,
-                        key_id=key_id,
-                        images_requested=request.n,
-                    )
-                )
-                self._event(conn, job_id, "queued", {"priority": request.priority}, now)
+                    admit(conn, images_today)
+                conn.execute(jobs.insert().values(**row))
+                self._event(conn, row["id"], "queued", {"priority": request.priority}, now)
                 if record is not None:
-                    record(conn, job_id)
-                announce(conn)
+                    record(conn, row["id"])
+                job = _job(row)
+                return (self._statuses(conn, [job])[0] if with_status else JobStatus(job)), True
         except sa.exc.IntegrityError:
-            # Two submits with the same key raced; the other one won.
-            existing = self._by_idempotency_key(tenant, idempotency_key or "")
-            if existing is None:
+            if scoped_key is None:
                 raise
-            return self._same_request(existing, body_hash), False
-        job = self.get(job_id)
-        assert job is not None
-        return job, True
+            # Two submits with the same key raced (PostgreSQL; SQLite's write lock serialises them); the other won.
+            with read_tx(self.engine) as conn:
+                existing = self._by_idempotency_key(conn, tenant, scoped_key)
+                if existing is None:
+                    raise
+                job = self._same_request(existing, body_hash)
+                return (self._statuses(conn, [job])[0] if with_status else JobStatus(job)), False
 
-    def _check_depth(self, conn: sa.Connection, tenant: str) -> None:
-        queued = jobs.c.state == JobState.queued.value
-        depth = conn.execute(sa.select(sa.func.count()).select_from(jobs).where(queued)).scalar_one()
-        if depth >= self.max_queue_depth:
-            raise QueueFull(f"the queue holds {depth} jobs, its limit; try again later", self._retry_after(conn, 1))
-        if self.max_tenant_queue_depth is None:
-            return
-        mine = conn.execute(
-            sa.select(sa.func.count()).select_from(jobs).where(queued, jobs.c.tenant == tenant)
-        ).scalar_one()
-        if mine >= self.max_tenant_queue_depth:
-            raise QueueFull(
-                f"tenant {tenant!r} has {mine} queued jobs, its limit; try again later", self._retry_after(conn, 1)
+    @staticmethod
+    def _new_row(
+        request: GenerationRequest,
+        tenant: str,
+        priority: int,
+        now: dt.datetime,
+        scoped_key: str | None,
+        body_hash: str,
+        request_id: str | None,
+        max_attempts: int,
+        key_id: str | None,
+    ) -> dict[str, Any]:
+        """Every column of the new job, so the JobRecord is built from what was inserted."""
+        return {
+            "id": clock.new_id("job"),
+            "state": JobState.queued.value,
+            "tenant": tenant,
+            "priority": priority,
+            "model": request.model,
+            "request": request.model_dump(mode="json"),
+            "request_id": request_id,
+            "idempotency_key": scoped_key,
+            "request_hash": body_hash,
+            "attempts": 0,
+            "max_attempts": max_attempts,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "cancel_requested": False,
+            "progress_step": 0,
+            "progress_total": request.steps,
+            "result": None,
+            "error": None,
+            "created_at": now,
+            "updated_at": now,
+            "available_at": now,
+            "started_at": None,
+            "finished_at": None,
+            "batch_key": request.batch_key(),
+            "timeout_seconds": request.timeout_seconds,
+            "key_id": key_id,
+            "images_requested": request.n,
+            "prompt_redacted_at": None,
+            "gpu_seconds": None,
+        }
+
+    def _admit_to_queue(self, conn: sa.Connection, tenant: str, priority: int, n: int) -> float:
+        """Depth limits and the new job's fair tag, from one SELECT of index lookups.
+
+        The depth limits are bounded counts (`count(*)` over at most `limit` entries of an index on `state`),
+        not a maintained counter: a counter row would be written by every submit, claim and completion, and on
+        PostgreSQL every claimer would queue on that one row lock, undoing `SKIP LOCKED`. The count reads no table
+        rows, takes no locks, and costs at most the limit, whatever the depth. Two PostgreSQL submits racing at
+        the limit may both get in: the limit is a safeguard against floods, not an invariant."""
+        queued, in_class = jobs.c.state == _QUEUED, jobs.c.priority == priority
+        mine = jobs.c.tenant == tenant
+        tenant_limit = self.max_tenant_queue_depth
+        snapshot = conn.execute(
+            sa.select(
+                _bounded_count(self.max_queue_depth, queued).label("depth"),
+                (_bounded_count(tenant_limit, queued, mine) if tenant_limit else sa.null()).label("mine"),
+                _first(jobs.c.fair_tag, queued, in_class).label("head"),
+                _first(jobs.c.fair_tag.desc(), in_class).label("newest"),
+                _first(jobs.c.fair_tag.desc(), mine, in_class).label("last"),
             )
+        ).one()
+        if snapshot.depth >= self.max_queue_depth:
+            raise QueueFull(
+                f"the queue holds {self.max_queue_depth} jobs, its limit; try again later", self._retry_after(conn)
+            )
+        if tenant_limit is not None and snapshot.mine >= tenant_limit:
+            raise QueueFull(
+                f"tenant {tenant!r} has {tenant_limit} queued jobs, its limit; try again later",
+                self._retry_after(conn),
+            )
+        vtime = snapshot.head if snapshot.head is not None else (snapshot.newest or 0.0)
+        return max(vtime, snapshot.last or 0.0) + n / self.tenant_weights.get(tenant, 1.0)
 
-    def _retry_after(self, conn: sa.Connection, jobs_to_drain: int) -> int:
-        """Seconds until about `jobs_to_drain` jobs will have left the queue, from recent completions."""
-        per_job = self._recent_job_seconds(conn)
-        return max(1, min(300, round(per_job * jobs_to_drain / max(1, self._active_workers(conn)))))
+    def _retry_after(self, conn: sa.Connection) -> int:
+        """Seconds until about one job will have left the queue: a typical job's time over the active workers."""
+        rates = self._rates(conn)
+        per_job = statistics.fmean(rates.values()) * 20 if rates else 5.0
+        return max(1, min(300, round(per_job / max(1, self._active_workers(conn)))))
 
-    def _fair_tag(self, conn: sa.Connection, tenant: str, priority: int, n: int) -> float:
-        in_class = jobs.c.priority == priority
-        vtime = conn.execute(
-            sa.select(sa.func.min(jobs.c.fair_tag)).where(jobs.c.state == JobState.queued.value, in_class)
-        ).scalar()
-        if vtime is None:
-            vtime = conn.execute(sa.select(sa.func.max(jobs.c.fair_tag)).where(in_class)).scalar() or 0.0
-        last = conn.execute(sa.select(sa.func.max(jobs.c.fair_tag)).where(jobs.c.tenant == tenant, in_class)).scalar()
-        return max(vtime, last or 0.0) + n / self.tenant_weights.get(tenant, 1.0)
+    @staticmethod
+    def _by_idempotency_key(conn: sa.Connection, tenant: str, scoped_key: str) -> sa.Row | None:
+        return conn.execute(
+            sa.select(jobs).where(jobs.c.tenant == tenant, jobs.c.idempotency_key == scoped_key)
+        ).first()
 
-    def _by_idempotency_key(self, tenant: str, key: str) -> JobRecord | None:
-        with read_tx(self.engine) as conn:
-            row = conn.execute(sa.select(jobs).where(jobs.c.tenant == tenant, jobs.c.idempotency_key == key)).first()
-        return _job(row) if row else None
-
-    def _same_request(self, job: JobRecord, body_hash: str) -> JobRecord:
-        with read_tx(self.engine) as conn:
-            stored = conn.execute(sa.select(jobs.c.request_hash).where(jobs.c.id == job.id)).scalar_one()
-        if stored != body_hash:
+    @staticmethod
+    def _same_request(existing: sa.Row, body_hash: str) -> JobRecord:
+        if existing.request_hash != body_hash:
             raise Conflict("this Idempotency-Key was already used for a different request", field="Idempotency-Key")
-        return job
+        return _job(existing)
 
     def get(self, job_id: str) -> JobRecord | None:
         with read_tx(self.engine) as conn:
@@ -302,6 +380,17 @@ class JobStore:
             raise NotFound(f"no job {job_id!r}", field="job_id")
         return job
 
+    def status(self, job_id: str) -> JobStatus | None:
+        """A job with its images, queue position and ETA: one read transaction, at most three statements."""
+        with read_tx(self.engine) as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+            return self._statuses(conn, [_job(row)])[0] if row else None
+
+    def status_of(self, job: JobRecord) -> JobStatus:
+        """The status of a job already read (one read transaction, at most two statements)."""
+        with read_tx(self.engine) as conn:
+            return self._statuses(conn, [job])[0]
+
     def list(
         self,
         *,
@@ -311,6 +400,25 @@ class JobStore:
         key_id: str | None = None,
     ) -> list[JobRecord]:
         """Newest first; `tenant` and `key_id` scope the listing to what a caller may see."""
+        with read_tx(self.engine) as conn:
+            return [_job(r) for r in conn.execute(self._listing(state, limit, tenant, key_id))]
+
+    def list_status(
+        self,
+        *,
+        state: JobState | None = None,
+        limit: int = 50,
+        tenant: str | None = None,
+        key_id: str | None = None,
+    ) -> list[JobStatus]:
+        """`list` with each job's status: one read transaction of at most three statements, whatever `limit`."""
+        with read_tx(self.engine) as conn:
+            listed = [_job(r) for r in conn.execute(self._listing(state, limit, tenant, key_id))]
+            return self._statuses(conn, listed)
+
+    @staticmethod
+    def _listing(state: JobState | None, limit: int, tenant: str | None, key_id: str | None) -> sa.Select:
+        """Walks `ix_jobs_listing` (tenant, created_at DESC, id DESC) backwards from the newest: no sort."""
         query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
         if state is not None:
             query = query.where(jobs.c.state == state.value)
@@ -318,80 +426,79 @@ class JobStore:
             query = query.where(jobs.c.tenant == tenant)
         if key_id is not None:
             query = query.where(jobs.c.key_id == key_id)
-        with read_tx(self.engine) as conn:
-            return [_job(r) for r in conn.execute(query)]
+        return query
 
     def queue_position(self, job: JobRecord) -> int | None:
-        """1-based place in the claim order (see `claim_batch`); None once the job left the queue."""
-        if job.state is not JobState.queued:
-            return None
-        key = sa.tuple_(jobs.c.fair_tag, jobs.c.created_at, jobs.c.id)
-        ahead = sa.or_(
-            jobs.c.priority > job.priority,
-            sa.and_(jobs.c.priority == job.priority, key < sa.tuple_(job.fair_tag, job.created_at, job.id)),
-        )
-        query = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.state == JobState.queued.value, ahead)
-        with read_tx(self.engine) as conn:
-            return conn.execute(query).scalar_one() + 1
+        """1-based place in the claim order (see `claim_batch`), at most `POSITION_CAP + 1`; None once the job left
+        the queue."""
+        return self.status_of(job).queue_position
 
-    def eta_seconds(self, job: JobRecord, position: int | None) -> float | None:
-        """Rough time to finish: recent seconds per job, times the jobs ahead shared by the active workers, plus
-        what remains of this job's own steps."""
-        if job.state.terminal:
-            return None
-        with read_tx(self.engine) as conn:
-            per_step = self._recent_step_seconds(conn)
-            workers = max(1, self._active_workers(conn))
-        if per_step is None:
-            return None
-        steps = job.progress_total or job.request.get("steps", 0)
-        own = per_step * steps * job.request.get("n", 1)
-        if job.state is JobState.running:
-            return round(own * (1 - job.progress_step / max(1, steps)), 2)
-        ahead = (position or 1) - 1
-        return round(own + ahead * own / workers, 2)
+    def eta_seconds(self, job: JobRecord, position: int | None = None) -> float | None:
+        """Rough time to finish (see `_eta`); `position` is read again, as of now."""
+        return self.status_of(job).eta_seconds
 
-    def _recent_step_seconds(self, conn: sa.Connection, sample: int = 50) -> float | None:
-        rows = conn.execute(
-            sa.select(jobs.c.started_at, jobs.c.finished_at, jobs.c.progress_total, jobs.c.request)
-            .where(jobs.c.state == JobState.succeeded.value)
-            .order_by(jobs.c.finished_at.desc())
-            .limit(sample)
-        ).all()
-        seconds = sum((clock.aware(r.finished_at) - clock.aware(r.started_at)).total_seconds() for r in rows)
-        steps = sum(max(1, r.progress_total) * r.request.get("n", 1) for r in rows)
-        return seconds / steps if rows and steps else None
+    def _statuses(self, conn: sa.Connection, listed: Sequence[JobRecord]) -> list[JobStatus]:
+        """Images, positions and ETAs of `listed` in at most two statements, however many jobs: one IN query for
+        the images of the succeeded ones, and one SELECT of scalar subqueries (index lookups and bounded index
+        counts) for the positions of the queued ones, the step rates and the active workers."""
+        done = [j.id for j in listed if j.state is JobState.succeeded]
+        found: dict[str, list[ImageRecord]] = {job_id: [] for job_id in done}
+        if done:
+            query = sa.select(images).where(images.c.job_id.in_(done)).order_by(images.c.job_id, images.c.index)
+            for row in conn.execute(query):
+                found[row.job_id].append(image_record(row))
+        live = [j for j in listed if not j.state.terminal]
+        if not live:
+            return [JobStatus(j, found.get(j.id, [])) for j in listed]
+        queued = [j for j in live if j.state is JobState.queued]
+        models = sorted({_rate_key(j.model) for j in live})
+        columns = [_ahead(j).label(f"p{i}") for i, j in enumerate(queued)]
+        columns += [_rate_of(m).label(f"r{i}") for i, m in enumerate(models)]
+        columns += [_any_rate().label("any_rate"), _active_workers_query().label("workers")]
+        stats = conn.execute(sa.select(*columns)).one()._mapping
+        positions = {j.id: min(stats[f"p{i}"], POSITION_CAP) + 1 for i, j in enumerate(queued)}
+        rates = {m: stats[f"r{i}"] for i, m in enumerate(models)}
+        out = []
+        for job in listed:
+            position = positions.get(job.id)
+            per_step = rates.get(_rate_key(job.model)) or stats["any_rate"]
+            eta = None if job.state.terminal else _eta(job, position, per_step, max(1, stats["workers"] or 0))
+            out.append(JobStatus(job, found.get(job.id, []), position, eta))
+        return out
 
-    def _recent_job_seconds(self, conn: sa.Connection) -> float:
-        per_step = self._recent_step_seconds(conn)
-        return per_step * 20 if per_step is not None else 5.0
+    @staticmethod
+    def _rates(conn: sa.Connection) -> dict[str, float]:
+        return dict(conn.execute(sa.select(step_rates.c.model, step_rates.c.seconds_per_step)).all())
 
     @staticmethod
     def _active_workers(conn: sa.Connection) -> int:
-        return conn.execute(
-            sa.select(sa.func.count(sa.distinct(jobs.c.lease_owner))).where(jobs.c.state == JobState.running.value)
-        ).scalar_one()
+        return conn.execute(sa.select(_active_workers_query())).scalar_one() or 0
 
     def cancel(self, job_id: str, record: Callable[[sa.Connection, dict], None] | None = None) -> JobRecord:
-        """Queued: cancelled at once. Running: flagged; its worker stops at the next step. `record(conn, details)`
-        writes the audit record in the same transaction."""
+        """Queued: cancelled at once. Running: flagged; its worker stops at the next step. Each is one guarded
+        UPDATE (a job that moved in between is never overwritten). `record(conn, details)` writes the audit record
+        in the same transaction."""
         now = clock.utcnow()
         with write_tx(self.engine) as conn:
-            row = conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).first()
-            if row is None:
-                raise NotFound(f"no job {job_id!r}", field="job_id")
-            state = JobState(row.state)
-            if state is JobState.queued:
-                self._set(conn, job_id, now, state=JobState.cancelled.value, finished_at=now)
-                self._event(conn, job_id, "cancelled", {"while": "queued"}, now)
-            elif state is JobState.running:
-                self._set(conn, job_id, now, cancel_requested=True)
-                self._event(conn, job_id, "cancel_requested", {}, now)
+            every = tuple(jobs.c)
+            moved = self._move(conn, job_id, JobState.queued, JobState.cancelled, now, returning=every, finished_at=now)
+            if moved:
+                was, event = JobState.queued, ("cancelled", {"while": "queued"})
+                self._ended(conn, moved, now)
             else:
-                raise Conflict(f"job {job_id} is already {state.value}", field="job_id")
+                moved = self._move(
+                    conn, job_id, JobState.running, JobState.running, now, returning=every, cancel_requested=True
+                )
+                was, event = JobState.running, ("cancel_requested", {})
+            if not moved:
+                state = conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
+                if state is None:
+                    raise NotFound(f"no job {job_id!r}", field="job_id")
+                raise Conflict(f"job {job_id} is already {state}", field="job_id")
+            self._event(conn, job_id, *event, now)
             if record is not None:
-                record(conn, {"while": state.value})
-        return self.require(job_id)
+                record(conn, {"while": was.value})
+        return _job(moved)
 
     def events_since(self, job_id: str, after: int = 0, limit: int = 500) -> list[JobEvent]:
         query = (
@@ -437,15 +544,19 @@ class JobStore:
         batch_key: str | None = None,
         affinity_window: int = 8,
     ) -> list[JobRecord]:
-        """Claim the next job and up to `max_batch - 1` queued jobs compatible with it (same batch key).
+        """Claim the next job and up to `max_batch - 1` queued jobs compatible with it (same batch key), in one
+        transaction: one or two indexed SELECTs (`ix_jobs_claim`, `ix_jobs_claim_batch`: no sort at any depth), one
+        guarded UPDATE … RETURNING, one INSERT of the `started` events.
 
         Order: priority class, then fair tag (see the class docstring). Model affinity: among the next
         `affinity_window` jobs of the top class, the first one for a model this worker already holds wins, so a
         worker switches models only when the queue asks for it. `servable_models` limits claims to models this
         worker has (verified) on disk; `batch_key` limits them to one compatibility class (filling a batch).
-        """
+
+        A claim charges no attempt: `start` does, right before the job runs, so a worker that dies holding a batch
+        costs an attempt only to the job it was running."""
         now = clock.utcnow()
-        ready = [jobs.c.state == JobState.queued.value, jobs.c.available_at <= now]
+        ready = [jobs.c.state == _QUEUED, jobs.c.available_at <= now]
         if servable_models is not None:
             ready.append(jobs.c.model.in_(list(servable_models)))
         if batch_key is not None:
@@ -454,7 +565,7 @@ class JobStore:
             head = conn.execute(
                 sa.select(jobs.c.id, jobs.c.model, jobs.c.batch_key, jobs.c.priority)
                 .where(*ready)
-                .order_by(*self._queue_order())
+                .order_by(*CLAIM_ORDER)
                 .limit(affinity_window)
                 .with_for_update(skip_locked=True)
             ).all()
@@ -467,45 +578,52 @@ class JobStore:
                     conn.execute(
                         sa.select(jobs.c.id)
                         .where(*ready, jobs.c.batch_key == first.batch_key, jobs.c.id != first.id)
-                        .order_by(*self._queue_order())
+                        .order_by(*CLAIM_ORDER)
                         .limit(max_batch - 1)
                         .with_for_update(skip_locked=True)
                     )
                     .scalars()
                     .all()
                 )
-            conn.execute(
-                jobs.update()
-                .where(jobs.c.id.in_(ids), jobs.c.state == JobState.queued.value)
-                .values(
-                    state=JobState.running.value,
-                    lease_owner=worker_id,
-                    lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
-                    attempts=jobs.c.attempts + 1,
-                    started_at=sa.func.coalesce(jobs.c.started_at, now),
-                    updated_at=now,
-                    progress_step=0,
-                )
+            rows = self._move(
+                conn,
+                ids,
+                JobState.queued,
+                JobState.running,
+                now,
+                returning=tuple(jobs.c),
+                lease_owner=worker_id,
+                lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+                started_at=None,  # set by `start`: a claimed job that never ran was not started
+                progress_step=0,
             )
-            rows = conn.execute(sa.select(jobs).where(jobs.c.id.in_(ids), *self._owned_by(worker_id))).all()
             claimed = sorted((_job(r) for r in rows), key=lambda j: ids.index(j.id))
-            for job in claimed:
-                data = {"worker": worker_id, "attempt": job.attempts, "batch": len(claimed)}
-                self._event(conn, job.id, "started", data, now)
+            events = [{"worker": worker_id, "attempt": job.attempts + 1, "batch": len(claimed)} for job in claimed]
+            self._events(conn, [(job.id, "started", data) for job, data in zip(claimed, events, strict=True)], now)
         return claimed
 
     @staticmethod
-    def _queue_order() -> tuple[sa.ColumnElement, ...]:
-        return jobs.c.priority.desc(), jobs.c.fair_tag, jobs.c.created_at, jobs.c.id
-
-    @staticmethod
-    def _with_affinity(head: list[sa.Row], held: Collection[str]) -> sa.Row:
+    def _with_affinity(head: Sequence[sa.Row], held: Collection[str]) -> sa.Row:
         top = head[0].priority
         return next((r for r in head if r.priority == top and r.model in held), head[0])
 
-    @staticmethod
-    def _owned_by(worker_id: str) -> tuple[sa.ColumnElement[bool], ...]:
-        return jobs.c.lease_owner == worker_id, jobs.c.state == JobState.running.value
+    def start(self, job_id: str, worker_id: str) -> int | None:
+        """The worker begins running a job it claimed: charge the attempt now (not at claim), so a crash costs an
+        attempt only to the job that was running. The attempt number, or None if the lease is no longer ours."""
+        now = clock.utcnow()
+        with write_tx(self.engine) as conn:
+            rows = self._move(
+                conn,
+                job_id,
+                JobState.running,
+                JobState.running,
+                now,
+                owner=worker_id,
+                returning=(jobs.c.attempts,),
+                attempts=jobs.c.attempts + 1,
+                started_at=now,
+            )
+        return rows.attempts if rows else None
 
     def heartbeat(self, job_id: str, worker_id: str, lease_seconds: float) -> LeaseAck:
         return self._touch(job_id, worker_id, lease_seconds, {})
@@ -522,152 +640,314 @@ class JobStore:
     def _touch(
         self, job_id: str, worker_id: str, lease_seconds: float, values: dict[str, Any], event: dict | None = None
     ) -> LeaseAck:
+        """One guarded UPDATE … RETURNING cancel_requested (plus the progress event): one transaction."""
         now = clock.utcnow()
         with write_tx(self.engine) as conn:
-            owned = conn.execute(
-                jobs.update()
-                .where(*self._owned(job_id, worker_id))
-                .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds), updated_at=now, **values)
-            ).rowcount
-            if not owned:
+            moved = self._move(
+                conn,
+                job_id,
+                JobState.running,
+                JobState.running,
+                now,
+                owner=worker_id,
+                returning=(jobs.c.cancel_requested,),
+                lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+                **values,
+            )
+            if not moved:
                 return LeaseAck(owned=False, cancel_requested=False)
             if event is not None:
                 data = {"step": values["progress_step"], "total": values["progress_total"], **event}
                 self._event(conn, job_id, "progress", data, now)
-            cancel = conn.execute(sa.select(jobs.c.cancel_requested).where(jobs.c.id == job_id)).scalar_one()
-        return LeaseAck(owned=True, cancel_requested=bool(cancel))
+        return LeaseAck(owned=True, cancel_requested=bool(moved.cancel_requested))
 
     def complete(self, job_id: str, worker_id: str, new_images: list[NewImage], result: dict[str, Any]) -> bool:
-        """Record success and its images in one transaction; False (and nothing written) if we lost the lease."""
+        """Record success, its images, the tenant's GPU-seconds and the model's step rate in one transaction; False
+        (and nothing written) if we lost the lease."""
         now = clock.utcnow()
+        gpu_seconds = (result.get("timings") or {}).get("worker_total_s")
         with write_tx(self.engine) as conn:
-            moved = self._leave(
+            done = self._move(
                 conn,
                 job_id,
-                worker_id,
-                now,
+                JobState.running,
                 JobState.succeeded,
+                now,
+                owner=worker_id,
+                returning=(
+                    jobs.c.tenant,
+                    jobs.c.model,
+                    jobs.c.started_at,
+                    jobs.c.progress_total,
+                    jobs.c.images_requested,
+                ),
+                lease_owner=None,
+                lease_expires_at=None,
                 result=result,
-                gpu_seconds=(result.get("timings") or {}).get("worker_total_s"),
+                gpu_seconds=gpu_seconds,
                 finished_at=now,
                 progress_step=jobs.c.progress_total,
                 error=None,
             )
-            if not moved:
+            if not done:
                 return False
-            tenant = conn.execute(sa.select(jobs.c.tenant).where(jobs.c.id == job_id)).scalar_one()
-            ids = []
-            for img in new_images:
-                image_id = clock.new_id("img")
-                ids.append(image_id)
-                conn.execute(
-                    images.insert().values(id=image_id, job_id=job_id, tenant=tenant, created_at=now, **img.__dict__)
-                )
+            ids = [clock.new_id("img") for _ in new_images]
+            if new_images:
+                rows = [
+                    {"id": i, "job_id": job_id, "tenant": done.tenant, "created_at": now, **img.__dict__}
+                    for i, img in zip(ids, new_images, strict=True)
+                ]
+                conn.execute(images.insert(), rows)
             held = [i for i, img in zip(ids, new_images, strict=True) if img.review_state == "pending"]
             self._event(conn, job_id, "succeeded", {"images": ids, **({"held_for_review": held} if held else {})}, now)
+            if gpu_seconds:
+                usage.add_gpu_seconds(conn, done.tenant, now, float(gpu_seconds))
+            started = clock.aware(done.started_at)
+            if started is not None:
+                steps = max(1, done.progress_total) * max(1, done.images_requested)
+                _record_step_rate(conn, _rate_key(done.model), (now - started).total_seconds() / steps, now)
         return True
 
     def fail(
         self, job_id: str, worker_id: str, error: dict[str, Any], *, retry_in: float | None = None
     ) -> JobState | None:
         """Fail the attempt. With `retry_in`, requeue after that delay while attempts remain, else `dead`.
-        Returns the new state, or None if we no longer own the job."""
+        One guarded UPDATE decides and moves (the state it lands in is computed in SQL from the row it guards);
+        returns the new state, or None if we no longer own the job."""
         now = clock.utcnow()
+        if retry_in is None:
+            target: JobState | sa.ColumnElement = JobState.failed
+            timing: dict[str, Any] = {"finished_at": now}
+        else:
+            left = jobs.c.attempts < jobs.c.max_attempts
+            target = sa.case((left, _QUEUED), else_=JobState.dead.value)
+            due = sa.literal(now + dt.timedelta(seconds=retry_in), jobs.c.available_at.type)
+            timing = {
+                "available_at": sa.case((left, due), else_=jobs.c.available_at),
+                "finished_at": sa.case((left, sa.null()), else_=sa.literal(now, jobs.c.finished_at.type)),
+            }
         with write_tx(self.engine) as conn:
-            row = conn.execute(
-                sa.select(jobs.c.attempts, jobs.c.max_attempts).where(*self._owned(job_id, worker_id))
-            ).first()
-            if row is None:
-                return None
-            if retry_in is not None and row.attempts < row.max_attempts:
-                state, extra = JobState.queued, {"available_at": now + dt.timedelta(seconds=retry_in)}
-            else:
-                state = JobState.dead if retry_in is not None else JobState.failed
-                extra = {"finished_at": now}
-            self._set(
-                conn, job_id, now, state=state.value, error=error, lease_owner=None, lease_expires_at=None, **extra
+            moved = self._move(
+                conn,
+                job_id,
+                JobState.running,
+                target,
+                now,
+                owner=worker_id,
+                returning=_ENDING,
+                error=error,
+                lease_owner=None,
+                lease_expires_at=None,
+                **timing,
             )
+            if not moved:
+                return None
+            state = JobState(moved.state)
+            self._ended(conn, moved, now)
             kind = "retrying" if state is JobState.queued else state.value
-            self._event(conn, job_id, kind, {"error": error, "attempt": row.attempts}, now)
+            self._event(conn, job_id, kind, {"error": error, "attempt": moved.attempts}, now)
         return state
 
     def finish_cancelled(self, job_id: str, worker_id: str) -> bool:
         now = clock.utcnow()
         with write_tx(self.engine) as conn:
-            moved = self._leave(conn, job_id, worker_id, now, JobState.cancelled, finished_at=now)
-            if moved:
-                self._event(conn, job_id, "cancelled", {"while": "running"}, now)
-        return bool(moved)
-
-    def release(self, job_id: str, worker_id: str, reason: str = "worker draining") -> bool:
-        """Give a claimed job back untouched (graceful drain): queued again, and the attempt does not count."""
-        now = clock.utcnow()
-        with write_tx(self.engine) as conn:
-            moved = self._leave(
+            moved = self._move(
                 conn,
                 job_id,
-                worker_id,
+                JobState.running,
+                JobState.cancelled,
                 now,
+                owner=worker_id,
+                returning=_ENDING,
+                lease_owner=None,
+                lease_expires_at=None,
+                finished_at=now,
+            )
+            if moved:
+                self._ended(conn, moved, now)
+                self._event(conn, job_id, "cancelled", {"while": "running"}, now)
+        return moved is not None
+
+    def release(self, job_id: str, worker_id: str, reason: str = "worker draining") -> bool:
+        """Give a claimed job back untouched (graceful drain, a device or storage failure): queued again, and an
+        attempt `start` charged is given back."""
+        now = clock.utcnow()
+        was_started = jobs.c.started_at.is_not(None)
+        with write_tx(self.engine) as conn:
+            moved = self._move(
+                conn,
+                job_id,
+                JobState.running,
                 JobState.queued,
+                now,
+                owner=worker_id,
+                lease_owner=None,
+                lease_expires_at=None,
                 available_at=now,
-                attempts=jobs.c.attempts - 1,
+                attempts=jobs.c.attempts - sa.case((was_started, 1), else_=0),
+                started_at=None,
                 progress_step=0,
             )
             if moved:
                 self._event(conn, job_id, "requeued", {"reason": reason, "worker": worker_id}, now)
-                announce(conn)
-        return bool(moved)
+        return moved is not None
 
     def requeue_expired(self) -> list[str]:
-        """Jobs whose worker stopped heartbeating go back to the queue (or end, if out of attempts / cancelled)."""
+        """Jobs whose worker stopped heartbeating go back to the queue (or end, if out of attempts / cancelled).
+        Only a job that had started was charged an attempt (by `start`); its batch-mates go back as they were."""
         now = clock.utcnow()
         touched = []
         expired = (
             sa.select(jobs.c.id, jobs.c.attempts, jobs.c.max_attempts, jobs.c.cancel_requested, jobs.c.lease_owner)
+            .add_columns(jobs.c.started_at.is_not(None).label("started"))
             .where(jobs.c.state == JobState.running.value, jobs.c.lease_expires_at < now)
             .with_for_update(skip_locked=True)
         )
         with write_tx(self.engine) as conn:
             for row in conn.execute(expired).all():
-                touched.append(row.id)
-                lost = {"worker": row.lease_owner, "attempt": row.attempts}
-                common = {"lease_owner": None, "lease_expires_at": None}
+                lost = {"worker": row.lease_owner, "attempt": row.attempts, "started": bool(row.started)}
+                common = {"owner": row.lease_owner, "returning": _ENDING, "lease_owner": None, "lease_expires_at": None}
                 if row.cancel_requested:
-                    self._set(conn, row.id, now, state=JobState.cancelled.value, finished_at=now, **common)
-                    self._event(conn, row.id, "cancelled", {"while": "lease expired"}, now)
+                    to, values, kind = JobState.cancelled, {"finished_at": now}, "cancelled"
+                    data: dict[str, Any] = {"while": "lease expired"}
                 elif row.attempts >= row.max_attempts:
                     error = {"code": "lease_expired", "message": f"worker lost {row.attempts} times", "field": None}
-                    self._set(conn, row.id, now, state=JobState.dead.value, finished_at=now, error=error, **common)
-                    self._event(conn, row.id, "dead", {"error": error, **lost}, now)
+                    to, values, kind, data = (
+                        JobState.dead,
+                        {"finished_at": now, "error": error},
+                        "dead",
+                        {"error": error, **lost},
+                    )
                 else:
-                    self._set(conn, row.id, now, state=JobState.queued.value, available_at=now, **common)
-                    self._event(conn, row.id, "requeued", {"reason": "lease expired", **lost}, now)
-                    announce(conn)
+                    to, values, kind = JobState.queued, {"available_at": now, "started_at": None}, "requeued"
+                    data = {"reason": "lease expired", **lost}
+                moved = self._move(conn, row.id, JobState.running, to, now, **common, **values)
+                if moved is None:
+                    continue
+                touched.append(row.id)
+                self._ended(conn, moved, now)
+                self._event(conn, row.id, kind, data, now)
         return touched
 
     # --- helpers --------------------------------------------------------------------------------------------------
 
-    def _leave(
-        self, conn: sa.Connection, job_id: str, worker_id: str, now: dt.datetime, state: JobState, **values: Any
-    ) -> bool:
-        """Move a job we hold out of `running` and drop its lease; False if the lease is no longer ours."""
-        return bool(
-            conn.execute(
-                jobs.update()
-                .where(*self._owned(job_id, worker_id))
-                .values(state=state.value, updated_at=now, lease_owner=None, lease_expires_at=None, **values)
-            ).rowcount
+    @staticmethod
+    def _move(
+        conn: sa.Connection,
+        job_ids: str | Sequence[str],
+        from_state: JobState,
+        to_state: JobState | sa.ColumnElement,
+        now: dt.datetime,
+        *,
+        owner: str | None = None,
+        returning: Sequence[sa.ColumnElement] = (jobs.c.id,),
+        **values: Any,
+    ) -> Any:
+        """THE way a job changes: one UPDATE guarded by the state it must be in and, for a worker's write, the lease
+        it must hold (`WHERE id=? AND state=? AND lease_owner=?`), RETURNING what the caller needs. Nothing is
+        read first, so nothing can change between a check and the write. For one id: the returned row, or None if
+        the guard failed (someone else moved the job first); for a list of ids: the rows that moved."""
+        many = not isinstance(job_ids, str)
+        guard = [jobs.c.id.in_(list(job_ids)) if many else jobs.c.id == job_ids, jobs.c.state == from_state.value]
+        if owner is not None:
+            guard.append(jobs.c.lease_owner == owner)
+        state = to_state.value if isinstance(to_state, JobState) else to_state
+        stmt = jobs.update().where(*guard).values(state=state, updated_at=now, **values).returning(*returning)
+        rows = conn.execute(stmt).all()
+        return rows if many else (rows[0] if rows else None)
+
+    @staticmethod
+    def _ended(conn: sa.Connection, moved: sa.Row, now: dt.datetime) -> None:
+        """A job that ended without images gives them back to its tenant's day; one that is queued again is news
+        for idle workers."""
+        state = JobState(moved.state)
+        if state in _GIVES_BACK:
+            usage.give_back_images(conn, moved.tenant, clock.aware(moved.created_at), moved.images_requested)
+        elif state is JobState.queued:
+            announce(conn)
+
+    def _event(self, conn: sa.Connection, job_id: str, kind: str, data: dict[str, Any], now: dt.datetime) -> None:
+        self._events(conn, [(job_id, kind, data)], now)
+
+    @staticmethod
+    def _events(conn: sa.Connection, events: Sequence[tuple[str, str, dict[str, Any]]], now: dt.datetime) -> None:
+        """Insert events (one statement) and announce them: PostgreSQL wakes the change feed's listeners on commit."""
+        rows = [{"job_id": job_id, "type": kind, "data": data, "created_at": now} for job_id, kind, data in events]
+        conn.execute(job_events.insert(), rows)
+        announce(conn)
+
+
+_ENDING = (jobs.c.state, jobs.c.attempts, jobs.c.tenant, jobs.c.created_at, jobs.c.images_requested)
+
+
+def _bounded_count(limit: int, *where: sa.ColumnElement[bool]) -> sa.ScalarSelect:
+    """`count(*)` of at most `limit` rows: reads no more index entries than that, however many match."""
+    inner = sa.select(sa.literal(1).label("one")).select_from(jobs).where(*where).limit(limit).subquery()
+    return sa.select(sa.func.count()).select_from(inner).scalar_subquery()
+
+
+def _first(order: sa.ColumnElement, *where: sa.ColumnElement[bool]) -> sa.ScalarSelect:
+    """The first `fair_tag` in index order (an index seek), instead of min()/max() that a planner may scan for."""
+    return sa.select(jobs.c.fair_tag).where(*where).order_by(order).limit(1).scalar_subquery()
+
+
+def _ahead(job: JobRecord) -> sa.ColumnElement:
+    """Queued jobs the claim takes before `job`, counted to at most `POSITION_CAP + 1`: higher classes, then its own
+    class up to its key. Two range scans of `ix_jobs_claim`, each index-only."""
+    queued = jobs.c.state == _QUEUED
+    key = sa.tuple_(jobs.c.fair_tag, jobs.c.created_at, jobs.c.id)
+    own = sa.tuple_(
+        sa.literal(job.fair_tag, jobs.c.fair_tag.type),
+        sa.literal(job.created_at, jobs.c.created_at.type),
+        sa.literal(job.id, jobs.c.id.type),
+    )
+    higher = _bounded_count(POSITION_CAP + 1, queued, jobs.c.priority > job.priority)
+    same = _bounded_count(POSITION_CAP + 1, queued, jobs.c.priority == job.priority, key < own)
+    return higher + same
+
+
+def _rate_key(model: str | None) -> str:
+    """`step_rates` is keyed by model id; jobs without one (the default model, resolved later) share a key."""
+    return model or "-"
+
+
+def _rate_of(model: str) -> sa.ScalarSelect:
+    return sa.select(step_rates.c.seconds_per_step).where(step_rates.c.model == model).scalar_subquery()
+
+
+def _any_rate() -> sa.ScalarSelect:
+    return sa.select(sa.func.avg(step_rates.c.seconds_per_step)).scalar_subquery()
+
+
+def _active_workers_query() -> sa.ScalarSelect:
+    """Workers holding a job: read through the (state, lease_expires_at) index, so it costs the running jobs only."""
+    running = jobs.c.state == JobState.running.value
+    return sa.select(sa.func.count(sa.distinct(jobs.c.lease_owner))).where(running).scalar_subquery()
+
+
+def _eta(job: JobRecord, position: int | None, per_step: float | None, workers: int) -> float | None:
+    """Rough time to finish: seconds per step of its model (else of any model), times its steps and images, plus
+    the jobs ahead shared by the active workers."""
+    if per_step is None:
+        return None
+    steps = job.progress_total or job.request.get("steps", 0)
+    own = per_step * steps * job.request.get("n", 1)
+    if job.state is JobState.running:
+        return round(own * (1 - job.progress_step / max(1, steps)), 2)
+    ahead = (position or 1) - 1
+    return round(own + ahead * own / workers, 2)
+
+
+def _record_step_rate(conn: sa.Connection, model: str, seconds_per_step: float, now: dt.datetime) -> None:
+    """Fold one finished job into its model's seconds-per-step: a plain mean over the first samples, then an
+    exponentially weighted one, so the ETA follows the device's current speed without reading old jobs."""
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    stmt = insert(step_rates).values(model=model, seconds_per_step=seconds_per_step, samples=1, updated_at=now)
+    old, new, n = step_rates.c.seconds_per_step, stmt.excluded.seconds_per_step, step_rates.c.samples
+    weight = sa.case((n < int(1 / _EWMA), 1.0 / (n + 1)), else_=_EWMA)
+    conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["model"],
+            set_={"seconds_per_step": old + (new - old) * weight, "samples": n + 1, "updated_at": now},
         )
-
-    @classmethod
-    def _owned(cls, job_id: str, worker_id: str) -> tuple[sa.ColumnElement[bool], ...]:
-        return jobs.c.id == job_id, *cls._owned_by(worker_id)
-
-    @staticmethod
-    def _set(conn: sa.Connection, job_id: str, now: dt.datetime, **values: Any) -> None:
-        conn.execute(jobs.update().where(jobs.c.id == job_id).values(updated_at=now, **values))
-
-    @staticmethod
-    def _event(conn: sa.Connection, job_id: str, kind: str, data: dict[str, Any], now: dt.datetime) -> None:
-        conn.execute(job_events.insert().values(job_id=job_id, type=kind, data=data, created_at=now))
-        announce(conn)  # PostgreSQL: wakes every process's change feed on commit (once per transaction)
+    )

@@ -50,14 +50,31 @@ jobs = sa.Table(
     sa.Column("images_requested", sa.Integer, nullable=False, server_default="1"),
     sa.Column("prompt_redacted_at", TS, nullable=True),
     sa.Column("gpu_seconds", sa.Float, nullable=True),  # worker time the job took (GPU-seconds quota)
+    # `idempotency_key` holds a digest of the caller's key id and the Idempotency-Key (since migration 0006), so a
+    # key is scoped to the API key that used it: another user of the tenant can neither replay nor probe it.
     sa.UniqueConstraint("tenant", "idempotency_key"),
-    sa.Index(None, "state", "priority", "created_at"),
     sa.Index(None, "state", "lease_expires_at"),
-    sa.Index(None, "state", "priority", "fair_tag"),
     sa.Index(None, "tenant", "priority", "fair_tag"),
     sa.Index(None, "tenant", "state"),
-    sa.Index(None, "state", "batch_key"),
-    sa.Index(None, "tenant", "created_at"),
+    sa.Index(None, "priority", "fair_tag"),
+)
+
+# Indexes whose column order and directions match a hot query's ORDER BY exactly, so neither database sorts (or
+# SQLite builds a temp B-tree) while holding a lock. Named by hand: the naming convention cannot spell DESC.
+CLAIM_ORDER = (jobs.c.priority.desc(), jobs.c.fair_tag, jobs.c.created_at, jobs.c.id)
+sa.Index("ix_jobs_claim", jobs.c.state, *CLAIM_ORDER)  # claim, queue position, queue-head fair tag
+sa.Index("ix_jobs_claim_batch", jobs.c.state, jobs.c.batch_key, *CLAIM_ORDER)  # filling a batch of one kind
+sa.Index("ix_jobs_listing", jobs.c.tenant, jobs.c.created_at.desc(), jobs.c.id.desc())  # GET /v1/jobs, newest first
+
+# Seconds per denoising step per model, an exponentially weighted average updated by each completion (migration
+# 0006): what an ETA needs, without reading finished jobs back.
+step_rates = sa.Table(
+    "step_rates",
+    metadata,
+    sa.Column("model", sa.String(200), primary_key=True),
+    sa.Column("seconds_per_step", sa.Float, nullable=False),
+    sa.Column("samples", sa.Integer, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
 )
 
 images = sa.Table(

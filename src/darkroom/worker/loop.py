@@ -13,6 +13,7 @@ pixels do not depend on what it was batched with.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import io
 import logging
@@ -284,6 +285,11 @@ class Worker:
                     leases.done(job.id)
 
     def _process(self, job: JobRecord, leases: _Leases) -> None:
+        attempt = self.store.start(job.id, self.id)  # the attempt counts from here, not from the claim
+        if attempt is None:
+            log.warning("worker %s lost the lease on %s before it started", self.id, job.id)
+            return
+        job = dataclasses.replace(job, attempts=attempt)
         log.info("worker %s runs %s (attempt %d)", self.id, job.id, job.attempts)
         run = _Run(self, leases, job)
         try:

@@ -182,14 +182,25 @@ class Settings(BaseSettings):
     lease_seconds: float = 30.0
     heartbeat_seconds: float = 5.0
     poll_seconds: float = 0.5
-    idle_poll_seconds: float = Field(2.0, description="PostgreSQL: fallback poll while LISTENing for new jobs")
+    idle_poll_seconds: float = Field(
+        2.0, description="an idle worker's fallback tick (retry backoffs ending, expired leases); new work wakes it"
+    )
+    feed_check_seconds: float = Field(
+        0.015, gt=0, description="SQLite: how often the change feed checks for commits by other processes"
+    )
+    postprocess_workers: int = Field(
+        2, ge=0, description="threads per worker for safety check, watermark, PNG, upload (0: on the device thread)"
+    )
+    preload_default_model: bool = Field(True, description="with no preload_models, load the default model at start")
     progress_interval: float = 0.1
     max_attempts: int = 3
     retry_backoff_seconds: float = 1.0
     job_timeout_seconds: float | None = 900.0
     drain_seconds: float = 30.0
     max_batch: int = 4
-    batch_window_seconds: float = 0.05
+    batch_window_seconds: float = Field(
+        0.0, ge=0, description="a worker coming straight from a batch waits this long to fill the next; never idle"
+    )
     preview_every_seconds: float = 1.0
     model_check_seconds: float = 30.0
     batch_invariant: bool = Field(

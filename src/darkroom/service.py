@@ -12,6 +12,7 @@ from darkroom.auth.tenants import TenantStore
 from darkroom.config import Settings
 from darkroom.engines.base import Engine
 from darkroom.jobs.db import migrate
+from darkroom.jobs.notify import ChangeFeed
 from darkroom.jobs.store import JobStore
 from darkroom.models.registry import ModelRegistry
 from darkroom.storage import BlobStore, open_blob_store
@@ -32,6 +33,7 @@ class Services:
     _threads: list[threading.Thread] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     workers: list[Worker] = field(default_factory=list)
+    feed: ChangeFeed | None = None  # the process's one change feed (waiters, idle workers); starts on first use
 
     @classmethod
     def open(cls, settings: Settings) -> Services:
@@ -54,6 +56,7 @@ class Services:
             audit=AuditLog(store.engine),
             tenants=TenantStore(store.engine),
             keys=KeyStore(store.engine),
+            feed=ChangeFeed(url, store.engine, check_seconds=settings.feed_check_seconds),
         )
 
     def ensure_default_model(self) -> None:
@@ -109,6 +112,7 @@ class Services:
                 self.make_engine,
                 worker_id=f"{base}-{index}",
                 registry=self.registry,
+                feed=self.feed,
             )
             thread = threading.Thread(target=worker.run, args=(self._stop,), name=f"worker-{index}", daemon=True)
             self.workers.append(worker)
@@ -126,4 +130,6 @@ class Services:
 
     def close(self) -> None:
         self.stop_workers()
+        if self.feed is not None:
+            self.feed.close()
         self.store.close()

@@ -6,6 +6,7 @@ import base64
 import gc
 import io
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -18,6 +19,7 @@ from darkroom.engines.diffusers_engine import DiffusersEngine
 from darkroom.errors import EngineError
 from darkroom.schemas import GenerationRequest, JobState
 from darkroom.service import Services
+from darkroom.storage.local import LocalBlobStore
 from darkroom.worker.loop import Worker
 
 
@@ -334,3 +336,115 @@ def test_two_worker_threads_both_register_and_claim_and_a_crashed_one_restarts(s
     assert health["status"] == "ok" and health["workers"] == 2
     assert [s["crashes"] for s in health["slots"]] == [0, 1] and "torch" in health["slots"][1]["last_error"]
     assert "crashed" in caplog.text
+
+
+class GatedBlobs(LocalBlobStore):
+    """A slow storage layer: each upload waits until the test opens the gate. Everything else is the real thing."""
+
+    def __init__(self, root) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(root)
+        self.gate = threading.Event()
+        self.uploading: list[str] = []  # one entry per upload that has started
+        self.uploaded: list[str] = []
+
+    def put(self, data: bytes, content_type: str) -> tuple[str, str]:
+        self.uploading.append(content_type)
+        assert self.gate.wait(120), "the test never opened the gate"
+        result = super().put(data, content_type)
+        self.uploaded.append(result[1])
+        return result
+
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_post_processing_overlaps_the_next_jobs_denoising_and_keeps_leases(services, tmp_path):
+    services.settings.lease_seconds = 1.0  # heartbeats every 0.05 s keep it
+    blobs = GatedBlobs(tmp_path / "slow-blobs")
+    worker = Worker(services.settings, services.store, blobs, services.make_engine, worker_id="w-pipe")
+    first, second = submit(services, seed=1, steps=4), submit(services, seed=2, steps=4)
+    batch = worker.claim()
+    assert [j.id for j in batch] == [first.id, second.id]
+    runner = threading.Thread(target=worker.process_batch, args=(batch,))
+    runner.start()
+    try:
+        wait_until(lambda: blobs.uploading, what="the first upload")
+        # The device goes on with the second job while the first one's upload is held.
+        wait_until(lambda: [e for e in services.store.events_since(second.id) if e.type == "progress"], what="job 2")
+        assert not blobs.uploaded, "job 2 started only after job 1's upload"
+        wait_until(lambda: len(blobs.uploading) == 2, what="the second upload")  # the device loop is over
+        held = services.store.get(second.id).lease_expires_at
+        wait_until(lambda: services.store.get(second.id).lease_expires_at > held, 10, "a heartbeat after denoising")
+        assert services.store.requeue_expired() == []
+    finally:
+        blobs.gate.set()
+        runner.join(60)
+    for job in (first, second):
+        final = services.store.get(job.id)
+        assert final.state is JobState.succeeded and final.attempts == 1
+    assert len(blobs.uploaded) == 2
+
+
+class FailingBlobs(LocalBlobStore):
+    def put(self, data: bytes, content_type: str) -> tuple[str, str]:
+        raise RuntimeError("bucket hiccup")
+
+
+def test_a_post_processing_error_retries_the_job_like_any_other(services, tmp_path):
+    worker = Worker(services.settings, services.store, FailingBlobs(tmp_path / "b"), services.make_engine, "w-f")
+    job = submit(services)
+    worker.process_batch(worker.claim())
+    final = services.store.get(job.id)
+    assert final.state is JobState.queued and final.error["code"] == "internal_error"
+    assert "bucket hiccup" in final.error["message"]
+    assert [e.type for e in services.store.events_since(job.id)][-1] == "retrying"
+
+
+def test_drain_waits_for_images_in_post_processing(services, tmp_path):
+    blobs = GatedBlobs(tmp_path / "slow-blobs")
+    worker = Worker(services.settings, services.store, blobs, services.make_engine, worker_id="w-drain")
+    stop = threading.Event()
+    seen_at_exit = []
+
+    def run() -> None:
+        worker.run(stop)
+        seen_at_exit.append(services.store.get(job.id).state)
+
+    job = submit(services)
+    runner = threading.Thread(target=run)
+    runner.start()
+    try:
+        wait_until(lambda: blobs.uploading, what="the upload")
+        worker.begin_drain()
+    finally:
+        blobs.gate.set()
+        runner.join(60)
+    assert seen_at_exit == [JobState.succeeded]
+
+
+def test_an_idle_worker_loop_wakes_on_submit(services):
+    """The worker thread sleeps on the change feed (fallback tick far away) and still starts each job at once."""
+    services.settings.idle_poll_seconds = 60
+    worker = Worker(services.settings, services.store, services.blobs, services.make_engine, "w-idle")
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.run, args=(stop,))
+    runner.start()
+    try:
+        first = submit(services, seed=1)
+        wait_until(lambda: services.store.get(first.id).state is JobState.succeeded, what="the warm-up job")
+        waits = []
+        for seed in (2, 3, 4):
+            job = submit(services, seed=seed)
+            wait_until(lambda job=job: services.store.get(job.id).state is JobState.succeeded, 30, "the job")
+            waits.append(services.store.get(job.id).result["timings"]["queue_wait_s"])
+    finally:
+        worker.begin_drain()
+        stop.set()
+        runner.join(60)
+    assert max(waits) < 0.25, waits

@@ -6,9 +6,7 @@ store and queue as native ones (`v1.submit`), so priorities, batching, retries a
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import time
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
@@ -22,6 +20,7 @@ from darkroom.service import Services
 
 from .auth import principal, visible_job
 from .v1 import services, submit
+from .waiting import wait_for_job
 
 
 def kv(svc: Services) -> SettingsKV:
@@ -90,15 +89,10 @@ async def wait_for(request: Request, job: JobRecord) -> JobRecord:
     naming it; a client that hangs up stops the waiting, not the job."""
     svc = services(request)
     limit = svc.settings.sync_timeout_seconds
-    deadline = time.monotonic() + limit
-    while not job.state.terminal:
-        if time.monotonic() > deadline:
-            raise JobTimeout(f"job {job.id} did not finish within {limit:g} s; it goes on: GET /v1/jobs/{job.id}")
-        if await request.is_disconnected():
-            return job
-        await asyncio.sleep(0.1)
-        job = await run_in_threadpool(svc.store.require, job.id)
-    return job
+    job = await wait_for_job(svc, job, limit, request)  # woken by the change feed, not a poll
+    if job.state.terminal or await request.is_disconnected():
+        return job
+    raise JobTimeout(f"job {job.id} did not finish within {limit:g} s; it goes on: GET /v1/jobs/{job.id}")
 
 
 def job_images(svc: Services, job: JobRecord) -> list[tuple[ImageRecord, bytes]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +17,7 @@ from darkroom.auth.limits import check_quotas
 from darkroom.auth.principal import Permission, Principal
 from darkroom.engines.samplers import SAMPLERS, resolve_sampler
 from darkroom.errors import Conflict, DarkroomError, HeldForReview, InvalidRequest, NotFound
-from darkroom.jobs.store import JobRecord, JobStatus, JobStore, request_hash
+from darkroom.jobs.store import JobRecord, JobStatus, request_hash
 from darkroom.safety.policy import check_prompt
 from darkroom.schemas import (
     PRIORITY_NAME,
@@ -33,6 +33,7 @@ from darkroom.schemas import (
 )
 from darkroom.service import Services
 
+from . import waiting
 from .auth import principal, require, sees_job, tenant_policy, visible_image, visible_job, websocket_principal
 from .uploads import decode_base64_image, load_image, load_mask
 
@@ -202,12 +203,8 @@ async def generate(
 ) -> JSONResponse:
     svc = services(request)
     job, _ = await run_in_threadpool(submit, request, body, idempotency_key)
-    deadline = time.monotonic() + min(timeout or svc.settings.sync_timeout_seconds, svc.settings.sync_timeout_seconds)
-    while not job.state.terminal and time.monotonic() < deadline:
-        if await request.is_disconnected():
-            break
-        await asyncio.sleep(0.1)
-        job = await run_in_threadpool(svc.store.require, job.id)
+    limit = min(timeout or svc.settings.sync_timeout_seconds, svc.settings.sync_timeout_seconds)
+    job = await waiting.wait_for_job(svc, job, limit, request)  # woken by the change feed, not a poll
     view = await run_in_threadpool(job_view, request, job)
     # Not finished in time: the job goes on; answer like POST /v1/jobs so the client can poll.
     return JSONResponse(view.model_dump(mode="json"), status_code=200 if job.state.terminal else 202)
@@ -257,18 +254,10 @@ def event_cursor(value: str | None) -> int:
     return int(value) if value.isdigit() and len(value) <= 18 else 0
 
 
-async def _job_events(store: JobStore, job_id: str, after: int) -> AsyncIterator[JobEvent | None]:
-    """A job's events from `after` until its terminal event; None now and then while nothing happens."""
-    while True:
-        events = await run_in_threadpool(store.events_since, job_id, after)
-        for event in events:
-            after = event.id
-            yield event
-            if event.type in TERMINAL_EVENTS:
-                return
-        if not events:
-            yield None
-        await asyncio.sleep(0.1 if events else 0.25)
+def _job_events(svc: Services, job_id: str, after: int) -> AsyncIterator[JobEvent | None]:
+    """A job's events from `after` until its terminal event; None every tick while nothing happens. Stored events
+    first, then as the change feed delivers them (`api.waiting`): no polling per stream."""
+    return waiting.job_events(svc, job_id, after)
 
 
 def _payload(event: JobEvent) -> dict:
@@ -277,15 +266,16 @@ def _payload(event: JobEvent) -> dict:
 
 async def _event_stream(request: Request, job_id: str, after: int) -> AsyncIterator[str]:
     idle_since = time.monotonic()
-    async for event in _job_events(services(request).store, job_id, after):
-        if await request.is_disconnected():
-            return
-        if event is not None:
-            idle_since = time.monotonic()
-            yield f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(_payload(event))}\n\n"
-        elif time.monotonic() - idle_since > 15:
-            idle_since = time.monotonic()
-            yield ": keep-alive\n\n"
+    async with contextlib.aclosing(_job_events(services(request), job_id, after)) as events:
+        async for event in events:
+            if await request.is_disconnected():
+                return
+            if event is not None:
+                idle_since = time.monotonic()
+                yield f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(_payload(event))}\n\n"
+            elif time.monotonic() - idle_since > 15:
+                idle_since = time.monotonic()
+                yield ": keep-alive\n\n"
 
 
 @router.websocket("/jobs/{job_id}/ws")
@@ -302,9 +292,11 @@ async def job_websocket(websocket: WebSocket, job_id: str) -> None:
         return
     await websocket.accept()
     try:
-        async for event in _job_events(svc.store, job_id, event_cursor(websocket.query_params.get("after"))):
-            if event is not None:
-                await websocket.send_json({"id": event.id, **_payload(event)})
+        after = event_cursor(websocket.query_params.get("after"))
+        async with contextlib.aclosing(_job_events(svc, job_id, after)) as events:
+            async for event in events:
+                if event is not None:
+                    await websocket.send_json({"id": event.id, **_payload(event)})
         await websocket.close()
     except WebSocketDisconnect:
         return

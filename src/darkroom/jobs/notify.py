@@ -158,6 +158,7 @@ class ChangeFeed:
         self._sqlite: Any = None  # the dedicated DBAPI connection that reads data_version
         self._listen: Any = None  # the psycopg LISTEN connection
         self.reads = 0  # SELECTs of new events so far (tests and metrics)
+        self.checks = 0  # SQLite: data_version checks so far
 
     # --- subscribing ------------------------------------------------------------------------------------------------
 
@@ -294,6 +295,7 @@ class ChangeFeed:
     def _data_version(self) -> int:
         if self._sqlite is None:
             self._sqlite = self._engine.raw_connection()
+        self.checks += 1
         cur = self._sqlite.cursor()
         try:
             cur.execute("PRAGMA data_version")
@@ -321,9 +323,7 @@ class ChangeFeed:
                 setattr(self, name, None)
 
     def _read(self) -> None:
-        query = (
-            sa.select(job_events).where(job_events.c.id > self._low).order_by(job_events.c.id).limit(_READ_LIMIT)
-        )
+        query = sa.select(job_events).where(job_events.c.id > self._low).order_by(job_events.c.id).limit(_READ_LIMIT)
         with self._engine.connect() as conn:
             rows = conn.execute(query).all()
             conn.rollback()

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from darkroom import __version__, clock
@@ -29,7 +30,7 @@ from darkroom.auth.tenants import TenantStore
 from darkroom.config import Settings
 from darkroom.engines.base import Engine, EngineResult
 from darkroom.errors import DarkroomError, Draining, FatalEngineError, JobCancelled, JobTimeout, LeaseLost
-from darkroom.jobs.notify import Waiter
+from darkroom.jobs.notify import ChangeFeed
 from darkroom.jobs.store import JobRecord, JobStore, LeaseAck, NewImage
 from darkroom.jobs.workers import WorkerRegistry
 from darkroom.kv import SettingsKV
@@ -58,21 +59,35 @@ class _Leases:
         self.pending = {job.id for job in jobs}
         self.lost: set[str] = set()
         self.cancelled: set[str] = set()
+        self._handed: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"leases-{worker_id}", daemon=True)
 
-    def __enter__(self) -> _Leases:
-        self._thread.start()
+    def start(self) -> _Leases:
+        if self.pending:
+            self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.settings.heartbeat_seconds + 5)
+    def handed_off(self, job_id: str) -> None:
+        """The job's images went to post-processing, which calls `done` once the job is written."""
+        with self._lock:
+            self._handed.add(job_id)
+
+    def settle(self, job_id: str) -> None:
+        """The device is through with the job: done, unless post-processing still holds it."""
+        with self._lock:
+            handed = job_id in self._handed
+        if not handed:
+            self.done(job_id)
 
     def done(self, job_id: str) -> None:
+        """The job's outcome is written (or it is no longer ours): stop renewing its lease. The heartbeat thread
+        ends with the batch's last job, which may be after the device moved on to the next batch."""
         with self._lock:
             self.pending.discard(job_id)
+            if not self.pending:
+                self._stop.set()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_seconds):
@@ -144,9 +159,11 @@ class Worker:
         engine_factory: EngineFactory,
         worker_id: str | None = None,
         registry: ModelRegistry | None = None,
+        feed: ChangeFeed | None = None,
     ) -> None:
         """`registry`: this node's models; with it the worker claims only models it holds in their approved
-        version (see `darkroom.models.approvals`). Without it, it claims any job."""
+        version (see `darkroom.models.approvals`). Without it, it claims any job. `feed`: the process's change feed
+        (`Services.feed`), which wakes the worker when work arrives; without one, `run` starts its own."""
         self.settings = settings
         self.store = store
         self.blobs = blobs
@@ -159,6 +176,14 @@ class Worker:
         self.jobs_done = 0
         self.drain_deadline: float | None = None
         self._stop = threading.Event()
+        self.feed = feed
+        self._wake = threading.Event()  # set by the change feed whenever a job becomes claimable
+        self._next_reap = 0.0
+        self._busy = False  # the last step ran a batch: the device is in use
+        self._post_pool: ThreadPoolExecutor | None = None
+        self._post_slots = threading.BoundedSemaphore(max(1, settings.postprocess_workers))
+        self._in_flight: set[Future[None]] = set()
+        self._in_flight_lock = threading.Lock()
 
     @property
     def engine(self) -> Engine:
@@ -196,14 +221,31 @@ class Worker:
             self._preload()
             self._loop(stop)
         finally:
+            self.flush()  # drain: images already denoised are written before the worker goes
+            if self._post_pool is not None:
+                self._post_pool.shutdown(wait=True)
+                self._post_pool = None
             presence.stop()
             if self._engine is not None:
                 self._engine.close()
         log.info("worker %s stopped after %d jobs", self.id, self.jobs_done)
 
+    def preload_list(self) -> list[str]:
+        """`preload_models`, or else the registry's default model (what a request without `model` gets), so the
+        first image after start does not pay the model load. `preload_default_model=False` turns the latter off."""
+        if self.settings.preload_models:
+            return list(self.settings.preload_models)
+        if self.registry is None or not self.settings.preload_default_model:
+            return []
+        try:
+            return [self.registry.default().id]
+        except DarkroomError:  # no models yet: nothing to load
+            return []
+
     def _preload(self) -> None:
-        preload = getattr(self.engine, "preload", None) if self.settings.preload_models else None
-        for model_id in self.settings.preload_models if preload else ():
+        models = self.preload_list()
+        preload = getattr(self.engine, "preload", None) if models else None
+        for model_id in models if preload else ():
             try:
                 preload(model_id)
                 log.info("worker %s preloaded %s", self.id, model_id)
@@ -211,18 +253,23 @@ class Worker:
                 log.exception("worker %s could not preload %s", self.id, model_id)
 
     def _loop(self, stop: threading.Event) -> None:
-        waiter = Waiter(self.store.url, stop)
-        idle = self.settings.idle_poll_seconds if waiter.listens else self.settings.poll_seconds
+        """Sleep on the change feed between batches. The fallback tick catches work that becomes due without an
+        event (a retry's backoff ends, a lease expires) and runs the reaper."""
+        s = self.settings
+        feed = self.feed or ChangeFeed(self.store.url, self.store.engine, check_seconds=s.feed_check_seconds)
+        stop_listening = feed.on_work(self._wake.set)
         try:
-            self._claim_until(stop, waiter, idle)
+            self._claim_until(stop, min(s.idle_poll_seconds, s.lease_seconds / 2))
         finally:
-            waiter.close()
+            stop_listening()
+            if feed is not self.feed:
+                feed.close()
 
-    def _claim_until(self, stop: threading.Event, waiter: Waiter, idle: float) -> None:
+    def _claim_until(self, stop: threading.Event, idle: float) -> None:
         while not stop.is_set():
             try:
-                if not self.run_once():
-                    waiter.wait(idle)
+                if not self._step():
+                    self._idle(idle)
             except FatalEngineError:
                 log.exception("worker %s: engine is unusable; stopping", self.id)
                 return
@@ -243,17 +290,40 @@ class Worker:
         """Called from a signal handler: stop claiming, and set the bound for the job that is running."""
         self.drain_deadline = time.monotonic() + self.settings.drain_seconds
         self._stop.set()
+        self._wake.set()
 
     def run_once(self) -> bool:
-        """Claim and run one batch. False when there was nothing to do."""
-        self.store.requeue_expired()
-        batch = self.claim()
-        if not batch:
-            return False
-        self.process_batch(batch)
-        return True
+        """Claim and run one batch, and wait until its jobs are written. False when there was nothing to do."""
+        worked = self._step()
+        self.flush()
+        return worked
 
-    def claim(self) -> list[JobRecord]:
+    def _step(self) -> bool:
+        """Claim and denoise one batch; its post-processing may still run when this returns (see `flush`)."""
+        self._reap()
+        batch = self.claim(busy=self._busy)
+        self._busy = bool(batch)
+        if batch:
+            self._run_batch(batch)
+        return self._busy
+
+    def _idle(self, timeout: float) -> None:
+        """Nothing to claim: sleep until the feed says a job is claimable (or the fallback tick)."""
+        self._wake.wait(timeout)
+        self._wake.clear()
+
+    def _reap(self) -> None:
+        """Requeue jobs of dead workers, at most every `lease_seconds / 2`: it is a write transaction, and a lease
+        cannot expire much faster than that."""
+        now = time.monotonic()
+        if now >= self._next_reap:
+            self._next_reap = now + self.settings.lease_seconds / 2
+            self.store.requeue_expired()
+
+    def claim(self, busy: bool = False) -> list[JobRecord]:
+        """The next batch. Only a worker that comes straight from a batch (`busy`) waits up to
+        `batch_window_seconds` to fill a partial one; an idle worker starts a lone job at once, and jobs that queued
+        while the device was busy are claimed together anyway."""
         s = self.settings
         batch = self.store.claim_batch(
             self.id,
@@ -262,7 +332,7 @@ class Worker:
             held_models=self.held_models(),
             servable_models=self.servable_models(),
         )
-        deadline = time.monotonic() + s.batch_window_seconds
+        deadline = time.monotonic() + (s.batch_window_seconds if busy else 0.0)
         while batch and len(batch) < s.max_batch and time.monotonic() < deadline:
             time.sleep(min(0.02, s.batch_window_seconds))
             batch += self.store.claim_batch(
@@ -274,32 +344,48 @@ class Worker:
         self.process_batch([job])
 
     def process_batch(self, batch: list[JobRecord]) -> None:
-        with _Leases(self.store, batch, self.id, self.settings) as leases:
-            for job in batch:
-                try:
-                    if self._stop.is_set():
-                        self.store.release(job.id, self.id)
-                        continue
-                    self._process(job, leases)
-                finally:
-                    leases.done(job.id)
+        """Run a claimed batch and wait until every job of it is written."""
+        self._run_batch(batch)
+        self.flush()
+
+    def _run_batch(self, batch: list[JobRecord]) -> None:
+        """Denoise the batch job after job; each job's images go to post-processing while the next one denoises.
+        Leases stay renewed until each job's outcome is written."""
+        leases = _Leases(self.store, batch, self.id, self.settings).start()
+        for job in batch:
+            try:
+                if self._stop.is_set():
+                    self.store.release(job.id, self.id)
+                    continue
+                self._process(job, leases)
+            finally:
+                leases.settle(job.id)
 
     def _process(self, job: JobRecord, leases: _Leases) -> None:
         attempt = self.store.start(job.id, self.id)  # the attempt counts from here, not from the claim
         if attempt is None:
             log.warning("worker %s lost the lease on %s before it started", self.id, job.id)
             return
-        job = dataclasses.replace(job, attempts=attempt)
+        job = dataclasses.replace(job, attempts=attempt, started_at=clock.utcnow())  # as `start` wrote it, ±ms
         log.info("worker %s runs %s (attempt %d)", self.id, job.id, job.attempts)
         run = _Run(self, leases, job)
+        self._settle(job, functools.partial(self._denoise, job, leases, run))
+
+    def _denoise(self, job: JobRecord, leases: _Leases, run: _Run) -> None:
+        """Device thread: the engine's part of the job. The images then go to post-processing (`_hand_off`)."""
+        leases.check(job.id)
+        request = job.generation_request()
+        init = self._load_image(request.init_image)
+        mask = self._load_image(request.mask_image)  # inpainting; the engine reads it as grey
+        extra = {"mask_image": mask} if mask is not None else {}
+        result = self.engine.generate(request, init, run, **extra)
+        self._hand_off(job, result, run.started, leases)
+
+    def _settle(self, job: JobRecord, work: Callable[[], None]) -> None:
+        """Run `work` for `job` and turn what it raises into the job's next state. The device thread and the
+        post-processing pool both go through here, so a failure ends a job the same way wherever it happens."""
         try:
-            leases.check(job.id)
-            request = job.generation_request()
-            init = self._load_image(request.init_image)
-            mask = self._load_image(request.mask_image)  # inpainting; the engine reads it as grey
-            extra = {"mask_image": mask} if mask is not None else {}
-            result = self.engine.generate(request, init, run, **extra)
-            self._finish(job, result, run.started)
+            work()
         except JobCancelled:
             self.store.finish_cancelled(job.id, self.id)
         except LeaseLost:
@@ -317,6 +403,49 @@ class Worker:
             log.exception("job %s failed unexpectedly", job.id)
             error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}", "field": None}
             self.store.fail(job.id, self.id, error, retry_in=self._backoff(job))
+
+    def _hand_off(self, job: JobRecord, result: EngineResult, started: float, leases: _Leases) -> None:
+        """Give the images to the post-processing pool and return to the device. A full pool makes the device
+        thread wait here (backpressure: images never pile up in memory). With `postprocess_workers=0` the work
+        runs inline."""
+        if self.settings.postprocess_workers <= 0:
+            self._finish(job, result, started)
+            return
+        self._post_slots.acquire()
+        try:
+            if self._post_pool is None:
+                self._post_pool = ThreadPoolExecutor(self.settings.postprocess_workers, f"post-{self.id}")
+            leases.handed_off(job.id)
+            future = self._post_pool.submit(self._post, job, result, started, leases)
+        except BaseException:
+            self._post_slots.release()
+            raise
+        with self._in_flight_lock:
+            self._in_flight.add(future)
+        future.add_done_callback(self._post_done)
+
+    def _post(self, job: JobRecord, result: EngineResult, started: float, leases: _Leases) -> None:
+        """Pool thread: safety check, watermark, C2PA, PNG, upload and completion. Never touches the engine."""
+        try:
+            self._settle(job, functools.partial(self._finish, job, result, started))
+        finally:
+            leases.done(job.id)
+            self._post_slots.release()
+
+    def _post_done(self, future: Future[None]) -> None:
+        with self._in_flight_lock:
+            self._in_flight.discard(future)
+        if not future.cancelled() and (exc := future.exception()) is not None:
+            log.error("worker %s: post-processing raised %s", self.id, exc, exc_info=exc)
+
+    def flush(self) -> None:
+        """Wait until every job handed to post-processing is written."""
+        while True:
+            with self._in_flight_lock:
+                pending = list(self._in_flight)
+            if not pending:
+                return
+            wait(pending)  # failures are logged by `_post_done`
 
     def _backoff(self, job: JobRecord) -> float:
         """Exponential: base, 2·base, 4·base … capped at a minute."""
@@ -376,6 +505,7 @@ class Worker:
             )
         seeds = [i.seed for i in result.images]
         if self.store.complete(job.id, self.id, new_images, {**common, "seeds": seeds}):
-            self.jobs_done += 1
+            with self._in_flight_lock:  # post-processing threads finish jobs concurrently
+                self.jobs_done += 1
         else:
             log.warning("worker %s finished %s but no longer owns it; result dropped", self.id, job.id)

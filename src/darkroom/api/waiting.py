@@ -1,0 +1,77 @@
+"""Waiting for a job from a request handler, woken by the process's change feed (`darkroom.jobs.notify`).
+
+A waiting client costs no statements while its job runs: the handler subscribes to the job's events, reads the job
+once (after subscribing, so a job that finished in between is seen), and then sleeps until the feed delivers an event.
+It wakes every `TICK_SECONDS` anyway, to notice a client that hung up and to let SSE send its keep-alive.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+
+from darkroom.jobs.notify import TERMINAL_EVENTS, ChangeFeed
+from darkroom.jobs.store import JobRecord, JobStore
+from darkroom.schemas import JobEvent
+from darkroom.service import Services
+
+TICK_SECONDS = 1.5
+_PAGE = 500  # `JobStore.events_since`'s page
+
+
+async def feed_for(svc: Services) -> ChangeFeed:
+    """The process's feed, started off the event loop (its start reads the newest event id)."""
+    if svc.feed is None:
+        svc.feed = ChangeFeed(svc.store.url, svc.store.engine, check_seconds=svc.settings.feed_check_seconds)
+    if not svc.feed.running:
+        await run_in_threadpool(svc.feed.start)
+    return svc.feed
+
+
+async def wait_for_job(svc: Services, job: JobRecord, seconds: float, request: Request | None = None) -> JobRecord:
+    """The job once it is terminal, or as it stands after `seconds` or when the client hangs up."""
+    if job.state.terminal:
+        return job
+    deadline = time.monotonic() + seconds
+    feed = await feed_for(svc)
+    with feed.subscribe(job.id, types=TERMINAL_EVENTS) as inbox:
+        job = await run_in_threadpool(svc.store.require, job.id)
+        while not job.state.terminal:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            events = await inbox.next(min(TICK_SECONDS, remaining))
+            if request is not None and await request.is_disconnected():
+                break
+            if events:
+                job = await run_in_threadpool(svc.store.require, job.id)
+    return job
+
+
+async def job_events(svc: Services, job_id: str, after: int) -> AsyncIterator[JobEvent | None]:
+    """A job's events after `after` until its terminal event: first those already stored, then as the feed delivers
+    them. None every `TICK_SECONDS` without one (disconnect checks, keep-alives). Use with `contextlib.aclosing`."""
+    store: JobStore = svc.store
+    feed = await feed_for(svc)
+    with feed.subscribe(job_id) as inbox:
+        while True:
+            stored = await run_in_threadpool(store.events_since, job_id, after)
+            for event in stored:
+                after = event.id
+                yield event
+                if event.type in TERMINAL_EVENTS:
+                    return
+            if len(stored) < _PAGE:
+                break
+        while True:
+            fresh = sorted((e for e in await inbox.next(TICK_SECONDS) if e.id > after), key=lambda e: e.id)
+            if not fresh:
+                yield None
+            for event in fresh:
+                after = event.id
+                yield event
+                if event.type in TERMINAL_EVENTS:
+                    return

@@ -1,0 +1,234 @@
+"""Event-driven waiting: the change feed, waiting clients that cost O(1) statements, idle workers that start at once.
+
+Real SQLite, the real API over TestClient, real worker threads on the tiny diffusers model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import threading
+import time
+from collections import Counter
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from darkroom.api.app import create_app
+from darkroom.config import Settings, WebhookSettings
+from darkroom.jobs.db import migrate
+from darkroom.jobs.notify import ChangeFeed
+from darkroom.jobs.store import JobStore
+from darkroom.schemas import GenerationRequest, JobState
+from darkroom.service import Services
+from darkroom.worker.loop import Worker
+
+BODY = {"prompt": "a red cube", "width": 64, "height": 64, "seed": 1, "model": "tiny-diffusers"}
+API_SIDE_EXCLUDED = ("worker-", "leases-", "post-", "presence-", "darkroom-feed", "retention-", "webhook-", "auth-")
+
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture
+def store_pair(tmp_path):
+    """Two stores on one SQLite file: two connection pools, as two processes would have."""
+    url = f"sqlite:///{tmp_path / 'feed.db'}"
+    migrate(url)
+    here, there = JobStore(url), JobStore(url)
+    yield here, there
+    here.close()
+    there.close()
+
+
+def request(**kw) -> GenerationRequest:
+    return GenerationRequest(**{**BODY, **kw})
+
+
+def test_feed_wakes_work_listeners_and_job_subscribers_from_any_connection(store_pair):
+    here, there = store_pair
+    feed = ChangeFeed(here.url, here.engine).start()
+    try:
+        work = threading.Event()
+        feed.on_work(work.set)
+        started = time.monotonic()
+        job, _ = here.create(request())  # in-process commit: the pool check-in pokes the feed
+        assert work.wait(5), "no wake-up for a queued job"
+        in_process = time.monotonic() - started
+
+        with feed.subscribe(job.id) as inbox:
+            started = time.monotonic()
+            there.cancel(job.id)  # another pool: seen through PRAGMA data_version
+            events = inbox.next_sync(5)
+            across = time.monotonic() - started
+        assert [e.type for e in events] == ["cancelled"] and events[0].job_id == job.id
+        assert in_process < 0.5 and across < 0.5, (in_process, across)
+
+        work.clear()
+        claimed, _ = there.create(request(seed=2))
+        assert work.wait(5)
+        taken = there.claim("w", 30)
+        assert taken is not None and taken.id == claimed.id
+        work.clear()
+        there.release(claimed.id, "w")  # a lease given back makes the job claimable again
+        assert work.wait(5), "no wake-up for a released job"
+    finally:
+        feed.close()
+
+
+def test_async_subscription_wakes_the_event_loop(store_pair):
+    here, there = store_pair
+    feed = ChangeFeed(here.url, here.engine).start()
+    job, _ = here.create(request())
+
+    async def wait_for_cancel() -> tuple[list[str], float]:
+        with feed.subscribe(job.id, types={"cancelled"}) as inbox:
+            loop = asyncio.get_running_loop()
+            started = time.monotonic()
+            loop.call_later(0.05, there.cancel, job.id)
+            events = await inbox.next(10)
+            return [e.type for e in events], time.monotonic() - started
+
+    try:
+        types, waited = asyncio.run(wait_for_cancel())
+    finally:
+        feed.close()
+    assert types == ["cancelled"]
+    assert waited < 1.0
+
+
+def test_feed_reads_nothing_while_the_database_is_idle(store_pair):
+    """Idle, the feed only checks SQLite's change counter: no SELECT of events until something commits."""
+    here, _ = store_pair
+    feed = ChangeFeed(here.url, here.engine, check_seconds=0.005).start()
+    try:
+        ticks = wait_until(lambda: feed.checks >= 20 and feed.checks, 10, "the feed to tick")
+        assert feed.reads == 0 and ticks >= 20
+        here.create(request())
+        wait_until(lambda: feed.reads >= 1, 5, "a read after a commit")
+    finally:
+        feed.close()
+
+
+@pytest.fixture
+def settings(tmp_path, models_dir) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        models_dir=models_dir,
+        progress_interval=0,
+        heartbeat_seconds=0.2,
+        webhooks=WebhookSettings(enabled=False),
+        preload_models=["tiny-diffusers"],
+    )
+
+
+@pytest.fixture
+def served(settings):
+    """The API with one in-process worker whose model is loaded before the first job."""
+    services = Services.open(settings)
+    with TestClient(create_app(services, workers=1)) as client:
+        wait_until(lambda: services.workers and services.workers[0].held_models(), 120, "the model preload")
+        yield client, services
+    services.close()
+
+
+def test_a_waiting_generate_costs_the_same_statements_for_a_long_job_as_a_short_one(served):
+    client, services = served
+    counts: Counter[str] = Counter()
+    per_thread: Counter[str] = Counter()
+
+    def count(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        name = threading.current_thread().name
+        if not name.startswith(API_SIDE_EXCLUDED):
+            counts["api"] += 1
+            per_thread[name] += 1
+
+    sa.event.listen(services.store.engine, "before_cursor_execute", count)
+    try:
+        client.post("/v1/generate", json={**BODY, "steps": 2})  # warm-up: first request paths
+        results = {}
+        for steps in (2, 40):
+            counts.clear()
+            started = time.monotonic()
+            response = client.post("/v1/generate", json={**BODY, "steps": steps, "width": 128, "height": 128})
+            assert response.status_code == 200 and response.json()["state"] == "succeeded"
+            results[steps] = (counts["api"], time.monotonic() - started)
+    finally:
+        sa.event.remove(services.store.engine, "before_cursor_execute", count)
+    (short, _), (long, long_took) = results[2], results[40]
+    assert long_took > 0.5, f"the long job took {long_took:.2f} s: too short to tell polling apart"
+    # Polling every 0.1 s would add ~10 statements a second; the feed adds none.
+    assert long == short, f"{results}; statements by thread: {dict(per_thread)}"
+
+
+def test_an_idle_worker_starts_a_lone_job_at_once(served):
+    client, services = served
+    waits = []
+    for seed in range(5):
+        response = client.post("/v1/generate", json={**BODY, "seed": seed, "steps": 2})
+        assert response.status_code == 200
+        waits.append(response.json()["provenance"]["timings"]["queue_wait_s"])
+    # The old loop polled every 0.5 s and then held a lone job 50 ms to fill a batch: ~0.3 s on average.
+    assert statistics.median(waits) < 0.05, waits
+    assert max(waits) < 0.25, waits
+
+
+def test_the_default_model_is_loaded_before_the_first_job(settings):
+    settings.preload_models = []
+    services = Services.open(settings)
+    try:
+        default = services.registry.default().id
+        worker = Worker(settings, services.store, services.blobs, services.make_engine, "w-pre", services.registry)
+        assert worker.preload_list() == [default]
+        worker._preload()
+        assert worker.held_models() == {default}
+        worker.engine.close()
+        settings.preload_default_model = False
+        assert (
+            Worker(
+                settings, services.store, services.blobs, services.make_engine, "w2", services.registry
+            ).preload_list()
+            == []
+        )
+    finally:
+        services.close()
+
+
+def test_the_reaper_runs_at_most_every_half_lease(settings):
+    settings.lease_seconds = 60
+    services = Services.open(settings)
+    calls = Counter()
+    original = services.store.requeue_expired
+
+    def requeue_expired():  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        return original()
+
+    services.store.requeue_expired = requeue_expired
+    try:
+        worker = Worker(settings, services.store, services.blobs, services.make_engine, "w-reap")
+        for _ in range(5):
+            worker._step()
+        assert calls["n"] == 1
+        worker._next_reap = 0  # half a lease later
+        worker._step()
+        assert calls["n"] == 2
+    finally:
+        services.close()
+
+
+def test_sse_stream_follows_a_job_to_its_end_from_the_feed(served):
+    client, services = served
+    job = client.post("/v1/jobs", json={**BODY, "steps": 5}).json()
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
+        types = [line.split(":", 1)[1].strip() for line in stream.iter_lines() if line.startswith("event:")]
+    assert types[0] == "queued" and types[-1] == "succeeded"
+    assert types.count("progress") == 5
+    assert services.store.get(job["id"]).state is JobState.succeeded

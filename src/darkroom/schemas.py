@@ -59,10 +59,13 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(None, description="-1 or absent: a random seed is picked and recorded")
     n: int = Field(1, ge=1, description="number of images; image i uses seed + i")
     model: str | None = Field(None, description="model id from /v1/models; absent: the default model")
-    init_image: str | None = Field(None, description="img2img source: base64 image (API) or blob:<sha256> (stored)")
+    init_image: str | None = Field(
+        None, min_length=1, description="img2img source: base64 image (API) or blob:<sha256> (stored)"
+    )
     strength: float = Field(0.75, gt=0.0, le=1.0, description="img2img: how far to move from the source")
     mask_image: str | None = Field(
         None,
+        min_length=1,
         description="inpainting (with init_image): white repaints, black keeps; base64 (API) or blob:<sha256> (stored)",
     )
     mask_crop_padding: int | None = Field(

@@ -67,7 +67,7 @@ async def list_workers(
 
 
 class KeyCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")  # no NUL (PostgreSQL) or controls
     role: Role = Role.user
     tenant: str = Field(DEFAULT_TENANT, min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
     expires_in_days: float | None = Field(None, gt=0, le=3650)

@@ -117,5 +117,5 @@ job_events = sa.Table(
 )
 
 from darkroom.auth import tables as auth_tables  # noqa: E402,F401
-from darkroom.jobs import workers_table  # noqa: E402,F401
+from darkroom.jobs import sweep_indexes, workers_table  # noqa: E402,F401
 from darkroom.webhooks import tables as webhook_tables  # noqa: E402,F401

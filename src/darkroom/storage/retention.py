@@ -2,7 +2,7 @@
 
 A sweep, per tenant with a TTL (`TenantPolicy.image_ttl_days`, `prompt_ttl_days`):
 1. *images* older than the image TTL lose their bytes; the row stays as the record, with `deleted_at` set (the API
-   answers 404 for it);
+   answers 404 for it); the job's progress events go with them, since their previews show the image;
 2. *uploads*: the init and mask images of finished jobs older than the image TTL are deleted, and the job's
    `blob:<key>` references (in `request` and in the provenance copy `result["request"]`) become `[deleted]`;
 3. *prompts*: finished jobs older than the prompt TTL get `prompt` and `negative_prompt` replaced by `[redacted]`, in
@@ -18,6 +18,9 @@ Work goes in batches (`batch_size` rows per transaction), so a large backlog nev
 Each tenant a sweep changed gets one audit record (`retention.sweep`, by `system:retention`) with the counts and TTLs
 applied; a sweep with nothing to do writes nothing, so a second sweep is a no-op. Every API process runs a sweeper
 (`start_for`); a lease in `settings_kv` lets one sweep at a time across all of them.
+
+After each sweep the thread also prunes (`darkroom.jobs.prune`): finished jobs' progress events, and finished jobs,
+webhook deliveries and worker rows past their ages, whether or not any tenant has a TTL.
 
 Not covered here: the PNG bytes of a still-live image carry the prompt in their metadata, so a prompt TTL shorter
 than the image TTL leaves that copy until the image itself expires.
@@ -39,6 +42,7 @@ from darkroom.auth import audit
 from darkroom.auth.principal import Principal, Role
 from darkroom.auth.tenants import TenantPolicy, TenantStore
 from darkroom.jobs.db import read_tx, write_tx
+from darkroom.jobs.prune import Pruner, drop_previews
 from darkroom.jobs.tables import images, jobs
 from darkroom.schemas import TERMINAL_STATES
 from darkroom.storage.base import BlobStore
@@ -119,7 +123,7 @@ class RetentionSweeper:
     def _expire_images(self, tenant: str, cutoff: dt.datetime, now: dt.datetime, counts: TenantCounts) -> None:
         expired = sa.and_(images.c.tenant == tenant, images.c.deleted_at.is_(None), images.c.created_at < cutoff)
         query = (
-            sa.select(images.c.id, images.c.blob_key)
+            sa.select(images.c.id, images.c.blob_key, images.c.job_id)
             .where(expired)
             .order_by(images.c.created_at, images.c.id)
             .limit(self.batch_size)
@@ -131,6 +135,7 @@ class RetentionSweeper:
                 counts.images_deleted += conn.execute(
                     images.update().where(images.c.id.in_(ids), images.c.deleted_at.is_(None)).values(deleted_at=now)
                 ).rowcount
+                drop_previews(conn, {r.job_id for r in rows})
 
     def _batches(self, query: sa.Select) -> Iterator[list[sa.Row]]:
         """Rows of `query`, a batch at a time; the caller's work on a batch takes its rows out of the query."""
@@ -154,7 +159,7 @@ class RetentionSweeper:
         )
         for rows in self._batches(query):
             ids = [r.id for r in rows]
-            keys = {ref.removeprefix("blob:") for r in rows for ref in _upload_refs(r.request)}
+            keys = {ref.removeprefix("blob:") for r in rows for ref in upload_refs(r.request)}
             counts.blobs_deleted += self._delete_unreferenced(keys, skip_jobs=ids)
             with write_tx(self.engine) as conn:
                 counts.uploads_deleted += self._rewrite(conn, ids, _drop_uploads)
@@ -205,7 +210,7 @@ class RetentionSweeper:
         if not keys:
             return 0
         with read_tx(self.engine) as conn:
-            doomed = keys - _live_keys(conn, keys, list(skip_images), list(skip_jobs))
+            doomed = keys - live_keys(conn, keys, list(skip_images), list(skip_jobs))
         for key in sorted(doomed):
             self.blobs.delete(key)
         return len(doomed)
@@ -264,7 +269,7 @@ def _ref(field: str) -> sa.ColumnElement[str]:
     return jobs.c.request[field].as_string()
 
 
-def _upload_refs(request: dict[str, Any]) -> list[str]:
+def upload_refs(request: dict[str, Any]) -> list[str]:
     return [v for f in UPLOAD_FIELDS if isinstance(v := request.get(f), str) and v.startswith("blob:")]
 
 
@@ -278,7 +283,7 @@ def _redact(request: dict[str, Any]) -> dict[str, Any]:
     return {k: REDACTED if k in PROMPT_FIELDS and v else v for k, v in request.items()}
 
 
-def _live_keys(conn: sa.Connection, keys: set[str], skip_images: list[str], skip_jobs: list[str]) -> set[str]:
+def live_keys(conn: sa.Connection, keys: set[str], skip_images: list[str], skip_jobs: list[str]) -> set[str]:
     """Which of `keys` an image row (not deleted) or a job's upload reference still uses, outside the rows skipped."""
     live = set(
         conn.execute(
@@ -298,11 +303,13 @@ def _live_keys(conn: sa.Connection, keys: set[str], skip_images: list[str], skip
 
 
 class RetentionThread:
-    """Sweeps every `retention_sweep_seconds` in a daemon thread; an error is logged and the next sweep goes on."""
+    """Sweeps (then prunes) every `retention_sweep_seconds` in a daemon thread; an error is logged and the next
+    sweep goes on."""
 
-    def __init__(self, sweeper: RetentionSweeper, interval: float) -> None:
+    def __init__(self, sweeper: RetentionSweeper, interval: float, pruner: Pruner | None = None) -> None:
         self.sweeper = sweeper
         self.interval = interval
+        self.pruner = pruner
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="retention-sweeper", daemon=True)
 
@@ -322,10 +329,16 @@ class RetentionThread:
                 self.sweeper.sweep()
             except Exception:
                 log.exception("retention sweep failed; retrying in %.0f s", self.interval)
+            try:
+                if self.pruner is not None:
+                    self.pruner.run()
+            except Exception:
+                log.exception("pruning failed; retrying in %.0f s", self.interval)
             delay = self.interval
 
 
 def start_for(settings: Settings, services: Services) -> RetentionThread:
     """What the app's lifespan calls: a running background sweeper."""
     sweeper = RetentionSweeper(services.store.engine, services.blobs, settings)
-    return RetentionThread(sweeper, settings.security.retention_sweep_seconds).start()
+    pruner = Pruner(services.store.engine, services.blobs, settings.prune)
+    return RetentionThread(sweeper, settings.security.retention_sweep_seconds, pruner).start()

@@ -1,0 +1,146 @@
+"""Pruning and compaction on a real SQLite store, with jobs run by the real worker and engine on the tiny model."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from darkroom import clock
+from darkroom.auth.principal import Principal
+from darkroom.auth.tenants import TenantPolicy
+from darkroom.config import PruneSettings, Settings
+from darkroom.jobs.db import read_tx
+from darkroom.jobs.prune import Pruner
+from darkroom.jobs.tables import images, job_events, jobs
+from darkroom.jobs.workers import WorkerInfo, WorkerRegistry
+from darkroom.jobs.workers_table import workers
+from darkroom.schemas import GenerationRequest, JobState
+from darkroom.service import Services
+from darkroom.storage.retention import RetentionSweeper
+from darkroom.worker.loop import Worker
+
+TABLES = {"jobs": jobs, "job_events": job_events, "images": images, "workers": workers}
+
+
+@pytest.fixture
+def svc(tmp_path: Path, models_dir: Path) -> Iterator[Services]:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        models_dir=models_dir,
+        heartbeat_seconds=0.05,
+        progress_interval=0,
+        preview_every_seconds=0,
+        batch_window_seconds=0,
+        prune=PruneSettings(finished_jobs_days=30, deliveries_days=7, workers_days=1, batch_size=3),
+    )
+    services = Services.open(settings)
+    yield services
+    services.close()
+
+
+def run_jobs(svc: Services, n: int, worker_id: str = "w-prune") -> list[str]:
+    """`n` jobs with live previews, run to completion by a real worker (which registers, then stops)."""
+    ids = []
+    for seed in range(n):
+        body = {"prompt": "a cube", "width": 64, "height": 64, "steps": 3, "seed": seed, "preview": True}
+        ids.append(svc.store.create(GenerationRequest(model="tiny-diffusers", **body))[0].id)
+    worker = Worker(svc.settings, svc.store, svc.blobs, svc.make_engine, worker_id=worker_id)
+    while worker.run_once():
+        pass
+    worker.engine.close()
+    registry = WorkerRegistry(svc.store.engine)
+    registry.register(WorkerInfo(id=worker_id, host="h", pid=1, device="cpu"))
+    registry.mark_stopped(worker_id)
+    assert all(svc.store.get(i).state is JobState.succeeded for i in ids)
+    return ids
+
+
+def rows(svc: Services) -> dict[str, int]:
+    with read_tx(svc.store.engine) as conn:
+        return {
+            name: conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one() for name, t in TABLES.items()
+        }
+
+
+def progress_events(svc: Services, job_ids: list[str]) -> int:
+    query = sa.select(sa.func.count()).where(job_events.c.job_id.in_(job_ids), job_events.c.type == "progress")
+    with read_tx(svc.store.engine) as conn:
+        return conn.execute(query).scalar_one()
+
+
+def test_finished_jobs_lose_progress_events_and_their_previews(svc: Services) -> None:
+    ids = run_jobs(svc, 4)
+    assert progress_events(svc, ids) >= 4 * 3
+    previews = [e for e in svc.store.events_since(ids[0]) if e.data.get("preview")]
+    assert previews, "the jobs asked for previews"
+    counts = Pruner(svc.store.engine, svc.blobs, svc.settings.prune).run()
+    assert progress_events(svc, ids) == 0 and counts.events_compacted >= 12
+    kinds = {e.type for e in svc.store.events_since(ids[0])}
+    assert "succeeded" in kinds and "progress" not in kinds  # the outcome stays; the step-by-step noise goes
+
+
+def test_growth_stays_bounded_after_many_jobs(svc: Services) -> None:
+    pruner = Pruner(svc.store.engine, svc.blobs, svc.settings.prune)
+    later = lambda days: clock.utcnow() + dt.timedelta(days=days)  # noqa: E731
+    sizes = []
+    for round_ in range(3):
+        ids = run_jobs(svc, 4, worker_id=f"w-{round_}")
+        keys = [i.blob_key for job_id in ids for i in svc.store.images_for(job_id)]
+        pruner.run(now=later(31))  # every finished job is past its age now
+        sizes.append(rows(svc))
+        assert not any(svc.blobs.exists(k) for k in keys), "pruned jobs take their unshared image bytes"
+    assert sizes[0] == sizes[1] == sizes[2] == {"jobs": 0, "job_events": 0, "images": 0, "workers": 0}
+
+
+def test_young_and_unfinished_jobs_stay(svc: Services) -> None:
+    done = run_jobs(svc, 1)
+    queued = svc.store.create(
+        GenerationRequest(prompt="later", width=64, height=64, steps=3, seed=1, model="tiny-diffusers")
+    )
+    counts = Pruner(svc.store.engine, svc.blobs, svc.settings.prune).run(now=clock.utcnow() + dt.timedelta(days=29))
+    assert counts.jobs_deleted == 0 and svc.store.get(done[0]) is not None
+    Pruner(svc.store.engine, svc.blobs, svc.settings.prune).run(now=clock.utcnow() + dt.timedelta(days=400))
+    assert svc.store.get(done[0]) is None and svc.store.get(queued[0].id).state is JobState.queued
+
+
+def test_a_jobs_previews_are_gone_once_retention_deletes_its_images(svc: Services) -> None:
+    ids = run_jobs(svc, 2)
+    svc.tenants.put("default", TenantPolicy(image_ttl_days=1), Principal.cli())
+    assert progress_events(svc, ids) > 0
+    RetentionSweeper(svc.store.engine, svc.blobs, svc.settings).sweep(now=clock.utcnow() + dt.timedelta(days=2))
+    assert all(i.deleted_at is not None for job_id in ids for i in svc.store.images_for(job_id))
+    assert progress_events(svc, ids) == 0
+
+
+def explain(svc: Services, query: sa.Select) -> str:
+    compiled = query.compile(dialect=svc.store.engine.dialect, compile_kwargs={"render_postcompile": True})
+    params = tuple(compiled.params[name] for name in compiled.positiontup or ())
+    with svc.store.engine.connect() as conn:
+        plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled), params).all()
+    return "\n".join(str(row[-1]) for row in plan)
+
+
+def test_every_sweep_query_reads_an_index_not_a_whole_table(svc: Services) -> None:
+    queries = Pruner(svc.store.engine, svc.blobs, svc.settings.prune).queries(clock.utcnow())
+    blob_query = live_keys_images_query({"ab/cd/" + "0" * 64})
+    plans = {name: explain(svc, q) for name, q in {**queries, "blob_refs": blob_query}.items()}
+    for name, plan in plans.items():
+        assert "USING" in plan, f"{name}: {plan}"
+        for table in ("jobs", "job_events", "images", "webhook_deliveries", "workers"):
+            assert f"SCAN {table}\n" not in plan + "\n" and not plan.endswith(f"SCAN {table}"), f"{name}: {plan}"
+        assert "TEMP B-TREE" not in plan, f"{name}: {plan}"
+    assert "ix_job_events_type_id" in plans["events"]
+    assert "ix_jobs_state_finished_at" in plans["jobs"]
+    assert "ix_webhook_deliveries_state_updated_at" in plans["deliveries"]
+    assert "ix_images_blob_key" in plans["blob_refs"]
+
+
+def live_keys_images_query(keys: set[str]) -> sa.Select:
+    """The image half of retention's `live_keys` (is a blob still used by another image row?)."""
+    return sa.select(images.c.blob_key).where(
+        images.c.blob_key.in_(keys), images.c.deleted_at.is_(None), images.c.id.not_in(["img_x"])
+    )

@@ -297,3 +297,106 @@ def test_postgres_wakes_idle_workers_with_notify_instead_of_polling(pg_url, tmp_
     waiter.close()
     store.close()
     assert not Waiter(f"sqlite:///{tmp_path / 'x.db'}", threading.Event()).listens
+
+
+# --- hardening: attempts, guarded transitions, caller-scoped keys, usage counters ----------------------------------
+
+
+def test_a_crash_charges_an_attempt_only_to_the_job_that_had_started(store):
+    """A worker that dies holding a batch: the job it was running is charged, its batch-mates go back as they were."""
+    batch = [store.create(req(steps=4, seed=i))[0] for i in range(3)]
+    claimed = store.claim_batch("w1", lease_seconds=-1, max_batch=3)  # a lease that has already run out
+    assert [j.id for j in claimed] == [j.id for j in batch] and all(j.attempts == 0 for j in claimed)
+    assert store.start(batch[0].id, "w1") == 1
+    assert sorted(store.requeue_expired()) == sorted(j.id for j in batch)
+    after = {j.id: store.get(j.id) for j in batch}
+    assert [after[j.id].attempts for j in batch] == [1, 0, 0]
+    assert all(a.state is JobState.queued and a.started_at is None for a in after.values())
+
+
+def test_a_poison_job_dies_after_its_attempts_while_its_batch_mates_live(store):
+    poison, _ = store.create(req(steps=4), max_attempts=2)
+    mate, _ = store.create(req(steps=4, seed=2), max_attempts=2)
+    for _ in range(3):
+        store.claim_batch("w", lease_seconds=-1, max_batch=2)
+        store.start(poison.id, "w")  # the poison job runs first and kills the worker every time
+        store.requeue_expired()
+    assert store.get(poison.id).state is JobState.dead
+    assert store.get(mate.id).state is JobState.queued and store.get(mate.id).attempts == 0
+
+
+def test_release_gives_back_an_attempt_only_if_the_job_had_started(store):
+    job, _ = store.create(req())
+    store.claim("w", 30)
+    store.start(job.id, "w")
+    assert store.release(job.id, "w", reason="device failed")
+    assert store.get(job.id).attempts == 0
+    store.claim("w", 30)
+    assert store.release(job.id, "w")
+    assert store.get(job.id).attempts == 0
+
+
+def test_a_stale_workers_fail_cannot_touch_a_job_another_worker_reclaimed(pg_url):
+    """Interleaving on PostgreSQL: worker 1's `fail` is paused right before its write while worker 2 (another store,
+    another connection pool) requeues the expired job and claims it. The write must then change nothing."""
+    migrate(pg_url)
+    first, second = JobStore(pg_url), JobStore(pg_url)
+    try:
+        job, _ = first.create(req())
+        first.claim("w1", lease_seconds=-1)
+        first.start(job.id, "w1")
+
+        def reclaim_first(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+            if statement.lstrip().upper().startswith("UPDATE JOBS") and not reclaimed.is_set():
+                reclaimed.set()
+                thread = threading.Thread(target=lambda: (second.requeue_expired(), second.claim("w2", 30)))
+                thread.start()
+                thread.join(30)
+                assert not thread.is_alive(), "the other worker was blocked"
+
+        reclaimed = threading.Event()
+        sa.event.listen(first.engine, "before_cursor_execute", reclaim_first)
+        assert first.fail(job.id, "w1", {"code": "x", "message": "stale"}, retry_in=None) is None
+        sa.event.remove(first.engine, "before_cursor_execute", reclaim_first)
+        assert reclaimed.is_set()
+        now = second.get(job.id)
+        assert now.state is JobState.running and now.lease_owner == "w2" and now.error is None
+        assert first.cancel(job.id).cancel_requested  # the API's cancel of a running job only flags it
+        assert second.heartbeat(job.id, "w2", 30).cancel_requested
+        assert second.finish_cancelled(job.id, "w2")
+    finally:
+        first.close()
+        second.close()
+
+
+def test_an_idempotency_key_belongs_to_the_api_key_that_used_it(store):
+    mine, created = store.create(req(), key_id="key_a", idempotency_key="k1", body_hash="h1")
+    again, created_again = store.create(req(), key_id="key_a", idempotency_key="k1", body_hash="h1")
+    theirs, created_theirs = store.create(req(), key_id="key_b", idempotency_key="k1", body_hash="h1")
+    assert created and not created_again and again.id == mine.id
+    assert created_theirs and theirs.id != mine.id and theirs.key_id == "key_b"
+    assert "k1" not in (mine.idempotency_key or "")  # stored as a digest, never the client's raw bytes
+
+
+def test_usage_counters_follow_the_jobs(store):
+    from darkroom import clock
+    from darkroom.auth import usage
+    from darkroom.jobs.db import read_tx
+
+    def used() -> tuple[int, float]:
+        with read_tx(store.engine) as conn:
+            return usage.read(conn, "acme", clock.utcnow())
+
+    kept, _ = store.create(req(n=2), tenant="acme")
+    cancelled, _ = store.create(req(n=3), tenant="acme")
+    failed, _ = store.create(req(n=4, priority="high"), tenant="acme")
+    assert used() == (9, 0.0)
+    store.cancel(cancelled.id)
+    store.claim("w", 30)
+    store.start(failed.id, "w")
+    store.fail(failed.id, "w", {"code": "x", "message": "bad input"})
+    assert used() == (2, 0.0)
+    store.claim("w", 30)
+    store.start(kept.id, "w")
+    store.complete(kept.id, "w", [image(0), image(1)], {"timings": {"worker_total_s": 1.5}})
+    assert used() == (2, 1.5)

@@ -32,6 +32,7 @@ from darkroom.errors import Conflict, DarkroomError, NotFound
 from darkroom.jobs.db import create_engine, read_tx, write_tx
 from darkroom.jobs.notify import announce
 from darkroom.jobs.tables import CLAIM_ORDER, images, job_events, jobs, step_rates
+from darkroom.jobs.workers_table import workers
 from darkroom.schemas import PRIORITY_VALUE, GenerationRequest, JobEvent, JobState
 
 
@@ -184,6 +185,7 @@ _EWMA = 0.2  # weight of the newest job in a model's seconds-per-step (after the
 _TERMINAL = tuple(s.value for s in JobState if s.terminal)
 _GIVES_BACK = (JobState.failed, JobState.cancelled, JobState.dead)  # images that will never be made stop counting
 _QUEUED = JobState.queued.value
+_WORKER_FRESH_SECONDS = 60.0
 
 
 class JobStore:
@@ -920,9 +922,12 @@ def _any_rate() -> sa.ScalarSelect:
 
 
 def _active_workers_query() -> sa.ScalarSelect:
-    """Workers holding a job: read through the (state, lease_expires_at) index, so it costs the running jobs only."""
-    running = jobs.c.state == JobState.running.value
-    return sa.select(sa.func.count(sa.distinct(jobs.c.lease_owner))).where(running).scalar_subquery()
+    """Workers that reported in the last minute, from the worker registry (`ix_workers_state_last_heartbeat_at`, a
+    table of one row per worker). Counting the distinct lease owners of running jobs instead would make planners
+    scan `jobs`: they cannot tell from their statistics that few rows are running."""
+    recent = clock.utcnow() - dt.timedelta(seconds=_WORKER_FRESH_SECONDS)
+    alive = workers.c.state == "active", workers.c.last_heartbeat_at > recent
+    return sa.select(sa.func.count()).select_from(workers).where(*alive).scalar_subquery()
 
 
 def _eta(job: JobRecord, position: int | None, per_step: float | None, workers: int) -> float | None:

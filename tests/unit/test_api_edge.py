@@ -242,14 +242,16 @@ def test_with_warm_caches_a_request_issues_no_key_or_policy_statements(tmp_path,
     assert seen and auth_statements(seen) == [], auth_statements(seen)
 
 
-def test_whether_any_key_exists_is_cached_for_requests_without_a_token(services):
+def test_once_keys_exist_requests_without_a_token_read_nothing_and_the_first_key_shuts_the_door_at_once(services):
     with TestClient(create_app(services)) as api:
         assert api.get("/v1/jobs").status_code == 200  # loopback, no keys: the local admin
+        elsewhere = KeyStore(create_engine(services.settings.resolved_database_url))  # `darkroom keys create`
+        elsewhere.create(CLI, name="first", role=Role.user, tenant="acme")
+        elsewhere.engine.dispose()
+        assert api.get("/v1/jobs").status_code == 401  # no TTL to wait out
         with statements(services.store.engine) as seen:
-            assert api.get("/v1/jobs").status_code == 200
+            assert api.get("/v1/jobs").status_code == 401
         assert auth_statements(seen) == []
-        token_for(services)  # a key made here: the open door shuts at once
-        assert api.get("/v1/jobs").status_code == 401
 
 
 def test_a_key_revoked_over_the_api_is_refused_at_once_here_and_within_the_ttl_elsewhere(tmp_path):

@@ -84,21 +84,18 @@ class KeyStore:
     def __init__(self, engine: sa.Engine, cache_seconds: float = 5.0) -> None:
         self.engine = engine
         self._keys: TTLCache[str, tuple[str, KeyRecord]] = TTLCache(cache_seconds)  # id -> (hash, record)
-        self._any: TTLCache[str, bool] = TTLCache(cache_seconds)
         self._ever_had_keys = False  # keys are never deleted: once one exists, that answer never changes
 
     def configure_cache(self, seconds: float) -> None:
-        self._keys.ttl = self._any.ttl = seconds
+        self._keys.ttl = seconds
         self.forget_all()
 
     def forget(self, key_id: str) -> None:
         """A key changed (here, or in another process: `auth.invalidation`)."""
         self._keys.forget(key_id)
-        self._any.forget("any")
 
     def forget_all(self) -> None:
         self._keys.forget_all()
-        self._any.forget_all()
 
     def create(
         self,
@@ -216,17 +213,14 @@ class KeyStore:
 
     def any_keys(self) -> bool:
         """Whether any key was ever made (revoked ones count: once keys are in use, the API stays locked). Read on
-        every request without a token, so cached; a True never expires, since keys are never deleted."""
+        every request without a token. A True is kept for good, since keys are never deleted, so a keyed service
+        reads nothing; a False is never cached: the first key made (by `darkroom keys` in another process, say)
+        must shut the open door at once, not a TTL later."""
         if self._ever_had_keys:
             return True
-        generation = self._any.generation
-        cached = self._any.get("any")
-        if cached is not None:
-            return cached
         with read_tx(self.engine) as conn:
-            found = conn.execute(sa.select(api_keys.c.id).limit(1)).first() is not None
-        self._ever_had_keys = found
-        return self._any.put("any", found, generation)
+            self._ever_had_keys = conn.execute(sa.select(api_keys.c.id).limit(1)).first() is not None
+        return self._ever_had_keys
 
     def authenticate(self, token: str) -> KeyRecord:
         """The key behind a bearer token, or 401. Unknown, wrong, expired and revoked read the same to the caller."""

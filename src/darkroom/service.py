@@ -113,6 +113,7 @@ class Services:
                 worker_id=f"{base}-{index}",
                 registry=self.registry,
                 feed=self.feed,
+                tenants=self.tenants,
             )
             thread = threading.Thread(target=worker.run, args=(self._stop,), name=f"worker-{index}", daemon=True)
             self.workers.append(worker)

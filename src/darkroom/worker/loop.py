@@ -160,10 +160,12 @@ class Worker:
         worker_id: str | None = None,
         registry: ModelRegistry | None = None,
         feed: ChangeFeed | None = None,
+        tenants: TenantStore | None = None,
     ) -> None:
         """`registry`: this node's models; with it the worker claims only models it holds in their approved
         version (see `darkroom.models.approvals`). Without it, it claims any job. `feed`: the process's change feed
-        (`Services.feed`), which wakes the worker when work arrives; without one, `run` starts its own."""
+        (`Services.feed`), which wakes the worker when work arrives; without one, `run` starts its own. `tenants`:
+        the process's policy reader, whose cache the API process keeps current (`Services.tenants`)."""
         self.settings = settings
         self.store = store
         self.blobs = blobs
@@ -177,6 +179,7 @@ class Worker:
         self.drain_deadline: float | None = None
         self._stop = threading.Event()
         self.feed = feed
+        self._tenants = tenants or TenantStore(store.engine, cache_seconds=settings.server.auth_cache_seconds)
         self._wake = threading.Event()  # set by the change feed whenever a job becomes claimable
         self._next_reap = 0.0
         self._busy = False  # the last step ran a batch: the device is in use
@@ -478,7 +481,7 @@ class Worker:
             "timings": timings,
             "worker": self.id,
         }
-        policy = TenantStore(self.store.engine).get(job.tenant)  # read per job: a policy change applies at once
+        policy = self._tenants.get(job.tenant)  # cached for `server.auth_cache_seconds`, like the API's reads
         new_images = []
         for index, item in enumerate(result.images):
             png = encode_png(

@@ -59,6 +59,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "models" / "configs"
+# One load at a time per process: diffusers builds models on the meta device by patching torch process-wide
+# (accelerate's `init_empty_weights`), so two worker threads loading at once break each other's modules
+# ("Cannot copy out of meta tensor").
+_LOAD_LOCK = threading.Lock()
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -329,7 +333,7 @@ class DiffusersEngine:
         started = time.perf_counter()
         log.info("loading model %s (%s, %s) on %s as %s", info.id, info.format, info.arch, self.device, self.dtype)
         try:
-            with _loading_warnings():
+            with _LOAD_LOCK, _loading_warnings():
                 pipe = self._load_pipeline(info)
             pipe.to(self.device)
         except DarkroomError:

@@ -25,6 +25,14 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
+_T0 = time.monotonic()
+
+
+def log(message: str) -> None:
+    """Progress on stderr (stdout carries only the JSON), so a long run shows where its time goes."""
+    print(f"[{time.monotonic() - _T0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
 def git_commit() -> str | None:
     """The commit measured: `BENCH_COMMIT` when the tree is a copy without .git (a `git archive` of a commit)."""
     if os.environ.get("BENCH_COMMIT"):

@@ -47,6 +47,7 @@ from _common import (  # noqa: E402
     free_port,
     git_commit,
     latency_summary,
+    log,
     median,
     ms,
     plain_server,
@@ -55,6 +56,7 @@ from _common import (  # noqa: E402
 
 PHASES = ("latency", "throughput", "sql", "submit")
 DEEP_QUEUE = 100_000
+STORE_PREFILL = 2_000
 
 
 def body(i: int, steps: int, size: int = 64) -> dict[str, Any]:
@@ -73,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--submit-clients", default="16,200", help="submit phase: comma-separated client counts")
     p.add_argument("--submit-seconds", type=float, default=10.0, help="submit phase: seconds per client count")
     p.add_argument("--queued", type=int, default=1000, help="submit phase: jobs queued before it starts")
-    p.add_argument("--deep", action="store_true", help=f"submit phase: also with {DEEP_QUEUE:,} jobs queued")
+    p.add_argument("--deep", action="store_true", help="submit phase: also with --deep-queued jobs queued")
+    p.add_argument("--deep-queued", type=int, default=DEEP_QUEUE)
     p.add_argument("--omp-threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--phase-timeout", type=float, default=300.0, help="seconds any one measured phase may take")
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
@@ -226,7 +229,9 @@ def sql_phase(models_dir: Path, n: int) -> dict[str, Any]:
                 if time.monotonic() > deadline or not thread.is_alive():
                     raise RuntimeError("in-process server did not start")
                 time.sleep(0.02)
-            return count_requests(f"http://{HOST}:{port}", token, counter, n)
+            counts = count_requests(f"http://{HOST}:{port}", token, counter, n)
+            log(f"sql: {counts}")
+            return counts
         finally:
             server.should_exit = True
             thread.join(30)
@@ -265,24 +270,49 @@ def count_requests(url: str, token: str, counter: StatementCounter, n: int) -> d
 # --- submit ------------------------------------------------------------------------------------------------------
 
 
-def prefill(data_dir: Path, models_dir: Path, count: int) -> float:
-    """`count` queued jobs through darkroom's own JobStore (so every maintained table stays consistent)."""
+def prefill(data_dir: Path, models_dir: Path, count: int) -> dict[str, Any]:
+    """`count` queued jobs: up to `STORE_PREFILL` through darkroom's own `JobStore.create` (every table it keeps in
+    step stays so), the rest copied from those rows by bulk INSERT (100,000 single submits would take minutes)."""
+    import sqlalchemy as sa
+
+    from darkroom.clock import new_id
     from darkroom.config import Limits, Settings
+    from darkroom.jobs.tables import jobs
     from darkroom.schemas import GenerationRequest
     from darkroom.service import Services
 
-    limits = Limits(max_queue_depth=10 * (count + DEEP_QUEUE), max_tenant_queue_depth=None)
-    settings = Settings(data_dir=data_dir, models_dir=models_dir, workers=0, limits=limits)
-    svc = Services.open(settings)
+    limits = Limits(max_queue_depth=queue_limit(count), max_tenant_queue_depth=queue_limit(count))
+    svc = Services.open(Settings(data_dir=data_dir, models_dir=models_dir, workers=0, limits=limits))
     started = time.perf_counter()
     try:
         model = svc.registry.default().id
-        for i in range(count):
+        made = min(count, STORE_PREFILL)
+        for i in range(made):
             request = GenerationRequest(prompt=f"queued {i}", width=64, height=64, steps=4, seed=i, model=model)
             svc.store.create(request)
+        with svc.store.engine.begin() as conn:
+            template = dict(conn.execute(sa.select(jobs).order_by(jobs.c.fair_tag.desc()).limit(1)).one()._mapping)
+            step = dt.timedelta(microseconds=1)
+            for first in range(made, count, 5000):
+                rows = [
+                    {
+                        **template,
+                        "id": new_id("job"),
+                        "fair_tag": template["fair_tag"] + 1 + i - made,
+                        "created_at": template["created_at"] + (i - made + 1) * step,
+                    }
+                    for i in range(first, min(count, first + 5000))
+                ]
+                conn.execute(jobs.insert(), rows)
     finally:
         svc.close()
-    return time.perf_counter() - started
+    return {"prefill_s": round(time.perf_counter() - started, 1), "via_store": made, "bulk_copied": count - made}
+
+
+def queue_limit(depth: int) -> int:
+    """Depth limits that admit the pre-filled queue plus what the phase submits; no higher, because the limit
+    check is a count bounded by the limit."""
+    return max(10_000, depth + 20_000)
 
 
 async def submit_load(url: str, clients: int, seconds: float) -> dict[str, Any]:
@@ -322,25 +352,29 @@ async def submit_load(url: str, clients: int, seconds: float) -> dict[str, Any]:
 
 
 async def submit_phase(args: argparse.Namespace, models_dir: Path, logs: Path) -> list[dict[str, Any]]:
-    depths = [args.queued] + ([DEEP_QUEUE] if args.deep else [])
-    roomy = str(10 * DEEP_QUEUE)  # measure the submit path, not the depth limit (429s are counted all the same)
-    env = bench_env(
-        args.omp_threads,
-        {"DARKROOM_LIMITS__MAX_QUEUE_DEPTH": roomy, "DARKROOM_LIMITS__MAX_TENANT_QUEUE_DEPTH": roomy},
-    )
-    out = []
+    depths = [args.queued] + ([args.deep_queued] if args.deep else [])
+    out: list[dict[str, Any]] = []
     for depth in depths:
         with tempfile.TemporaryDirectory(prefix="darkroom-api-") as tmp:
-            fill_s = prefill(Path(tmp), models_dir, depth)
+            fill = prefill(Path(tmp), models_dir, depth)
+            log(f"submit: {depth} jobs queued ({fill})")
+            limit = str(queue_limit(depth))
+            env = bench_env(
+                args.omp_threads,
+                {"DARKROOM_LIMITS__MAX_QUEUE_DEPTH": limit, "DARKROOM_LIMITS__MAX_TENANT_QUEUE_DEPTH": limit},
+            )
             server = darkroom_server(f"api-only-{depth}", Path(tmp), models_dir, 0, logs, env)
             try:
                 server.wait_ready()
+                queued = depth
                 for clients in [int(c) for c in args.submit_clients.split(",") if c.strip()]:
                     cpu0 = server.cpu()
                     row = await bounded(submit_load(server.url, clients, args.submit_seconds), args.phase_timeout)
                     accepted = row.get("statuses", {}).get("202", 0)
                     row["server_cpu_ms_per_submit"] = ms((server.cpu() - cpu0) / accepted) if accepted else None
-                    out.append({"queued_before": depth, "prefill_s": round(fill_s, 1), **row})
+                    out.append({"queued_before": queued, "queue_limit": int(limit), **fill, **row})
+                    log(f"submit: {clients} clients at {queued} queued: {row.get('accepted')}, {row.get('statuses')}")
+                    queued += accepted
             finally:
                 server.stop()
     return out
@@ -360,6 +394,7 @@ async def rounds(args: argparse.Namespace, servers: dict[str, Server], phases: s
                 seq = seq_darkroom if darkroom else seq_plain
                 n = args.seq_requests
                 lat, _, cpu = await measured(server, bounded(_wrap(seq(server, n, args.steps)), args.phase_timeout))
+                log(f"round {r + 1} latency {name}: {lat}")
                 if "values" in lat:
                     raw["latency_s"].setdefault(name, []).append(median(lat["values"]))
                     raw["seq_cpu_s_per_image"].setdefault(name, []).append(cpu / n)
@@ -367,6 +402,8 @@ async def rounds(args: argparse.Namespace, servers: dict[str, Server], phases: s
                 tput = tput_darkroom if darkroom else tput_plain
                 job = _wrap(tput(server, args.clients, args.jobs, args.tput_steps))
                 res, wall, cpu = await measured(server, bounded(job, args.phase_timeout))
+                rate = f"{args.jobs / wall:.2f} images/s, {cpu / args.jobs:.3f} CPU s/image"
+                log(f"round {r + 1} throughput {name}: {rate}")
                 if "values" in res:
                     raw["images_per_s"].setdefault(name, []).append(args.jobs / wall)
                     raw["cpu_s_per_image"].setdefault(name, []).append(cpu / args.jobs)
@@ -461,7 +498,9 @@ async def server_phases(
     }
     try:
         result["ready_s"] = {name: round(s.wait_ready(), 2) for name, s in servers.items()}
+        log(f"servers ready: {result['ready_s']}")
         result["first_requests_s"] = await warm_up(servers)
+        log(f"warmed up: {result['first_requests_s']}")
         result.update(summarize(await rounds(args, servers, phases)))
         result["rss_mb"] = {name: round(s.rss() / 2**20, 1) for name, s in servers.items()}
     except Exception:

@@ -97,6 +97,7 @@ def test_a_chunked_body_without_a_key_is_refused_before_it_is_read(tmp_path):
             server.port, "Authorization: Bearer dk_aaaaaaaaaaaa_" + "B" * 43 + "\r\n", 200 * 1024 * 1024
         )
     assert status == 401 and b"unauthorized" in head
+    assert b"connection: close" in head.lower()  # the unread body ends the connection: keep-alive clients are told
     assert status_bad == 401
     assert sent < 200 * 1024 * 1024 and sent_bad < 200 * 1024 * 1024  # answered long before the body ended
     assert rss["growth"] < 50 * 1024 * 1024, rss

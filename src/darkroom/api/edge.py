@@ -18,6 +18,7 @@ Starlette's own body limit is not used: it answers in plain text, replacing the 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
@@ -70,7 +71,9 @@ class Edge:
         headers = Headers(scope=scope)
         rid = (headers.get("x-request-id") or clock.new_id("req"))[:64]
         scope.setdefault("state", {})["request_id"] = rid
-        send = _echo_request_id(send, rid)
+        declared = headers.get("content-length", "")
+        body = _Body(unread="transfer-encoding" in headers or declared not in ("", "0"))
+        send = _response_headers(send, rid, body)
         if scope["path"] in PROBES:
             await self.app(scope, receive, send)
             return
@@ -83,15 +86,14 @@ class Edge:
             )
             await refusal(scope, receive, send)
             return
-        declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body:
             too_large = problem(413, "payload_too_large", f"request body is larger than {self.max_body} bytes", "body")
             await too_large(scope, receive, send)
             return
         self.in_flight.count += 1
         try:
-            receive = _counted(receive, self.max_body)
-            if "transfer-encoding" in headers or declared not in ("", "0"):
+            receive = _counted(receive, self.max_body, body)
+            if body.unread:
                 request = Request(scope)  # no receive: admission cannot read the body
                 await self.admit(request)
                 if getattr(request.state, "auth_error", None) is not None:
@@ -101,7 +103,16 @@ class Edge:
             self.in_flight.count -= 1
 
 
-def _counted(receive: Receive, cap: int) -> Receive:
+@dataclass
+class _Body:
+    """Whether the request's body is still (partly) unread when the response starts: then the connection cannot
+    carry another request, and the response says `Connection: close`, so a keep-alive client does not send its
+    next request down a socket the server is about to close."""
+
+    unread: bool
+
+
+def _counted(receive: Receive, cap: int, body: _Body) -> Receive:
     total = 0
 
     async def counting() -> Message:
@@ -111,6 +122,8 @@ def _counted(receive: Receive, cap: int) -> Receive:
             total += len(message.get("body", b""))
             if total > cap:
                 raise BodyTooLarge(cap)
+            if not message.get("more_body", False):
+                body.unread = False
         return message
 
     return counting
@@ -127,10 +140,13 @@ def _no_body() -> Receive:
     return receive
 
 
-def _echo_request_id(send: Send, rid: str) -> Send:
+def _response_headers(send: Send, rid: str, body: _Body) -> Send:
     async def sender(message: Message) -> None:
         if message["type"] == "http.response.start":
-            MutableHeaders(scope=message).setdefault("X-Request-ID", rid)
+            headers = MutableHeaders(scope=message)
+            headers.setdefault("X-Request-ID", rid)
+            if body.unread:
+                headers["Connection"] = "close"
         await send(message)
 
     return sender

@@ -36,6 +36,7 @@ from darkroom.errors import (
 from darkroom.jobs.workers import WorkerRegistry, WorkerState
 from darkroom.schemas import GenerationRequest, JobState
 from darkroom.service import Services
+from darkroom.storage import storage_health
 from darkroom.storage.local import LocalBlobStore
 from darkroom.worker.failures import fatal_failures
 from darkroom.worker.loop import Worker
@@ -164,7 +165,9 @@ def test_a_device_failure_releases_the_job_uncharged_pauses_the_worker_and_it_re
         wait_for(lambda: not worker.health.healthy, what="the worker to trip")
         released = services.store.get(job.id)
         assert fatal_failures(services.store.engine, job.id) == 1
-        wait_for(lambda: (r := registry.get("gpu-1")) is not None and r.state is WorkerState.unhealthy, 10, "fleet view")
+        wait_for(
+            lambda: (r := registry.get("gpu-1")) is not None and r.state is WorkerState.unhealthy, 10, "fleet view"
+        )
         states.append(registry.get("gpu-1").state)
         wait_for(lambda: services.store.get(job.id).state is JobState.succeeded, what="the job to succeed")
         wait_for(lambda: worker.health.healthy, 10, "the worker to recover")
@@ -227,13 +230,38 @@ def fill(disk: Path) -> Path:
     return filler
 
 
-def test_a_full_disk_is_a_typed_507_and_an_io_error_a_503(small_disk):
+def test_a_full_disk_is_a_typed_507_and_readiness_says_so(small_disk):
     store = LocalBlobStore(small_disk / "blobs")
+    assert store.health(min_free_bytes=16 * 1024) == "ok"
     fill(small_disk)
     with pytest.raises(StorageFull) as caught:
         store.put(os.urandom(64 * 1024), "image/png")
     assert caught.value.status == 507 and caught.value.code == "storage_full"
-    assert StorageUnavailable.status == 503
+    assert storage_health(store).startswith("error: disk nearly full")
+
+
+def test_an_unreachable_s3_store_is_a_503_not_a_500():
+    import socket
+
+    from darkroom.config import StorageSettings
+    from darkroom.storage.s3 import S3BlobStore, make_client
+
+    with socket.socket() as s:  # a port nobody listens on: connection refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = StorageSettings(
+        blob_backend="s3",
+        s3_bucket="b",
+        s3_endpoint_url=f"http://127.0.0.1:{port}",
+        s3_region="us-east-1",
+        s3_access_key_id="k",
+        s3_secret_access_key="s",
+        s3_max_attempts=1,
+    )
+    store = S3BlobStore(make_client(settings), "b")
+    with pytest.raises(StorageUnavailable) as caught:
+        store.put(b"bytes", "image/png")
+    assert caught.value.status == 503 and caught.value.code == "storage_unavailable"
 
 
 def test_a_worker_rides_out_a_full_disk_without_burning_attempts(services, small_disk):

@@ -10,7 +10,7 @@ from darkroom.storage.local import LocalBlobStore
 if TYPE_CHECKING:
     from darkroom.config import Settings
 
-__all__ = ["BlobStore", "LocalBlobStore", "content_key", "open_blob_store"]
+__all__ = ["BlobStore", "LocalBlobStore", "content_key", "open_blob_store", "storage_health"]
 
 
 def open_blob_store(settings: Settings) -> BlobStore:
@@ -20,3 +20,10 @@ def open_blob_store(settings: Settings) -> BlobStore:
 
         return S3BlobStore.from_settings(settings.storage)
     return LocalBlobStore(settings.blobs_dir)
+
+
+def storage_health(blobs: BlobStore) -> str:
+    """For `/readyz`: "ok" or "error: …" from a store that can tell (the local folder checks its free space); a
+    remote store's outages show as `StorageUnavailable` on use instead of a probe per readiness check."""
+    health = getattr(blobs, "health", None)
+    return health() if health is not None else "ok"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from darkroom.errors import NotFound
 from darkroom.storage.base import content_key, storage_error
 
 _KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{64}$")
+MIN_FREE_BYTES = 64 * 1024 * 1024  # below this `/readyz` says the disk is (nearly) full: a few images' worth left
 
 
 class LocalBlobStore:
@@ -66,3 +68,12 @@ class LocalBlobStore:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def health(self, min_free_bytes: int = MIN_FREE_BYTES) -> str:
+        """Returns "ok", or "error: …" when the folder is unreachable or its disk has less than `min_free_bytes`
+        free: what `/readyz` shows, so an orchestrator stops routing work here before writes fail."""
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError as exc:
+            return f"error: {type(exc).__name__}"
+        return "ok" if free >= min_free_bytes else f"error: disk nearly full ({free // 1024} KiB free)"

@@ -14,9 +14,11 @@ from darkroom.engines.base import Engine
 from darkroom.jobs.db import migrate
 from darkroom.jobs.notify import ChangeFeed
 from darkroom.jobs.store import JobStore
+from darkroom.jobs.workers import WorkerRegistry
 from darkroom.models.registry import ModelRegistry
 from darkroom.storage import BlobStore, open_blob_store
 from darkroom.worker.loop import Worker, default_worker_id
+from darkroom.worker.supervisor import Supervisor
 
 log = logging.getLogger("darkroom")
 
@@ -33,6 +35,7 @@ class Services:
     _threads: list[threading.Thread] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     workers: list[Worker] = field(default_factory=list)
+    _supervisor: Supervisor | None = None
     feed: ChangeFeed | None = None  # the process's one change feed (waiters, idle workers); starts on first use
 
     @classmethod
@@ -103,22 +106,41 @@ class Services:
         )
 
     def start_workers(self, count: int) -> None:
+        """Start `count` supervised worker threads (see `darkroom.worker.supervisor`: a thread that crashes is logged,
+        shown and restarted with backoff)."""
+        if count:
+            # torch (through the engine module) is imported here, once, before any worker thread: threads racing to
+            # import it see a half-initialised module. API-only processes (count 0) never import it.
+            import darkroom.engines.diffusers_engine  # noqa: F401
+        if self._supervisor is None:
+            registry = WorkerRegistry(self.store.engine)
+            self._supervisor = Supervisor(self._new_worker, registry, self.settings.recovery, self._stop, self.workers)
         base = self.settings.worker_id or default_worker_id()
-        for index in range(count):
-            worker = Worker(
-                self.settings,
-                self.store,
-                self.blobs,
-                self.make_engine,
-                worker_id=f"{base}-{index}",
-                registry=self.registry,
-                feed=self.feed,
-                tenants=self.tenants,
-            )
-            thread = threading.Thread(target=worker.run, args=(self._stop,), name=f"worker-{index}", daemon=True)
-            self.workers.append(worker)
+        for _ in range(count):
+            slot = self._supervisor.add(f"{base}-{len(self._supervisor.slots)}")
+            name = f"worker-{slot.index}"
+            thread = threading.Thread(target=self._supervisor.run, args=(slot,), name=name, daemon=True)
             self._threads.append(thread)
             thread.start()
+
+    def _new_worker(self, worker_id: str) -> Worker:
+        return Worker(
+            self.settings,
+            self.store,
+            self.blobs,
+            self.make_engine,
+            worker_id=worker_id,
+            registry=self.registry,
+            feed=self.feed,
+            tenants=self.tenants,
+        )
+
+    def worker_health(self) -> dict[str, object]:
+        """The in-process workers' health for `/readyz`: status `ok` while one of them is healthy (or there are none:
+        an API-only node), else `error: …`; per worker its state, condition, crashes and last error."""
+        if self._supervisor is None:
+            return {"status": "ok", "workers": 0, "healthy": 0, "slots": []}
+        return self._supervisor.health()
 
     def stop_workers(self) -> None:
         """Graceful drain: stop claiming, let running jobs finish within `drain_seconds`, give back the rest."""

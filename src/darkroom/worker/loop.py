@@ -29,7 +29,15 @@ from darkroom import __version__, clock
 from darkroom.auth.tenants import TenantStore
 from darkroom.config import Settings
 from darkroom.engines.base import Engine, EngineResult
-from darkroom.errors import DarkroomError, Draining, FatalEngineError, JobCancelled, JobTimeout, LeaseLost
+from darkroom.errors import (
+    DarkroomError,
+    Draining,
+    FatalEngineError,
+    JobCancelled,
+    JobTimeout,
+    LeaseLost,
+    StorageUnavailable,
+)
 from darkroom.jobs.notify import ChangeFeed
 from darkroom.jobs.store import JobRecord, JobStore, LeaseAck, NewImage
 from darkroom.jobs.workers import WorkerRegistry
@@ -40,6 +48,8 @@ from darkroom.models.verify import verify_local_models
 from darkroom.safety.checker import OutputChecker, load_checker, review_decision
 from darkroom.safety.provenance import encode_png
 from darkroom.storage.base import BlobStore
+from darkroom.worker.failures import claim_gate, settle_fatal, settle_storage
+from darkroom.worker.health import WorkerHealth
 from darkroom.worker.presence import Presence
 
 log = logging.getLogger("darkroom.worker")
@@ -187,6 +197,7 @@ class Worker:
         self._post_slots = threading.BoundedSemaphore(max(1, settings.postprocess_workers))
         self._in_flight: set[Future[None]] = set()
         self._in_flight_lock = threading.Lock()
+        self.health = WorkerHealth(settings.recovery)  # device failures and storage outages pause the worker
 
     @property
     def engine(self) -> Engine:
@@ -217,6 +228,7 @@ class Worker:
             jobs_done=lambda: self.jobs_done,
             models_available=lambda: self.servable_models() or (),
             draining=stop.is_set,
+            health=self.health.view,
         )
         presence.start()
         log.info("worker %s started", self.id)
@@ -271,6 +283,8 @@ class Worker:
     def _claim_until(self, stop: threading.Event, idle: float) -> None:
         while not stop.is_set():
             try:
+                if not claim_gate(self, stop):
+                    continue
                 if not self._step():
                     self._idle(idle)
             except FatalEngineError:
@@ -357,7 +371,7 @@ class Worker:
         leases = _Leases(self.store, batch, self.id, self.settings).start()
         for job in batch:
             try:
-                if self._stop.is_set():
+                if self._stop.is_set() or self.health.paused():
                     self.store.release(job.id, self.id)
                     continue
                 self._process(job, leases)
@@ -396,9 +410,10 @@ class Worker:
         except Draining:
             log.info("worker %s gives %s back to the queue (draining)", self.id, job.id)
             self.store.release(job.id, self.id)
-        except FatalEngineError as exc:
-            self.store.fail(job.id, self.id, exc.to_dict(), retry_in=1.0)
-            raise
+        except FatalEngineError as exc:  # the device's fault: released uncharged, the worker pauses
+            settle_fatal(self, job, exc)
+        except StorageUnavailable as exc:  # the blob store's fault: released uncharged, the worker pauses for minutes
+            settle_storage(self, job, exc)
         except DarkroomError as exc:
             permanent = getattr(exc, "permanent", True)
             self.store.fail(job.id, self.id, exc.to_dict(), retry_in=None if permanent else self._backoff(job))

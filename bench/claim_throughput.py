@@ -9,6 +9,11 @@ so the numbers mean something on any machine. A second measurement times one job
 
     .venv/bin/python bench/claim_throughput.py                 # SQLite + a throwaway PostgreSQL cluster
     .venv/bin/python bench/claim_throughput.py --jobs 500 --pg-url postgresql+psycopg://…/postgres
+    .venv/bin/python bench/claim_throughput.py --depth 1000,100000   # costs at a queue depth, not throughput
+
+`--depth` fills a fresh database with that many queued jobs in bulk (one executemany, spread over 50 tenants, three
+priorities and seven batch keys) and prints the median milliseconds of a submit, a claim and a status read there:
+with indexes that match the claim order and bounded counts, they should not grow with the depth.
 
 PostgreSQL comes from `--pg-url`, else `DARKROOM_TEST_PG_URL`, else a throwaway cluster (tests/infra/postgres.py,
 which runs with fsync off). Prints one JSON object.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import json
 import multiprocessing
 import os
@@ -32,8 +38,11 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from darkroom.jobs.db import migrate
+from darkroom import clock
+from darkroom.jobs.db import migrate, write_tx
 from darkroom.jobs.store import JobStore, NewImage
+from darkroom.jobs.tables import jobs as jobs_table
+from darkroom.jobs.tables import queue_counters
 from darkroom.schemas import GenerationRequest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,6 +152,80 @@ def trip_overhead(url: str, jobs: int) -> dict[str, float]:
     return out
 
 
+def bulk_fill(url: str, depth: int) -> None:
+    """`depth` queued jobs in one executemany: seconds, not the minutes that one submit each would take."""
+    store = JobStore(url)
+    now = clock.utcnow()
+    request = REQUEST.model_dump(mode="json")
+    rows = [
+        {
+            "id": f"job_bulk{i:08d}",
+            "state": "queued",
+            "tenant": f"t{i % 50}",
+            "priority": (0, 1, 1, 1, 2)[i % 5],
+            "model": REQUEST.model,
+            "request": request,
+            "request_hash": "0" * 64,
+            "attempts": 0,
+            "max_attempts": 3,
+            "cancel_requested": False,
+            "progress_step": 0,
+            "progress_total": REQUEST.steps,
+            "created_at": now - dt.timedelta(seconds=depth - i),
+            "updated_at": now,
+            "available_at": now - dt.timedelta(seconds=depth - i),
+            "fair_tag": float(i // 50),
+            "batch_key": f"b{i % 7}",
+            "images_requested": 1,
+        }
+        for i in range(depth)
+    ]
+    try:
+        with write_tx(store.engine) as conn:
+            for start in range(0, depth, 10_000):
+                conn.execute(jobs_table.insert(), rows[start : start + 10_000])
+            shard = queue_counters.c.shard == 0  # what the store's own moves would have counted
+            conn.execute(queue_counters.update().where(shard).values(queued=queue_counters.c.queued + depth))
+        with store.engine.connect() as conn:
+            conn.execute(sa.text("ANALYZE"))
+            conn.commit()
+    finally:
+        store.close()
+
+
+def depth_costs(url: str, depth: int, samples: int) -> dict[str, float]:
+    """Median ms of one submit, one claim and one status read (position + ETA) with `depth` jobs queued."""
+    bulk_fill(url, depth)
+    store = JobStore(url, max_queue_depth=2 * depth + 10 * samples)
+    times: dict[str, list[float]] = {"submit": [], "claim": [], "status": []}
+    try:
+        store.counts()  # open the pool's first connection outside the timed part
+        for i in range(samples):
+            t0 = time.perf_counter()
+            job, _ = store.create(REQUEST, tenant=f"t{i % 50}")
+            t1 = time.perf_counter()
+            store.status(job.id)
+            t2 = time.perf_counter()
+            claimed = store.claim("bench", 300)
+            t3 = time.perf_counter()
+            assert claimed is not None
+            times["submit"].append(t1 - t0)
+            times["status"].append(t2 - t1)
+            times["claim"].append(t3 - t2)
+    finally:
+        store.close()
+    return {f"{op}_ms_p50": round(statistics.median(v) * 1000, 3) for op, v in times.items()}
+
+
+def bench_depths(new_url, depths: list[int], samples: int) -> dict[str, dict[str, float]]:  # type: ignore[no-untyped-def]
+    out = {}
+    for depth in depths:
+        url = new_url()
+        migrate(url)
+        out[str(depth)] = depth_costs(url, depth, samples)
+    return out
+
+
 def bench_backend(new_url, jobs: int, claimer_counts: list[int], mode: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
     runs: dict[str, dict[str, float]] = {}
     for claimers in claimer_counts:
@@ -198,7 +281,12 @@ def main() -> None:
     parser.add_argument("--pg-url", default=os.environ.get("DARKROOM_TEST_PG_URL"))
     parser.add_argument("--mode", choices=["threads", "processes"], default="threads", help="what a claimer is")
     parser.add_argument("--skip-postgres", action="store_true")
+    parser.add_argument("--depth", help="comma-separated queue depths: print submit/claim/status ms at each instead")
+    parser.add_argument("--samples", type=int, default=200, help="operations timed at each depth")
     args = parser.parse_args()
+    if args.depth:
+        main_depth(args, [int(d) for d in args.depth.split(",")])
+        return
     counts = [int(c) for c in args.claimers.split(",")]
     report: dict[str, object] = {
         "benchmark": "claim_throughput",
@@ -215,6 +303,23 @@ def main() -> None:
             fresh = _infra().fresh_database
             report["postgresql"] = bench_backend(lambda: fresh(server), args.jobs, counts, args.mode)
             report["postgresql"]["server"] = {"version": server_version(server), "source": source}
+    print(json.dumps(report, indent=2))
+
+
+def main_depth(args: argparse.Namespace, depths: list[int]) -> None:
+    report: dict[str, object] = {
+        "benchmark": "claim_throughput --depth",
+        "samples": args.samples,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "sqlalchemy": sa.__version__},
+    }
+    with tempfile.TemporaryDirectory(prefix="darkroom-bench-") as tmp:
+        names = iter(range(1000))
+        report["sqlite"] = bench_depths(lambda: f"sqlite:///{tmp}/depth-{next(names)}.db", depths, args.samples)
+    if not args.skip_postgres:
+        with postgres(args.pg_url) as (server, source):
+            fresh = _infra().fresh_database
+            report["postgresql"] = bench_depths(lambda: fresh(server), depths, args.samples)
+            report["postgresql"]["server"] = {"version": server_version(server), "source": source}  # type: ignore[index]
     print(json.dumps(report, indent=2))
 
 

@@ -25,7 +25,7 @@ from darkroom.auth.principal import Principal, Role
 from darkroom.config import Limits, Settings
 from darkroom.jobs.db import migrate, write_tx
 from darkroom.jobs.store import POSITION_CAP, JobStore, NewImage
-from darkroom.jobs.tables import jobs, step_rates
+from darkroom.jobs.tables import jobs, queue_counters, step_rates
 from darkroom.schemas import GenerationRequest, JobState
 from darkroom.service import Services
 
@@ -148,7 +148,8 @@ def test_request_budgets_through_the_api(services):
             (total, auth), first = bill("POST", "/v1/jobs", json=BASE)
             submit = total - auth
             assert submit[1] == 1, total.statements  # ONE transaction: depth, fair tag, quota, job, event, audit
-            assert submit[0] <= 7, total.statements
+            # depth + fair tag, quota charge, job, event, (NOTIFY on PostgreSQL), audit, queue counter, position + ETA
+            assert submit[0] <= 8, total.statements
             assert first["queue_position"] == 1
 
             for i in range(49):
@@ -178,7 +179,8 @@ def test_request_budgets_through_the_api(services):
 
 
 def test_worker_budgets(services):
-    """Claim, start, heartbeat, progress and complete: one transaction each, no read-back."""
+    """Claim, start, heartbeat, progress and complete: one transaction each, no read-back. A claim: head, batch,
+    UPDATE … RETURNING, events, (NOTIFY), queue counter."""
     store = services.store
     for i in range(3):
         store.create(req(seed=i, steps=4))
@@ -186,7 +188,7 @@ def test_worker_budgets(services):
     try:
         with counter.count() as claim:
             batch = store.claim_batch("w", 30, max_batch=3)
-        assert len(batch) == 3 and claim.transactions == 1 and len(claim.statements) <= 5, claim.statements
+        assert len(batch) == 3 and claim.transactions == 1 and len(claim.statements) <= 6, claim.statements
         job = batch[0]
         for name, call in [
             ("start", lambda: store.start(job.id, "w")),
@@ -221,7 +223,7 @@ def test_a_quota_check_reads_a_counter_not_the_jobs(services):
                 assert api.post("/v1/jobs", json=BASE, headers=headers).status_code == 202
     finally:
         counter.close()
-    sums = [s for s in tally.statements if re.search(r"sum\(", s, re.I)]
+    sums = [s for s in tally.statements if re.search(r"sum\(jobs\.", s, re.I)]
     assert not sums, sums
     assert sum("usage_counters" in s for s in tally.statements) == 2  # charge images, read GPU-seconds
 
@@ -258,6 +260,8 @@ def fill(store: JobStore, depth: int) -> None:
     ]
     with write_tx(store.engine) as conn:
         conn.execute(jobs.insert(), rows)
+        shard = queue_counters.c.shard == 0  # what the store's own moves would have counted
+        conn.execute(queue_counters.update().where(shard).values(queued=queue_counters.c.queued + depth))
         conn.execute(step_rates.insert().values(model="m0", seconds_per_step=0.05, samples=10, updated_at=now))
     with store.engine.connect() as conn:
         conn.execute(sa.text("ANALYZE"))

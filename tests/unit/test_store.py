@@ -400,3 +400,27 @@ def test_usage_counters_follow_the_jobs(store):
     store.start(kept.id, "w")
     store.complete(kept.id, "w", [image(0), image(1)], {"timings": {"worker_total_s": 1.5}})
     assert used() == (2, 1.5)
+
+
+def test_the_queue_depth_counter_matches_the_queue_through_every_move(store):
+    from darkroom.jobs.db import read_tx
+    from darkroom.jobs.tables import jobs, queue_counters
+
+    def depth() -> tuple[int, int]:
+        with read_tx(store.engine) as conn:
+            counted = conn.execute(sa.select(sa.func.sum(queue_counters.c.queued))).scalar_one()
+            actual = conn.execute(sa.select(sa.func.count()).where(jobs.c.state == "queued")).scalar_one()
+        return counted, actual
+
+    made = [store.create(req(steps=4, seed=i))[0] for i in range(6)]
+    store.cancel(made[5].id)
+    batch = store.claim_batch("w1", lease_seconds=-1, max_batch=3)
+    store.start(batch[0].id, "w1")
+    assert depth() == (2, 2)
+    assert store.release(batch[1].id, "w1")
+    assert store.fail(batch[0].id, "w1", {"code": "x", "message": "again"}, retry_in=0) is JobState.queued
+    assert store.requeue_expired() == [batch[2].id]
+    assert depth() == (5, 5)
+    store.max_queue_depth = 5
+    with pytest.raises(QueueFull):
+        store.create(req())

@@ -19,6 +19,7 @@ import datetime as dt
 import hashlib
 import json
 import statistics
+import zlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,7 @@ from darkroom.auth import usage
 from darkroom.errors import Conflict, DarkroomError, NotFound
 from darkroom.jobs.db import create_engine, read_tx, write_tx
 from darkroom.jobs.notify import announce
-from darkroom.jobs.tables import CLAIM_ORDER, images, job_events, jobs, step_rates
+from darkroom.jobs.tables import CLAIM_ORDER, QUEUE_SHARDS, images, job_events, jobs, queue_counters, step_rates
 from darkroom.jobs.workers_table import workers
 from darkroom.schemas import PRIORITY_VALUE, GenerationRequest, JobEvent, JobState
 
@@ -263,6 +264,7 @@ class JobStore:
                 self._event(conn, row["id"], "queued", {"priority": request.priority}, now)
                 if record is not None:
                     record(conn, row["id"])
+                _shift_queued(conn, 1, row["id"])
                 job = _job(row)
                 return (self._statuses(conn, [job])[0] if with_status else JobStatus(job)), True
         except sa.exc.IntegrityError:
@@ -324,17 +326,18 @@ class JobStore:
     def _admit_to_queue(self, conn: sa.Connection, tenant: str, priority: int, n: int) -> float:
         """Depth limits and the new job's fair tag, from one SELECT of index lookups.
 
-        The depth limits are bounded counts (`count(*)` over at most `limit` entries of an index on `state`),
-        not a maintained counter: a counter row would be written by every submit, claim and completion, and on
-        PostgreSQL every claimer would queue on that one row lock, undoing `SKIP LOCKED`. The count reads no table
-        rows, takes no locks, and costs at most the limit, whatever the depth. Two PostgreSQL submits racing at
-        the limit may both get in: the limit is a safeguard against floods, not an invariant."""
+        The service-wide depth is the sum of `queue_counters` (16 rows, kept by every move into or out of
+        `queued`): O(1) at any depth, where even a bounded count would read up to the limit's worth of index
+        entries on every submit, inside the write lock. The per-tenant limit, off by default, is a bounded count
+        (`count(*)` over at most `limit` entries of `ix_jobs_tenant_state`): a counter per tenant would be one
+        more row to write on every transition for a limit few deployments set. Two PostgreSQL submits racing at
+        a limit may both get in: the limits guard against floods, they are not invariants."""
         queued, in_class = jobs.c.state == _QUEUED, jobs.c.priority == priority
         mine = jobs.c.tenant == tenant
         tenant_limit = self.max_tenant_queue_depth
         snapshot = conn.execute(
             sa.select(
-                _bounded_count(self.max_queue_depth, queued).label("depth"),
+                _queued_total().label("depth"),
                 (_bounded_count(tenant_limit, queued, mine) if tenant_limit else sa.null()).label("mine"),
                 _first(jobs.c.fair_tag, queued, in_class).label("head"),
                 _first(jobs.c.fair_tag.desc(), in_class).label("newest"),
@@ -487,6 +490,7 @@ class JobStore:
             if moved:
                 was, event = JobState.queued, ("cancelled", {"while": "queued"})
                 self._ended(conn, moved, now)
+                _shift_queued(conn, -1, job_id)
             else:
                 moved = self._move(
                     conn, job_id, JobState.running, JobState.running, now, returning=every, cancel_requested=True
@@ -602,6 +606,7 @@ class JobStore:
             claimed = sorted((_job(r) for r in rows), key=lambda j: ids.index(j.id))
             events = [{"worker": worker_id, "attempt": job.attempts + 1, "batch": len(claimed)} for job in claimed]
             self._events(conn, [(job.id, "started", data) for job, data in zip(claimed, events, strict=True)], now)
+            _shift_queued(conn, -len(claimed), worker_id)
         return claimed
 
     @staticmethod
@@ -748,6 +753,8 @@ class JobStore:
             self._ended(conn, moved, now)
             kind = "retrying" if state is JobState.queued else state.value
             self._event(conn, job_id, kind, {"error": error, "attempt": moved.attempts}, now)
+            if state is JobState.queued:
+                _shift_queued(conn, 1, job_id)
         return state
 
     def finish_cancelled(self, job_id: str, worker_id: str) -> bool:
@@ -792,13 +799,14 @@ class JobStore:
             )
             if moved:
                 self._event(conn, job_id, "requeued", {"reason": reason, "worker": worker_id}, now)
+                _shift_queued(conn, 1, job_id)
         return moved is not None
 
     def requeue_expired(self) -> list[str]:
         """Jobs whose worker stopped heartbeating go back to the queue (or end, if out of attempts / cancelled).
         Only a job that had started was charged an attempt (by `start`); its batch-mates go back as they were."""
         now = clock.utcnow()
-        touched = []
+        touched, requeued = [], 0
         expired = (
             sa.select(jobs.c.id, jobs.c.attempts, jobs.c.max_attempts, jobs.c.cancel_requested, jobs.c.lease_owner)
             .add_columns(jobs.c.started_at.is_not(None).label("started"))
@@ -827,8 +835,11 @@ class JobStore:
                 if moved is None:
                     continue
                 touched.append(row.id)
+                requeued += to is JobState.queued
                 self._ended(conn, moved, now)
                 self._event(conn, row.id, kind, data, now)
+            if requeued:
+                _shift_queued(conn, requeued, "requeue")
         return touched
 
     # --- helpers --------------------------------------------------------------------------------------------------
@@ -880,6 +891,22 @@ class JobStore:
 
 
 _ENDING = (jobs.c.state, jobs.c.attempts, jobs.c.tenant, jobs.c.created_at, jobs.c.images_requested)
+
+
+def _shift_queued(conn: sa.Connection, delta: int, spread_by: str) -> None:
+    """Move the queue-depth counter by `delta` in the caller's transaction, always as its last write (one lock
+    order for every transaction: job rows, usage counters, then this), on the shard `spread_by` hashes to."""
+    if delta:
+        shard = zlib.crc32(spread_by.encode()) % QUEUE_SHARDS
+        conn.execute(
+            queue_counters.update()
+            .where(queue_counters.c.shard == shard)
+            .values(queued=queue_counters.c.queued + delta)
+        )
+
+
+def _queued_total() -> sa.ScalarSelect:
+    return sa.select(sa.func.coalesce(sa.func.sum(queue_counters.c.queued), 0)).scalar_subquery()
 
 
 def _bounded_count(limit: int, *where: sa.ColumnElement[bool]) -> sa.ScalarSelect:

@@ -66,6 +66,18 @@ sa.Index("ix_jobs_claim", jobs.c.state, *CLAIM_ORDER)  # claim, queue position, 
 sa.Index("ix_jobs_claim_batch", jobs.c.state, jobs.c.batch_key, *CLAIM_ORDER)  # filling a batch of one kind
 sa.Index("ix_jobs_listing", jobs.c.tenant, jobs.c.created_at.desc(), jobs.c.id.desc())  # GET /v1/jobs, newest first
 
+# The number of queued jobs, kept in QUEUE_SHARDS rows that add up to it (migration 0006). Every move into or out of
+# `queued` shifts one row in its own transaction, so the depth limit reads 16 rows instead of counting the queue;
+# spreading the writes over shards keeps concurrent submits and SKIP LOCKED claimers on PostgreSQL from queueing on
+# one row lock.
+QUEUE_SHARDS = 16
+queue_counters = sa.Table(
+    "queue_counters",
+    metadata,
+    sa.Column("shard", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("queued", sa.BigInteger, nullable=False),
+)
+
 # Seconds per denoising step per model, an exponentially weighted average updated by each completion (migration
 # 0006): what an ETA needs, without reading finished jobs back.
 step_rates = sa.Table(

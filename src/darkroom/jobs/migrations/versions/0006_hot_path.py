@@ -1,4 +1,4 @@
-"""hot path: indexes that match each hot ORDER BY, usage counters, step rates, caller-scoped idempotency keys
+"""hot path: indexes that match each hot ORDER BY, queue and usage counters, step rates, caller-scoped idempotency keys
 
 No table is rebuilt: on SQLite a rebuild of `jobs` would cascade-delete its images and events.
 
@@ -40,6 +40,13 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("tenant", "period", name="pk_usage_counters"),
     )
     op.create_table(
+        "queue_counters",
+        sa.Column("shard", sa.Integer, autoincrement=False, nullable=False),
+        sa.Column("queued", sa.BigInteger, nullable=False),
+        sa.PrimaryKeyConstraint("shard", name="pk_queue_counters"),
+    )
+    _count_queued()
+    op.create_table(
         "step_rates",
         sa.Column("model", sa.String(200), nullable=False),
         sa.Column("seconds_per_step", sa.Float, nullable=False),
@@ -55,6 +62,15 @@ def upgrade() -> None:
     op.create_index("ix_jobs_listing", "jobs", ["tenant", sa.text("created_at DESC"), sa.text("id DESC")])
     op.create_index("ix_jobs_priority_fair_tag", "jobs", ["priority", "fair_tag"])
     _count_current_usage()
+
+
+def _count_queued() -> None:
+    """16 shards (`QUEUE_SHARDS` as of this revision); the jobs queued now are counted in shard 0."""
+    jobs = sa.table("jobs", sa.column("state"))
+    queued = op.get_bind().execute(sa.select(sa.func.count()).select_from(jobs).where(jobs.c.state == "queued"))
+    first = int(queued.scalar_one())
+    counters = sa.table("queue_counters", sa.column("shard"), sa.column("queued"))
+    op.bulk_insert(counters, [{"shard": i, "queued": first if i == 0 else 0} for i in range(16)])
 
 
 def _scope_idempotency_keys() -> None:
@@ -117,4 +133,5 @@ def downgrade() -> None:
     for name, columns in _DROPPED.items():
         op.create_index(name, "jobs", columns)
     op.drop_table("step_rates")
+    op.drop_table("queue_counters")
     op.drop_table("usage_counters")

@@ -232,3 +232,25 @@ def test_sse_stream_follows_a_job_to_its_end_from_the_feed(served):
     assert types[0] == "queued" and types[-1] == "succeeded"
     assert types.count("progress") == 5
     assert services.store.get(job["id"]).state is JobState.succeeded
+
+
+def test_feed_on_postgres_wakes_on_notify_not_on_its_fallback_read(pg_url):
+    migrate(pg_url)
+    here, there = JobStore(pg_url), JobStore(pg_url)
+    feed = ChangeFeed(pg_url, here.engine, fallback_seconds=60).start()
+    try:
+        job, _ = here.create(request())
+        work = threading.Event()
+        feed.on_work(work.set)
+        with feed.subscribe(job.id, types={"cancelled"}) as inbox:
+            started = time.monotonic()
+            there.cancel(job.id)  # another pool, as another process: only its NOTIFY can wake the feed
+            events = inbox.next_sync(10)
+            waited = time.monotonic() - started
+        assert [e.type for e in events] == ["cancelled"] and waited < 1.0, waited
+        there.create(request(seed=2))
+        assert work.wait(10)
+    finally:
+        feed.close()
+        here.close()
+        there.close()

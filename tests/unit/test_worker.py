@@ -448,3 +448,35 @@ def test_an_idle_worker_loop_wakes_on_submit(services):
         stop.set()
         runner.join(60)
     assert max(waits) < 0.25, waits
+
+
+def test_a_worker_thread_that_crashes_after_registering_shows_unhealthy_then_comes_back(services, monkeypatch):
+    import time
+
+    from darkroom.jobs.workers import WorkerRegistry, WorkerState
+
+    services.settings.recovery.restart_backoff_seconds = 1.0
+    real, crashed = Worker._loop, threading.Event()
+
+    def _loop(self, stop):  # the first run dies after its worker registered (an unexpected error in the loop)
+        if not crashed.is_set():
+            crashed.set()
+            raise RuntimeError("the loop blew up")
+        return real(self, stop)
+
+    monkeypatch.setattr(Worker, "_loop", _loop)
+    services.start_workers(1)
+    registry, worker_id = WorkerRegistry(services.store.engine), services.workers[0].id
+    seen, deadline = [], time.monotonic() + 60
+    while (state := getattr(registry.get(worker_id), "state", None)) is not WorkerState.active or not seen:
+        assert time.monotonic() < deadline, f"states seen: {seen}"
+        if state is WorkerState.unhealthy and not seen:
+            seen.append(state)
+            assert services.worker_health()["status"].startswith("error")
+        time.sleep(0.02)
+    assert seen == [WorkerState.unhealthy] and services.worker_health()["slots"][0]["crashes"] == 1
+    job = submit(services)
+    deadline = time.monotonic() + 60
+    while services.store.get(job.id).state is not JobState.succeeded:
+        assert time.monotonic() < deadline, "the restarted worker did not run the job"
+        time.sleep(0.05)

@@ -132,8 +132,10 @@ class WorkerRegistry:
         return WorkerState(state)
 
     def mark_unhealthy(self, worker_id: str) -> bool:
-        """A worker's thread crashed (its supervisor restarts it): show it until it registers again."""
-        return self._move(worker_id, WorkerState.unhealthy, from_states=(*LIVE, WorkerState.lost.value))
+        """A worker's thread crashed (its supervisor restarts it): show it until it registers again. From `stopped`
+        too: the crashing worker's own cleanup records a stop on its way out."""
+        gone = (WorkerState.lost.value, WorkerState.stopped.value)
+        return self._move(worker_id, WorkerState.unhealthy, from_states=(*LIVE, *gone))
 
     def mark_draining(self, worker_id: str) -> bool:
         return self._move(worker_id, WorkerState.draining, from_states=LIVE)

@@ -254,3 +254,34 @@ def test_feed_on_postgres_wakes_on_notify_not_on_its_fallback_read(pg_url):
         feed.close()
         here.close()
         there.close()
+
+
+def test_a_waiter_whose_client_hangs_up_stops_waiting(settings):
+    """Real HTTP over loopback (uvicorn in a thread, no worker: the job stays queued). The client gives up; within a
+    tick the handler notices and drops its subscription."""
+    import socket
+
+    import httpx
+    import uvicorn
+
+    services = Services.open(settings)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(services, workers=0), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 30, "the server")
+        subscribed = threading.Event()
+        watcher = threading.Thread(target=lambda: wait_until(lambda: services.feed._subs, 30) and subscribed.set())
+        watcher.start()
+        with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            client.post("/v1/generate", json={**BODY, "steps": 2}, timeout=httpx.Timeout(5, read=2.0))
+        watcher.join(30)
+        assert subscribed.is_set() and services.store.list()[0].state is JobState.queued
+        wait_until(lambda: not services.feed._subs, 10, "the handler to notice the hang-up")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        services.close()

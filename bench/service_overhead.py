@@ -8,6 +8,8 @@ every side alike. Phases, each bounded by `--phase-timeout`:
 
 - latency: one client, sequential, `--steps` steps at 64²: plain `POST /generate` (PNG bytes) against darkroom's
   native sync `POST /v1/generate` followed by the image download, since a client wants the picture, not its id;
+  the two servers alternate request by request, and the median ratio of each pair is reported beside the ratio of
+  the medians;
 - throughput: `--clients` concurrent clients, `--jobs` images of `--tput-steps` steps: plain `POST /generate` against
   darkroom's SDK (`AsyncClient`: `POST /v1/jobs`, follow the job's SSE stream, read the job, download the image),
   with 1 and 2 workers; server CPU per image (utime + stime from /proc over the phase) for both;
@@ -80,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--omp-threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--phase-timeout", type=float, default=300.0, help="seconds any one measured phase may take")
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    p.add_argument(
+        "--attribution",
+        action="store_true",
+        help="throughput phase: also darkroom (1 worker) with watermark and C2PA off, to attribute their cost",
+    )
     p.add_argument("--models-dir", type=Path, help="reuse (or build once) the tiny model here; default: a temp dir")
     return p.parse_args(argv)
 
@@ -94,29 +101,45 @@ async def bounded(coro: Awaitable[dict[str, Any]], timeout: float) -> dict[str, 
 # --- latency ---------------------------------------------------------------------------------------------------------
 
 
-async def seq_plain(server: Server, n: int, steps: int) -> list[float]:
-    out = []
-    async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
-        for i in range(n):
-            started = time.perf_counter()
-            r = await http.post("/generate", json=body(i, steps))
-            r.raise_for_status()
-            out.append(time.perf_counter() - started)
-    return out
+async def one_plain(http: httpx.AsyncClient, i: int, steps: int) -> float:
+    started = time.perf_counter()
+    (await http.post("/generate", json=body(i, steps))).raise_for_status()
+    return time.perf_counter() - started
 
 
-async def seq_darkroom(server: Server, n: int, steps: int) -> list[float]:
-    out = []
+async def one_darkroom(http: httpx.AsyncClient, i: int, steps: int) -> float:
+    started = time.perf_counter()
+    r = await http.post("/v1/generate", json=body(i, steps))
+    r.raise_for_status()
+    job = r.json()
+    if job["state"] != "succeeded":
+        raise RuntimeError(f"darkroom job ended {job['state']}: {job.get('error')}")
+    (await http.get(job["images"][0]["url"])).raise_for_status()
+    return time.perf_counter() - started
+
+
+async def sequential(server: Server, n: int, steps: int) -> list[float]:
+    one = one_plain if server.name == "plain" else one_darkroom
     async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+        return [await one(http, i, steps) for i in range(n)]
+
+
+async def pairs(plain: Server, darkroom: Server, n: int, steps: int) -> dict[str, list[float]]:
+    """`n` requests to each, alternating request by request (who goes first flips each pair), so both see the same
+    machine: on a shared box the load moves within seconds, and per-server blocks would measure it, not the servers."""
+    out: dict[str, list[float]] = {"plain": [], "darkroom": [], "pair_ratio": []}
+    async with (
+        httpx.AsyncClient(base_url=plain.url, timeout=120) as p,
+        httpx.AsyncClient(base_url=darkroom.url, timeout=120) as d,
+    ):
         for i in range(n):
-            started = time.perf_counter()
-            r = await http.post("/v1/generate", json=body(i, steps))
-            r.raise_for_status()
-            job = r.json()
-            if job["state"] != "succeeded":
-                raise RuntimeError(f"darkroom job ended {job['state']}: {job.get('error')}")
-            (await http.get(job["images"][0]["url"])).raise_for_status()
-            out.append(time.perf_counter() - started)
+            if i % 2:
+                t_plain, t_dark = await one_plain(p, i, steps), await one_darkroom(d, i, steps)
+            else:
+                t_dark, t_plain = await one_darkroom(d, i, steps), await one_plain(p, i, steps)
+            out["plain"].append(t_plain)
+            out["darkroom"].append(t_dark)
+            out["pair_ratio"].append(t_dark / t_plain)
     return out
 
 
@@ -384,22 +407,16 @@ async def submit_phase(args: argparse.Namespace, models_dir: Path, logs: Path) -
 
 
 async def rounds(args: argparse.Namespace, servers: dict[str, Server], phases: set[str]) -> dict[str, Any]:
-    raw: dict[str, dict[str, list[float]]] = {"latency_s": {}, "seq_cpu_s_per_image": {}}
+    raw: dict[str, dict[str, list[float]]] = {"latency_s": {}, "pair_ratio": {}, "seq_cpu_s_per_image": {}}
     raw.update({"images_per_s": {}, "cpu_s_per_image": {}})
     order = list(servers)
     for r in range(args.rounds):
+        if "latency" in phases:
+            await latency_round(args, servers["plain"], servers["darkroom_1w"], raw, r)
         for name in order if r % 2 == 0 else order[::-1]:
-            server, darkroom = servers[name], name != "plain"
-            if "latency" in phases and name != "darkroom_2w":
-                seq = seq_darkroom if darkroom else seq_plain
-                n = args.seq_requests
-                lat, _, cpu = await measured(server, bounded(_wrap(seq(server, n, args.steps)), args.phase_timeout))
-                log(f"round {r + 1} latency {name}: {lat}")
-                if "values" in lat:
-                    raw["latency_s"].setdefault(name, []).append(median(lat["values"]))
-                    raw["seq_cpu_s_per_image"].setdefault(name, []).append(cpu / n)
             if "throughput" in phases:
-                tput = tput_darkroom if darkroom else tput_plain
+                server = servers[name]
+                tput = tput_plain if name == "plain" else tput_darkroom
                 job = _wrap(tput(server, args.clients, args.jobs, args.tput_steps))
                 res, wall, cpu = await measured(server, bounded(job, args.phase_timeout))
                 rate = f"{args.jobs / wall:.2f} images/s, {cpu / args.jobs:.3f} CPU s/image"
@@ -408,6 +425,24 @@ async def rounds(args: argparse.Namespace, servers: dict[str, Server], phases: s
                     raw["images_per_s"].setdefault(name, []).append(args.jobs / wall)
                     raw["cpu_s_per_image"].setdefault(name, []).append(cpu / args.jobs)
     return raw
+
+
+async def latency_round(
+    args: argparse.Namespace, plain: Server, darkroom: Server, raw: dict[str, dict[str, list[float]]], r: int
+) -> None:
+    """One round of paired sequential requests; each server's CPU over the round (its idle time between its own
+    requests included: an idle service that spends CPU spends it on every request)."""
+    n = args.seq_requests
+    cpu0 = {s.name: s.cpu() for s in (plain, darkroom)}
+    res = await bounded(pairs(plain, darkroom, n, args.steps), args.phase_timeout)
+    if res.get("timed_out"):
+        log(f"round {r + 1} latency: timed out")
+        return
+    for name, server, key in (("plain", plain, "plain"), ("darkroom_1w", darkroom, "darkroom")):
+        raw["latency_s"].setdefault(name, []).append(median(res[key]))
+        raw["seq_cpu_s_per_image"].setdefault(name, []).append((server.cpu() - cpu0[server.name]) / n)
+    raw["pair_ratio"].setdefault("darkroom_1w", []).append(median(res["pair_ratio"]))
+    log(f"round {r + 1} latency: plain {median(res['plain']):.3f} s, darkroom {median(res['darkroom']):.3f} s")
 
 
 async def _wrap(coro: Awaitable[Any]) -> dict[str, Any]:
@@ -420,7 +455,7 @@ async def warm_up(servers: dict[str, Server]) -> dict[str, float]:
 
     async def first(name: str, server: Server) -> float:
         started = time.perf_counter()
-        await (seq_plain if name == "plain" else seq_darkroom)(server, 2, 2)
+        await sequential(server, 2, 2)
         return round(time.perf_counter() - started, 2)
 
     times = await asyncio.gather(*(first(name, server) for name, server in servers.items()))
@@ -435,12 +470,14 @@ def summarize(raw: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
             "plain_median_ms": ms(lat.get("plain")),
             "darkroom_median_ms": ms(lat.get("darkroom_1w")),
             "ratio_darkroom_vs_plain": ratio(lat.get("darkroom_1w"), lat.get("plain")),
+            "median_pair_ratio": ratio(med["pair_ratio"].get("darkroom_1w"), 1.0),
             "cpu_ms_per_image": {k: ms(v) for k, v in seq_cpu.items()},
         },
         "throughput": {
             "images_per_s": {k: round(v, 3) for k, v in ips.items()},
             "ratio_1_worker_vs_plain": ratio(ips.get("darkroom_1w"), ips.get("plain")),
             "ratio_2_workers_vs_plain": ratio(ips.get("darkroom_2w"), ips.get("plain")),
+            "ratio_vs_plain": {k: ratio(v, ips.get("plain")) for k, v in ips.items() if k != "plain"},
             "cpu_ms_per_image": {k: ms(v) for k, v in cpu.items()},
         },
     }
@@ -496,6 +533,13 @@ async def server_phases(
         "darkroom_1w": darkroom_server("darkroom_1w", work / "data1", models_dir, 1, logs, env),
         "darkroom_2w": darkroom_server("darkroom_2w", work / "data2", models_dir, 2, logs, env),
     }
+    if args.attribution:
+        bare = bench_env(
+            args.omp_threads, {"DARKROOM_SECURITY__WATERMARK": "false", "DARKROOM_SECURITY__C2PA": "false"}
+        )
+        servers["darkroom_1w_no_provenance"] = darkroom_server(
+            "darkroom_1w_no_provenance", work / "data3", models_dir, 1, logs, bare
+        )
     try:
         result["ready_s"] = {name: round(s.wait_ready(), 2) for name, s in servers.items()}
         log(f"servers ready: {result['ready_s']}")

@@ -144,3 +144,61 @@ def live_keys_images_query(keys: set[str]) -> sa.Select:
     return sa.select(images.c.blob_key).where(
         images.c.blob_key.in_(keys), images.c.deleted_at.is_(None), images.c.id.not_in(["img_x"])
     )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_and_blobs(request, tmp_path: Path):  # type: ignore[no-untyped-def]
+    from darkroom.jobs.db import migrate
+    from darkroom.jobs.store import JobStore
+    from darkroom.storage.local import LocalBlobStore
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    migrate(url, lock_dir=tmp_path)
+    store = JobStore(url)
+    yield store, LocalBlobStore(tmp_path / "blobs")
+    store.close()
+
+
+def test_pruning_runs_in_bounded_batches_on_sqlite_and_postgresql(store_and_blobs) -> None:  # type: ignore[no-untyped-def]
+    from darkroom.jobs.store import NewImage
+
+    store, blobs = store_and_blobs
+    ids = []
+    for seed in range(7):
+        job, _ = store.create(GenerationRequest(prompt="p", width=64, height=64, steps=2, seed=seed))
+        claimed = store.claim("w", 30)
+        assert claimed is not None and claimed.id == job.id
+        store.start(job.id, "w")
+        store.progress(job.id, "w", 1, 2, 30, preview="data:image/jpeg;base64,AAAA")
+        digest, key = blobs.put(f"png {seed}".encode(), "image/png")
+        image = NewImage(
+            index=0, seed=seed, width=64, height=64, sha256=digest, blob_key=key, content_type="image/png", size_bytes=5
+        )
+        assert store.complete(job.id, "w", [image], {"timings": {}})
+        ids.append(job.id)
+    pruner = Pruner(store.engine, blobs, PruneSettings(batch_size=3))
+    assert pruner.run().events_compacted == 7
+    assert all(not [e for e in store.events_since(i) if e.type == "progress"] for i in ids)
+    counts = pruner.run(now=clock.utcnow() + dt.timedelta(days=91))
+    assert (counts.jobs_deleted, counts.blobs_deleted) == (7, 7)
+    assert all(store.get(i) is None for i in ids)
+
+
+def test_sweep_queries_use_their_indexes_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+    from darkroom.jobs.db import migrate
+    from darkroom.jobs.store import JobStore
+    from darkroom.storage.local import LocalBlobStore
+
+    migrate(pg_url, lock_dir=tmp_path)
+    store = JobStore(pg_url)
+    try:
+        pruner = Pruner(store.engine, LocalBlobStore(tmp_path / "blobs"), PruneSettings())
+        queries = {**pruner.queries(clock.utcnow()), "blob_refs": live_keys_images_query({"ab/cd/" + "0" * 64})}
+        with store.engine.connect() as conn:
+            conn.exec_driver_sql("SET enable_seqscan = off")
+            for name, query in queries.items():
+                compiled = query.compile(dialect=store.engine.dialect, compile_kwargs={"render_postcompile": True})
+                plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params))
+                assert "Seq Scan" not in plan, f"{name}: {plan}"
+    finally:
+        store.close()

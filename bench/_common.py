@@ -137,6 +137,19 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
+async def loop_lag(deadline: float, every: float = 0.05) -> list[float]:
+    """How late this event loop wakes up (seconds over `every`) until `deadline`: when the client itself is
+    saturated, its latencies include this lag, so the reports show it beside them."""
+    import asyncio
+
+    lags: list[float] = []
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        await asyncio.sleep(every)
+        lags.append(max(0.0, time.monotonic() - started - every))
+    return lags
+
+
 class Server:
     """A server under test: a child process on a loopback port, its output in a log file, stopped with SIGTERM."""
 

@@ -2,10 +2,11 @@
 
 Each of `--clients` clients loops until `--seconds` have passed: submit a small job (`POST /v1/jobs`), then read one
 of its own unfinished jobs (`GET /v1/jobs/{id}`), then submit again, with no think time. A 429 is honoured: the
-client sleeps for its `Retry-After` (what a well-behaved client does; the SDK does the same). Meanwhile one more
-client reads `/healthz` every `--health-every` seconds, and the server's RSS and CPU are sampled every second when
-its pid is known (a server this script starts, or `--pid`). Reports p50/p95/p99 of submits (accepted and refused
-apart) and polls, jobs accepted per second, 429 and 5xx counts, `/healthz` latency and memory over time, as JSON.
+client sleeps for its `Retry-After` (what a well-behaved client does; the SDK does the same). Meanwhile a probe
+process of its own reads `/healthz` every `--health-every` seconds and samples the server's RSS and CPU every second
+when its pid is known (a server this script starts, or `--pid`). Reports p50/p95/p99 of submits (accepted and
+refused apart) and polls, jobs accepted per second, 429 and 5xx counts, `/healthz` latency, memory over time, and
+the clients' own event-loop lag (latencies measured by a saturated client include it), as JSON.
 
     .venv/bin/python bench/load.py                          # starts `darkroom serve` (1 worker) in a temp dir
     .venv/bin/python bench/load.py --url http://127.0.0.1:8000 --api-key dk_... --pid 1234
@@ -18,6 +19,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -36,6 +38,7 @@ from _common import (  # noqa: E402
     ensure_model,
     git_commit,
     latency_summary,
+    loop_lag,
     rss_bytes,
 )
 
@@ -137,51 +140,69 @@ async def poll_one(http: httpx.AsyncClient, tally: Tally, mine: list[str]) -> No
         await asyncio.sleep(min(retry_after(r, tally), 5.0))
 
 
-async def health_loop(url: str, tally: Tally, deadline: float, every: float, timeout: float) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=timeout) as http:
+def probe(url: str, pid: int | None, deadline_in: float, every: float, timeout: float, out: Any) -> None:
+    """`/healthz` every `every` s and the server's RSS and CPU every second, from a process of its own: the
+    clients' event loop is saturated on purpose, and a probe sharing it would measure the client's lag."""
+    deadline = time.monotonic() + deadline_in
+    health, failures, samples = [], {}, []
+    t0 = time.monotonic()
+    cpu0 = cpu_seconds(pid) if pid else 0.0
+    next_sample = t0
+    with httpx.Client(base_url=url, timeout=timeout) as http:
         while time.monotonic() < deadline:
-            started = time.perf_counter()
+            started = time.monotonic()
+            if pid and started >= next_sample:
+                rss = round(rss_bytes(pid) / 2**20, 1)
+                samples.append({"t_s": round(started - t0, 1), "rss_mb": rss, "cpu_s": cpu_seconds(pid) - cpu0})
+                next_sample += 1.0
             try:
-                r = await http.get("/healthz")
-                tally.status("healthz", r.status_code)
+                r = http.get("/healthz")
                 if r.status_code == 200:
-                    tally.health.append(time.perf_counter() - started)
+                    health.append(time.monotonic() - started)
+                else:
+                    failures[str(r.status_code)] = failures.get(str(r.status_code), 0) + 1
             except httpx.TransportError as exc:
-                tally.status("healthz", type(exc).__name__)
-            await asyncio.sleep(max(0.0, every - (time.perf_counter() - started)))
-
-
-async def sample_loop(pid: int | None, samples: list[dict[str, float]], deadline: float) -> None:
-    """RSS and CPU once a second (sleeping on the event loop, so it costs the clients nothing)."""
-    if pid is None:
-        return
-    t0, cpu0 = time.monotonic(), cpu_seconds(pid)
-    while True:
-        now = time.monotonic()
-        cpu = cpu_seconds(pid)
-        samples.append({"t_s": round(now - t0, 1), "rss_mb": round(rss_bytes(pid) / 2**20, 1), "cpu_s": cpu - cpu0})
-        if now >= deadline:
-            return
-        await asyncio.sleep(min(1.0, max(0.0, deadline - now)))
+                failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
+            time.sleep(max(0.0, min(every - (time.monotonic() - started), deadline - time.monotonic())))
+    if pid:
+        samples.append(
+            {
+                "t_s": round(time.monotonic() - t0, 1),
+                "rss_mb": round(rss_bytes(pid) / 2**20, 1),
+                "cpu_s": cpu_seconds(pid) - cpu0,
+            }
+        )
+    out.put({"health": health, "failures": failures, "samples": samples})
 
 
 async def run_load(url: str, args: argparse.Namespace, pid: int | None) -> dict[str, Any]:
-    tally, samples = Tally(), []
+    tally = Tally()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    prober = ctx.Process(
+        target=probe, args=(url, pid, args.seconds, args.health_every, args.request_timeout, results), daemon=True
+    )
+    prober.start()
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.request_timeout, limits=limits) as http:
         started = time.monotonic()
         deadline = started + args.seconds
-        await asyncio.gather(
+        *_, lags = await asyncio.gather(
             *(client_loop(n, http, tally, deadline, args.steps) for n in range(args.clients)),
-            health_loop(url, tally, deadline, args.health_every, args.request_timeout),
-            sample_loop(pid, samples, deadline),
+            loop_lag(deadline),
         )
         wall = time.monotonic() - started
-    return report(tally, samples, wall)
+    probed = await asyncio.to_thread(results.get, True, args.request_timeout + 30)
+    prober.join(30)
+    tally.health = probed["health"]
+    for code, n in probed["failures"].items():
+        tally.statuses[f"healthz {code}"] = n
+    tally.statuses["healthz 200"] = len(probed["health"])
+    return report(tally, probed["samples"], wall, lags)
 
 
-def report(tally: Tally, samples: list[dict[str, float]], wall: float) -> dict[str, Any]:
+def report(tally: Tally, samples: list[dict[str, float]], wall: float, lags: list[float]) -> dict[str, Any]:
     rss = [s["rss_mb"] for s in samples]
     return {
         "wall_s": round(wall, 2),
@@ -192,6 +213,7 @@ def report(tally: Tally, samples: list[dict[str, float]], wall: float) -> dict[s
         "submit_429": latency_summary(tally.submit_refused),
         "poll": latency_summary(tally.polls),
         "healthz": latency_summary(tally.health),
+        "client_loop_lag": latency_summary(lags),
         "count_429": tally.count(lambda code: code == "429"),
         "count_5xx": tally.count(lambda code: code.isdigit() and code.startswith("5")),
         "transport_errors": tally.count(lambda code: not code.isdigit()),

@@ -50,6 +50,7 @@ from _common import (  # noqa: E402
     git_commit,
     latency_summary,
     log,
+    loop_lag,
     median,
     ms,
     plain_server,
@@ -363,7 +364,7 @@ async def submit_load(url: str, clients: int, seconds: float) -> dict[str, Any]:
 
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
         started = time.perf_counter()
-        await asyncio.gather(*(client(c, http) for c in range(clients)))
+        *_, lags = await asyncio.gather(*(client(c, http) for c in range(clients)), loop_lag(deadline))
         wall = time.perf_counter() - started
     return {
         "clients": clients,
@@ -371,6 +372,7 @@ async def submit_load(url: str, clients: int, seconds: float) -> dict[str, Any]:
         "accepted_per_s": round(len(latencies) / wall, 1),
         "accepted": latency_summary(latencies),
         "statuses": statuses,
+        "client_loop_lag": latency_summary(lags),
     }
 
 

@@ -314,6 +314,17 @@ def assert_indexed(store: JobStore, statements: list[tuple[str, object]]) -> Non
             assert "Seq Scan on jobs" not in text, where
 
 
+def assert_positions_walk_the_claim_index(store: JobStore, statements: list[tuple[str, object]]) -> None:
+    """Queue positions are counted on `ix_jobs_claim` (index-only range scans), not by filtering another index on
+    `state`, which would read the whole queue for a job near its head."""
+    counts = [(st, p) for st, p in statements if "count(" in st.lower()]
+    assert counts
+    for statement, parameters in counts:
+        text = plan(store, statement, parameters)
+        on_jobs = [line for line in text.splitlines() if re.search(r"\bjobs\b( |_\d+ |$)", line) and "ix_" in line]
+        assert on_jobs and all("ix_jobs_claim" in line for line in on_jobs), text
+
+
 def test_hot_queries_use_indexes_at_100k_queued(db_url, tmp_path):
     migrate(db_url, lock_dir=tmp_path)
     store = JobStore(db_url, max_queue_depth=10 * DEPTH)
@@ -327,8 +338,10 @@ def test_hot_queries_use_indexes_at_100k_queued(db_url, tmp_path):
         assert_indexed(store, captured(store, lambda: store.claim("w", 30, batch_key="b3")))
         status = captured(store, lambda: store.status(mine.id))
         assert_indexed(store, status)  # the job by id; its position (bounded index counts), step rate, workers
+        assert_positions_walk_the_claim_index(store, status)
         listing = captured(store, lambda: store.list_status(tenant="t1", limit=50))
         assert_indexed(store, listing)
+        assert_positions_walk_the_claim_index(store, listing)
         submit = captured(store, lambda: store.create(req(), tenant="t2"))
         assert_indexed(store, submit)  # depth counts, fair tag seeks
         got = store.status(mine.id)

@@ -909,10 +909,14 @@ def _queued_total() -> sa.ScalarSelect:
     return sa.select(sa.func.coalesce(sa.func.sum(queue_counters.c.queued), 0)).scalar_subquery()
 
 
-def _bounded_count(limit: int, *where: sa.ColumnElement[bool]) -> sa.ScalarSelect:
-    """`count(*)` of at most `limit` rows: reads no more index entries than that, however many match."""
-    inner = sa.select(sa.literal(1).label("one")).select_from(jobs).where(*where).limit(limit).subquery()
-    return sa.select(sa.func.count()).select_from(inner).scalar_subquery()
+def _bounded_count(
+    limit: int, *where: sa.ColumnElement[bool], order: Sequence[sa.ColumnElement] = ()
+) -> sa.ScalarSelect:
+    """`count(*)` of at most `limit` rows: reads no more index entries than that, however many match. `order`
+    names the index to walk: with a LIMIT, a planner may otherwise pick any index on `state` and filter, which
+    reads the whole queue when few rows match."""
+    inner = sa.select(sa.literal(1).label("one")).select_from(jobs).where(*where).order_by(*order).limit(limit)
+    return sa.select(sa.func.count()).select_from(inner.subquery()).scalar_subquery()
 
 
 def _first(order: sa.ColumnElement, *where: sa.ColumnElement[bool]) -> sa.ScalarSelect:
@@ -921,18 +925,20 @@ def _first(order: sa.ColumnElement, *where: sa.ColumnElement[bool]) -> sa.Scalar
 
 
 def _ahead(job: JobRecord) -> sa.ColumnElement:
-    """Queued jobs the claim takes before `job`, counted to at most `POSITION_CAP + 1`: higher classes, then its own
-    class up to its key. Two range scans of `ix_jobs_claim`, each index-only."""
-    queued = jobs.c.state == _QUEUED
-    key = sa.tuple_(jobs.c.fair_tag, jobs.c.created_at, jobs.c.id)
-    own = sa.tuple_(
-        sa.literal(job.fair_tag, jobs.c.fair_tag.type),
-        sa.literal(job.created_at, jobs.c.created_at.type),
-        sa.literal(job.id, jobs.c.id.type),
+    """Queued jobs the claim takes before `job`, each part counted to at most `POSITION_CAP + 1`: higher classes,
+    its own class with a smaller fair tag, and the (rare) ties on its tag that are older. Each part is one plain
+    range of `ix_jobs_claim`, read index-only; a single row-value comparison over (fair_tag, created_at, id) would
+    be just as exact, but planners estimate it poorly (PostgreSQL walked another index for it)."""
+    queued, same_class = jobs.c.state == _QUEUED, jobs.c.priority == job.priority
+    tag = sa.literal(job.fair_tag, jobs.c.fair_tag.type)
+    older = sa.tuple_(jobs.c.created_at, jobs.c.id) < sa.tuple_(
+        sa.literal(job.created_at, jobs.c.created_at.type), sa.literal(job.id, jobs.c.id.type)
     )
-    higher = _bounded_count(POSITION_CAP + 1, queued, jobs.c.priority > job.priority)
-    same = _bounded_count(POSITION_CAP + 1, queued, jobs.c.priority == job.priority, key < own)
-    return higher + same
+    cap, order = POSITION_CAP + 1, CLAIM_ORDER
+    higher = _bounded_count(cap, queued, jobs.c.priority > job.priority, order=order)
+    lower_tag = _bounded_count(cap, queued, same_class, jobs.c.fair_tag < tag, order=order)
+    tied = _bounded_count(cap, queued, same_class, jobs.c.fair_tag == tag, older, order=order)
+    return higher + lower_tag + tied
 
 
 def _rate_key(model: str | None) -> str:

@@ -164,3 +164,19 @@ def test_a_job_that_breaks_the_device_every_time_is_given_up_and_the_worker_reco
         30,
         f"gpu0 active again (was {listed.get('gpu0')})",
     )
+
+
+def test_serve_with_two_workers_runs_two_workers(tmp_path, models_dir):
+    """`darkroom serve --workers 2` used to run one: the second thread died importing torch while the first did."""
+    cluster = Cluster(tmp_path, models_dir)
+    try:
+        cluster.start_server(workers=2)
+        with cluster.client() as http:
+
+            def active() -> list[str]:
+                return [w["id"] for w in http.get("/v1/workers").json() if w["state"] == "active"]
+
+            wait_until(lambda: len(active()) == 2, timeout=120, what=f"two active workers\n{cluster.logs()}")
+            assert "crashed" not in cluster.server.output()
+    finally:
+        cluster.close()

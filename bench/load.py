@@ -185,6 +185,7 @@ async def run_load(url: str, args: argparse.Namespace, pid: int | None) -> dict[
         target=probe, args=(url, pid, args.seconds, args.health_every, args.request_timeout, results), daemon=True
     )
     prober.start()
+    client_cpu0 = time.process_time()
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.request_timeout, limits=limits) as http:
         started = time.monotonic()
         deadline = started + args.seconds
@@ -199,7 +200,9 @@ async def run_load(url: str, args: argparse.Namespace, pid: int | None) -> dict[
     for code, n in probed["failures"].items():
         tally.statuses[f"healthz {code}"] = n
     tally.statuses["healthz 200"] = len(probed["health"])
-    return report(tally, probed["samples"], wall, lags)
+    out = report(tally, probed["samples"], wall, lags)
+    out["client_cpu_s"] = round(time.process_time() - client_cpu0, 2)  # the clients' share of the same machine
+    return out
 
 
 def report(tally: Tally, samples: list[dict[str, float]], wall: float, lags: list[float]) -> dict[str, Any]:

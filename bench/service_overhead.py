@@ -362,6 +362,7 @@ async def submit_load(url: str, clients: int, seconds: float) -> dict[str, Any]:
                 wait = float(r.headers.get("Retry-After", "1") or 1)
                 await asyncio.sleep(max(0.0, min(wait, deadline - time.monotonic())))
 
+    client_cpu0 = time.process_time()
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
         started = time.perf_counter()
         *_, lags = await asyncio.gather(*(client(c, http) for c in range(clients)), loop_lag(deadline))
@@ -373,6 +374,7 @@ async def submit_load(url: str, clients: int, seconds: float) -> dict[str, Any]:
         "accepted": latency_summary(latencies),
         "statuses": statuses,
         "client_loop_lag": latency_summary(lags),
+        "client_cpu_s": round(time.process_time() - client_cpu0, 2),
     }
 
 

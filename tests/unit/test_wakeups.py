@@ -83,6 +83,26 @@ def test_feed_wakes_work_listeners_and_job_subscribers_from_any_connection(store
         feed.close()
 
 
+def test_a_write_in_this_process_pokes_the_feed_without_waiting_for_its_tick(store_pair):
+    here, _ = store_pair
+    feed = ChangeFeed(here.url, here.engine, check_seconds=30).start()  # the tick alone would take 30 s
+    try:
+        work = threading.Event()
+        feed.on_work(work.set)
+        for seed in range(3):
+            work.clear()
+            here.create(request(seed=seed))
+            started = time.monotonic()
+            assert work.wait(5), "the commit did not poke the feed"
+            assert time.monotonic() - started < 1.0
+        reads = feed.reads
+        for _ in range(20):
+            here.get("job_none")  # read-only transactions do not poke
+        assert feed.reads == reads
+    finally:
+        feed.close()
+
+
 def test_async_subscription_wakes_the_event_loop(store_pair):
     here, there = store_pair
     feed = ChangeFeed(here.url, here.engine).start()

@@ -5,11 +5,13 @@ they are for) and hands each event to the subscriptions for its job (a `/v1/gene
 route) and, for events that make work claimable, to the idle workers' wake-ups. Waiters therefore cost nothing while
 nothing happens, and one read serves all of them.
 
-What makes the feed read, cheapest first:
-- a commit in this process: a listener on the store's engine pokes the feed when a connection that committed goes
-  back to the pool (SQLAlchemy's `commit` event fires *before* the commit, when the rows are not visible yet);
+What makes the feed read:
 - PostgreSQL: `NOTIFY darkroom_jobs` in every transaction that writes an event (`announce`), heard on a LISTEN
-  connection of the feed's own, plus a slow fallback read in case a notice was lost while reconnecting;
+  connection of the feed's own (this process's commits included), plus a slow fallback read in case a notice was lost
+  while reconnecting;
+- SQLite, a write committed in this process: when a connection goes back to the store's pool (after its commit, so
+  the rows are visible) and SQLite's `total_changes` counter for it moved, a pool listener pokes the feed. Read-only
+  transactions never poke;
 - SQLite, written by other processes: `PRAGMA data_version` on a dedicated connection, checked every
   `check_seconds`. It changes only when another connection commits, so an idle database costs one tiny pragma per tick.
 
@@ -43,7 +45,7 @@ CHANNEL = "darkroom_jobs"
 WORK_EVENTS = frozenset({"queued", "requeued", "retrying"})  # a job became (or will become) claimable
 TERMINAL_EVENTS = frozenset({"succeeded", "failed", "cancelled", "dead"})
 _ANNOUNCED = "darkroom_announced"
-_COMMITTED = "darkroom_committed"
+_CHANGES = "darkroom_total_changes"
 _READ_LIMIT = 1000
 
 
@@ -218,8 +220,7 @@ class ChangeFeed:
                 self._version = self._data_version()
             with self._engine.connect() as conn:
                 self._low = conn.execute(sa.select(sa.func.max(job_events.c.id))).scalar() or 0
-            if self._watched is not None:
-                sa.event.listen(self._watched, "commit", self._on_commit)
+            if self._watched is not None and not self.postgres:
                 sa.event.listen(self._watched, "checkin", self._on_checkin)
             self._thread = threading.Thread(target=self._run, name="darkroom-feed", daemon=True)
             self._thread.start()
@@ -233,9 +234,8 @@ class ChangeFeed:
         self._poke_pending = True  # from now on a poke writes nothing: the pipe is about to close
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._watched is not None and self._thread is not None:
+        if self._watched is not None and self._thread is not None and not self.postgres:
             with contextlib.suppress(sa.exc.InvalidRequestError):
-                sa.event.remove(self._watched, "commit", self._on_commit)
                 sa.event.remove(self._watched, "checkin", self._on_checkin)
         for conn in (self._sqlite, self._listen):
             if conn is not None:
@@ -247,13 +247,14 @@ class ChangeFeed:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def _on_commit(self, conn: sa.Connection) -> None:
-        """`commit` fires before the DBAPI commit, when other connections cannot see the rows yet: mark the
-        connection, and poke when it goes back to the pool."""
-        conn.info[_COMMITTED] = True
-
-    def _on_checkin(self, _dbapi_conn: Any, record: Any) -> None:
-        if record is not None and record.info.pop(_COMMITTED, False):
+    def _on_checkin(self, dbapi_conn: Any, record: Any) -> None:
+        """A connection is back in the pool, its transaction over: poke if it wrote anything since last time.
+        (SQLAlchemy's `commit` event would be too early: it fires before the commit makes the rows visible.)"""
+        changes = getattr(dbapi_conn, "total_changes", None)
+        if changes is None or record is None:
+            return
+        if record.info.get(_CHANGES) != changes:
+            record.info[_CHANGES] = changes
             self.poke()
 
     # --- the feed thread --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import subprocess
 
 import pytest
 from fastapi.testclient import TestClient
@@ -130,8 +131,32 @@ def test_models_and_samplers_and_health(api):
     samplers = api.get("/v1/samplers").json()
     assert "Euler a" in [s["name"] for s in samplers]
     assert api.get("/healthz").json() == {"status": "ok"}
-    assert api.get("/readyz").status_code == 200
+    ready = api.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"database": "ok", "models": "ok", "workers": "ok", "storage": "ok"}
     assert "darkroom_jobs" in api.get("/metrics").text
+
+
+def test_readyz_goes_red_when_the_blob_disk_is_nearly_full(tmp_path, models_dir):
+    """A real 8 MiB tmpfs as the data dir: under the free-space floor, so an orchestrator stops routing work here
+    before writes fail."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        settings = Settings(data_dir=disk / "data", models_dir=models_dir, database_url=f"sqlite:///{tmp_path}/db")
+        svc = Services.open(settings)
+        try:
+            with TestClient(create_app(svc, workers=0)) as client:
+                ready = client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["checks"]["storage"].startswith("error: disk nearly full")
+        finally:
+            svc.close()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_generate_waits_and_returns_images_with_provenance(api_with_worker):

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 from darkroom import clock
 from darkroom.auth.principal import Permission
 from darkroom.service import Services
+from darkroom.storage import storage_health
 
 from .auth import require
 
@@ -57,6 +58,8 @@ class Readiness:
         except Exception as exc:
             checks["database"] = f"error: {type(exc).__name__}"
         checks["models"] = "ok" if self.svc.registry.scan() else "error: no models"
+        checks["workers"] = str(self.svc.worker_health()["status"])
+        checks["storage"] = storage_health(self.svc.blobs)
         return checks
 
 
@@ -65,7 +68,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="The database answers and a model is available")
+@router.get("/readyz", summary="The database answers, a model is available, workers are healthy, storage has room")
 async def readyz(request: Request) -> JSONResponse:
     checks = await request.app.state.readiness.checks()
     ready = all(v == "ok" for v in checks.values())

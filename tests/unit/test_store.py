@@ -424,3 +424,12 @@ def test_the_queue_depth_counter_matches_the_queue_through_every_move(store):
     store.max_queue_depth = 5
     with pytest.raises(QueueFull):
         store.create(req())
+
+
+def test_a_listing_reports_the_same_positions_as_each_jobs_own_status(store):
+    store.max_queue_depth = 10_000
+    for i in range(12):
+        store.create(req(seed=i, priority=("low", "normal", "high")[i % 3]), tenant=("a", "b")[i % 2])
+    listed = store.list_status(limit=50)
+    assert sorted(s.queue_position for s in listed) == list(range(1, 13))
+    assert all(s.queue_position == store.status(s.job.id).queue_position for s in listed)

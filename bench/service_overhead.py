@@ -328,9 +328,27 @@ def prefill(data_dir: Path, models_dir: Path, count: int) -> dict[str, Any]:
                     for i in range(first, min(count, first + 5000))
                 ]
                 conn.execute(jobs.insert(), rows)
+            keep_counters_in_step(conn, count - made)
     finally:
         svc.close()
     return {"prefill_s": round(time.perf_counter() - started, 1), "via_store": made, "bulk_copied": count - made}
+
+
+def keep_counters_in_step(conn: Any, added: int) -> None:
+    """The store keeps the queue depth in maintained counter rows (`queue_counters`, summed); rows inserted behind
+    its back must be added there too, or the depth limit and the figures would see a shallow queue."""
+    import sqlalchemy as sa
+
+    from darkroom.jobs import tables
+
+    counters = getattr(tables, "queue_counters", None)
+    if counters is None or not added:
+        return
+    shard = conn.execute(sa.select(sa.func.min(counters.c.shard))).scalar()
+    if shard is None:
+        conn.execute(counters.insert().values(shard=0, queued=added))
+    else:
+        conn.execute(counters.update().where(counters.c.shard == shard).values(queued=counters.c.queued + added))
 
 
 def queue_limit(depth: int) -> int:

@@ -746,6 +746,7 @@ class JobStore:
             timing = {
                 "available_at": sa.case((left, due), else_=jobs.c.available_at),
                 "finished_at": sa.case((left, sa.null()), else_=sa.literal(now, jobs.c.finished_at.type)),
+                "started_at": sa.case((left, sa.null()), else_=jobs.c.started_at),  # queued again: not started
             }
         with write_tx(self.engine) as conn:
             moved = self._move(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gc
 import io
+import sys
 import threading
 import time
 import weakref
@@ -480,3 +481,42 @@ def test_a_worker_thread_that_crashes_after_registering_shows_unhealthy_then_com
     while services.store.get(job.id).state is not JobState.succeeded:
         assert time.monotonic() < deadline, "the restarted worker did not run the job"
         time.sleep(0.05)
+
+
+def test_a_full_post_processing_pool_holds_the_device_back(services, tmp_path):
+    """One post-processing thread: job 1 uploads (held), job 2 denoises and waits for the pool, and job 3 starts
+    only once job 1 is written: finished images never pile up."""
+    services.settings.postprocess_workers = 1
+    blobs = GatedBlobs(tmp_path / "slow-blobs")
+    worker = Worker(services.settings, services.store, blobs, services.make_engine, worker_id="w-full")
+    jobs = [submit(services, seed=s, steps=3) for s in (1, 2, 3)]
+    batch = worker.claim()
+    assert len(batch) == 3
+    runner = threading.Thread(target=worker.process_batch, args=(batch,))
+    runner.start()
+
+    def denoised(job) -> bool:  # type: ignore[no-untyped-def]
+        return any(e.type == "progress" and e.data["step"] == 3 for e in services.store.events_since(job.id))
+
+    def device_waits_for_the_pool() -> bool:
+        frame, names = sys._current_frames().get(runner.ident), []
+        while frame is not None:
+            names.append(frame.f_code.co_name)
+            frame = frame.f_back
+        return bool(names) and names[0] == "wait" and "_hand_off" in names
+
+    def third_started() -> bool:
+        return any(e.type == "progress" for e in services.store.events_since(jobs[2].id))
+
+    try:
+        wait_until(lambda: blobs.uploading and denoised(jobs[1]), what="job 1 uploading and job 2 denoised")
+        # Either the device thread blocks handing job 2 over (backpressure), or job 3 starts (images pile up).
+        wait_until(lambda: device_waits_for_the_pool() or third_started(), what="the device to wait or go on")
+    finally:
+        blobs.gate.set()
+        runner.join(60)
+    events = {j.id: services.store.events_since(j.id) for j in jobs}
+    first_written = next(e.id for e in events[jobs[0].id] if e.type == "succeeded")
+    third_first_step = next(e.id for e in events[jobs[2].id] if e.type == "progress")
+    assert third_first_step > first_written
+    assert all(services.store.get(j.id).state is JobState.succeeded for j in jobs)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
 
@@ -30,7 +32,7 @@ def bench_models(tmp_path_factory) -> Path:
     return root
 
 
-def run_bench(script: str, *args: str, timeout: float = 300) -> dict:
+def run_bench(script: str, *args: str, timeout: float = 540) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
@@ -57,6 +59,7 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile([], 50) is None
 
 
+@pytest.mark.timeout(600)  # four servers start on a shared CPU: most of the time is imports and model loads
 def test_service_overhead_prints_every_figure(bench_models: Path) -> None:
     out = run_bench(
         "service_overhead.py",
@@ -81,6 +84,7 @@ def test_service_overhead_prints_every_figure(bench_models: Path) -> None:
     assert row["statuses"].get("202", 0) > 0 and is_positive(row["accepted"]["p99_ms"])
 
 
+@pytest.mark.timeout(600)
 def test_load_reports_latencies_errors_and_memory(bench_models: Path) -> None:
     out = run_bench(
         "load.py",

@@ -12,7 +12,8 @@ every side alike. Phases, each bounded by `--phase-timeout`:
   the medians;
 - throughput: `--clients` concurrent clients, `--jobs` images of `--tput-steps` steps: plain `POST /generate` against
   darkroom's SDK (`AsyncClient`: `POST /v1/jobs`, follow the job's SSE stream, read the job, download the image),
-  with 1 and 2 workers; server CPU per image (utime + stime from /proc over the phase) for both;
+  with 1 and 2 workers; server CPU per image (utime + stime from /proc over the phase) for both; `--attribution`
+  adds darkroom with watermark and C2PA off, and darkroom waited on through `POST /v1/generate` instead of SSE;
 - sql: statements and transactions per `POST /v1/jobs` and `GET /v1/jobs/{id}`, counted in this process with a
   SQLAlchemy cursor event on the store's engine around the real app served over loopback (the service itself
   exposes no statement count); only statements run by request threads are counted, not background loops';
@@ -86,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--attribution",
         action="store_true",
-        help="throughput phase: also darkroom (1 worker) with watermark and C2PA off, to attribute their cost",
+        help="throughput phase: also darkroom (1 worker) with watermark and C2PA off, and waited on through the sync"
+        " route instead of SSE, to attribute the costs",
     )
     p.add_argument("--models-dir", type=Path, help="reuse (or build once) the tiny model here; default: a temp dir")
     return p.parse_args(argv)
@@ -180,6 +182,20 @@ async def tput_darkroom(server: Server, clients: int, jobs: int, steps: int) -> 
             await sdk.image(job["images"][0]["url"])
 
         return await fan_out(clients, jobs, one)
+
+
+async def tput_darkroom_sync(server: Server, clients: int, jobs: int, steps: int) -> float:
+    """The other way a client waits: the sync route (`POST /v1/generate`) and the download, no SSE."""
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits) as http:
+
+        async def one(i: int) -> None:
+            await one_darkroom(http, i, steps)
+
+        return await fan_out(clients, jobs, one)
+
+
+SYNC_CLIENTS = "darkroom_1w_sync_generate"  # --attribution: darkroom_1w's server, waited on with /v1/generate
 
 
 async def measured(server: Server, work: Awaitable[Any]) -> tuple[Any, float, float]:
@@ -431,14 +447,14 @@ async def submit_phase(args: argparse.Namespace, models_dir: Path, logs: Path) -
 async def rounds(args: argparse.Namespace, servers: dict[str, Server], phases: set[str]) -> dict[str, Any]:
     raw: dict[str, dict[str, list[float]]] = {"latency_s": {}, "pair_ratio": {}, "seq_cpu_s_per_image": {}}
     raw.update({"images_per_s": {}, "cpu_s_per_image": {}})
-    order = list(servers)
+    order = list(servers) + ([SYNC_CLIENTS] if args.attribution else [])
     for r in range(args.rounds):
         if "latency" in phases:
             await latency_round(args, servers["plain"], servers["darkroom_1w"], raw, r)
         for name in order if r % 2 == 0 else order[::-1]:
             if "throughput" in phases:
-                server = servers[name]
-                tput = tput_plain if name == "plain" else tput_darkroom
+                server = servers.get(name) or servers["darkroom_1w"]
+                tput = {"plain": tput_plain, SYNC_CLIENTS: tput_darkroom_sync}.get(name, tput_darkroom)
                 job = _wrap(tput(server, args.clients, args.jobs, args.tput_steps))
                 res, wall, cpu = await measured(server, bounded(job, args.phase_timeout))
                 rate = f"{args.jobs / wall:.2f} images/s, {cpu / args.jobs:.3f} CPU s/image"

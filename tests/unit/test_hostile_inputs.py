@@ -202,11 +202,6 @@ def test_native_jobs_refuse_every_hostile_value(api, svc):
     check_all(cases(), svc, blobs=False)  # see the next test
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="v1.submit stores init_image as a blob before it decodes mask_image and checks quotas: a refused "
-    "request leaves an orphan blob (the A1111 and OpenAI routes store nothing before submit)",
-)
 def test_a_refused_native_request_stores_nothing(api, svc):
     before = set(stored(svc))
     noise = Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3))  # a source no earlier request stored

@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 
+import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -32,6 +33,7 @@ from darkroom.schemas import (
     check_limits,
 )
 from darkroom.service import Services
+from darkroom.storage.base import content_key
 
 from . import waiting
 from .auth import principal, require, sees_job, tenant_policy, visible_image, visible_job, websocket_principal
@@ -134,20 +136,29 @@ def submit_status(
         "seed": body.seed if body.seed is not None else clock.random_seed(),
         **(stored or {}),
     }
+    if body.webhook_url and not svc.settings.webhooks.secret:
+        raise InvalidRequest("webhooks are not configured (DARKROOM_WEBHOOKS__SECRET)", field="webhook_url")
+    uploads: list[bytes] = []  # decoded and checked now; stored only once the job is admitted (see `admit`)
     if body.init_image:
         raw = decode_base64_image(body.init_image, limits, "init_image")
-        png = load_image(raw, limits, "init_image", size=(body.width, body.height))
-        _, key = svc.blobs.put(png, "image/png")
-        updates["init_image"] = f"blob:{key}"
+        uploads.append(load_image(raw, limits, "init_image", size=(body.width, body.height)))
+        updates["init_image"] = f"blob:{content_key(uploads[-1])[1]}"
     if body.mask_image and "mask_image" not in (stored or {}):
         if not body.init_image:
             raise InvalidRequest("mask_image needs init_image", field="mask_image")
         raw = decode_base64_image(body.mask_image, limits, "mask_image")
-        mask = load_mask(raw, limits, "mask_image", (body.width, body.height))
-        updates["mask_image"] = f"blob:{svc.blobs.put(mask, 'image/png')[1]}"
-    if body.webhook_url and not svc.settings.webhooks.secret:
-        raise InvalidRequest("webhooks are not configured (DARKROOM_WEBHOOKS__SECRET)", field="webhook_url")
+        uploads.append(load_mask(raw, limits, "mask_image", (body.width, body.height)))
+        updates["mask_image"] = f"blob:{content_key(uploads[-1])[1]}"
     resolved = body.model_copy(update=updates)
+
+    def admit(conn: sa.Connection, images_today: int) -> None:
+        """Quotas first, then the uploads: a refused request stores nothing. The bytes are written inside the submit
+        transaction so no worker can claim the job before its source exists (a few KB to a few MB: on SQLite this
+        holds the write lock for the time of one file write, and only for img2img and inpainting)."""
+        check_quotas(conn, who.tenant, policy, resolved.n, images_today)
+        for data in uploads:
+            svc.blobs.put(data, "image/png")
+
     status, created = svc.store.enqueue(
         resolved,
         tenant=who.tenant,
@@ -156,7 +167,7 @@ def submit_status(
         request_id=request.state.request_id,
         body_hash=body_hash,
         max_attempts=svc.settings.max_attempts,
-        admit=lambda conn, images_today: check_quotas(conn, who.tenant, policy, resolved.n, images_today),
+        admit=admit,
         record=lambda conn, job_id: audit.record(conn, who, "job.submit", job_id, _audit_details(resolved)),
     )
     if not created and not sees_job(who, status.job):  # keys are scoped to the caller; never hand a replay across

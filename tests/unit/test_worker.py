@@ -520,3 +520,26 @@ def test_a_full_post_processing_pool_holds_the_device_back(services, tmp_path):
     third_first_step = next(e.id for e in events[jobs[2].id] if e.type == "progress")
     assert third_first_step > first_written
     assert all(services.store.get(j.id).state is JobState.succeeded for j in jobs)
+
+
+def test_a_batch_cut_short_by_a_database_error_stops_renewing_its_leases(services):
+    """The store fails as the batch begins (the database restarting): nothing of the batch may stay leased, or its
+    jobs would never run. Their leases run out and the reaper puts them back."""
+    services.settings.lease_seconds = 0.5
+    worker = Worker(services.settings, services.store, services.blobs, services.make_engine, worker_id="w-cut")
+    jobs = [submit(services, seed=s) for s in (1, 2)]
+    batch = worker.claim()
+    assert len(batch) == 2
+    original = services.store.start
+
+    def start(job_id, worker_id):  # type: ignore[no-untyped-def]
+        services.store.start = original
+        raise RuntimeError("server closed the connection unexpectedly")
+
+    services.store.start = start
+    with pytest.raises(RuntimeError):
+        worker.process_batch(batch)
+    requeued: set[str] = set()
+    wait_until(lambda: requeued.update(services.store.requeue_expired()) or len(requeued) == 2, 10, "the reaper")
+    assert requeued == {j.id for j in jobs}
+    assert all(services.store.get(j.id).state is JobState.queued for j in jobs)

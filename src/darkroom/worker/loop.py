@@ -91,6 +91,13 @@ class _Leases:
         if not handed:
             self.done(job_id)
 
+    def abandon(self) -> None:
+        """Stop renewing every job the device did not hand to post-processing, so their leases run out."""
+        with self._lock:
+            ids = self.pending - self._handed
+        for job_id in ids:
+            self.done(job_id)
+
     def done(self, job_id: str) -> None:
         """The job's outcome is written (or it is no longer ours): stop renewing its lease. The heartbeat thread
         ends with the batch's last job, which may be after the device moved on to the next batch."""
@@ -369,14 +376,17 @@ class Worker:
         """Denoise the batch job after job; each job's images go to post-processing while the next one denoises.
         Leases stay renewed until each job's outcome is written."""
         leases = _Leases(self.store, batch, self.id, self.settings).start()
-        for job in batch:
-            try:
-                if self._stop.is_set() or self.health.paused():
-                    self.store.release(job.id, self.id)
-                    continue
-                self._process(job, leases)
-            finally:
-                leases.settle(job.id)
+        try:
+            for job in batch:
+                try:
+                    if self._stop.is_set() or self.health.paused():
+                        self.store.release(job.id, self.id)
+                        continue
+                    self._process(job, leases)
+                finally:
+                    leases.settle(job.id)
+        finally:
+            leases.abandon()  # an error cut the batch short: its unstarted jobs go back through the reaper
 
     def _process(self, job: JobRecord, leases: _Leases) -> None:
         attempt = self.store.start(job.id, self.id)  # the attempt counts from here, not from the claim

@@ -17,8 +17,8 @@ every side alike. Phases, each bounded by `--phase-timeout`:
 - sql: statements and transactions per `POST /v1/jobs` and `GET /v1/jobs/{id}`, counted in this process with a
   SQLAlchemy cursor event on the store's engine around the real app served over loopback (the service itself
   exposes no statement count); only statements run by request threads are counted, not background loops';
-- submit: an API-only node (`--workers 0`) with `--queued` jobs (and 100,000 with `--deep`) already queued through
-  `JobStore.create`, `--submit-clients` clients submitting for `--submit-seconds`: p50/p99, submits/s, 429s.
+- submit: an API-only node (`--workers 0`) with `--queued` jobs (and 100,000 with `--deep`) of 50 other tenants
+  already queued, `--submit-clients` clients submitting for `--submit-seconds`: p50/p99, submits/s, 429s.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/service_overhead.py --rounds 3
 """
@@ -61,6 +61,7 @@ from _common import (  # noqa: E402
 PHASES = ("latency", "throughput", "sql", "submit")
 DEEP_QUEUE = 100_000
 STORE_PREFILL = 2_000
+PREFILL_TENANTS = 50  # the queue belongs to other tenants: the submitting one keeps its default per-tenant limit
 
 
 def body(i: int, steps: int, size: int = 64) -> dict[str, Any]:
@@ -311,8 +312,9 @@ def count_requests(url: str, token: str, counter: StatementCounter, n: int) -> d
 
 
 def prefill(data_dir: Path, models_dir: Path, count: int) -> dict[str, Any]:
-    """`count` queued jobs: up to `STORE_PREFILL` through darkroom's own `JobStore.create` (every table it keeps in
-    step stays so), the rest copied from those rows by bulk INSERT (100,000 single submits would take minutes)."""
+    """`count` queued jobs of `PREFILL_TENANTS` other tenants: up to `STORE_PREFILL` through darkroom's own
+    `JobStore.create` (every table it keeps in step stays so), the rest copied from those rows by bulk INSERT
+    (100,000 single submits would take minutes)."""
     import sqlalchemy as sa
 
     from darkroom.clock import new_id
@@ -321,7 +323,7 @@ def prefill(data_dir: Path, models_dir: Path, count: int) -> dict[str, Any]:
     from darkroom.schemas import GenerationRequest
     from darkroom.service import Services
 
-    limits = Limits(max_queue_depth=queue_limit(count), max_tenant_queue_depth=queue_limit(count))
+    limits = Limits(max_queue_depth=queue_limit(count), max_tenant_queue_depth=None)
     svc = Services.open(Settings(data_dir=data_dir, models_dir=models_dir, workers=0, limits=limits))
     started = time.perf_counter()
     try:
@@ -329,7 +331,7 @@ def prefill(data_dir: Path, models_dir: Path, count: int) -> dict[str, Any]:
         made = min(count, STORE_PREFILL)
         for i in range(made):
             request = GenerationRequest(prompt=f"queued {i}", width=64, height=64, steps=4, seed=i, model=model)
-            svc.store.create(request)
+            svc.store.create(request, tenant=f"queued-{i % PREFILL_TENANTS}")
         with svc.store.engine.begin() as conn:
             template = dict(conn.execute(sa.select(jobs).order_by(jobs.c.fair_tag.desc()).limit(1)).one()._mapping)
             step = dt.timedelta(microseconds=1)
@@ -338,6 +340,7 @@ def prefill(data_dir: Path, models_dir: Path, count: int) -> dict[str, Any]:
                     {
                         **template,
                         "id": new_id("job"),
+                        "tenant": f"queued-{i % PREFILL_TENANTS}",
                         "fair_tag": template["fair_tag"] + 1 + i - made,
                         "created_at": template["created_at"] + (i - made + 1) * step,
                     }
@@ -368,8 +371,7 @@ def keep_counters_in_step(conn: Any, added: int) -> None:
 
 
 def queue_limit(depth: int) -> int:
-    """Depth limits that admit the pre-filled queue plus what the phase submits; no higher, because the limit
-    check is a count bounded by the limit."""
+    """A service-wide depth limit that admits the pre-filled queue plus what the phase submits."""
     return max(10_000, depth + 20_000)
 
 
@@ -422,7 +424,7 @@ async def submit_phase(args: argparse.Namespace, models_dir: Path, logs: Path) -
             limit = str(queue_limit(depth))
             env = bench_env(
                 args.omp_threads,
-                {"DARKROOM_LIMITS__MAX_QUEUE_DEPTH": limit, "DARKROOM_LIMITS__MAX_TENANT_QUEUE_DEPTH": limit},
+                {"DARKROOM_LIMITS__MAX_QUEUE_DEPTH": limit},
             )
             server = darkroom_server(f"api-only-{depth}", Path(tmp), models_dir, 0, logs, env)
             try:

@@ -67,7 +67,12 @@ def ensure_model(models_dir: Path) -> Path:
     from darkroom.models.smoke import SMOKE_MODEL_DIRNAME, ensure_smoke_model
 
     ensure_smoke_model(models_dir)
-    return models_dir / SMOKE_MODEL_DIRNAME
+    model = models_dir / SMOKE_MODEL_DIRNAME
+    if not model.is_dir():
+        raise SystemExit(
+            f"{models_dir} holds other models: give the benchmarks a folder of their own (or an empty one)"
+        )
+    return model
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -165,7 +170,7 @@ class Server:
     def pid(self) -> int:
         return self.popen.pid
 
-    def wait_ready(self, path: str = "/healthz", timeout: float = 120.0) -> float:
+    def wait_ready(self, path: str = "/healthz", timeout: float = 300.0) -> float:
         """Seconds until `path` answers 200; raises with the server's log if it dies or never does."""
         started = time.monotonic()
         deadline = started + timeout

@@ -484,3 +484,14 @@ def test_wake_runs_a_pass_at_once_instead_of_after_the_idle_wait(tmp_path, model
                 dispatcher.stop()
     finally:
         svc.close()
+
+
+def test_the_apps_dispatcher_is_woken_by_the_change_feed_not_its_poll(tmp_path, models_dir):
+    """With a 60 s pass interval, only the feed's notice of the job's end can explain a delivery within seconds."""
+    svc = Services.open(make_settings(tmp_path, models_dir, enabled=True, poll_seconds=60))
+    try:
+        with Receiver() as hook, TestClient(create_app(svc)):
+            run_job(svc, hook.url)
+            hook.wait_for(1, timeout=10)
+    finally:
+        svc.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import anyio.to_thread
 from fastapi import FastAPI
@@ -15,8 +15,11 @@ from fastapi.responses import RedirectResponse
 from darkroom import __version__
 from darkroom.auth import invalidation
 from darkroom.auth.failures import LoginFailures
+from darkroom.schemas import WEBHOOK_EVENTS
 from darkroom.service import Services
 from darkroom.storage.retention import start_for as start_retention
+from darkroom.webhooks.deliveries import COMPLETED
+from darkroom.webhooks.dispatcher import WebhookDispatcher
 from darkroom.webhooks.dispatcher import start_for as start_webhooks
 
 from . import a1111, admin, errors, health, openai_compat, review, v1, webhooks
@@ -43,11 +46,13 @@ def create_app(services: Services, workers: int = 0) -> FastAPI:
         app.state.cache_listener = listener
         services.start_workers(workers)
         dispatcher = start_webhooks(services.settings, services.store)
+        unwake = _wake_on_events(services, dispatcher)
         retention = start_retention(services.settings, services)
         try:
             yield
         finally:
             retention.stop()
+            unwake()
             if dispatcher is not None:
                 dispatcher.stop()
             services.stop_workers()
@@ -129,3 +134,12 @@ def _openapi(app: FastAPI) -> dict:
             components.pop("ValidationError", None)  # only FastAPI's shape used it
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _wake_on_events(services: Services, dispatcher: WebhookDispatcher | None) -> Callable[[], None]:
+    """The dispatcher sleeps (backing off to a few seconds) until the change feed reports an event a webhook may be
+    owed for; progress events, the most frequent, are left to its busy-time pace."""
+    if dispatcher is None or services.feed is None:
+        return lambda: None
+    wanted = (set(WEBHOOK_EVENTS) - {"progress", "completed"}) | COMPLETED
+    return services.feed.on_events(wanted, dispatcher.wake)

@@ -145,7 +145,7 @@ class ChangeFeed:
         self._watched = engine
         self._engine = create_engine(url)
         self._subs: dict[str, set[Subscription]] = {}
-        self._work: list[Callable[[], None]] = []
+        self._listeners: list[tuple[frozenset[str], Callable[[], None]]] = []
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -183,13 +183,20 @@ class ChangeFeed:
     def on_work(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call `callback` (from the feed thread; keep it short) whenever a job becomes claimable. Returns the
         function that stops it."""
+        return self.on_events(WORK_EVENTS, callback)
+
+    def on_events(self, types: Collection[str], callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` (from the feed thread; keep it short) when any job gets an event of one of `types`: how a
+        background loop (workers, the webhook dispatcher) sleeps until it has something to do. Returns the function
+        that stops it."""
         self.start()
+        entry = (frozenset(types), callback)
         with self._lock:
-            self._work.append(callback)
+            self._listeners.append(entry)
 
         def cancel() -> None:
             with self._lock, contextlib.suppress(ValueError):
-                self._work.remove(callback)
+                self._listeners.remove(entry)
 
         return cancel
 
@@ -364,14 +371,14 @@ class ChangeFeed:
     def _dispatch(self, event: JobEvent) -> None:
         with self._lock:
             subs = list(self._subs.get(event.job_id, ()))
-            work = list(self._work) if event.type in WORK_EVENTS else []
+            listeners = [callback for types, callback in self._listeners if event.type in types]
         for sub in subs:
             sub.deliver(event)
-        for callback in work:
+        for callback in listeners:
             try:
                 callback()
             except Exception:
-                log.exception("change feed: work listener failed")
+                log.exception("change feed: listener failed")
 
 
 class Waiter:

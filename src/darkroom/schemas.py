@@ -216,7 +216,11 @@ class JobView(BaseModel):
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
     attempts: int
-    queue_position: int | None = None
+    queue_position: int | None = Field(
+        None,
+        description="1-based place in the claim order while queued; exact up to 1,000, and 1001 means further back"
+        " (counting further would make every status read cost more as the queue grows)",
+    )
     eta_seconds: float | None = Field(None, description="rough seconds to finish, from recent step rates")
     progress: JobProgress
     request: dict[str, Any]

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from darkroom import clock
+from darkroom.jobs import blob_refs
 from darkroom.jobs.db import read_tx, write_tx
-from darkroom.jobs.tables import images, job_events, jobs
+from darkroom.jobs.tables import images, job_events, job_uploads, jobs
 from darkroom.jobs.workers_table import workers
 from darkroom.schemas import TERMINAL_STATES
 from darkroom.storage.base import BlobStore
@@ -111,7 +112,7 @@ class Pruner:
             if ids:
                 blobs += self._delete_bytes(ids)
                 with write_tx(self.engine) as conn:
-                    for table in (job_events, images, webhook_deliveries):
+                    for table in (job_events, images, job_uploads, webhook_deliveries):
                         conn.execute(table.delete().where(table.c.job_id.in_(ids)))
                     gone = jobs.c.id.in_(ids), jobs.c.state.in_(TERMINAL)
                     deleted += conn.execute(jobs.delete().where(*gone)).rowcount
@@ -144,19 +145,16 @@ class Pruner:
 
     def _delete_bytes(self, job_ids: list[str]) -> int:
         """Bytes of these jobs' images and uploads that no other row references; deleted before the rows, so a crash
-        in between leaves rows the next run deletes again, never orphaned bytes."""
-        from darkroom.storage.retention import live_keys, upload_refs
-
+        in between leaves rows the next run deletes again, never orphaned bytes. Every lookup is on an index: the
+        jobs' images and `job_uploads` rows by job id, other references by blob key (`darkroom.jobs.blob_refs`)."""
         with read_tx(self.engine) as conn:
             rows = conn.execute(
                 sa.select(images.c.id, images.c.blob_key).where(
                     images.c.job_id.in_(job_ids), images.c.deleted_at.is_(None)
                 )
             ).all()
-            requests = conn.execute(sa.select(jobs.c.request).where(jobs.c.id.in_(job_ids))).scalars().all()
-            keys = {r.blob_key for r in rows}
-            keys |= {ref.removeprefix("blob:") for request in requests for ref in upload_refs(request)}
-            doomed = keys - live_keys(conn, keys, [r.id for r in rows], job_ids) if keys else set()
+            keys = {r.blob_key for r in rows} | {r.blob_key for r in conn.execute(blob_refs.keys_of_query(job_ids))}
+            doomed = keys - blob_refs.live_keys(conn, keys, [r.id for r in rows], job_ids)
         for key in sorted(doomed):
             self.blobs.delete(key)
         return len(doomed)

@@ -30,6 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from darkroom import clock
 from darkroom.auth import usage
 from darkroom.errors import Conflict, DarkroomError, NotFound
+from darkroom.jobs import blob_refs
 from darkroom.jobs.db import create_engine, read_tx, write_tx
 from darkroom.jobs.notify import announce
 from darkroom.jobs.tables import CLAIM_ORDER, QUEUE_SHARDS, images, job_events, jobs, queue_counters, step_rates
@@ -261,6 +262,7 @@ class JobStore:
                 if admit is not None:
                     admit(conn, images_today)
                 conn.execute(jobs.insert().values(**row))
+                blob_refs.insert_uploads(conn, row["id"], row["request"])  # only jobs with uploads: one INSERT
                 self._event(conn, row["id"], "queued", {"priority": request.priority}, now)
                 if record is not None:
                     record(conn, row["id"])

@@ -128,6 +128,17 @@ job_events = sa.Table(
     sa.Index(None, "job_id", "id"),
 )
 
+# The uploads (init / mask images, `blob:<key>` in the request) each job still references (migration 0008): retention
+# and pruning find whether another job uses a blob through `blob_key`'s index, not by reading requests. See
+# `darkroom.jobs.uploads`.
+job_uploads = sa.Table(
+    "job_uploads",
+    metadata,
+    sa.Column("job_id", sa.String(40), sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("blob_key", sa.String(200), primary_key=True),
+    sa.Index(None, "blob_key"),
+)
+
 from darkroom.auth import tables as auth_tables  # noqa: E402,F401
 from darkroom.jobs import sweep_indexes, workers_table  # noqa: E402,F401
 from darkroom.webhooks import tables as webhook_tables  # noqa: E402,F401

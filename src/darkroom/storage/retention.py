@@ -10,9 +10,12 @@ A sweep, per tenant with a TTL (`TenantPolicy.image_ttl_days`, `prompt_ttl_days`
 
 Blobs are content-addressed, so one blob may back several image rows and job uploads, across tenants. A blob is
 deleted only when nothing outside the batch being expired still references it: the last reference to expire takes
-the bytes with it. Bytes are deleted *before* their rows are marked, so a crash in between leaves rows that the next
-sweep marks (deleting again is a no-op), never marked rows whose bytes linger. One residual race is accepted: a new
-job that uploads the very same bytes while the sweep deletes them finds its source gone and fails with a clear error.
+the bytes with it. Whether anything does is an index lookup (`darkroom.jobs.blob_refs`: `images.blob_key`, and the
+`job_uploads` rows the store writes at submit), never a read of every job's request; a job's `job_uploads` rows go
+in the same transaction that rewrites its references to `[deleted]`. Bytes are deleted *before* their rows are
+marked, so a crash in between leaves rows that the next sweep marks (deleting again is a no-op), never marked rows
+whose bytes linger. One residual race is accepted: a new job that uploads the very same bytes while the sweep deletes
+them finds its source gone and fails with a clear error.
 
 Work goes in batches (`batch_size` rows per transaction), so a large backlog never holds SQLite's write lock for long.
 Each tenant a sweep changed gets one audit record (`retention.sweep`, by `system:retention`) with the counts and TTLs
@@ -31,7 +34,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,9 +44,10 @@ from darkroom import clock
 from darkroom.auth import audit
 from darkroom.auth.principal import Principal, Role
 from darkroom.auth.tenants import TenantPolicy, TenantStore
+from darkroom.jobs import blob_refs
 from darkroom.jobs.db import read_tx, write_tx
 from darkroom.jobs.prune import Pruner, drop_previews
-from darkroom.jobs.tables import images, jobs
+from darkroom.jobs.tables import images, job_uploads, jobs
 from darkroom.schemas import TERMINAL_STATES
 from darkroom.storage.base import BlobStore
 from darkroom.webhooks.tables import settings_kv
@@ -57,7 +61,7 @@ log = logging.getLogger("darkroom.retention")
 ACTOR = "system:retention"
 REDACTED = "[redacted]"
 DELETED = "[deleted]"
-UPLOAD_FIELDS = ("init_image", "mask_image")
+UPLOAD_FIELDS = blob_refs.UPLOAD_FIELDS
 PROMPT_FIELDS = ("prompt", "negative_prompt")
 BATCH_SIZE = 500
 LEASE_KEY = "retention.lease"
@@ -120,15 +124,17 @@ class RetentionSweeper:
 
     # --- images ----------------------------------------------------------------------------------------------------
 
+    def queries(self, tenant: str, now: dt.datetime, ttl_days: float = 0) -> dict[str, sa.Select]:
+        """Each step's batch query for `tenant` with a TTL of `ttl_days` (what the index tests explain)."""
+        cutoff = now - dt.timedelta(days=ttl_days)
+        return {
+            "images": _images_query(tenant, cutoff).limit(self.batch_size),
+            "uploads": _uploads_query(tenant, cutoff).limit(self.batch_size),
+            "prompts": _prompts_query(tenant, cutoff).limit(self.batch_size),
+        }
+
     def _expire_images(self, tenant: str, cutoff: dt.datetime, now: dt.datetime, counts: TenantCounts) -> None:
-        expired = sa.and_(images.c.tenant == tenant, images.c.deleted_at.is_(None), images.c.created_at < cutoff)
-        query = (
-            sa.select(images.c.id, images.c.blob_key, images.c.job_id)
-            .where(expired)
-            .order_by(images.c.created_at, images.c.id)
-            .limit(self.batch_size)
-        )
-        for rows in self._batches(query):
+        for rows in self._batches(_images_query(tenant, cutoff).limit(self.batch_size)):
             ids = [r.id for r in rows]
             counts.blobs_deleted += self._delete_unreferenced({r.blob_key for r in rows}, skip_images=ids)
             with write_tx(self.engine) as conn:
@@ -150,34 +156,21 @@ class RetentionSweeper:
     # --- uploads ---------------------------------------------------------------------------------------------------
 
     def _expire_uploads(self, tenant: str, cutoff: dt.datetime, counts: TenantCounts) -> None:
-        stored = sa.or_(*(_ref(field).like("blob:%") for field in UPLOAD_FIELDS))
-        query = (
-            sa.select(jobs.c.id, jobs.c.request)
-            .where(jobs.c.tenant == tenant, jobs.c.state.in_(_TERMINAL), jobs.c.created_at < cutoff, stored)
-            .order_by(jobs.c.created_at, jobs.c.id)
-            .limit(self.batch_size)
-        )
-        for rows in self._batches(query):
+        """Finished jobs that still have `job_uploads` rows; their rows go with the rewrite, which takes each batch
+        out of the query."""
+        for rows in self._batches(_uploads_query(tenant, cutoff).limit(self.batch_size)):
             ids = [r.id for r in rows]
-            keys = {ref.removeprefix("blob:") for r in rows for ref in upload_refs(r.request)}
+            with read_tx(self.engine) as conn:
+                keys = {r.blob_key for r in conn.execute(blob_refs.keys_of_query(ids))}
             counts.blobs_deleted += self._delete_unreferenced(keys, skip_jobs=ids)
             with write_tx(self.engine) as conn:
                 counts.uploads_deleted += self._rewrite(conn, ids, _drop_uploads)
+                conn.execute(job_uploads.delete().where(job_uploads.c.job_id.in_(ids)))
 
     # --- prompts ---------------------------------------------------------------------------------------------------
 
     def _redact_prompts(self, tenant: str, cutoff: dt.datetime, now: dt.datetime, counts: TenantCounts) -> None:
-        query = (
-            sa.select(jobs.c.id)
-            .where(
-                jobs.c.tenant == tenant,
-                jobs.c.state.in_(_TERMINAL),
-                jobs.c.created_at < cutoff,
-                jobs.c.prompt_redacted_at.is_(None),
-            )
-            .order_by(jobs.c.created_at, jobs.c.id)
-            .limit(self.batch_size)
-        )
+        query = _prompts_query(tenant, cutoff).limit(self.batch_size)
         while True:
             with write_tx(self.engine) as conn:
                 ids = list(conn.execute(query).scalars())
@@ -204,13 +197,13 @@ class RetentionSweeper:
         return len(rows)
 
     def _delete_unreferenced(
-        self, keys: set[str], *, skip_images: Iterable[str] = (), skip_jobs: Iterable[str] = ()
+        self, keys: set[str], *, skip_images: list[str] | None = None, skip_jobs: list[str] | None = None
     ) -> int:
         """Delete the blobs that nothing but the rows being expired (`skip_*`) references; returns how many."""
         if not keys:
             return 0
         with read_tx(self.engine) as conn:
-            doomed = keys - live_keys(conn, keys, list(skip_images), list(skip_jobs))
+            doomed = keys - blob_refs.live_keys(conn, keys, skip_images or [], skip_jobs or [])
         for key in sorted(doomed):
             self.blobs.delete(key)
         return len(doomed)
@@ -265,14 +258,6 @@ def _lease_held(value: Any, owner: str, now: dt.datetime) -> bool:
         return False
 
 
-def _ref(field: str) -> sa.ColumnElement[str]:
-    return jobs.c.request[field].as_string()
-
-
-def upload_refs(request: dict[str, Any]) -> list[str]:
-    return [v for f in UPLOAD_FIELDS if isinstance(v := request.get(f), str) and v.startswith("blob:")]
-
-
 def _drop_uploads(request: dict[str, Any]) -> dict[str, Any]:
     gone = set(UPLOAD_FIELDS) & {k for k, v in request.items() if isinstance(v, str) and v.startswith("blob:")}
     return {k: DELETED if k in gone else v for k, v in request.items()}
@@ -283,20 +268,38 @@ def _redact(request: dict[str, Any]) -> dict[str, Any]:
     return {k: REDACTED if k in PROMPT_FIELDS and v else v for k, v in request.items()}
 
 
-def live_keys(conn: sa.Connection, keys: set[str], skip_images: list[str], skip_jobs: list[str]) -> set[str]:
-    """Which of `keys` an image row (not deleted) or a job's upload reference still uses, outside the rows skipped."""
-    live = set(
-        conn.execute(
-            sa.select(images.c.blob_key).where(
-                images.c.blob_key.in_(keys), images.c.deleted_at.is_(None), images.c.id.not_in(skip_images)
-            )
-        ).scalars()
+def _images_query(tenant: str, cutoff: dt.datetime) -> sa.Select:
+    """The tenant's live images older than `cutoff`, oldest first: `ix_images_tenant_created_at`."""
+    expired = sa.and_(images.c.tenant == tenant, images.c.deleted_at.is_(None), images.c.created_at < cutoff)
+    return (
+        sa.select(images.c.id, images.c.blob_key, images.c.job_id)
+        .where(expired)
+        .order_by(images.c.created_at, images.c.id)
     )
-    refs = [f"blob:{key}" for key in keys]
-    for field in UPLOAD_FIELDS:
-        used = conn.execute(sa.select(_ref(field)).where(_ref(field).in_(refs), jobs.c.id.not_in(skip_jobs)))
-        live |= {ref.removeprefix("blob:") for ref in used.scalars()}
-    return live
+
+
+def _uploads_query(tenant: str, cutoff: dt.datetime) -> sa.Select:
+    """The tenant's finished jobs older than `cutoff` that still reference uploads. Only jobs with `job_uploads` rows
+    qualify, so the jobs whose uploads are already gone cost an index probe each, never a read of their request."""
+    has_uploads = sa.exists().where(job_uploads.c.job_id == jobs.c.id)
+    return (
+        sa.select(jobs.c.id)
+        .where(jobs.c.tenant == tenant, jobs.c.state.in_(_TERMINAL), jobs.c.created_at < cutoff, has_uploads)
+        .order_by(jobs.c.created_at, jobs.c.id)
+    )
+
+
+def _prompts_query(tenant: str, cutoff: dt.datetime) -> sa.Select:
+    return (
+        sa.select(jobs.c.id)
+        .where(
+            jobs.c.tenant == tenant,
+            jobs.c.state.in_(_TERMINAL),
+            jobs.c.created_at < cutoff,
+            jobs.c.prompt_redacted_at.is_(None),
+        )
+        .order_by(jobs.c.created_at, jobs.c.id)
+    )
 
 
 # --- the background sweeper ------------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ from darkroom import clock
 from darkroom.auth.principal import Principal
 from darkroom.auth.tenants import TenantPolicy
 from darkroom.config import PruneSettings, Settings
+from darkroom.jobs import blob_refs
 from darkroom.jobs.db import read_tx
 from darkroom.jobs.prune import Pruner
-from darkroom.jobs.tables import images, job_events, jobs
+from darkroom.jobs.tables import images, job_events, job_uploads, jobs
 from darkroom.jobs.workers import WorkerInfo, WorkerRegistry
 from darkroom.jobs.workers_table import workers
 from darkroom.schemas import GenerationRequest, JobState
@@ -126,8 +127,7 @@ def explain(svc: Services, query: sa.Select) -> str:
 
 def test_every_sweep_query_reads_an_index_not_a_whole_table(svc: Services) -> None:
     queries = Pruner(svc.store.engine, svc.blobs, svc.settings.prune).queries(clock.utcnow())
-    blob_query = live_keys_images_query({"ab/cd/" + "0" * 64})
-    plans = {name: explain(svc, q) for name, q in {**queries, "blob_refs": blob_query}.items()}
+    plans = {name: explain(svc, q) for name, q in {**queries, **blob_ref_queries()}.items()}
     for name, plan in plans.items():
         assert "USING" in plan, f"{name}: {plan}"
         for table in ("jobs", "job_events", "images", "webhook_deliveries", "workers"):
@@ -137,13 +137,18 @@ def test_every_sweep_query_reads_an_index_not_a_whole_table(svc: Services) -> No
     assert "ix_jobs_state_finished_at" in plans["jobs"]
     assert "ix_webhook_deliveries_state_updated_at" in plans["deliveries"]
     assert "ix_images_blob_key" in plans["blob_refs"]
+    assert "ix_job_uploads_blob_key" in plans["upload_refs"]
 
 
-def live_keys_images_query(keys: set[str]) -> sa.Select:
-    """The image half of retention's `live_keys` (is a blob still used by another image row?)."""
-    return sa.select(images.c.blob_key).where(
-        images.c.blob_key.in_(keys), images.c.deleted_at.is_(None), images.c.id.not_in(["img_x"])
-    )
+def blob_ref_queries() -> dict[str, sa.Select]:
+    """What `_delete_bytes` asks: is a blob still used by another image row, by another job's uploads (and which
+    uploads the pruned jobs have)?"""
+    keys = {"ab/cd/" + "0" * 64}
+    return {
+        "blob_refs": blob_refs.live_images_query(keys, ["img_x"]),
+        "upload_refs": blob_refs.referenced_query(keys, ["job_x"]),
+        "uploads_of_jobs": blob_refs.keys_of_query(["job_x"]),
+    }
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -193,7 +198,7 @@ def test_sweep_queries_use_their_indexes_on_postgresql(pg_url: str, tmp_path: Pa
     store = JobStore(pg_url)
     try:
         pruner = Pruner(store.engine, LocalBlobStore(tmp_path / "blobs"), PruneSettings())
-        queries = {**pruner.queries(clock.utcnow()), "blob_refs": live_keys_images_query({"ab/cd/" + "0" * 64})}
+        queries = {**pruner.queries(clock.utcnow()), **blob_ref_queries()}
         with store.engine.connect() as conn:
             conn.exec_driver_sql("SET enable_seqscan = off")
             for name, query in queries.items():
@@ -202,3 +207,37 @@ def test_sweep_queries_use_their_indexes_on_postgresql(pg_url: str, tmp_path: Pa
                 assert "Seq Scan" not in plan, f"{name}: {plan}"
     finally:
         store.close()
+
+
+def test_a_pruned_jobs_upload_stays_while_another_job_uses_it(store_and_blobs) -> None:  # type: ignore[no-untyped-def]
+    """Uploads are content-addressed: pruning one job that used a source image keeps the bytes for the job that still
+    does, and pruning that one takes them (with every `job_uploads` row)."""
+    store, blobs = store_and_blobs
+    _, source = blobs.put(b"source bytes", "image/png")
+    _, mask = blobs.put(b"mask bytes", "image/png")
+    pruner = Pruner(store.engine, blobs, PruneSettings(finished_jobs_days=30, batch_size=3))
+
+    def finished(**uploads: str) -> str:
+        body = {"prompt": "p", "width": 64, "height": 64, "steps": 2, "seed": 1}
+        job, _ = store.create(GenerationRequest(**body, **{f: f"blob:{key}" for f, key in uploads.items()}))
+        assert store.claim("w", 30).id == job.id
+        assert store.complete(job.id, "w", [], {"timings": {}})
+        return job.id
+
+    finished(init_image=source, mask_image=mask)
+    assert pruner.run(now=clock.utcnow() + dt.timedelta(days=31)).jobs_deleted == 1
+    assert not blobs.exists(source) and not blobs.exists(mask), "nothing else used them"
+
+    _, source = blobs.put(b"source bytes", "image/png")
+    older = finished(init_image=source)
+    later = clock.utcnow() + dt.timedelta(days=31)
+    queued, _ = store.create(
+        GenerationRequest(prompt="q", width=64, height=64, steps=2, seed=2, init_image=f"blob:{source}")
+    )
+    counts = pruner.run(now=later)
+    assert (counts.jobs_deleted, counts.blobs_deleted) == (1, 0) and store.get(older) is None
+    assert blobs.exists(source), "the queued job still needs its source"
+    assert store.claim("w", 30).id == queued.id and store.complete(queued.id, "w", [], {"timings": {}})
+    assert pruner.run(now=later + dt.timedelta(days=31)).blobs_deleted == 1 and not blobs.exists(source)
+    with read_tx(store.engine) as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(job_uploads)).scalar_one() == 0

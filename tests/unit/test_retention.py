@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
@@ -23,9 +24,10 @@ from darkroom.auth.tables import tenants
 from darkroom.auth.tenants import TenantPolicy
 from darkroom.cli import app as cli_app
 from darkroom.config import Settings
-from darkroom.jobs.db import write_tx
+from darkroom.jobs import blob_refs
+from darkroom.jobs.db import read_tx, write_tx
 from darkroom.jobs.store import NewImage
-from darkroom.jobs.tables import images, jobs
+from darkroom.jobs.tables import images, job_uploads, jobs
 from darkroom.schemas import GenerationRequest
 from darkroom.service import Services
 from darkroom.storage.retention import DELETED, REDACTED, RetentionSweeper, start_for
@@ -335,3 +337,130 @@ def test_concurrent_sweepers_on_postgresql_record_the_work_once(tmp_path: Path, 
     finally:
         for node in nodes:
             node.close()
+
+
+# --- who still uses an upload: the job_uploads index, on SQLite and PostgreSQL ---------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db(request, tmp_path: Path):  # type: ignore[no-untyped-def]
+    url = None if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    services = Services.open(settings_for(tmp_path, **({"database_url": url} if url else {})))
+    yield services
+    services.close()
+
+
+def upload_rows(svc: Services, job_id: str) -> set[str]:
+    with read_tx(svc.store.engine) as conn:
+        return set(conn.execute(sa.select(job_uploads.c.blob_key).where(job_uploads.c.job_id == job_id)).scalars())
+
+
+def test_a_shared_upload_lives_while_any_job_uses_it_and_goes_with_the_last(any_db: Services) -> None:
+    svc = any_db
+    set_policy(svc, "acme", image_ttl_days=7)
+    set_policy(svc, "beta", image_ttl_days=7)
+    source, mask = png((90, 0, 0)), png((91, 0, 0))
+    old = make_job(svc, "acme", age_days=10, uploads={"init_image": source, "mask_image": mask})
+    other_tenant = make_job(svc, "beta", age_days=3, uploads={"init_image": source})
+    same_bytes_twice = make_job(svc, "beta", age_days=3, uploads={"init_image": mask, "mask_image": mask})
+    assert upload_rows(svc, old) == {key_of(source), key_of(mask)}
+    assert upload_rows(svc, same_bytes_twice) == {key_of(mask)}
+    assert upload_rows(svc, make_job(svc, "acme", age_days=10)) == set(), "txt2img writes no upload rows"
+
+    report = sweeper(svc).sweep()
+    assert report["acme"]["uploads_deleted"] == 1 and report["acme"]["blobs_deleted"] == 0
+    assert svc.blobs.exists(key_of(source)) and svc.blobs.exists(key_of(mask)), "beta's jobs still use both"
+    assert svc.store.require(old).request["init_image"] == DELETED and upload_rows(svc, old) == set()
+
+    age(svc, other_tenant, 10)
+    report = sweeper(svc).sweep()
+    assert report["beta"]["uploads_deleted"] == 1 and report["beta"]["blobs_deleted"] == 1
+    assert not svc.blobs.exists(key_of(source)), "the last job to use it took the bytes"
+    assert svc.blobs.exists(key_of(mask))
+
+    age(svc, same_bytes_twice, 10)
+    assert sweeper(svc).sweep()["beta"]["blobs_deleted"] == 1 and not svc.blobs.exists(key_of(mask))
+    with read_tx(svc.store.engine) as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(job_uploads)).scalar_one() == 0
+    assert sweeper(svc).sweep()["beta"] == {
+        "images_deleted": 0,
+        "uploads_deleted": 0,
+        "blobs_deleted": 0,
+        "prompts_redacted": 0,
+    }
+
+
+def sweep_queries(svc: Services) -> dict[str, sa.Select]:
+    """Every query a sweep runs to choose its batches and to ask whether a blob is still referenced."""
+    keys, skip = {"ab/cd/" + "0" * 64, "ab/cd/" + "1" * 64}, ["job_x", "job_y"]
+    return {
+        **sweeper(svc).queries("acme", clock.utcnow(), ttl_days=7),
+        "live_images": blob_refs.live_images_query(keys, ["img_x"]),
+        "live_uploads": blob_refs.referenced_query(keys, skip),
+        "uploads_of_jobs": blob_refs.keys_of_query(skip),
+    }
+
+
+def test_sweep_queries_read_indexes_not_whole_tables_on_sqlite(svc: Services) -> None:
+    for i in range(3):  # a few rows, so the planner has something to weigh
+        make_job(svc, "acme", age_days=10, uploads={"init_image": png((100 + i, 0, 0))})
+    plans = {}
+    with svc.store.engine.connect() as conn:
+        for name, query in sweep_queries(svc).items():
+            compiled = query.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+            params = tuple(compiled.params[p] for p in compiled.positiontup or ())
+            plans[name] = [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled), params)]
+    for name, plan in plans.items():
+        full_scans = [step for step in plan if step.startswith("SCAN ") and " USING " not in step]
+        assert not full_scans, f"{name}: {plan}"
+    assert any("ix_job_uploads_blob_key" in step for step in plans["live_uploads"]), plans["live_uploads"]
+
+
+def test_sweep_queries_read_indexes_not_whole_tables_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    services = Services.open(settings_for(tmp_path, database_url=pg_url))
+    try:
+        make_job(services, "acme", age_days=10, uploads={"init_image": png((110, 0, 0))})
+        with services.store.engine.connect() as conn:
+            conn.exec_driver_sql("SET enable_seqscan = off")
+            for name, query in sweep_queries(services).items():
+                compiled = query.compile(
+                    dialect=services.store.engine.dialect, compile_kwargs={"render_postcompile": True}
+                )
+                plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params))
+                assert "Seq Scan" not in plan, f"{name}: {plan}"
+    finally:
+        services.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_migration_backfills_uploads_of_existing_jobs(backend: str, tmp_path: Path, request) -> None:  # type: ignore[no-untyped-def]
+    """Jobs written before `job_uploads` existed get their rows, across several backfill batches (500 jobs each)."""
+    from alembic import command
+
+    from darkroom.jobs.db import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    command.upgrade(alembic_config(url), "0007_pruning")
+    now = clock.utcnow()
+    base = {"state": "succeeded", "tenant": "acme", "priority": 0, "request_hash": "h", "attempts": 1}
+    base |= {"max_attempts": 3, "cancel_requested": False, "progress_step": 0, "progress_total": 0}
+    base |= {"created_at": now, "updated_at": now, "available_at": now}
+
+    def request_of(i: int) -> dict:
+        if i % 3 == 0:
+            return {"prompt": "p"}  # txt2img
+        if i % 3 == 1:
+            return {"prompt": "p", "init_image": f"blob:aa/{i}", "mask_image": "blob:aa/mask"}
+        return {"prompt": "p", "init_image": DELETED, "mask_image": "data:image/png;base64,AAAA"}
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(jobs.insert(), [{**base, "id": f"job_{i:05d}", "request": request_of(i)} for i in range(1201)])
+        command.upgrade(alembic_config(url), "heads")
+        with engine.connect() as conn:
+            got = {tuple(row) for row in conn.execute(sa.select(job_uploads.c.job_id, job_uploads.c.blob_key))}
+    finally:
+        engine.dispose()
+    with_uploads = [i for i in range(1201) if i % 3 == 1]
+    assert got == {(f"job_{i:05d}", key) for i in with_uploads for key in (f"aa/{i}", "aa/mask")}

@@ -130,7 +130,7 @@ job_events = sa.Table(
 
 # The uploads (init / mask images, `blob:<key>` in the request) each job still references (migration 0008): retention
 # and pruning find whether another job uses a blob through `blob_key`'s index, not by reading requests. See
-# `darkroom.jobs.uploads`.
+# `darkroom.jobs.blob_refs`.
 job_uploads = sa.Table(
     "job_uploads",
     metadata,

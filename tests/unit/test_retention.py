@@ -464,3 +464,26 @@ def test_the_migration_backfills_uploads_of_existing_jobs(backend: str, tmp_path
         engine.dispose()
     with_uploads = [i for i in range(1201) if i % 3 == 1]
     assert got == {(f"job_{i:05d}", key) for i in with_uploads for key in (f"aa/{i}", "aa/mask")}
+
+
+def test_a_submit_with_uploads_costs_one_insert_more_and_txt2img_none(svc: Services) -> None:
+    """The submit transaction is budgeted: `job_uploads` rows are one multi-row INSERT, and only when there are any."""
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    _, source = svc.blobs.put(png((120, 0, 0)), "image/png")
+    _, mask = svc.blobs.put(png((121, 0, 0)), "image/png")
+    body = {"prompt": "p", "width": 64, "height": 64, "steps": 2, "seed": 1, "model": "tiny"}
+    sa.event.listen(svc.store.engine, "before_cursor_execute", count)
+    try:
+        svc.store.create(GenerationRequest(**body))
+        txt2img, statements[:] = list(statements), []
+        svc.store.create(GenerationRequest(**body, init_image=f"blob:{source}", mask_image=f"blob:{mask}"))
+        img2img = list(statements)
+    finally:
+        sa.event.remove(svc.store.engine, "before_cursor_execute", count)
+    assert not any("job_uploads" in s for s in txt2img)
+    extra = [s for s in img2img if "job_uploads" in s]
+    assert len(img2img) == len(txt2img) + 1 and len(extra) == 1 and extra[0].startswith("INSERT"), img2img

@@ -223,10 +223,11 @@ def test_sqlite_write_lock_held_elsewhere_gives_no_500_and_loses_no_job(faults_e
     faults.wait_finished(every, 180)
     faults.check_exactly_once(every)
     per_key = jobs_per_key(faults, list(ids))
+    requeued = sum(r.job_id in every for r in faults.rows("SELECT job_id FROM job_events WHERE type = 'requeued'"))
     print(
         f"\nSQLite locked {held_s:.1f}s: submit statuses {dict(statuses)}, slowest submit {slowest[0]:.1f}s, "
-        f"{len(every)} jobs finished {time.monotonic() - started:.1f}s after; lost 0, duplicated "
-        f"{sum(n > 1 for n in per_key.values())}"
+        f"{requeued} requeues, {len(every)} jobs finished {time.monotonic() - started:.1f}s after; lost 0, "
+        f"duplicated {sum(n > 1 for n in per_key.values())}"
     )
     assert set(statuses) <= {200, 202, 503}
 

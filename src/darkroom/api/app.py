@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable
 
 import anyio.to_thread
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import RedirectResponse
 
 from darkroom import __version__
@@ -22,7 +21,7 @@ from darkroom.webhooks.deliveries import COMPLETED
 from darkroom.webhooks.dispatcher import WebhookDispatcher
 from darkroom.webhooks.dispatcher import start_for as start_webhooks
 
-from . import a1111, admin, errors, health, openai_compat, review, v1, webhooks
+from . import a1111, admin, errors, health, openai_compat, openapi, review, v1, webhooks
 from .auth import admit_before_body
 from .edge import Edge, InFlight
 
@@ -90,7 +89,7 @@ def create_app(services: Services, workers: int = 0) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(review.router)
 
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: openapi.build(app)  # type: ignore[method-assign]
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
@@ -104,36 +103,6 @@ def _max_body(services: Services) -> int:
     is the upload limit plus base64 and field overhead."""
     settings = services.settings
     return settings.server.max_body_bytes or settings.limits.max_upload_bytes * 4 // 3 + 256 * 1024
-
-
-PROBLEM_SCHEMA = {
-    "title": "Problem",
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["code", "message"],
-            "properties": {
-                "code": {"type": "string"},
-                "message": {"type": "string"},
-                "field": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-            },
-        }
-    },
-}
-
-
-def _openapi(app: FastAPI) -> dict:
-    """FastAPI documents validation errors as its own `{"detail": …}`; darkroom answers `{"error": …}` (errors.py)."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        if "HTTPValidationError" in components:
-            components["HTTPValidationError"] = PROBLEM_SCHEMA
-            components.pop("ValidationError", None)  # only FastAPI's shape used it
-        app.openapi_schema = schema
-    return app.openapi_schema
 
 
 def _wake_on_events(services: Services, dispatcher: WebhookDispatcher | None) -> Callable[[], None]:

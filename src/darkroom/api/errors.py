@@ -62,6 +62,8 @@ def install(app: FastAPI, database_retry_after: int = 5) -> None:
         )
         if exc.status_code == 413:  # the streamed body passed the cap (edge.BodyTooLarge)
             return problem(413, code, str(exc.detail), "body")
+        if exc.status_code == 400:  # FastAPI's only 400: a body that is not JSON (or not the form it claims)
+            return problem(422, "invalid_request", f"body: {exc.detail}", "body")
         return problem(exc.status_code, code, str(exc.detail))
 
     async def _database(request: Request, exc: Exception) -> JSONResponse:

@@ -68,7 +68,11 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="The database answers, a model is available, workers are healthy, storage has room")
+@router.get(
+    "/readyz",
+    summary="The database answers, a model is available, workers are healthy, storage has room",
+    responses={503: {"description": "Not ready: `checks` says which check failed"}},
+)
 async def readyz(request: Request) -> JSONResponse:
     checks = await request.app.state.readiness.checks()
     ready = all(v == "ok" for v in checks.values())

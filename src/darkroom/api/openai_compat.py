@@ -285,7 +285,20 @@ def _has_transparency(image: Any) -> bool:
     return False
 
 
-@router.post("/edits", summary="OpenAI Images: edit an image (inpainting with a mask), multipart")
+def _edit_form_schema() -> dict[str, Any]:
+    """The multipart form `read_edit_form` parses, for the OpenAPI document: the options plus the files."""
+    schema = EditsRequest.model_json_schema()
+    binary = {"type": "string", "format": "binary"}
+    schema["properties"] = {"image": binary, "mask": binary, **schema["properties"]}
+    schema["required"] = ["image", *schema.get("required", [])]
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+@router.post(
+    "/edits",
+    summary="OpenAI Images: edit an image (inpainting with a mask), multipart",
+    openapi_extra=_edit_form_schema(),
+)
 async def edits(request: Request) -> dict[str, Any]:
     svc = services(request)
     opts, image, mask = await read_edit_form(request)

@@ -188,7 +188,13 @@ def _audit_details(body: GenerationRequest) -> dict:
     }
 
 
-@router.post("/jobs", status_code=202, response_model=JobView, summary="Queue a generation job")
+@router.post(
+    "/jobs",
+    status_code=202,
+    response_model=JobView,
+    summary="Queue a generation job",
+    responses={200: {"model": JobView, "description": "A replay of an Idempotency-Key: the job it queued"}},
+)
 def create_job(
     request: Request,
     body: GenerationRequest,
@@ -204,7 +210,12 @@ def create_job(
     )
 
 
-@router.post("/generate", response_model=JobView, summary="Queue a job and wait for it to finish")
+@router.post(
+    "/generate",
+    response_model=JobView,
+    summary="Queue a job and wait for it to finish",
+    responses={202: {"model": JobView, "description": "Not finished within the wait: the job goes on; poll it"}},
+)
 async def generate(
     request: Request,
     body: GenerationRequest,

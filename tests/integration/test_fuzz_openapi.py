@@ -1,5 +1,6 @@
 """A property-based fuzz of the OpenAPI schema (schemathesis) against a real `darkroom serve` process over loopback:
-no 5xx and no crash, as the unauthenticated loopback admin (every route), as a `user` key (the permission paths) and,
+no 5xx and no crash, every status one the operation documents and every body (errors included) the documented
+schema, as the unauthenticated loopback admin (every route), as a `user` key (the permission paths) and,
 last, the admin mutations that change who may call. Then the same server must still be alive and serve a job.
 
 The server runs with no in-process worker (fuzzed jobs queue, they never burn the 2 CPU cores) and a short sync
@@ -18,7 +19,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from schemathesis.checks import response_schema_conformance
+from schemathesis.checks import response_schema_conformance, status_code_conformance
 
 from darkroom.auth.principal import Principal, Role
 from darkroom.config import Settings
@@ -72,8 +73,8 @@ def bearer(token: str) -> dict[str, str]:
 def check(case: schemathesis.Case, token: str | None = None):  # type: ignore[no-untyped-def]
     response = case.call(headers=bearer(token) if token else None, timeout=30)
     assert_no_server_error(case, response)
-    if response.status_code < 300:
-        case.validate_response(response, checks=[response_schema_conformance])
+    # Every status must be one the operation documents, and every body (errors too) must match its schema.
+    case.validate_response(response, checks=[status_code_conformance, response_schema_conformance])
     return response
 
 

@@ -350,6 +350,28 @@ def test_s3_stopped_then_restarted_burns_no_job_and_uploads_get_503(faults_env):
         s3.close()
 
 
+def test_a_bucket_gone_from_a_restarted_s3_server_is_a_503_not_a_500(tmp_path, models_dir, s3_server, monkeypatch):
+    """A restarted (or wiped) server comes back without the bucket: NoSuchBucket is the store's outage, so an upload is
+    a 503 `storage_unavailable` and a worker releases its job uncharged, instead of a 500 and a charged attempt."""
+    from fastapi.testclient import TestClient
+
+    from darkroom.api.app import create_app
+
+    bucket = s3_server.new_bucket()
+    for name, value in s3_server.env(bucket).items():
+        monkeypatch.setenv(name, value)
+    svc = Services.open(Settings(data_dir=tmp_path / "data", models_dir=models_dir))
+    try:
+        s3_server.client().delete_bucket(Bucket=bucket)
+        with TestClient(create_app(svc)) as http:
+            response = http.post("/v1/jobs", json={**BODY, "init_image": png_b64(), "strength": 0.5})
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "storage_unavailable"
+        assert response.headers["Retry-After"]
+    finally:
+        svc.close()
+
+
 # --- 4. the wall clock jumps forward past the lease -------------------------------------------------------------------
 
 

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 _KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{64}$")
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+# Refusals of the store itself, not of one blob: the bucket is gone (a restarted or wiped server) or this node's
+# credentials no longer work. Like an unreachable server they are the node's problem, never the job's or the request's.
+_STORE_REFUSED = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 MiB = 1024 * 1024
 SPOOL_BYTES = 16 * MiB  # a streamed upload is hashed into memory up to this size, then into a temp file
 
@@ -182,7 +185,7 @@ def _unavailable(action: str) -> Iterator[None]:
         raise StorageUnavailable(f"blob store unavailable: cannot {action} ({type(exc).__name__})") from exc
     except ClientError as exc:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        if status >= 500 or _code(exc) in {"SlowDown", "ServiceUnavailable", "InternalError"}:
+        if status >= 500 or _code(exc) in {"SlowDown", "ServiceUnavailable", "InternalError", *_STORE_REFUSED}:
             raise StorageUnavailable(f"blob store unavailable: cannot {action} ({_code(exc) or status})") from exc
         raise
 

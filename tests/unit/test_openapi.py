@@ -17,6 +17,8 @@ from darkroom.config import Settings
 from darkroom.service import Services
 
 PROBES = {"/healthz", "/readyz"}
+# The compatibility routes wait for the job: 504 when it does not finish in time, its own error when it failed.
+WAITS = {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/v1/images/edits"}
 PROBLEM = "#/components/schemas/Problem"
 OPENAI_ERROR = "#/components/schemas/OpenAIError"
 
@@ -53,7 +55,8 @@ def test_the_document_is_valid_openapi_and_never_mentions_fastapis_error_shape(s
 
 def test_every_route_documents_its_error_statuses(spec: dict[str, Any]) -> None:
     """Invalid input (422; 400 on OpenAI routes), and behind a key 401/403/429; the edge's 429 and the database's
-    503 everywhere but the probes; 404 where a path names something; 413 where there is a body."""
+    503 everywhere but the probes; 404 where a path names something; 413 where there is a body; 500 and 504 where
+    the route waits for its job."""
     missing = []
     for method, path, op in operations(spec):
         documented = {int(status) for status in op["responses"]}
@@ -68,6 +71,8 @@ def test_every_route_documents_its_error_statuses(spec: dict[str, Any]) -> None:
                 expected.add(404)
             if "requestBody" in op:
                 expected.add(413)
+            if path in WAITS:
+                expected |= {500, 504}
         if lacking := expected - documented:
             missing.append(f"{method} {path}: {sorted(lacking)}")
     assert not missing, "\n".join(missing)

@@ -60,7 +60,8 @@ PROBLEM = "#/components/schemas/Problem"
 OPENAI_ERROR = "#/components/schemas/OpenAIError"
 
 # The compatibility routes wait for their job: with no worker finishing in time they answer 504 `timeout` (their
-# clients know no job to poll). `POST /v1/generate` answers 202 with the job instead (documented on the route).
+# clients know no job to poll), and a job that failed as the error it ended with (compat.raise_for_job: 500).
+# `POST /v1/generate` answers 202 with the job instead (documented on the route).
 WAITS = frozenset({"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/v1/images/edits"})
 # Answered by the edge (api/edge.py) or the app's handlers (errors.py) before or around an OpenAI route's own
 # handling, so in darkroom's shape there as well.
@@ -74,6 +75,7 @@ DESCRIPTIONS = {
     413: "The request body, or an upload in it, is too large",
     422: "Invalid request: the `field` names what is wrong",
     429: "Rate limit or quota reached, the tenant's queue is full, or the server is `overloaded`; see Retry-After",
+    500: "The job failed on the worker; `code` is the error it ended with",
     503: "The database (`database_unavailable`) or storage is unavailable; see Retry-After",
     504: "No worker finished the job within the wait (`timeout`); the job stays queued",
     507: "The blob store is full (`storage_full`)",
@@ -123,7 +125,7 @@ def error_statuses(route: RouteContext, method: str, has_body: bool) -> set[int]
     if writes and has_body and permissions == {Permission.generate}:  # submits a job: stores what it carries
         statuses.add(507)
     if route.path_format in WAITS:
-        statuses.add(504)
+        statuses |= {500, 504}
     if isinstance(route.original_route, OpenAIRoute) and 422 in statuses:
         statuses = (statuses - {422}) | {400}
     return statuses

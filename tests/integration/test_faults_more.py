@@ -1,11 +1,14 @@
 """More faults against real processes over loopback, each checked for 0 lost and 0 duplicated jobs:
 
-- the API SIGKILLed while submits are in flight (some rows committed, their replies never written): clients retry with
-  their Idempotency-Key against the restarted server and get exactly one job per key;
+- the API SIGKILLed between a submit's commit and its reply (found by freezing the server with SIGSTOP until, frozen,
+  it holds a committed job whose client has no answer; no hook in the server): clients retry with their
+  Idempotency-Key against the restarted server and get exactly one job per key;
 - another process holding SQLite's write lock (BEGIN IMMEDIATE) while clients submit and a worker runs: requests wait
   out the lock (or get the documented 503 `database_unavailable` with Retry-After), never a 500; the worker carries on;
+  past the busy timeout the answer is that 503;
 - the S3 server stopped while a worker stores results and restarted later: jobs are released uncharged, not burned,
-  and all succeed exactly once after the restart; an upload during the outage is a 503, not a 500;
+  and all succeed exactly once after the restart; an upload during the outage is a 503, not a 500, and so is one to a
+  server that came back without the bucket;
 - the wall clock jumping forward by more than the lease while a job runs (in-process: `darkroom.clock` is where every
   lease and expiry reads the time): the job may be requeued, and it finishes exactly once.
 

@@ -330,10 +330,10 @@ class JobStore:
 
         The service-wide depth is the sum of `queue_counters` (16 rows, kept by every move into or out of
         `queued`): O(1) at any depth, where even a bounded count would read up to the limit's worth of index
-        entries on every submit, inside the write lock. The per-tenant limit, off by default, is a bounded count
-        (`count(*)` over at most `limit` entries of `ix_jobs_tenant_state`): a counter per tenant would be one
-        more row to write on every transition for a limit few deployments set. Two PostgreSQL submits racing at
-        a limit may both get in: the limits guard against floods, they are not invariants."""
+        entries on every submit, inside the write lock. The per-tenant limit (`limits.max_tenant_queue_depth`,
+        2,000 by default) is a bounded count (`count(*)` over at most `limit` entries of `ix_jobs_tenant_state`, a
+        couple of milliseconds at 2,000): a counter per tenant would be one more row to write on every transition.
+        Two PostgreSQL submits racing at a limit may both get in: the limits guard against floods, not invariants."""
         queued, in_class = jobs.c.state == _QUEUED, jobs.c.priority == priority
         mine = jobs.c.tenant == tenant
         tenant_limit = self.max_tenant_queue_depth

@@ -30,7 +30,7 @@ from .harness import Cluster, wait_until
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = 25
+EXAMPLES = 20
 FUZZ = settings(
     max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
 )

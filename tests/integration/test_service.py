@@ -175,7 +175,7 @@ def test_sigterm_drain_loses_no_job(tmp_path, models_dir):
     try:
         cluster.start_server(workers=0)
         with Client(cluster.url) as client:
-            body = {"prompt": "drain", "width": 192, "height": 192, "steps": 150}
+            body = {"prompt": "drain", "width": 192, "height": 192, "steps": 40}
             jobs = [client.submit({**body, "seed": s}) for s in range(3)]
             draining = cluster.start_worker("draining")
             wait_until(

@@ -8,6 +8,7 @@ it, and every client reconnecting at once is the last thing a recovering databas
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
@@ -33,6 +34,24 @@ def _field_of(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+def invalid_json_message(exc: RequestValidationError) -> str | None:
+    """'invalid JSON at line L column C: reason' when the body did not parse as JSON, else None.
+
+    FastAPI reports a JSON syntax error with the character offset as the error's location (`"field": "15"`), which
+    reads like a field name and is no help in a multi-line body; line and column are what an editor shows."""
+    errors = exc.errors()
+    first: dict[str, Any] = dict(errors[0]) if errors else {}
+    if first.get("type") != "json_invalid":
+        return None
+    loc = tuple(first.get("loc", ()))
+    doc = exc.body if isinstance(exc.body, str) else ""
+    pos = loc[-1] if loc and isinstance(loc[-1], int) else 0
+    line = doc.count("\n", 0, pos) + 1
+    column = pos - doc.rfind("\n", 0, pos)
+    reason = (first.get("ctx") or {}).get("error")
+    return f"invalid JSON at line {line} column {column}" + (f": {reason}" if reason else "")
+
+
 def database_outage(exc: BaseException) -> bool:
     """Whether a database error means the database cannot be reached (retry later), not a bad statement."""
     if isinstance(exc, sa.exc.TimeoutError | sa.exc.OperationalError | sa.exc.InterfaceError):
@@ -50,6 +69,8 @@ def install(app: FastAPI, database_retry_after: int = 5) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if (invalid_json := invalid_json_message(exc)) is not None:
+            return problem(422, "invalid_request", invalid_json, None)
         first = exc.errors()[0] if exc.errors() else {}
         field = _field_of(tuple(first.get("loc", ())))
         message = first.get("msg", "invalid request")

@@ -38,6 +38,7 @@ from darkroom.service import Services
 
 from . import compat
 from .auth import require
+from .errors import invalid_json_message
 from .uploads import image_size, load_mask, open_image
 from .v1 import image_url, services
 
@@ -72,6 +73,8 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except RequestValidationError as exc:
+                if (invalid_json := invalid_json_message(exc)) is not None:
+                    return openai_error(400, invalid_json, None, "invalid_json")
                 first = exc.errors()[0] if exc.errors() else {}
                 param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
                 return openai_error(400, f"{param}: {first.get('msg', 'invalid request')}", param, "invalid_value")

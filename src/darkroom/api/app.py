@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable
 
 import anyio.to_thread
 from fastapi import FastAPI
-from fastapi.responses import RedirectResponse
 
 from darkroom import __version__
 from darkroom.auth import invalidation
@@ -21,7 +20,7 @@ from darkroom.webhooks.deliveries import COMPLETED
 from darkroom.webhooks.dispatcher import WebhookDispatcher
 from darkroom.webhooks.dispatcher import start_for as start_webhooks
 
-from . import a1111, admin, errors, health, openai_compat, openapi, review, v1, webhooks
+from . import a1111, admin, errors, health, landing, openai_compat, openapi, review, v1, webhooks
 from .auth import admit_before_body
 from .edge import Edge, InFlight
 
@@ -88,12 +87,9 @@ def create_app(services: Services, workers: int = 0) -> FastAPI:
     app.include_router(openai_compat.router)
     app.include_router(webhooks.router)
     app.include_router(review.router)
+    app.include_router(landing.router)
 
     app.openapi = lambda: openapi.build(app)  # type: ignore[method-assign]
-
-    @app.get("/", include_in_schema=False)
-    def root() -> RedirectResponse:
-        return RedirectResponse("/docs")
 
     return app
 

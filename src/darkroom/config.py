@@ -1,14 +1,120 @@
-"""Settings: one object, built once (env `DARKROOM_*`, then CLI flags) and passed down. No module-level globals."""
+"""Settings: one object, built once and passed down. No module-level globals.
+
+Where a value comes from, strongest first: CLI flags, env `DARKROOM_*`, `./darkroom.toml`,
+`~/.config/darkroom/darkroom.toml` (`$XDG_CONFIG_HOME`), the defaults here. `DARKROOM_CONFIG=FILE` names the one
+file to read instead (empty: none). Paths are absolute once read: a relative path in a TOML file is taken from the
+file's folder, any other from the current folder, so every `darkroom` command run anywhere means the same data dir."""
 
 from __future__ import annotations
 
 import json
 import os
+import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_ENV = "DARKROOM_CONFIG"
+CONFIG_NAME = "darkroom.toml"
+_PATH_KEYS = ("data_dir", "models_dir")
+
+
+class ConfigFileError(ValueError):
+    """A darkroom.toml that cannot be read: the message names the file and the place."""
+
+
+def config_files() -> list[Path]:
+    """The TOML files that exist, weakest first: the user's, then the current folder's (or `$DARKROOM_CONFIG`)."""
+    explicit = os.environ.get(CONFIG_ENV)
+    if explicit is not None:
+        return [Path(explicit).expanduser().absolute()] if explicit.strip() else []
+    user = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "darkroom" / CONFIG_NAME
+    return [p.absolute() for p in (user, Path.cwd() / CONFIG_NAME) if p.is_file()]
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """One file's settings, its relative paths made absolute against the file's folder."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigFileError(f"{path}: {exc}") from None
+    for key in _PATH_KEYS:
+        if isinstance(data.get(key), str):
+            data[key] = str(path.parent / Path(data[key]).expanduser())
+    return data
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        old = merged.get(key)
+        merged[key] = _merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return merged
+
+
+class TomlFilesSource(PydanticBaseSettingsSource):
+    """pydantic-settings source for the darkroom.toml files (tomllib, stdlib); tables set the nested settings."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # __call__ reads whole files instead
+
+    def __call__(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for path in config_files():
+            merged = _merge(merged, read_config_file(path))
+        return merged
+
+
+def state_file() -> Path:
+    """Where `darkroom serve` records the data dir it uses, for commands run later from other folders."""
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "darkroom" / "serve.json"
+
+
+def record_data_dir(settings: Settings) -> None:
+    """Best effort: a read-only home must not stop a server from starting."""
+    path = state_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"data_dir": str(settings.data_dir), "port": settings.port}) + "\n")
+    except OSError:
+        pass
+
+
+def recorded_data_dir() -> Path | None:
+    """The data dir the last `darkroom serve` on this account used, if it still exists."""
+    try:
+        path = Path(json.loads(state_file().read_text())["data_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return path if path.is_absolute() and path.is_dir() else None
+
+
+def command_settings(**flags: Any) -> tuple[Settings, str]:
+    """Settings for a command other than `serve`, and where its data dir came from. With nothing configured and no
+    `./darkroom-data` here, the data dir `darkroom serve` recorded is used: the one a user means from another folder."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    settings = Settings(**given)
+    origin = data_dir_origin(flag="data_dir" in given)
+    if origin == "default" and not settings.data_dir.exists() and (recorded := recorded_data_dir()) is not None:
+        settings = Settings(**{**given, "data_dir": recorded})
+        origin = f"recorded by `darkroom serve` in {state_file()}"
+    return settings, origin
+
+
+def data_dir_origin(flag: bool = False) -> str:
+    """Which source set the data dir, for the start-up line: a flag, the env, a TOML file, or the default."""
+    if flag:
+        return "--data-dir"
+    if os.environ.get("DARKROOM_DATA_DIR"):
+        return "DARKROOM_DATA_DIR"
+    for path in reversed(config_files()):
+        if "data_dir" in read_config_file(path):
+            return str(path)
+    return "default"
 
 
 class Limits(BaseModel):
@@ -204,7 +310,9 @@ class Settings(BaseSettings):
     preview_every_seconds: float = 1.0
     model_check_seconds: float = 30.0
     batch_invariant: bool = Field(
-        True, description="denoise each image alone: pixels never depend on batching (False: one tensor batch, faster)"
+        False,
+        description="denoise each image alone, so pixels never depend on batching (bit-exact, slower); the default "
+        "runs a batch's images as one tensor batch, each within rounding (1/255 per pixel measured) of its solo run",
     )
     tenant_weights: dict[str, float] = Field(default_factory=dict, description="fair-share weight per tenant")
     sync_timeout_seconds: float = 600.0
@@ -217,6 +325,23 @@ class Settings(BaseSettings):
     recovery: RecoverySettings = Field(default_factory=RecoverySettings)
     prune: PruneSettings = Field(default_factory=PruneSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+
+    @field_validator("data_dir", "models_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        """Resolved once, here: the same folder whichever folder a later step runs from."""
+        return value.expanduser().resolve() if value is not None else None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, dotenv_settings, TomlFilesSource(settings_cls), file_secret_settings
 
     @property
     def resolved_models_dir(self) -> Path:

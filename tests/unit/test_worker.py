@@ -71,7 +71,8 @@ def test_priorities_are_served_in_order(services, worker):
     assert order == [high.id, normal.id, low.id]
 
 
-def test_a_batched_job_is_pixel_identical_to_the_same_job_alone(services, worker):
+def test_a_batch_invariant_job_is_pixel_identical_to_the_same_job_alone(services, worker):
+    services.settings.batch_invariant = True  # bit-exact: each image its own pass, however jobs are batched
     batched = [submit(services, seed=s, prompt=p) for s, p in ((5, "a cat"), (6, "a dog"), (7, "a cat"))]
     batch = worker.claim()
     assert [j.id for j in batch] == [j.id for j in batched]  # one claim took all three
@@ -367,6 +368,7 @@ def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):  # ty
 
 def test_post_processing_overlaps_the_next_jobs_denoising_and_keeps_leases(services, tmp_path):
     services.settings.lease_seconds = 1.0  # heartbeats every 0.05 s keep it
+    services.settings.batch_invariant = True  # the two jobs denoise one after the other, not as one tensor batch
     blobs = GatedBlobs(tmp_path / "slow-blobs")
     worker = Worker(services.settings, services.store, blobs, services.make_engine, worker_id="w-pipe")
     first, second = submit(services, seed=1, steps=4), submit(services, seed=2, steps=4)
@@ -487,6 +489,7 @@ def test_a_full_post_processing_pool_holds_the_device_back(services, tmp_path):
     """One post-processing thread: job 1 uploads (held), job 2 denoises and waits for the pool, and job 3 starts
     only once job 1 is written: finished images never pile up."""
     services.settings.postprocess_workers = 1
+    services.settings.batch_invariant = True  # job after job, so the device meets the full pool between jobs
     blobs = GatedBlobs(tmp_path / "slow-blobs")
     worker = Worker(services.settings, services.store, blobs, services.make_engine, worker_id="w-full")
     jobs = [submit(services, seed=s, steps=3) for s in (1, 2, 3)]
@@ -543,3 +546,89 @@ def test_a_batch_cut_short_by_a_database_error_stops_renewing_its_leases(service
     wait_until(lambda: requeued.update(services.store.requeue_expired()) or len(requeued) == 2, 10, "the reaper")
     assert requeued == {j.id for j in jobs}
     assert all(services.store.get(j.id).state is JobState.queued for j in jobs)
+
+
+def _call_counter(monkeypatch, fail_when=None):  # type: ignore[no-untyped-def]
+    """Counts the real pipeline's calls and the images each asked for; `fail_when(prompts)` may return an exception
+    for the real pipeline to raise, as a device or a bad request would."""
+    from diffusers import StableDiffusionPipeline
+
+    original = StableDiffusionPipeline.__call__
+    calls: list[int] = []
+
+    def call(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        prompts = kwargs["prompt"] if isinstance(kwargs["prompt"], list) else [kwargs["prompt"]]
+        calls.append(len(prompts) * kwargs.get("num_images_per_prompt", 1))
+        if fail_when is not None and (exc := fail_when(prompts)) is not None:
+            raise exc
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", call)
+    return calls
+
+
+def test_compatible_jobs_run_as_one_tensor_batch_within_rounding_of_their_solo_runs(services, worker, monkeypatch):
+    calls = _call_counter(monkeypatch)
+    jobs = [submit(services, seed=5, prompt="a cat"), submit(services, seed=6, prompt="a dog", n=2)]
+    jobs.append(submit(services, seed=7, prompt="a cat", negative_prompt="blurry"))
+    worker.process_batch(worker.claim())
+    assert calls == [4]  # every image of the three jobs in one pipeline call
+    for job in jobs:
+        final = services.store.get(job.id)
+        assert final.state is JobState.succeeded and final.attempts == 1
+        assert final.result["timings"]["batch_images"] == 4
+    batched = {job.id: pixels(services, job.id) for job in jobs}
+    for job in jobs:  # each alone, for its reference pixels
+        alone = submit(services, **{k: job.request[k] for k in ("seed", "prompt", "negative_prompt", "n")})
+        worker.process_batch(worker.claim())
+        for a, b in zip(batched[job.id], pixels(services, alone.id), strict=True):
+            diff = np.abs(a.astype(int) - b.astype(int))  # batch kernels round differently: a few levels at most
+            assert diff.max() <= 6 and diff.mean() < 1.0, f"{job.request['prompt']}: {diff.max()}, {diff.mean():.2f}"
+    assert calls[1:] == [1, 2, 1]
+
+
+def test_a_job_cancelled_inside_a_batch_ends_alone_and_its_partners_finish(services, worker):
+    jobs = [submit(services, seed=s, steps=12) for s in (1, 2, 3)]
+    original = services.store.progress
+
+    def progress(job_id, worker_id, step, total, lease, **kw):  # type: ignore[no-untyped-def]
+        if job_id == jobs[1].id and step == 3:
+            services.store.cancel(job_id)
+        return original(job_id, worker_id, step, total, lease, **kw)
+
+    services.store.progress = progress
+    worker.process_batch(worker.claim())
+    states = [services.store.get(j.id).state for j in jobs]
+    assert states == [JobState.succeeded, JobState.cancelled, JobState.succeeded]
+    assert [len(services.store.images_for(j.id)) for j in jobs] == [1, 0, 1]
+
+
+def test_a_batch_the_pipeline_refuses_is_retried_job_by_job_so_only_the_bad_one_fails(services, worker, monkeypatch):
+    def refuse(prompts):  # type: ignore[no-untyped-def]
+        if "poison" in prompts:  # the pipeline's own check of one request's input, as diffusers raises it
+            return ValueError("`prompt` cannot be used here")
+        return None
+
+    calls = _call_counter(monkeypatch, refuse)
+    jobs = [submit(services, seed=1), submit(services, seed=2, prompt="poison"), submit(services, seed=3)]
+    worker.process_batch(worker.claim())
+    assert calls == [3, 1, 1, 1]
+    assert [services.store.get(j.id).state for j in jobs] == [JobState.succeeded, JobState.failed, JobState.succeeded]
+    assert all(services.store.get(j.id).attempts == 1 for j in jobs)
+
+
+def test_a_device_failure_in_a_batch_releases_all_and_the_worker_goes_solo(services, worker, monkeypatch):
+    def lose_device(prompts):  # type: ignore[no-untyped-def]
+        return RuntimeError("CUDA error: an illegal memory access was encountered") if len(prompts) > 1 else None
+
+    calls = _call_counter(monkeypatch, lose_device)
+    services.settings.recovery.fatal_backoff_seconds = 0.001  # the pause ends before the next claim
+    jobs = [submit(services, seed=s) for s in (1, 2)]
+    worker.process_batch(worker.claim())
+    assert [services.store.get(j.id).state for j in jobs] == [JobState.queued, JobState.queued]
+    assert all(services.store.get(j.id).attempts == 0 for j in jobs)  # the device's fault: uncharged
+    assert worker._solo
+    worker.process_batch(worker.claim())  # one at a time now: the device copes
+    assert calls[1:] == [1, 1]
+    assert all(services.store.get(j.id).state is JobState.succeeded for j in jobs)
+    assert not worker._solo

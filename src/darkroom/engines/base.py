@@ -55,6 +55,36 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass
+class BatchItem:
+    """One job's part of a batch: its request (seed resolved), its progress callback and its source images."""
+
+    request: GenerationRequest
+    progress: ProgressFn
+    init_image: Image.Image | None = None
+    mask_image: Image.Image | None = None
+
+
+BatchOutcome = EngineResult | Exception
+"""Per item: its result, or the exception that ended it (cancelled, timed out, bad input, a retryable failure)."""
+
+
+class BatchingEngine(Engine, Protocol):
+    """An engine that can run the images of several compatible jobs (one batch key) as one tensor batch.
+
+    Optional: a worker whose engine lacks it runs a claimed batch job after job through `generate`."""
+
+    def batchable(self, requests: list[GenerationRequest]) -> bool:
+        """Whether these requests would run as one tensor batch. When not, the worker runs them one after another
+        through `generate`, each job's post-processing overlapping the next one's denoising."""
+        ...
+
+    def generate_batch(self, items: list[BatchItem]) -> list[BatchOutcome]:
+        """One outcome per item, in order. `FatalEngineError` (the device failed) is raised, not returned: it ends
+        every job of the batch the same way."""
+        ...
+
+
 class CheckableEngine(Engine, Protocol):
     """An engine that can test its device. Optional: after a device failure (`FatalEngineError`) the worker calls
     `check()` on the rebuilt engine before it claims again, so a broken device touches no more jobs."""

@@ -43,7 +43,8 @@ import torch
 
 from darkroom import __version__
 from darkroom.clock import random_seed
-from darkroom.engines.base import EngineImage, EngineResult, ProgressFn
+from darkroom.engines.adapters import activate as activate_adapters
+from darkroom.engines.base import BatchItem, BatchOutcome, EngineImage, EngineResult, ProgressFn
 from darkroom.engines.classify import classify
 from darkroom.engines.preview import latents_to_jpeg
 from darkroom.engines.samplers import SamplerSpec, make_scheduler, resolve_sampler, seed_scheduler_noise
@@ -190,7 +191,8 @@ class DiffusersEngine:
             loaded, load_s = self._pipelines(info)
             pipe = loaded.pipeline(request.mode)
             ran = time.perf_counter()
-            images, scheduler_name = self._run(pipe, loaded, spec, request, sources, seeds, progress)
+            with activate_adapters(pipe, self.registry, [request], lock=_LOAD_LOCK):  # LoRAs/embeddings: this pass only
+                images, scheduler_name = self._run(pipe, loaded, spec, request, sources, seeds, progress)
         done = time.perf_counter()
         return EngineResult(
             images=[EngineImage(image=img, seed=seed) for img, seed in zip(images, seeds, strict=True)],
@@ -202,6 +204,115 @@ class DiffusersEngine:
             timings={"load_s": load_s, "inference_s": done - ran, "total_s": done - started},
             versions=versions(),
         )
+
+    def batchable(self, requests: list[GenerationRequest]) -> bool:
+        """Several txt2img requests, unless `batch_invariant` asks for every image alone. img2img and inpainting
+        run job after job for now (their source images would have to be stacked)."""
+        return not self.batch_invariant and len(requests) > 1 and all(r.mode == "txt2img" for r in requests)
+
+    def generate_batch(self, items: list[BatchItem]) -> list[BatchOutcome]:
+        """Compatible jobs (one batch key) as one tensor batch: every image of every job in one pipeline call.
+
+        Each image keeps its own generator, so its pixels match its solo run within rounding (see the module
+        docstring); `batch_invariant=True`, a lone job, or a mode other than txt2img runs the jobs one after another.
+        A job whose callback raises (cancelled, lease lost, timed out, draining) drops out of the outcome at that
+        step while the others go on; the call stops early only when every job has stopped. A failure of the call
+        itself that is not the device's is retried job by job, so one bad request cannot fail its batch partners."""
+        if not self.batchable([item.request for item in items]):
+            return [self._alone(item) for item in items]
+        outcomes: list[BatchOutcome | None] = [None] * len(items)
+        live: list[int] = []
+        for index, item in enumerate(items):
+            if item.request.seed is None:
+                item.request = item.request.model_copy(update={"seed": random_seed()})
+            try:
+                check_request(item.request, item.init_image, item.mask_image)
+                live.append(index)
+            except DarkroomError as exc:
+                outcomes[index] = exc
+        if len(live) > 1:
+            try:
+                joint = self._generate_joint([items[i] for i in live])
+            except FatalEngineError:
+                raise
+            except DarkroomError as exc:  # not the device's fault, maybe one request's: isolate it
+                log.info("a batch of %d jobs failed (%s); running them one by one", len(live), exc.code)
+                joint = [self._alone(items[i]) for i in live]
+            for index, outcome in zip(live, joint, strict=True):
+                outcomes[index] = outcome
+        elif live:
+            outcomes[live[0]] = self._alone(items[live[0]])
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _alone(self, item: BatchItem) -> BatchOutcome:
+        extra = {"mask_image": item.mask_image} if item.mask_image is not None else {}
+        try:
+            return self.generate(item.request, item.init_image, item.progress, **extra)
+        except FatalEngineError:
+            raise
+        except Exception as exc:
+            return exc
+
+    def _generate_joint(self, items: list[BatchItem]) -> list[BatchOutcome]:
+        started = time.perf_counter()
+        first = items[0].request
+        info = self.registry.get(first.model) if first.model else self.registry.default()
+        spec = resolve_sampler(first.sampler)
+        seeds = [seed for item in items for seed in item.request.seeds()]
+        fan = _FanOut(items, total_steps(first), arch=info.arch)
+        with self._run_lock:
+            loaded, load_s = self._pipelines(info)
+            pipe = loaded.pipeline("txt2img")
+            ran = time.perf_counter()
+            scheduler = make_scheduler(spec, loaded.scheduler_config)
+            seed_scheduler_noise(scheduler, seeds)
+            kwargs = {
+                "prompt": [item.request.prompt for item in items for _ in range(item.request.n)],
+                "negative_prompt": [
+                    item.request.negative_prompt or "" for item in items for _ in range(item.request.n)
+                ],
+                "num_inference_steps": first.steps,
+                "guidance_scale": first.guidance_scale,
+                "num_images_per_prompt": 1,
+                "generator": [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
+                "callback_on_step_end": fan,
+                "output_type": "pil",
+                "width": first.width,
+                "height": first.height,
+            }
+            try:
+                with activate_adapters(pipe, self.registry, [item.request for item in items], lock=_LOAD_LOCK):
+                    images = self._call(pipe, scheduler, kwargs)
+            except DarkroomError:
+                if not fan.all_stopped():
+                    raise
+                images = []  # every job stopped: nothing to keep
+            scheduler_name = type(scheduler).__name__
+        done = time.perf_counter()
+        timings = {"load_s": load_s, "inference_s": done - ran, "total_s": done - started, "batch_images": len(seeds)}
+        outcomes: list[BatchOutcome] = []
+        offset = 0
+        for index, item in enumerate(items):
+            count = item.request.n
+            stopped = fan.stopped.get(index)
+            if stopped is not None:
+                outcomes.append(stopped)
+            else:
+                mine = zip(images[offset : offset + count], item.request.seeds(), strict=True)
+                outcomes.append(
+                    EngineResult(
+                        images=[EngineImage(image=img, seed=seed) for img, seed in mine],
+                        model=info,
+                        engine=self.name,
+                        scheduler=scheduler_name,
+                        device=self.device,
+                        dtype=dtype_name(self.dtype),
+                        timings=dict(timings),
+                        versions=versions(),
+                    )
+                )
+            offset += count
+        return outcomes
 
     def close(self) -> None:
         self._cache.clear()
@@ -249,7 +360,7 @@ class DiffusersEngine:
                 offset=offset,
                 grand_total=grand_total,
                 weight=len(pass_seeds),
-                preview=self._preview_hook(progress, loaded),
+                preview=_preview_hook_for(progress, loaded.info.arch),
             )
             scheduler = make_scheduler(spec, loaded.scheduler_config)
             seed_scheduler_noise(scheduler, pass_seeds)
@@ -275,20 +386,6 @@ class DiffusersEngine:
                 )
                 pending[:0] = [pass_seeds[:half], pass_seeds[half:]]
         return images, scheduler_name
-
-    @staticmethod
-    def _preview_hook(progress: ProgressFn, loaded: LoadedModel) -> Callable[[int, Any], None] | None:
-        """Previews only for callers that ask (`progress.wants_preview(step)`), made only on the steps they want."""
-        wants = getattr(progress, "wants_preview", None)
-        deliver = getattr(progress, "preview", None)
-        if wants is None or deliver is None:
-            return None
-
-        def hook(step: int, latents: Any) -> None:
-            if wants(step):
-                deliver(step, latents_to_jpeg(latents, loaded.info.arch))
-
-        return hook
 
     def _call(self, pipe: Any, scheduler: Any, kwargs: dict[str, Any]) -> list[Image.Image]:
         """One pipeline call with a borrowed scheduler; whatever happens, the pipeline is left as it was found."""
@@ -488,6 +585,59 @@ def step_callback(
         return tensors
 
     return on_step_end
+
+
+class _FanOut:
+    """The step callback of a joint batch: each job's own callback sees its own images' latents and progress.
+
+    A job whose callback raises (cancelled, lease lost, timed out, draining) is recorded and skipped from then on;
+    when every job has stopped, the last exception leaves the pipeline, which stops the call at this step."""
+
+    def __init__(self, items: list[BatchItem], per_pass: int, arch: str) -> None:
+        self.stopped: dict[int, Exception] = {}
+        self._slices: list[slice] = []
+        self._callbacks: list[Any] = []
+        offset = 0
+        for item in items:
+            n = item.request.n
+            self._slices.append(slice(offset, offset + n))
+            offset += n
+            preview = _preview_hook_for(item.progress, arch)
+            self._callbacks.append(
+                step_callback(item.progress, per_pass, grand_total=per_pass * n, weight=n, preview=preview)
+            )
+
+    def all_stopped(self) -> bool:
+        return len(self.stopped) == len(self._callbacks)
+
+    def __call__(self, pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        latents = tensors.get("latents")
+        last: Exception | None = None
+        for index, callback in enumerate(self._callbacks):
+            if index in self.stopped:
+                continue
+            mine = {"latents": latents[self._slices[index]]} if latents is not None else {}
+            try:
+                callback(pipe, i, t, mine)
+            except Exception as exc:
+                self.stopped[index] = last = exc
+        if last is not None and self.all_stopped():
+            raise last
+        return tensors
+
+
+def _preview_hook_for(progress: ProgressFn, arch: str) -> Callable[[int, Any], None] | None:
+    """Previews only for callers that ask (`progress.wants_preview(step)`), made only on the steps they want."""
+    wants = getattr(progress, "wants_preview", None)
+    deliver = getattr(progress, "preview", None)
+    if wants is None or deliver is None:
+        return None
+
+    def hook(step: int, latents: Any) -> None:
+        if wants(step):
+            deliver(step, latents_to_jpeg(latents, arch))
+
+    return hook
 
 
 def _fit(image: Image.Image, width: int, height: int, mode: str = "RGB") -> Image.Image:

@@ -28,7 +28,7 @@ from typing import Any
 from darkroom import __version__, clock
 from darkroom.auth.tenants import TenantStore
 from darkroom.config import Settings
-from darkroom.engines.base import Engine, EngineResult
+from darkroom.engines.base import BatchItem, Engine, EngineResult
 from darkroom.errors import (
     DarkroomError,
     Draining,
@@ -200,6 +200,7 @@ class Worker:
         self._wake = threading.Event()  # set by the change feed whenever a job becomes claimable
         self._next_reap = 0.0
         self._busy = False  # the last step ran a batch: the device is in use
+        self._solo = False  # after a device failure in a joint batch: one job at a time until one succeeds
         self._post_pool: ThreadPoolExecutor | None = None
         self._post_slots = threading.BoundedSemaphore(max(1, settings.postprocess_workers))
         self._in_flight: set[Future[None]] = set()
@@ -373,10 +374,14 @@ class Worker:
         self.flush()
 
     def _run_batch(self, batch: list[JobRecord]) -> None:
-        """Denoise the batch job after job; each job's images go to post-processing while the next one denoises.
-        Leases stay renewed until each job's outcome is written."""
+        """Denoise the batch: as one tensor batch when the engine can (`generate_batch`), else job after job; each
+        job's images go to post-processing while the device moves on. Leases stay renewed until each job's outcome
+        is written."""
         leases = _Leases(self.store, batch, self.id, self.settings).start()
         try:
+            if self._together(batch):
+                self._run_together(batch, leases)
+                return
             for job in batch:
                 try:
                     if self._stop.is_set() or self.health.paused():
@@ -387,6 +392,71 @@ class Worker:
                     leases.settle(job.id)
         finally:
             leases.abandon()  # an error cut the batch short: its unstarted jobs go back through the reaper
+
+    def _together(self, batch: list[JobRecord]) -> bool:
+        """Whether the engine runs this batch as one tensor batch (see `BatchingEngine`)."""
+        if len(batch) < 2 or self._solo:
+            return False
+        batchable = getattr(self.engine, "batchable", None)
+        return batchable is not None and batchable([job.generation_request() for job in batch])
+
+    def _run_together(self, batch: list[JobRecord], leases: _Leases) -> None:
+        """Start every job of the batch, hand their requests to the engine as one batch, and settle each job from
+        its own outcome, so a cancelled or failing job ends alone. A device failure ends them all: the first is
+        charged as usual (`settle_fatal`, which also counts toward poison), the others go back uncharged, and the
+        worker runs one job at a time until a job succeeds again, so a job that breaks the device is found alone."""
+        started: list[tuple[JobRecord, _Run]] = []
+        items: list[BatchItem] = []
+        for job in batch:
+            if self._stop.is_set() or self.health.paused():
+                self.store.release(job.id, self.id)
+                leases.settle(job.id)
+                continue
+            attempt = self.store.start(job.id, self.id)
+            if attempt is None:
+                log.warning("worker %s lost the lease on %s before it started", self.id, job.id)
+                leases.settle(job.id)
+                continue
+            job = dataclasses.replace(job, attempts=attempt, started_at=clock.utcnow())
+            run = _Run(self, leases, job)
+            try:
+                item = self._batch_item(job, run)
+            except Exception as exc:
+                self._settle(job, functools.partial(_raise, exc))
+                leases.settle(job.id)
+                continue
+            started.append((job, run))
+            items.append(item)
+        if not items:
+            return
+        log.info("worker %s runs %d jobs as one batch: %s", self.id, len(items), " ".join(j.id for j, _ in started))
+        try:
+            outcomes = self.engine.generate_batch(items)  # type: ignore[attr-defined]
+        except FatalEngineError as exc:
+            (first, _), rest = started[0], started[1:]
+            self._settle(first, functools.partial(_raise, exc))
+            for job, _ in rest:
+                self.store.release(job.id, self.id, reason="a batch partner's run failed the device")
+            self._solo = True
+            for job, _ in started:
+                leases.settle(job.id)
+            return
+        for (job, run), outcome in zip(started, outcomes, strict=True):
+            try:
+                if isinstance(outcome, Exception):
+                    self._settle(job, functools.partial(_raise, outcome))
+                else:
+                    self._settle(job, functools.partial(self._hand_off, job, outcome, run.started, leases))
+            finally:
+                leases.settle(job.id)
+
+    def _batch_item(self, job: JobRecord, run: _Run) -> BatchItem:
+        """The job's request and source images, as `_denoise` reads them for a job run alone."""
+        run.leases.check(job.id)
+        request = job.generation_request()
+        init = self._load_image(request.init_image)
+        mask = self._load_image(request.mask_image)
+        return BatchItem(request=request, progress=run, init_image=init, mask_image=mask)
 
     def _process(self, job: JobRecord, leases: _Leases) -> None:
         attempt = self.store.start(job.id, self.id)  # the attempt counts from here, not from the claim
@@ -535,5 +605,11 @@ class Worker:
         if self.store.complete(job.id, self.id, new_images, {**common, "seeds": seeds}):
             with self._in_flight_lock:  # post-processing threads finish jobs concurrently
                 self.jobs_done += 1
+            self._solo = False
         else:
             log.warning("worker %s finished %s but no longer owns it; result dropped", self.id, job.id)
+
+
+def _raise(exc: BaseException) -> None:
+    """`_settle` takes work to run; an outcome that is already an exception is settled by raising it there."""
+    raise exc

@@ -42,6 +42,33 @@ class JobState(enum.StrEnum):
 
 
 TERMINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled, JobState.dead})
+MAX_LORAS = 16  # A1111 users stack a handful; each one is loaded per pass, so the count is bounded
+
+
+class LoraSpec(BaseModel):
+    """One LoRA of a request: a file in `models/loras/` by name, with its strength. The API pins `sha256` to the
+    file it validated, so the worker runs (and the PNG records) exactly that version or fails the job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, description="file name without .safetensors (see /sdapi/v1/loras)")
+    weight: float = Field(1.0, ge=-10.0, le=10.0, description="strength; 0 gives the base model's exact pixels")
+    sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="filled in at submit; a client may send it to pin a version"
+    )
+
+
+class AdapterInfo(BaseModel):
+    """A LoRA or textual-inversion embedding file as the registry lists it. No torch here: the API reads this too."""
+
+    kind: Literal["lora", "embedding"]
+    name: str = Field(description="the file name without .safetensors: `<lora:NAME:w>`, or the embedding's token")
+    alias: str
+    path: str = Field(description="absolute path (kept off the API: it shows `relpath`)")
+    relpath: str = Field(description="path inside models/loras/ or models/embeddings/")
+    sha256: str
+    size_bytes: int
+    metadata: dict[str, str] = Field(default_factory=dict, description="the safetensors header's metadata")
 
 
 class GenerationRequest(BaseModel):
@@ -88,6 +115,11 @@ class GenerationRequest(BaseModel):
     )
     timeout_seconds: float | None = Field(None, gt=0, description="fail the job if it runs longer than this")
     preview: bool = Field(False, description="attach low-resolution previews to progress events (SSE, WebSocket)")
+    loras: list[LoraSpec] = Field(
+        default_factory=list,
+        max_length=MAX_LORAS,
+        description="LoRA adapters from models/loras/ with their weights (A1111: `<lora:name:weight>` in the prompt)",
+    )
 
     @field_validator("webhook_url")
     @classmethod
@@ -105,6 +137,14 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _webhook_events(cls, v: list[str]) -> list[str]:
         return list(dict.fromkeys(v))  # each event once: duplicates would only grow the stored row
+
+    @field_validator("loras")
+    @classmethod
+    def _loras(cls, v: list[LoraSpec]) -> list[LoraSpec]:
+        names = [spec.name for spec in v]
+        if len(set(names)) != len(names):
+            raise ValueError("each LoRA may be named once")
+        return v
 
     @field_validator("seed")
     @classmethod
@@ -128,10 +168,13 @@ class GenerationRequest(BaseModel):
 
     def batch_key(self) -> str:
         """Jobs with equal keys can share one pipeline call: same model, size, steps, sampler, guidance and mode.
-        Prompts, seeds and source images may differ."""
+        Prompts, seeds and source images may differ. The LoRA set (names, weights, pinned hashes) is part of the key:
+        one pass runs with one set of adapters."""
         strength = self.strength if self.mode != "txt2img" else None
         parts = (self.model, self.width, self.height, self.steps, self.sampler, self.guidance_scale, self.mode)
         parts += (strength,)
+        if self.loras:  # requests without adapters keep the keys they always had
+            parts += (tuple(sorted((spec.name, spec.weight, spec.sha256) for spec in self.loras)),)
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 

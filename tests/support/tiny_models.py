@@ -257,3 +257,64 @@ def build_tiny_xl_pipeline(seed: int = 0) -> Any:
         scheduler=EulerDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG),
         add_watermarker=False,
     )
+
+
+# --- LoRA adapters and textual-inversion embeddings -------------------------------------------------------------------
+
+LORA_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def make_lora(
+    directory: Path, name: str, fmt: str = "kohya", *, pipe: Any = None, seed: int = 7, rank: int = 4
+) -> Path:
+    """`name.safetensors`: a LoRA with random, nonzero weights on the attention projections of the tiny pipeline's
+    UNet and text encoder (or of `pipe`, e.g. the tiny SDXL one), in one of the key layouts users bring:
+    - `kohya`: A1111/kohya sd-scripts (`lora_unet_down_blocks_1_…_to_q.lora_down.weight`, `.alpha`, `lora_te_…`);
+    - `diffusers`: what diffusers' training scripts save (`unet.….to_q.lora.down.weight`, `text_encoder.…`);
+    - `peft`: PEFT's own names (`unet.….to_q.lora_A.weight`).
+    The same `seed` gives the same adapter in every layout, so they must produce the same pixels."""
+    import torch
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import save_file
+
+    pipe = pipe if pipe is not None else build_tiny_pipeline(seed=0)
+    torch.manual_seed(seed)
+    parts: dict[str, dict[str, Any]] = {}
+    for prefix, module, targets in (
+        ("unet", pipe.unet, LORA_UNET_TARGETS),
+        ("text_encoder", pipe.text_encoder, LORA_TEXT_TARGETS),
+    ):
+        config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=targets)
+        inject_adapter_in_model(config, module)  # random A and B: a LoRA that visibly changes the output
+        parts[prefix] = get_peft_model_state_dict(module)
+    if fmt == "peft":
+        state = {f"{prefix}.{k}": v for prefix, sd in parts.items() for k, v in sd.items()}
+    elif fmt == "diffusers":
+        state = {
+            f"{prefix}.{k}": v for prefix, sd in parts.items() for k, v in convert_state_dict_to_diffusers(sd).items()
+        }
+    elif fmt == "kohya":
+        state = convert_state_dict_to_kohya({f"{prefix}.{k}": v for prefix, sd in parts.items() for k, v in sd.items()})
+    else:
+        raise ValueError(f"unknown LoRA layout {fmt!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.safetensors"
+    metadata = {"format": "pt", "ss_output_name": name, "ss_network_dim": str(rank)}
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    return path
+
+
+def make_embedding(directory: Path, name: str, vectors: int = 2, width: int = 32, seed: int = 11) -> Path:
+    """`name.safetensors` in A1111's layout (`emb_params`: vectors x text-encoder width), random values."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    path = directory / f"{name}.safetensors"
+    save_file({"emb_params": torch.randn(vectors, width, generator=generator)}, str(path), metadata={"step": "100"})
+    return path

@@ -6,6 +6,11 @@ A1111's process-wide state maps onto darkroom as follows: the "current job" of `
 most recently started running job; the checkpoint chosen with `POST /options` is stored in the database and is the
 default model of the A1111 and OpenAI APIs (a request's `override_settings.sd_model_checkpoint` wins for that request).
 
+LoRAs: `<lora:name:weight>` (and `<lyco:…>`) tags are taken out of the prompt before it reaches the text encoder and
+become the request's `loras` (the last tag for a name wins; `disable_extra_networks` drops them); the infotext writes
+them back into the prompt with `Lora hashes`. `/loras` and `/embeddings` list `models/loras/` and `models/embeddings/`
+(an embedding is used when its name appears in the prompt or negative prompt).
+
 Accepted and ignored (darkroom has no equivalent): hires fix (`enable_hr`, `hr_*`), `restore_faces`, `tiling`,
 `styles`, subseeds, scripts (`script_name`, `alwayson_scripts`), `eta`/`s_*` sampler tweaks, refiner, `resize_mode`
 (the source is always resized to the requested size), `save_images`. `skip` stops the current job like `interrupt`:
@@ -19,6 +24,8 @@ import datetime as dt
 import io
 import json
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,7 +43,8 @@ from darkroom.jobs.db import read_tx
 from darkroom.jobs.store import JobRecord
 from darkroom.jobs.tables import job_events, jobs
 from darkroom.kv import DEFAULT_MODEL
-from darkroom.safety.provenance import read_png
+from darkroom.models.registry import safetensors_header
+from darkroom.safety.provenance import lora_hashes, lora_tags, read_png
 from darkroom.schemas import GenerationRequest, JobState, check_limits
 from darkroom.service import Services
 
@@ -56,7 +64,10 @@ FIELD_NAMES = {
     "n": "batch_size",
     "sampler": "sampler_name",
     "model": "sd_model_checkpoint",
+    "loras": "prompt",  # A1111 names LoRAs with <lora:name:weight> tags in the prompt
 }
+# A1111's extra-network tags for LoRA-type networks: <lora:name>, <lora:name:weight>, <lora:name:te:unet>.
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^>]*)>", re.IGNORECASE)
 OPTIONS_KEY = "a1111.options"
 MAX_MASK_BLUR = 64  # px; A1111's UI offers up to 64
 MAX_JOB_COUNT = 1000
@@ -191,12 +202,38 @@ def request_model(svc: Services, req: Processing) -> str:
     return compat.default_model(svc).id
 
 
+def extract_loras(prompt: str) -> tuple[str, list[dict[str, Any]]]:
+    """The prompt without its LoRA tags (removed as A1111 removes them, nothing else touched) and the LoRAs they
+    name. A1111 may weight the text encoder and the UNet differently (`<lora:name:te:unet>`); darkroom has one weight
+    per adapter, so differing weights are refused rather than half ignored."""
+    found: dict[str, float] = {}
+    for match in LORA_TAG.finditer(prompt):
+        args = [a.strip() for a in match.group(1).split(":")]
+        name = args[0]
+        if not name:
+            raise InvalidRequest(f"prompt: {match.group(0)} names no LoRA", field="prompt")
+        try:
+            weights = [float(a) for a in args[1:3] if a]
+        except ValueError:
+            raise InvalidRequest(f"prompt: the weight in {match.group(0)} must be a number", field="prompt") from None
+        if len(set(weights)) > 1:
+            raise InvalidRequest(
+                f"prompt: {match.group(0)}: separate text-encoder and UNet weights are not supported", field="prompt"
+            )
+        found[name] = weights[0] if weights else 1.0
+    return LORA_TAG.sub("", prompt), [{"name": name, "weight": weight} for name, weight in found.items()]
+
+
 def to_generation(svc: Services, req: Processing, **extra: Any) -> GenerationRequest:
     """The internal request, with every configured limit checked (errors name A1111's fields)."""
-    if not req.prompt.strip():
+    prompt, loras = extract_loras(req.prompt)
+    if req.disable_extra_networks:
+        loras = []
+    if not prompt.strip():
         raise InvalidRequest("prompt: darkroom needs a non-empty prompt", field="prompt")
     fields = {
-        "prompt": req.prompt,
+        "prompt": prompt,
+        "loras": loras,
         "negative_prompt": req.negative_prompt or "",
         "width": req.width,
         "height": req.height,
@@ -283,9 +320,11 @@ def info(svc: Services, job: JobRecord, images: list, infotexts: list[str]) -> d
     seeds = [image.seed for image, _ in images] or GenerationRequest.model_validate(request).seeds()
     model = job.result.get("model", {}) if job.result else {}
     n = request["n"]
+    loras = request.get("loras") or []
+    prompt = request["prompt"] + lora_tags(loras)  # as the client wrote it: A1111 keeps the tags in `prompt`
     return {
-        "prompt": request["prompt"],
-        "all_prompts": [request["prompt"]] * n,
+        "prompt": prompt,
+        "all_prompts": [prompt] * n,
         "negative_prompt": request["negative_prompt"],
         "all_negative_prompts": [request["negative_prompt"]] * n,
         "seed": seeds[0],
@@ -308,7 +347,7 @@ def info(svc: Services, job: JobRecord, images: list, infotexts: list[str]) -> d
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": request["strength"] if request.get("init_image") else None,
-        "extra_generation_params": {},
+        "extra_generation_params": {"Lora hashes": lora_hashes(loras)} if loras else {},
         "index_of_first_image": 0,
         "infotexts": infotexts,
         "styles": [],
@@ -522,9 +561,17 @@ def schedulers() -> list[dict[str, Any]]:
     return SCHEDULERS
 
 
-@router.get("/loras", summary="LoRA adapters (none until darkroom supports them)")
-def loras() -> list[dict[str, Any]]:
-    return []
+@router.get("/loras", summary="LoRA adapters in models/loras/ (`path` is relative to that folder)")
+def loras(request: Request) -> list[dict[str, Any]]:
+    return [
+        {"name": a.name, "alias": a.alias, "path": a.relpath, "metadata": a.metadata}
+        for a in services(request).registry.loras()
+    ]
+
+
+@router.post("/refresh-loras", summary="Rescan models/loras/ (darkroom rescans on every request anyway)")
+def refresh_loras(request: Request) -> None:
+    services(request).registry.loras()
 
 
 @router.get("/sd-vae", summary="Separate VAEs (none: each model brings its own)")
@@ -532,9 +579,49 @@ def sd_vae() -> list[dict[str, Any]]:
     return []
 
 
-@router.get("/embeddings", summary="Textual-inversion embeddings (none)")
-def embeddings() -> dict[str, Any]:
-    return {"loaded": {}, "skipped": {}}
+@router.get("/embeddings", summary="Textual-inversion embeddings in models/embeddings/, by token")
+def embeddings(request: Request) -> dict[str, Any]:
+    """A1111's shape. Every readable file is `loaded` (darkroom loads an embedding into the pipeline only for the
+    prompts that use it; one that does not fit the model fails that job), files without a tensor are `skipped`."""
+    svc = services(request)
+    loaded: dict[str, Any] = {}
+    skipped: dict[str, Any] = {}
+    for info in svc.registry.embeddings():
+        try:
+            vectors, shape = embedding_shape(info.path)
+        except Exception:  # no tensors, or a header that lies: not an embedding
+            skipped[info.name] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None}
+            continue
+        loaded[info.name] = {
+            "step": _int_or_none(info.metadata.get("step")),
+            "sd_checkpoint": info.metadata.get("sd_checkpoint"),
+            "sd_checkpoint_name": info.metadata.get("sd_checkpoint_name"),
+            "shape": shape,
+            "vectors": vectors,
+        }
+    return {"loaded": loaded, "skipped": skipped}
+
+
+@router.post("/refresh-embeddings", summary="Rescan models/embeddings/")
+def refresh_embeddings(request: Request) -> None:
+    services(request).registry.embeddings()
+
+
+def embedding_shape(path: str) -> tuple[int, int]:
+    """(vectors, width) from the safetensors header alone: A1111's `emb_params`, diffusers' single tensor, or SDXL's
+    `clip_l` (the first encoder's width, as A1111 reports it)."""
+    header = safetensors_header(Path(path))
+    keys = [k for k in header if k != "__metadata__"]
+    key = "clip_l" if "clip_l" in keys else "emb_params" if "emb_params" in keys else keys[0]
+    shape = [int(n) for n in header[key]["shape"]]
+    return (shape[0], shape[-1]) if len(shape) > 1 else (1, shape[0])
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 class PngInfoRequest(BaseModel):

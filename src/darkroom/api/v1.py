@@ -136,6 +136,8 @@ def submit_status(
         "seed": body.seed if body.seed is not None else clock.random_seed(),
         **(stored or {}),
     }
+    if body.loras:  # unknown adapter → 422 naming it; the rest pinned to the file versions found
+        updates["loras"] = svc.registry.pin_loras(body.loras)
     if body.webhook_url and not svc.settings.webhooks.secret:
         raise InvalidRequest("webhooks are not configured (DARKROOM_WEBHOOKS__SECRET)", field="webhook_url")
     uploads: list[bytes] = []  # decoded and checked now; stored only once the job is admitted (see `admit`)

@@ -15,6 +15,11 @@ and the engine loads it with `torch.load(weights_only=True)`, so a checkpoint th
 `darkroom.json` in a diffusers folder (or `NAME.json` beside a single file) may hold
 `{"description": "...", "smoke_test": true}`; that is how the smoke-test model is labelled.
 
+Adapters live in two subfolders of the models dir (searched recursively, `.safetensors` only, never listed as
+models): `loras/` (LoRA / LyCORIS files, A1111/kohya or diffusers/PEFT keys) and `embeddings/` (textual inversion).
+Each is named by its file stem, as A1111 names them, and hashed like a checkpoint; whether a file fits a model's
+family is only known when the engine loads it into that model (a mismatch fails the job for good).
+
 Hashing GBs of weights takes a while, so file hashes are kept in a JSON cache keyed by path, size and mtime_ns, and a
 scan's result is reused until some file's size or mtime changes.
 """
@@ -36,7 +41,7 @@ from typing import Any
 
 from darkroom.config import Settings
 from darkroom.errors import Conflict, InvalidRequest, ServiceUnavailable
-from darkroom.schemas import ModelInfo
+from darkroom.schemas import AdapterInfo, LoraSpec, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,9 @@ SINGLE_FILE_ARCH_MARKERS: tuple[tuple[str, str], ...] = (
     ("cond_stage_model.transformer.", "sd1"),
 )
 HASH_CHUNK = 8 * 1024 * 1024
+LORAS_DIR = "loras"
+EMBEDDINGS_DIR = "embeddings"
+ADAPTER_DIRS = {"lora": LORAS_DIR, "embedding": EMBEDDINGS_DIR}
 
 Fingerprint = tuple[tuple[str, int, int], ...]
 
@@ -82,6 +90,7 @@ class ModelRegistry:
         self._models: list[ModelInfo] = []
         self._hashes: dict[str, dict[str, Any]] | None = None
         self._hashes_dirty = False
+        self._adapter_infos: dict[tuple[str, int, int], AdapterInfo] = {}  # (path, size, mtime_ns) → listing
 
     @classmethod
     def for_settings(cls, settings: Settings) -> ModelRegistry:
@@ -124,6 +133,78 @@ class ModelRegistry:
         if not models_dir.is_dir():
             return False
         return any(_is_listable(p) for p in _visible_entries(models_dir))
+
+    # --- adapters ----------------------------------------------------------------------------------------------------
+
+    def loras(self) -> list[AdapterInfo]:
+        """LoRA files in `models/loras/`, by name. One stat per file when nothing changed."""
+        return self._adapters("lora")
+
+    def embeddings(self) -> list[AdapterInfo]:
+        """Textual-inversion embeddings in `models/embeddings/`; each one's name is its prompt token."""
+        return self._adapters("embedding")
+
+    def lora(self, name: str) -> AdapterInfo:
+        """A LoRA by exact name, else by a unique case-insensitive match (A1111 prompts are typed by hand)."""
+        found = self.loras()
+        for info in found:
+            if info.name == name:
+                return info
+        folded = [info for info in found if info.name.casefold() == name.casefold()]
+        if len(folded) == 1:
+            return folded[0]
+        known = ", ".join(info.name for info in found) or "none"
+        raise InvalidRequest(f"unknown LoRA {name!r} (available in {LORAS_DIR}/: {known})", field="loras")
+
+    def pin_loras(self, specs: list[LoraSpec]) -> list[LoraSpec]:
+        """The request's LoRAs checked against the folder and pinned to the file versions found (their sha256): what
+        the batch key, the worker and the provenance use. A client's own pin must match the file."""
+        pinned: list[LoraSpec] = []
+        for spec in specs:
+            info = self.lora(spec.name)
+            if spec.sha256 and spec.sha256 != info.sha256:
+                raise InvalidRequest(
+                    f"LoRA {spec.name!r} is version {info.sha256[:12]} here, not {spec.sha256[:12]}", field="loras"
+                )
+            pinned.append(LoraSpec(name=info.name, weight=spec.weight, sha256=info.sha256))
+        return pinned
+
+    def _adapters(self, kind: str) -> list[AdapterInfo]:
+        root = self.models_dir / ADAPTER_DIRS[kind]
+        out: dict[str, AdapterInfo] = {}
+        with self._lock:
+            for path in _adapter_files(root):
+                try:
+                    info = self._adapter_info(kind, root, path)
+                except Exception as exc:  # a truncated download must not hide the others
+                    log.warning("skipping %s: not a readable safetensors file: %s", path, exc)
+                    continue
+                if info.name in out:
+                    log.warning("%s %s is taken by %s; ignoring %s", kind, info.name, out[info.name].relpath, path)
+                    continue
+                out[info.name] = info
+            self._save_hash_cache()
+        return sorted(out.values(), key=lambda a: a.name.casefold())
+
+    def _adapter_info(self, kind: str, root: Path, path: Path) -> AdapterInfo:
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        hit = self._adapter_infos.get(key)
+        if hit is not None and hit.kind == kind:
+            return hit
+        metadata = safetensors_metadata(path)
+        info = AdapterInfo(
+            kind=kind,  # type: ignore[arg-type]
+            name=path.stem,
+            alias=metadata.get("ss_output_name") or path.stem,
+            path=str(path.resolve()),
+            relpath=path.relative_to(root).as_posix(),
+            sha256=self._file_sha256(path),
+            size_bytes=st.st_size,
+            metadata=metadata,
+        )
+        self._adapter_infos[key] = info
+        return info
 
     # --- adding ------------------------------------------------------------------------------------------------------
 
@@ -295,6 +376,39 @@ def checkpoint_keys(path: Path) -> list[str]:
 
     with safe_open(str(path), framework="numpy") as fh:
         return list(fh.keys())
+
+
+SAFETENSORS_MAX_HEADER = 100_000_000  # the limit the safetensors library itself enforces
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header: tensor name → {dtype, shape, data_offsets}, and `__metadata__`; ValueError if not one."""
+    with path.open("rb") as fh:
+        prefix = fh.read(8)
+        size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 2 <= size <= SAFETENSORS_MAX_HEADER:
+            raise ValueError(f"{path.name}: not a safetensors file (header length {size})")
+        raw = fh.read(size)
+    try:
+        header = json.loads(raw) if len(raw) == size else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name}: not a safetensors file (unreadable header)")
+    return header
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The header's `__metadata__` (kohya writes its training settings there); reading it checks the header too."""
+    meta = safetensors_header(Path(path)).get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def _adapter_files(root: Path) -> list[Path]:
+    """`*.safetensors` under an adapter folder, hidden files and folders skipped (pickled adapters are never used)."""
+    if not root.is_dir():
+        return []
+    return [f for f in _walk_files(root) if f.suffix.lower() == ".safetensors"]
 
 
 def diffusers_arch(folder: Path) -> str:

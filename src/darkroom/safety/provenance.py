@@ -28,7 +28,7 @@ PARAMETERS_KEY = "parameters"
 
 def a1111_parameters(prov: dict[str, Any]) -> str:
     req = prov["request"]
-    lines = [req["prompt"]]
+    lines = [req["prompt"] + lora_tags(req.get("loras") or [])]
     if req.get("negative_prompt"):
         lines.append(f"Negative prompt: {req['negative_prompt']}")
     fields = [
@@ -42,9 +42,23 @@ def a1111_parameters(prov: dict[str, Any]) -> str:
     ]
     if req.get("init_image"):
         fields.append(("Denoising strength", f"{req['strength']:g}"))
+    if req.get("loras"):
+        fields.append(("Lora hashes", lora_hashes(req["loras"])))
     fields.append(("Version", f"darkroom {prov['versions'].get('darkroom', '')}"))
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
     return "\n".join(lines)
+
+
+def lora_tags(loras: list[dict[str, Any]]) -> str:
+    """The request's LoRAs as A1111 prompt tags, so the infotext pasted back into A1111 (or darkroom's A1111 API)
+    asks for the same adapters: A1111 keeps the tags in the prompt it writes; darkroom strips them before the text
+    encoder and puts them back here."""
+    return "".join(f" <lora:{spec['name']}:{spec['weight']:g}>" for spec in loras)
+
+
+def lora_hashes(loras: list[dict[str, Any]]) -> str:
+    """A1111's `Lora hashes: "name: sha256[:12], …"` (the short hash civitai and A1111 look adapters up by)."""
+    return '"' + ", ".join(f"{spec['name']}: {(spec.get('sha256') or '')[:12]}" for spec in loras) + '"'
 
 
 def encode_png(

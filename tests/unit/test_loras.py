@@ -152,6 +152,29 @@ def test_embedding_token_in_the_prompt_changes_the_image_and_is_removed_after(en
 # --- batching -------------------------------------------------------------------------------------------------------
 
 
+def test_a_joint_batch_runs_with_its_one_adapter_set_and_leaves_the_base(engine, registry, base):
+    """Two jobs with one LoRA set as one tensor batch; an embedding in one prompt leaves the other prompt alone.
+    Batched pixels match solo ones within rounding (the engine's module docstring), not bit for bit."""
+    from darkroom.engines.base import BatchItem
+
+    specs = registry.pin_loras([LoraSpec(name="style", weight=1.0)])
+    requests = [
+        GenerationRequest(prompt=prompt, model=MODEL, loras=specs, **{**SMALL, "seed": seed})
+        for prompt, seed in (("a cat", 3), ("a dog mytoken", 4))
+    ]
+    solo = [np.asarray(engine.generate(r, None, lambda s, t: None).images[0].image).astype(int) for r in requests]
+    engine.batch_invariant = False
+    try:
+        outcomes = engine.generate_batch([BatchItem(request=r, progress=lambda s, t: None) for r in requests])
+    finally:
+        engine.batch_invariant = True
+    assert all(not isinstance(o, Exception) for o in outcomes), outcomes
+    for outcome, alone in zip(outcomes, solo, strict=True):
+        assert np.abs(np.asarray(outcome.images[0].image).astype(int) - alone).max() <= 2
+    assert np.abs(solo[0] - base.astype(int)).max() > 10
+    assert np.array_equal(render(engine, registry), base)
+
+
 def test_batch_key_holds_the_adapter_set(registry):
     def key(**loras: float) -> str:
         specs = registry.pin_loras([LoraSpec(name=n, weight=w) for n, w in loras.items()])

@@ -303,7 +303,7 @@ class Settings(BaseSettings):
     retry_backoff_seconds: float = 1.0
     job_timeout_seconds: float | None = 900.0
     drain_seconds: float = 30.0
-    max_batch: int = 4
+    max_batch: int = Field(8, ge=1, description="most jobs claimed together; their images run as one tensor batch")
     batch_window_seconds: float = Field(
         0.0, ge=0, description="a worker coming straight from a batch waits this long to fill the next; never idle"
     )

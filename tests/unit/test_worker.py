@@ -632,3 +632,18 @@ def test_a_device_failure_in_a_batch_releases_all_and_the_worker_goes_solo(servi
     assert calls[1:] == [1, 1]
     assert all(services.store.get(j.id).state is JobState.succeeded for j in jobs)
     assert not worker._solo
+
+
+def test_out_of_memory_in_a_batch_halves_the_remembered_batch_limit(services, worker, monkeypatch):
+    def oom(prompts):  # type: ignore[no-untyped-def]
+        return torch.OutOfMemoryError("CUDA out of memory (more than 2 images)") if len(prompts) > 2 else None
+
+    calls = _call_counter(monkeypatch, oom)
+    first = [submit(services, seed=s) for s in (1, 2, 3, 4)]
+    worker.process_batch(worker.claim())
+    assert calls == [4, 2, 2]
+    second = [submit(services, seed=s) for s in (5, 6, 7, 8)]
+    worker.process_batch(worker.claim())
+    assert calls[3:] == [2, 2]  # the limit is remembered: no second failure
+    assert all(services.store.get(j.id).state is JobState.succeeded for j in first + second)
+    assert all(services.store.get(j.id).attempts == 1 for j in first + second)

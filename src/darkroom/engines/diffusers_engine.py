@@ -169,6 +169,8 @@ class DiffusersEngine:
             cache_size, on_evict=self._on_evict, budget_bytes=budget
         )
         self._run_lock = threading.Lock()  # a pipeline is not re-entrant
+        # (model, width, height) → most images one tensor batch may hold, learnt from running out of memory
+        self._batch_limits: dict[tuple[str, int, int], int] = {}
 
     # --- Engine protocol ---------------------------------------------------------------------------------------------
 
@@ -230,19 +232,34 @@ class DiffusersEngine:
                 live.append(index)
             except DarkroomError as exc:
                 outcomes[index] = exc
-        if len(live) > 1:
+        for index, outcome in zip(live, self._together([items[i] for i in live]), strict=True):
+            outcomes[index] = outcome
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _together(self, items: list[BatchItem]) -> list[BatchOutcome]:
+        """Run `items` in tensor batches of at most the remembered image limit for their model and size. Out of
+        memory halves that limit (remembered for the engine's life) and re-runs the chunk in smaller batches."""
+        first = items[0].request
+        key = (first.model or "", first.width, first.height)
+        outcomes: list[BatchOutcome] = []
+        for chunk in _chunks(items, self._batch_limits.get(key)):
+            if len(chunk) == 1:
+                outcomes.append(self._alone(chunk[0]))
+                continue
             try:
-                joint = self._generate_joint([items[i] for i in live])
+                outcomes += self._generate_joint(chunk)
             except FatalEngineError:
                 raise
+            except EngineOutOfMemory:
+                images = sum(item.request.n for item in chunk)
+                self._batch_limits[key] = max(1, images // 2)
+                release_memory()
+                log.warning("out of memory with %d images in one batch: at most %d from now on", images, images // 2)
+                outcomes += self._together(chunk)
             except DarkroomError as exc:  # not the device's fault, maybe one request's: isolate it
-                log.info("a batch of %d jobs failed (%s); running them one by one", len(live), exc.code)
-                joint = [self._alone(items[i]) for i in live]
-            for index, outcome in zip(live, joint, strict=True):
-                outcomes[index] = outcome
-        elif live:
-            outcomes[live[0]] = self._alone(items[live[0]])
-        return [outcome for outcome in outcomes if outcome is not None]
+                log.info("a batch of %d jobs failed (%s); running them one by one", len(chunk), exc.code)
+                outcomes += [self._alone(item) for item in chunk]
+        return outcomes
 
     def _alone(self, item: BatchItem) -> BatchOutcome:
         extra = {"mask_image": item.mask_image} if item.mask_image is not None else {}
@@ -585,6 +602,20 @@ def step_callback(
         return tensors
 
     return on_step_end
+
+
+def _chunks(items: list[BatchItem], limit: int | None) -> Iterator[list[BatchItem]]:
+    """Consecutive groups of at most `limit` images (a job with more images than that forms a group alone)."""
+    chunk: list[BatchItem] = []
+    images = 0
+    for item in items:
+        if chunk and limit is not None and images + item.request.n > limit:
+            yield chunk
+            chunk, images = [], 0
+        chunk.append(item)
+        images += item.request.n
+    if chunk:
+        yield chunk
 
 
 class _FanOut:

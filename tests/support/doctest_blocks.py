@@ -44,7 +44,8 @@ class Block:
 class Link:
     path: Path
     line: int
-    target: str
+    target: str  # a path; "" for a link to a heading of the same page
+    fragment: str = ""
 
     @property
     def where(self) -> str:
@@ -101,17 +102,34 @@ def _inline_tokens(path: Path) -> Iterator[tuple[int, Token]]:
 
 
 def relative_links(path: Path) -> list[Link]:
-    """Links (and images) to files in the repository: anything without a scheme, a host or only a #fragment."""
+    """Links (and images) within the repository: anything without a scheme or a host, `#heading` links included."""
     out = []
     for line, token in _inline_tokens(path):
         target = token.attrGet("href") if token.type == "link_open" else token.attrGet("src")
         if token.type not in ("link_open", "image") or not isinstance(target, str):
             continue
         parts = urlsplit(target)
-        if parts.scheme or parts.netloc or not parts.path:
+        if parts.scheme or parts.netloc:
             continue
-        out.append(Link(path, line, unquote(parts.path)))
+        out.append(Link(path, line, unquote(parts.path), unquote(parts.fragment)))
     return out
+
+
+def anchors(path: Path) -> set[str]:
+    """The `#fragment` each heading of a page gets on GitHub: lower case, punctuation dropped, spaces as hyphens,
+    `-1`, `-2`, … on repeats."""
+    seen: dict[str, int] = {}
+    tokens = _tokens(path)
+    for heading, inline in zip(tokens, tokens[1:], strict=False):
+        if heading.type != "heading_open":
+            continue
+        text = "".join(t.content for t in inline.children or [] if t.type in ("text", "code_inline"))
+        slug = re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        if count:
+            seen[f"{slug}-{count}"] = 1
+    return set(seen)
 
 
 REPO_PATH = re.compile(r"^(\.\./|\./)*(src|tests|deploy|docs|scripts|bench|shared)/[\w.*/-]*$")
@@ -128,14 +146,17 @@ def path_mentions(path: Path) -> list[Link]:
 
 
 def broken_links(paths: Iterable[Path] | None = None) -> list[str]:
-    """`file:line: target` for every relative link, or path in a code span, whose file or folder does not exist.
-    A link resolves from its page's folder; a code-span path from the repository root, or from the page when it
-    starts with `../` or `./`."""
+    """`file:line: target` for every relative link, or path in a code span, whose file or folder does not exist,
+    and every `#heading` link to a Markdown page without that heading. A link resolves from its page's folder; a
+    code-span path from the repository root, or from the page when it starts with `../` or `./`."""
     broken = []
     for page in paths or doc_files():
         for link in relative_links(page):
-            if not (page.parent / link.target).exists():
+            target = page.parent / link.target if link.target else page
+            if not target.exists():
                 broken.append(f"{link.where}: {link.target}")
+            elif link.fragment and target.suffix == ".md" and link.fragment not in anchors(target):
+                broken.append(f"{link.where}: {link.target}#{link.fragment} (no such heading)")
         for mention in path_mentions(page):
             base = page.parent if mention.target.startswith(".") else ROOT
             if not (base / mention.target).exists():

@@ -29,6 +29,7 @@ echo three
 
 See [the API](api.md), [a missing page](gone.md#part), [a site](https://example.com/x.md), [here](#title) and
 `src/nowhere.py`; `api/edge.py` is a module path, not a file from the root. Not a link: `[x](missing.md)`.
+Headings: [yes](api.md#the-api-v2), [no](api.md#nope), [no here](#nothing).
 """
 
 
@@ -36,7 +37,7 @@ See [the API](api.md), [a missing page](gone.md#part), [a site](https://example.
 def page(tmp_path, monkeypatch):
     monkeypatch.setattr(doctest_blocks, "ROOT", tmp_path)
     (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "api.md").write_text("# API\n")
+    (tmp_path / "docs" / "api.md").write_text("# API\n\n## The `API`, v2!\n")
     path = tmp_path / "docs" / "page.md"
     path.write_text(PAGE)
     return path
@@ -61,5 +62,17 @@ def test_a_run_block_in_a_language_the_runner_lacks_is_an_error(tmp_path, monkey
 
 
 def test_links_resolve_from_the_page_and_code_span_paths_from_the_root(page):
-    assert [(link.line, link.target) for link in relative_links(page)] == [(21, "api.md"), (21, "gone.md")]
-    assert broken_links([page]) == ["docs/page.md:21: gone.md", "docs/page.md:22: `src/nowhere.py`"]
+    assert [(link.line, link.target, link.fragment) for link in relative_links(page)] == [
+        (21, "api.md", ""),
+        (21, "gone.md", "part"),
+        (21, "", "title"),
+        (23, "api.md", "the-api-v2"),
+        (23, "api.md", "nope"),
+        (23, "", "nothing"),
+    ]
+    assert broken_links([page]) == [
+        "docs/page.md:21: gone.md",
+        "docs/page.md:23: api.md#nope (no such heading)",
+        "docs/page.md:23: #nothing (no such heading)",
+        "docs/page.md:22: `src/nowhere.py`",
+    ]

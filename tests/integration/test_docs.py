@@ -24,12 +24,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 from PIL import Image, ImageDraw
 
 from darkroom.auth.keys import new_token
+from darkroom.webhooks.signing import sign
 from tests.integration.harness import Cluster
 from tests.support.doctest_blocks import PYTHON, Block, broken_links, doc_files, runnable_blocks
 
@@ -114,3 +118,16 @@ def test_every_relative_link_and_path_in_the_docs_exists() -> None:
 def test_the_link_checker_sees_every_doc_page() -> None:
     names = {p.name for p in doc_files()}
     assert {"README.md", "api.md", "architecture.md", "security.md"} <= names
+
+
+def test_the_documented_webhook_check_agrees_with_the_server_signing() -> None:
+    """api.md's few lines for receivers without the SDK accept what darkroom signs and refuse the rest."""
+    block = next(b for b in BLOCKS if "def verify(" in b.code)
+    namespace: dict[str, object] = {}
+    exec(compile(block.code, block.where, "exec"), namespace)
+    verify = cast(Callable[[bytes, str, str], bool], namespace["verify"])
+    body = b'{"id": "whd_1", "type": "job.succeeded"}'
+    assert verify(body, sign("s3cret", body), "s3cret")
+    assert not verify(body + b" ", sign("s3cret", body), "s3cret")
+    assert not verify(body, sign("other", body), "s3cret")
+    assert not verify(body, sign("s3cret", body, timestamp=time.time() - 301), "s3cret")

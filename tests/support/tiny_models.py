@@ -307,14 +307,19 @@ def make_lora(
     return path
 
 
-def make_embedding(directory: Path, name: str, vectors: int = 2, width: int = 32, seed: int = 11) -> Path:
-    """`name.safetensors` in A1111's layout (`emb_params`: vectors x text-encoder width), random values."""
+def make_embedding(
+    directory: Path, name: str, vectors: int = 2, width: int = 32, seed: int = 11, sdxl: bool = False
+) -> Path:
+    """`name.safetensors` in A1111's layout (`emb_params`: vectors x text-encoder width), random values; `sdxl`: one
+    tensor per text encoder (`clip_l`, `clip_g`), as SDXL embeddings are saved."""
     import torch
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
+    keys = ("clip_l", "clip_g") if sdxl else ("emb_params",)
+    tensors = {key: torch.randn(vectors, width, generator=generator) for key in keys}
     path = directory / f"{name}.safetensors"
-    save_file({"emb_params": torch.randn(vectors, width, generator=generator)}, str(path), metadata={"step": "100"})
+    save_file(tensors, str(path), metadata={"step": "100"})
     return path

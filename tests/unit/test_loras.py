@@ -19,6 +19,7 @@ from darkroom.api.app import create_app
 from darkroom.config import Settings, WebhookSettings
 from darkroom.engines.adapters import AdapterError
 from darkroom.engines.diffusers_engine import DiffusersEngine
+from darkroom.errors import JobCancelled
 from darkroom.models.registry import ModelRegistry
 from darkroom.schemas import GenerationRequest, LoraSpec
 from darkroom.service import Services
@@ -147,6 +148,46 @@ def test_embedding_token_in_the_prompt_changes_the_image_and_is_removed_after(en
     assert len(pipe.tokenizer) == vocab and pipe.text_encoder.get_input_embeddings().weight.shape[0] == vocab
     assert np.array_equal(render(engine, registry, "a cat mytoken"), embedded)  # loads again, same result
     assert np.array_equal(render(engine, registry), base)
+
+
+def test_a_cancelled_pass_still_restores_the_base(engine, registry, base):
+    def cancel(step: int, total: int) -> None:
+        raise JobCancelled("cancelled by the test")
+
+    specs = registry.pin_loras([LoraSpec(name="style")])
+    with pytest.raises(JobCancelled):
+        engine.generate(GenerationRequest(prompt="a cat mytoken", model=MODEL, loras=specs, **SMALL), None, cancel)
+    assert not any(render_adapters(engine).values())
+    assert np.array_equal(render(engine, registry), base)
+
+
+def test_sdxl_lora_and_embedding(tmp_path, tiny_sdxl_model):
+    """SDXL: a LoRA on its UNet and first text encoder, an embedding with one tensor per text encoder."""
+    shutil.copytree(tiny_sdxl_model, tmp_path / "models" / tiny_sdxl_model.name)
+    make_lora(tmp_path / "models" / "loras", "xl-style", "peft", pipe=build_tiny_xl_pipeline(seed=0), seed=7)
+    make_embedding(tmp_path / "models" / "embeddings", "xltoken", sdxl=True)
+    registry = ModelRegistry(tmp_path / "models", tmp_path / "hashes.json")
+    engine = DiffusersEngine(registry, device="cpu")
+
+    def xl(prompt: str = "a cat", **loras: float) -> np.ndarray:
+        specs = registry.pin_loras([LoraSpec(name=name, weight=weight) for name, weight in loras.items()])
+        request = GenerationRequest(prompt=prompt, model="tiny-xl", loras=specs, **SMALL)
+        return np.asarray(engine.generate(request, None, lambda s, t: None).images[0].image).astype(int)
+
+    try:
+        base = xl()
+        assert np.array_equal(xl(**{"xl-style": 0.0}), base)
+        assert np.abs(xl(**{"xl-style": 1.0}) - base).max() > 10
+        assert np.array_equal(xl(), base)
+        embedding = tmp_path / "models" / "embeddings" / "xltoken.safetensors"
+        embedding.rename(embedding.with_name(".hidden"))
+        plain_word = xl("a cat xltoken")
+        embedding.with_name(".hidden").rename(embedding)
+        assert np.abs(xl("a cat xltoken") - plain_word).max() > 10
+        assert np.array_equal(xl("a cat xltoken"), xl("a cat xltoken"))  # loaded, removed, loaded again: same
+        assert np.array_equal(xl(), base)
+    finally:
+        engine.close()
 
 
 # --- batching -------------------------------------------------------------------------------------------------------

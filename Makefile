@@ -7,15 +7,17 @@ PYTEST_ARGS ?=
 
 .PHONY: install install-test run test lint bench clean
 
+# `make run` is a single node: the API plus in-process workers, so the base package and the worker extra
+# (pyproject.toml says which extra each role needs). The stamps are touched only once the imports work.
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-	$(PY) -m pip install -q -e . 2>&1 | grep -v "is ignored" || true
+	$(PY) -m pip install -q -e '.[worker]' 2>&1 | grep -v "is ignored" || true
 	$(PY) -c "import darkroom, torch, diffusers" && touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]' 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import pytest, hypothesis" && touch $@
+	$(PY) -c "import pytest, hypothesis, psycopg, boto3, c2pa" && touch $@
 
 install: $(VENV)/.installed
 

@@ -17,6 +17,7 @@ from rich.table import Table
 from darkroom import __version__
 from darkroom.cli_admin import register as register_admin_commands
 from darkroom.config import Settings
+from darkroom.extras import MissingExtra
 from darkroom.observability.logging import setup as setup_logging
 
 app = typer.Typer(help="darkroom: self-hosted image generation.", no_args_is_help=True, add_completion=False)
@@ -339,7 +340,11 @@ def version() -> None:
 
 
 def main() -> None:
-    app(prog_name="darkroom")
+    try:
+        app(prog_name="darkroom")
+    except MissingExtra as exc:  # a role started on an install without its extra: one line, not a traceback
+        console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

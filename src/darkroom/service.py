@@ -11,6 +11,7 @@ from darkroom.auth.keys import KeyStore
 from darkroom.auth.tenants import TenantStore
 from darkroom.config import Settings
 from darkroom.engines.base import Engine
+from darkroom.extras import require_worker
 from darkroom.jobs.db import migrate
 from darkroom.jobs.notify import ChangeFeed
 from darkroom.jobs.store import JobStore
@@ -64,6 +65,7 @@ class Services:
 
     def ensure_default_model(self) -> None:
         """With no models at all, make the labelled random-weight smoke-test model so the service works offline."""
+        require_worker()  # every worker role starts here: a base install says which extra it lacks, up front
         if self.registry.scan() or not self.settings.create_default_model:
             return
         from darkroom.models.smoke import ensure_smoke_model  # imports torch: only when it is needed
@@ -92,6 +94,7 @@ class Services:
         return current
 
     def make_engine(self) -> Engine:
+        require_worker()
         from darkroom.engines.diffusers_engine import DiffusersEngine  # torch stays out of API-only processes
 
         s = self.settings
@@ -109,6 +112,7 @@ class Services:
         """Start `count` supervised worker threads (see `darkroom.worker.supervisor`: a thread that crashes is logged,
         shown and restarted with backoff)."""
         if count:
+            require_worker()
             # torch (through the engine module) is imported here, once, before any worker thread: threads racing to
             # import it see a half-initialised module. API-only processes (count 0) never import it.
             import darkroom.engines.diffusers_engine  # noqa: F401

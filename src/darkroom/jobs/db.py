@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 
+log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _WRITE = "darkroom_write"
 
@@ -73,7 +76,21 @@ def migrate(url: str, lock_dir: Path | None = None) -> None:
     current: on a file lock (SQLite: one machine), and on PostgreSQL on an advisory lock too, since API and worker
     nodes share no folder."""
     with _file_lock(lock_dir / ".migrate.lock" if lock_dir else None), _advisory_lock(url):
+        before = schema_revisions(url)
         command.upgrade(alembic_config(url), "heads")
+        after = schema_revisions(url)
+    if before != after:  # Alembic's own step-by-step lines are turned down (observability.logging): say it once
+        log.info("database schema migrated from %s to %s", ", ".join(before) or "empty", ", ".join(after))
+
+
+def schema_revisions(url: str) -> list[str]:
+    """The Alembic revisions the database is at (empty for a new database), sorted."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return sorted(MigrationContext.configure(conn).get_current_heads())
+    finally:
+        engine.dispose()
 
 
 _MIGRATE_LOCK = 0x6461726B  # "dark": advisory locks are per database, so one key serves every deployment

@@ -273,6 +273,7 @@ class ModelRegistry:
             info = _unique_id(info, taken)
             taken.add(info.id)
             infos.append(info)
+            log.info("model %s: %s %s, %.1f MB, sha256 %s", info.id, info.format, info.arch, *_size_and_hash(info))
         self._save_hash_cache()
         return sorted(infos, key=lambda m: m.id)
 
@@ -323,7 +324,7 @@ class ModelRegistry:
         hit = cache.get(key)
         if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
             return str(hit["sha256"])
-        log.info("hashing %s (%d bytes)", path, st.st_size)
+        log.debug("hashing %s (%d bytes)", path, st.st_size)
         with path.open("rb") as fh:
             sha = hashlib.file_digest(fh, "sha256").hexdigest()
         cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
@@ -570,3 +571,8 @@ def _stat(path: Path) -> _FileStat | None:
     except OSError:
         return None
     return _FileStat(st.st_size, st.st_mtime_ns)
+
+
+def _size_and_hash(info: ModelInfo) -> tuple[float, str]:
+    """For the one start-up line per model (file by file hashing is logged at DEBUG)."""
+    return info.size_bytes / 1e6, info.sha256[:12]

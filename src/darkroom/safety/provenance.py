@@ -18,7 +18,6 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from darkroom.safety import c2pa_manifest
-from darkroom.safety import watermark as marking
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +85,8 @@ def pixel_digest(image: Image.Image) -> str:
 def _watermark(image: Image.Image, enabled: bool) -> tuple[Image.Image, dict[str, Any]]:
     if not enabled:
         return image, {"applied": False, "reason": "disabled (security.watermark)"}
+    from darkroom.safety import watermark as marking  # numpy and scipy: the worker's extra, never the API's
+
     if reason := marking.too_small(image):
         return image, {"applied": False, "reason": reason}
     tag = marking.content_tag(image)

@@ -15,7 +15,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from darkroom.safety import c2pa_manifest, watermark
+from darkroom.extras import require
+from darkroom.safety import c2pa_manifest
 from darkroom.safety.provenance import pixel_digest, read_png
 
 
@@ -34,6 +35,9 @@ _UNREADABLE = (
 
 def verify(data: bytes, *, trust_anchors: bytes | None = None) -> dict[str, Any]:
     """The full report for one file; raises UnreadableImage for anything that isn't a decodable image."""
+    require("verify", ("numpy", "scipy"), "darkroom verify")  # the watermark detector's stack
+    from darkroom.safety import watermark
+
     image, image_format = _open(data)
     provenance = _provenance(data) if image_format == "PNG" else None
     detection = watermark.detect(image)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -11,12 +12,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from darkroom import __version__
 from darkroom.cli_admin import register as register_admin_commands
-from darkroom.config import Settings
+from darkroom.client_cli import register as register_client_commands
+from darkroom.config import ConfigFileError, Settings, command_settings, data_dir_origin, record_data_dir
 from darkroom.extras import MissingExtra
 from darkroom.observability.logging import setup as setup_logging
 
@@ -26,7 +27,8 @@ app.add_typer(models_app, name="models")
 retention_app = typer.Typer(help="Retention: delete expired images, redact expired prompts.", no_args_is_help=True)
 app.add_typer(retention_app, name="retention")
 register_admin_commands(app)
-console = Console(stderr=True)
+register_client_commands(app)
+console = Console(stderr=True, soft_wrap=True)
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="data folder [env DARKROOM_DATA_DIR]")]
 DbUrl = Annotated[str | None, typer.Option("--database-url", help="SQLAlchemy URL [env DARKROOM_DATABASE_URL]")]
@@ -34,8 +36,18 @@ ModelsDir = Annotated[Path | None, typer.Option("--models-dir", help="models fol
 
 
 def settings_from(**flags: Any) -> Settings:
-    """Env first, then flags that were given on the command line."""
-    return Settings(**{k: v for k, v in flags.items() if v is not None})
+    """Flags given on the command line, then env, then darkroom.toml (darkroom.config); with none of them setting a
+    data dir and no ./darkroom-data here, the one `darkroom serve` recorded. A bad setting exits 2, naming it."""
+    from pydantic import ValidationError
+
+    try:
+        settings, origin = command_settings(**flags)
+    except (ValidationError, ConfigFileError) as exc:
+        console.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(2) from None
+    if origin.startswith("recorded"):
+        console.print(f"data dir {settings.data_dir} ({origin})", highlight=False)
+    return settings
 
 
 @app.command()
@@ -61,11 +73,11 @@ def serve(
     """Run the API (and in-process workers). Without API keys it answers only on a loopback address."""
     import uvicorn
 
+    setup_logging(log_level, "serve")  # first: it quiets the libraries before they are imported
     from darkroom.api.app import create_app
     from darkroom.service import Services
 
-    setup_logging(log_level, "serve")
-    settings = settings_from(
+    settings = _serve_settings(
         host=host, port=port, data_dir=data_dir, database_url=database_url, models_dir=models_dir, workers=workers
     )
     if insecure:
@@ -88,10 +100,35 @@ def serve(
     api = create_app(services, workers=settings.workers)
     console.print(
         f"darkroom {__version__} on http://{settings.host}:{settings.port} "
-        f"(data {settings.data_dir.resolve()}, {settings.workers} worker(s); API docs at /docs)"
+        f"({settings.workers} worker(s); API docs at /docs)",
+        highlight=False,
     )
-    uvicorn.run(api, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=10)
+    uvicorn.run(  # uvicorn's lines in darkroom's format (observability.logging); no line per request
+        api,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
     services.close()
+
+
+def _serve_settings(**flags: Any) -> Settings:
+    """The server's settings; its data dir is logged with where it came from and recorded for later commands."""
+    from pydantic import ValidationError
+
+    try:
+        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+        origin = data_dir_origin(flag=flags.get("data_dir") is not None)
+    except (ValidationError, ConfigFileError) as exc:
+        console.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(2) from None
+    logging.getLogger("darkroom").info("data dir %s (from %s)", settings.data_dir, origin)
+    if origin in ("default", "--data-dir"):  # found by nothing else: `darkroom models list` elsewhere uses this
+        record_data_dir(settings)
+    return settings
 
 
 def _validate_hooks(settings: Settings, *, output_checker: bool) -> None:
@@ -155,10 +192,10 @@ def worker(
     log_level: str = "info",
 ) -> None:
     """Run one worker process against the service's database and data dir."""
+    setup_logging(log_level, "worker")  # first: it quiets the libraries before they are imported
     from darkroom.service import Services
     from darkroom.worker.loop import Worker
 
-    setup_logging(log_level, "worker")
     settings = settings_from(data_dir=data_dir, database_url=database_url, models_dir=models_dir, worker_id=worker_id)
     _validate_hooks(settings, output_checker=True)
     services = Services.open(settings)
@@ -196,7 +233,7 @@ def generate(
     strength: float | None = None,
     priority: str | None = None,
 ) -> None:
-    """Generate an image on a running server, with a progress bar."""
+    """Generate on a running server, showing queue position, ETA and steps; prints each image's path, seed, model."""
     body: dict[str, Any] = {
         k: v
         for k, v in dict(
@@ -220,22 +257,14 @@ def generate(
     from darkroom.client_cli import run_generate
 
     try:
-        paths = run_generate(url, body, output, _progress_bar(), api_key=api_key)
+        saved = run_generate(url, body, output, api_key=api_key, out=console)
     except RuntimeError as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{exc}[/red]", highlight=False)
         raise typer.Exit(1) from None
-    for path in paths:
-        typer.echo(str(path))
-
-
-def _progress_bar() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console,
-    )
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    for path, image in saved:
+        typer.echo(f"{path}  seed {image['seed']}  model {image['model']}")
 
 
 @models_app.command("list")

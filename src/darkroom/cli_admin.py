@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from darkroom import clock
-from darkroom.config import Settings
+from darkroom.config import ConfigFileError, command_settings
 
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 tenants_app = typer.Typer(help="Tenant policies: quotas, prompt rules, review, retention.", no_args_is_help=True)
@@ -34,10 +35,16 @@ def register(app: typer.Typer) -> None:
 
 
 def _services(data_dir: Path | None, database_url: str | None) -> Any:
+    """The node's services, with settings found as every command finds them (darkroom.config.command_settings)."""
     from darkroom.service import Services
 
-    flags = {k: v for k, v in {"data_dir": data_dir, "database_url": database_url}.items() if v is not None}
-    return Services.open(Settings(**flags))
+    try:
+        settings, origin = command_settings(data_dir=data_dir, database_url=database_url)
+    except (ValidationError, ConfigFileError) as exc:
+        raise _fail(str(exc)) from None
+    if origin.startswith("recorded"):
+        console.print(f"data dir {settings.data_dir} ({origin})", highlight=False)
+    return Services.open(settings)
 
 
 def _fail(message: str) -> typer.Exit:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import configparser
 import json
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from darkroom.config import Settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S = DEPLOY / "k8s"
+PYPROJECT = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
 
 
 def load_yaml(path: Path) -> list[dict]:
@@ -126,10 +129,90 @@ def test_systemd_env_example_names_real_settings():
     check_env(names)
 
 
-def test_dockerfile_builds_on_python_311_slim_with_a_torch_index_arg():
+def dockerfile_stages() -> dict[str, dict[str, str]]:
+    """Stage name → {"from": its base, "text": its own lines plus those of the stages it builds on}."""
+    stages: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        match = re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
+        if match:
+            base, name = match.groups()
+            inherited = stages[base]["text"] if base in stages else ""
+            current = stages[name or f"stage{len(stages)}"] = {"from": base, "text": inherited}
+        elif current is not None and not line.lstrip().startswith("#"):
+            current["text"] += line + "\n"
+    return stages
+
+
+def pip_installs(text: str) -> list[str]:
+    return re.findall(r"pip install ([^\n&]+)", text)
+
+
+def test_dockerfile_has_one_target_per_role():
     text = (DEPLOY / "Dockerfile").read_text()
-    assert "ARG PYTHON_VERSION=3.11" in text and "FROM python:${PYTHON_VERSION}-slim" in text
-    assert "ARG TORCH_INDEX_URL=" in text and 'ENTRYPOINT ["darkroom"]' in text
+    assert "ARG PYTHON_VERSION=3.11" in text
+    stages = dockerfile_stages()
+    assert {"api", "worker-cpu", "worker-cuda"} <= set(stages)
+    pin = next(r for r in PYPROJECT["project"]["optional-dependencies"]["worker"] if r.startswith("torch=="))
+    for name, stage in stages.items():
+        if name in ("api", "worker-cpu", "worker-cuda"):
+            assert 'ENTRYPOINT ["darkroom"]' in stage["text"], name
+
+    api = stages["api"]
+    assert stages[api["from"]]["from"] == "python:${PYTHON_VERSION}-slim"
+    assert all("torch" not in line and "worker" not in line for line in pip_installs(api["text"]))
+    assert '! python -c "import torch"' in api["text"]  # the build fails if anything pulls torch in
+    assert 'CMD ["serve", "--workers", "0"]' in api["text"] and "HEALTHCHECK" in api["text"]
+
+    for name in ("worker-cpu", "worker-cuda"):
+        stage = stages[name]
+        installs = pip_installs(stage["text"])
+        assert any("'.[worker," in line and "c2pa" in line for line in installs), name  # workers sign
+        assert any('"torch==${TORCH_VERSION}"' in line for line in installs), name
+        assert f"ARG TORCH_VERSION={pin.removeprefix('torch==')}" in stage["text"], name
+        assert 'CMD ["worker"]' in stage["text"] and "HEALTHCHECK" not in stage["text"], name
+    cuda_image = re.search(r"ARG CUDA_IMAGE=(\S+)", text).group(1)  # type: ignore[union-attr]
+    assert stages["worker-cuda"]["from"] == "${CUDA_IMAGE}" and cuda_image.startswith("nvidia/cuda:")
+    assert re.search(r"ARG TORCH_CUDA_INDEX_URL=\S+/cu\d+", stages["worker-cuda"]["text"])
+    assert re.search(r"ARG TORCH_INDEX_URL=\S+/cpu", stages["worker-cpu"]["text"])
+
+
+def test_compose_and_k8s_use_the_role_images():
+    stages = dockerfile_stages()
+    services = load_yaml(DEPLOY / "docker-compose.yml")[0]["services"]
+    assert services["api"]["build"]["target"] == "api"
+    assert services["worker"]["build"]["target"] == "worker-cuda"  # it reserves a GPU
+    assert {services[s]["build"]["target"] for s in ("api", "worker")} <= set(stages)
+    images = {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["image"]
+        for d in k8s_objects()
+        if d["kind"] == "Deployment"
+    }
+    assert images["darkroom-api"] == "darkroom:api"
+    assert images["darkroom-worker"].removeprefix("darkroom:") in ("worker-cuda", "worker-cpu")
+
+
+def test_k8s_workers_mount_one_persistent_c2pa_identity_where_darkroom_reads_it(tmp_path):
+    """The signing identity lives at <data dir>/c2pa (the worker's c2pa_dir); a pod's data dir is an emptyDir, so
+    without the Secret each pod would make, and sign with, a certificate of its own that dies with it."""
+    objects = k8s_objects()
+    [config] = [o for o in objects if o["kind"] == "ConfigMap"]
+    [worker] = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "darkroom-worker"]
+    pod = worker["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    key_dir = f"{config['data']['DARKROOM_DATA_DIR']}/c2pa"
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == key_dir]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert mount.get("readOnly") is True and "secret" in volume and not volume["secret"].get("optional")
+    files = {item["path"] for item in volume["secret"]["items"]}
+    assert files == {"chain.pem", "key.pem", "ca.pem"}
+
+    from darkroom.safety.c2pa_manifest import load_identity
+
+    for name in files:  # the names darkroom reads: an identity already there is used as it is, never remade
+        (tmp_path / name).write_bytes(name.encode())
+    identity = load_identity(tmp_path)
+    assert (identity.chain_pem, identity.key_pem, identity.ca_pem) == (b"chain.pem", b"key.pem", b"ca.pem")
 
 
 def test_setting_lookup_rejects_typos():

@@ -96,6 +96,17 @@ def test_pinning_refuses_unknown_names_and_stale_pins(registry):
     assert registry.pin_loras([LoraSpec(name="style", weight=0.5)])[0].sha256 == registry.lora("style").sha256
 
 
+def test_the_worker_refuses_a_file_changed_or_removed_since_submit(registry):
+    from darkroom.engines.adapters import resolve_loras
+
+    stale = LoraSpec(name="style", weight=1.0, sha256="0" * 64)
+    with pytest.raises(AdapterError, match="changed since the job was queued") as caught:
+        resolve_loras(registry, [GenerationRequest(prompt="x", model=MODEL, loras=[stale], **SMALL)])
+    assert caught.value.permanent
+    with pytest.raises(AdapterError, match="no longer in the loras folder"):
+        resolve_loras(registry, [GenerationRequest(prompt="x", model=MODEL, loras=[LoraSpec(name="gone")], **SMALL)])
+
+
 # --- engine: exact base weights around an adapter -------------------------------------------------------------------
 
 
@@ -289,10 +300,10 @@ def test_a1111_lora_tag_is_stripped_used_and_written_back(api, registry):
     job = api.get(f"/v1/jobs/{info['job_id']}").json()
     assert job["request"]["prompt"] == "a cat " and job["request"]["loras"][0]["name"] == "style"
     short = registry.lora("style").sha256[:12]
-    assert info["prompt"] == "a cat  <lora:style:1>"
+    assert info["prompt"] == "a cat <lora:style:1>"  # as sent
     assert info["extra_generation_params"] == {"Lora hashes": f'"style: {short}"'}
     text = info["infotexts"][0]
-    assert text.startswith("a cat  <lora:style:1>\n") and f'Lora hashes: "style: {short}"' in text
+    assert text.startswith("a cat <lora:style:1>\n") and f'Lora hashes: "style: {short}"' in text
     png_info = api.post("/sdapi/v1/png-info", json={"image": one["images"][0]}).json()
     assert png_info["info"] == text
     assert png_info["items"]["darkroom"]["request"]["loras"][0]["sha256"] == registry.lora("style").sha256

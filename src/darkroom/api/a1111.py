@@ -44,7 +44,7 @@ from darkroom.jobs.store import JobRecord
 from darkroom.jobs.tables import job_events, jobs
 from darkroom.kv import DEFAULT_MODEL
 from darkroom.models.registry import safetensors_header
-from darkroom.safety.provenance import lora_hashes, lora_tags, read_png
+from darkroom.safety.provenance import lora_hashes, prompt_with_tags, read_png
 from darkroom.schemas import GenerationRequest, JobState, check_limits
 from darkroom.service import Services
 
@@ -321,7 +321,7 @@ def info(svc: Services, job: JobRecord, images: list, infotexts: list[str]) -> d
     model = job.result.get("model", {}) if job.result else {}
     n = request["n"]
     loras = request.get("loras") or []
-    prompt = request["prompt"] + lora_tags(loras)  # as the client wrote it: A1111 keeps the tags in `prompt`
+    prompt = prompt_with_tags(request["prompt"], loras)  # as the client wrote it: A1111 keeps the tags in `prompt`
     return {
         "prompt": prompt,
         "all_prompts": [prompt] * n,

@@ -27,7 +27,7 @@ PARAMETERS_KEY = "parameters"
 
 def a1111_parameters(prov: dict[str, Any]) -> str:
     req = prov["request"]
-    lines = [req["prompt"] + lora_tags(req.get("loras") or [])]
+    lines = [prompt_with_tags(req["prompt"], req.get("loras") or [])]
     if req.get("negative_prompt"):
         lines.append(f"Negative prompt: {req['negative_prompt']}")
     fields = [
@@ -48,11 +48,13 @@ def a1111_parameters(prov: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def lora_tags(loras: list[dict[str, Any]]) -> str:
-    """The request's LoRAs as A1111 prompt tags, so the infotext pasted back into A1111 (or darkroom's A1111 API)
-    asks for the same adapters: A1111 keeps the tags in the prompt it writes; darkroom strips them before the text
-    encoder and puts them back here."""
-    return "".join(f" <lora:{spec['name']}:{spec['weight']:g}>" for spec in loras)
+def prompt_with_tags(prompt: str, loras: list[dict[str, Any]]) -> str:
+    """The prompt with the request's LoRAs as A1111 tags at its end, so the infotext pasted back into A1111 (or
+    darkroom's A1111 API) asks for the same adapters: A1111 keeps the tags in the prompt it writes; darkroom strips
+    them before the text encoder and puts them back here. `a cat <lora:x:1>` comes back exactly as it was sent."""
+    if not loras:
+        return prompt
+    return prompt.rstrip() + "".join(f" <lora:{spec['name']}:{spec['weight']:g}>" for spec in loras)
 
 
 def lora_hashes(loras: list[dict[str, Any]]) -> str:

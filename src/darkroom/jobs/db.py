@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,11 +53,21 @@ def _sqlite_engine(url: str) -> sa.Engine:
 
 @contextlib.contextmanager
 def write_tx(engine: sa.Engine) -> Iterator[sa.Connection]:
-    """A transaction that will write: on SQLite it takes the write lock up front."""
-    with engine.connect() as conn:
+    """A transaction that will write: on SQLite it takes the write lock up front.
+
+    On SQLite the threads of one process also queue on a lock of their own first. SQLite lets only one writer in at
+    a time anyway, and a writer that finds the database locked sleeps in its busy handler (1, 2, 5 … up to 100 ms
+    between tries), so under load most of a submit's latency was that sleeping, not work: measured with 16 clients,
+    p99 2.3 s. Queued on a lock, the next writer starts the moment the last one commits. Other processes (worker
+    processes, a second API process) still meet the busy handler, which is fine for their rarer writes."""
+    queue = _writer_locks.setdefault(engine, threading.RLock()) if engine.dialect.name == "sqlite" else None
+    with queue or contextlib.nullcontext(), engine.connect() as conn:
         conn.info[_WRITE] = True
         with conn.begin():
             yield conn
+
+
+_writer_locks: weakref.WeakKeyDictionary[sa.Engine, threading.RLock] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager

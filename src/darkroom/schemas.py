@@ -58,6 +58,16 @@ class LoraSpec(BaseModel):
     )
 
 
+class EmbeddingSpec(BaseModel):
+    """A textual-inversion embedding a request's prompt uses, pinned at submit like a LoRA (for the worker and the
+    provenance): the server fills the list from the prompt and negative prompt; a client's own list is replaced."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class AdapterInfo(BaseModel):
     """A LoRA or textual-inversion embedding file as the registry lists it. No torch here: the API reads this too."""
 
@@ -119,6 +129,12 @@ class GenerationRequest(BaseModel):
         default_factory=list,
         max_length=MAX_LORAS,
         description="LoRA adapters from models/loras/ with their weights (A1111: `<lora:name:weight>` in the prompt)",
+    )
+    embeddings: list[EmbeddingSpec] | None = Field(
+        None,
+        max_length=64,
+        description="set by the server: the embeddings (models/embeddings/) whose name is a word of the prompt or "
+        "negative prompt, with their sha256",
     )
 
     @field_validator("webhook_url")

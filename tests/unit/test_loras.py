@@ -21,7 +21,7 @@ from darkroom.engines.adapters import AdapterError
 from darkroom.engines.diffusers_engine import DiffusersEngine
 from darkroom.errors import JobCancelled
 from darkroom.models.registry import ModelRegistry
-from darkroom.schemas import GenerationRequest, LoraSpec
+from darkroom.schemas import EmbeddingSpec, GenerationRequest, LoraSpec
 from darkroom.service import Services
 from tests.support.tiny_models import build_tiny_xl_pipeline, make_embedding, make_lora
 
@@ -97,7 +97,7 @@ def test_pinning_refuses_unknown_names_and_stale_pins(registry):
 
 
 def test_the_worker_refuses_a_file_changed_or_removed_since_submit(registry):
-    from darkroom.engines.adapters import resolve_loras
+    from darkroom.engines.adapters import resolve_embeddings, resolve_loras
 
     stale = LoraSpec(name="style", weight=1.0, sha256="0" * 64)
     with pytest.raises(AdapterError, match="changed since the job was queued") as caught:
@@ -105,6 +105,10 @@ def test_the_worker_refuses_a_file_changed_or_removed_since_submit(registry):
     assert caught.value.permanent
     with pytest.raises(AdapterError, match="no longer in the loras folder"):
         resolve_loras(registry, [GenerationRequest(prompt="x", model=MODEL, loras=[LoraSpec(name="gone")], **SMALL)])
+    stale_embedding = EmbeddingSpec(name="mytoken", sha256="0" * 64)
+    request = GenerationRequest(prompt="x mytoken", model=MODEL, embeddings=[stale_embedding], **SMALL)
+    with pytest.raises(AdapterError, match="embedding 'mytoken' changed since the job was queued"):
+        resolve_embeddings(registry, [request])
 
 
 # --- engine: exact base weights around an adapter -------------------------------------------------------------------
@@ -158,6 +162,10 @@ def test_embedding_token_in_the_prompt_changes_the_image_and_is_removed_after(en
     assert np.abs(embedded.astype(int) - plain_word.astype(int)).max() > 10
     assert len(pipe.tokenizer) == vocab and pipe.text_encoder.get_input_embeddings().weight.shape[0] == vocab
     assert np.array_equal(render(engine, registry, "a cat mytoken"), embedded)  # loads again, same result
+    pinned = registry.pin_embeddings("a cat mytoken")  # as the API pins them at submit
+    assert [spec.name for spec in pinned] == ["mytoken"] and registry.pin_embeddings("a cat mytokens") == []
+    request = GenerationRequest(prompt="a cat mytoken", model=MODEL, embeddings=pinned, **SMALL)
+    assert np.array_equal(np.asarray(engine.generate(request, None, lambda s, t: None).images[0].image), embedded)
     assert np.array_equal(render(engine, registry), base)
 
 
@@ -317,6 +325,20 @@ def test_a1111_bad_lora_tags_are_422_naming_the_prompt(api, prompt, needle):
     response = api.post("/sdapi/v1/txt2img", json={"prompt": prompt, **SMALL})
     assert response.status_code == 422, response.text
     assert response.json()["error"]["field"] == "prompt" and needle in response.json()["error"]["message"]
+
+
+def test_embeddings_are_pinned_at_submit_and_land_in_the_infotext(api, registry):
+    from darkroom.safety.provenance import read_png
+
+    body = api.post("/v1/generate", json={"prompt": "a cat", "negative_prompt": "mytoken, blurry", **SMALL}).json()
+    assert body["state"] == "succeeded", body
+    sha = registry.embeddings()[0].sha256
+    assert body["request"]["embeddings"] == [{"name": "mytoken", "sha256": sha}]
+    meta = read_png(api.get(f"/v1/images/{body['images'][0]['id']}").content)
+    assert f'TI hashes: "mytoken: {sha[:12]}"' in meta["parameters"]
+    assert meta["provenance"]["request"]["embeddings"][0]["sha256"] == sha
+    plain = api.post("/v1/jobs", json={"prompt": "a cat", **SMALL}).json()
+    assert plain["request"]["embeddings"] == []
 
 
 def test_a1111_lists_loras_and_embeddings_in_its_shapes(api, registry):

@@ -347,7 +347,7 @@ def info(svc: Services, job: JobRecord, images: list, infotexts: list[str]) -> d
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": request["strength"] if request.get("init_image") else None,
-        "extra_generation_params": {"Lora hashes": lora_hashes(loras)} if loras else {},
+        "extra_generation_params": extra_params(request),
         "index_of_first_image": 0,
         "infotexts": infotexts,
         "styles": [],
@@ -358,6 +358,16 @@ def info(svc: Services, job: JobRecord, images: list, infotexts: list[str]) -> d
         "job_id": job.id,
         "state": job.state.value,
     }
+
+
+def extra_params(request: dict[str, Any]) -> dict[str, str]:
+    """A1111's `extra_generation_params`: the adapter hashes its infotext carries."""
+    extra = {}
+    if request.get("loras"):
+        extra["Lora hashes"] = lora_hashes(request["loras"])
+    if request.get("embeddings"):
+        extra["TI hashes"] = lora_hashes(request["embeddings"])
+    return extra
 
 
 def echo(req: Processing, include_images: bool = False) -> dict[str, Any]:

@@ -138,6 +138,7 @@ def submit_status(
     }
     if body.loras:  # unknown adapter → 422 naming it; the rest pinned to the file versions found
         updates["loras"] = svc.registry.pin_loras(body.loras)
+    updates["embeddings"] = svc.registry.pin_embeddings(body.prompt, body.negative_prompt)  # for provenance
     if body.webhook_url and not svc.settings.webhooks.secret:
         raise InvalidRequest("webhooks are not configured (DARKROOM_WEBHOOKS__SECRET)", field="webhook_url")
     uploads: list[bytes] = []  # decoded and checked now; stored only once the job is admitted (see `admit`)

@@ -9,7 +9,8 @@ adds exactly zero. If the pipeline cannot be put back, the error is fatal to the
 loads the model afresh rather than let a later job see a stale adapter.
 
 A batch runs with one LoRA set (the set is part of the batch key). Embeddings need no such rule: a loaded token only
-changes prompts that contain it, so the union of every prompt's embeddings is loaded for the pass.
+changes prompts that contain it, so the union of every prompt's embeddings is loaded for the pass. The API pins them
+(`request.embeddings`, found from the prompt at submit); a request that was never pinned is matched here the same way.
 
 Failures name the file: one missing since submit, changed since submit (its sha256 no longer matches the pinned one),
 or that is not an adapter for this model's family (shapes or module names that do not match) fails the job for good.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -28,7 +28,7 @@ from typing import Any
 
 from darkroom.engines.classify import classify
 from darkroom.errors import DarkroomError, EngineError, FatalEngineError
-from darkroom.models.registry import ModelRegistry
+from darkroom.models.registry import ModelRegistry, token_pattern
 from darkroom.schemas import AdapterInfo, GenerationRequest, LoraSpec
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def activate(
     """The requests' LoRAs and prompt embeddings loaded into `pipe` for the body of the `with`, removed after it.
     `lock`: held while weights load (diffusers may build modules on the meta device, which is process-wide)."""
     loras = resolve_loras(registry, requests)
-    embeddings = embeddings_in(registry.embeddings(), requests)
+    embeddings = resolve_embeddings(registry, requests)
     if not loras and not embeddings:
         yield
         return
@@ -99,14 +99,30 @@ def resolve_loras(registry: ModelRegistry, requests: Sequence[GenerationRequest]
     return active
 
 
-def embeddings_in(available: list[AdapterInfo], requests: Sequence[GenerationRequest]) -> list[AdapterInfo]:
-    """Embeddings whose name appears as a word in any prompt or negative prompt (A1111 matches them the same way)."""
-    texts = [text for r in requests for text in (r.prompt, r.negative_prompt) if text]
-    return [info for info in available if any(token_pattern(info.name).search(text) for text in texts)]
-
-
-def token_pattern(name: str) -> re.Pattern[str]:
-    return re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])")
+def resolve_embeddings(registry: ModelRegistry, requests: Sequence[GenerationRequest]) -> list[AdapterInfo]:
+    """The union of the requests' embeddings: the pinned ones checked against their files, the rest matched from the
+    prompts (an embedding's name as a word of the prompt or negative prompt, as A1111 matches them)."""
+    available = {info.name: info for info in registry.embeddings()}
+    wanted: dict[str, AdapterInfo] = {}
+    for request in requests:
+        if request.embeddings is None:
+            texts = [text for text in (request.prompt, request.negative_prompt) if text]
+            for info in available.values():
+                if any(token_pattern(info.name).search(text) for text in texts):
+                    wanted[info.name] = info
+            continue
+        for spec in request.embeddings:
+            info = available.get(spec.name)
+            if info is None:
+                raise AdapterError(f"embedding {spec.name!r} is no longer in the embeddings folder", field="prompt")
+            if info.sha256 != spec.sha256:
+                raise AdapterError(
+                    f"embedding {spec.name!r} changed since the job was queued (now {info.sha256[:12]}, "
+                    f"queued with {spec.sha256[:12]}); submit the job again",
+                    field="prompt",
+                )
+            wanted[spec.name] = info
+    return list(wanted.values())
 
 
 def _set(specs: list[LoraSpec]) -> list[tuple[str, float, str | None]]:

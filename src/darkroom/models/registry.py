@@ -41,7 +41,7 @@ from typing import Any
 
 from darkroom.config import Settings
 from darkroom.errors import Conflict, InvalidRequest, ServiceUnavailable
-from darkroom.schemas import AdapterInfo, LoraSpec, ModelInfo
+from darkroom.schemas import AdapterInfo, EmbeddingSpec, LoraSpec, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,15 @@ class ModelRegistry:
                 )
             pinned.append(LoraSpec(name=info.name, weight=spec.weight, sha256=info.sha256))
         return pinned
+
+    def pin_embeddings(self, *prompts: str) -> list[EmbeddingSpec]:
+        """The embeddings these prompts use (their name as a word, as A1111 matches them), with their sha256."""
+        texts = [text for text in prompts if text]
+        return [
+            EmbeddingSpec(name=info.name, sha256=info.sha256)
+            for info in self.embeddings()
+            if any(token_pattern(info.name).search(text) for text in texts)
+        ]
 
     def _adapters(self, kind: str) -> list[AdapterInfo]:
         root = self.models_dir / ADAPTER_DIRS[kind]
@@ -403,6 +412,11 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
     """The header's `__metadata__` (kohya writes its training settings there); reading it checks the header too."""
     meta = safetensors_header(Path(path)).get("__metadata__") or {}
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def token_pattern(name: str) -> re.Pattern[str]:
+    """An embedding's name as a word of a prompt: not inside a longer word (`-` counts as part of a word)."""
+    return re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])")
 
 
 def _adapter_files(root: Path) -> list[Path]:

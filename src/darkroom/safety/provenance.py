@@ -43,6 +43,8 @@ def a1111_parameters(prov: dict[str, Any]) -> str:
         fields.append(("Denoising strength", f"{req['strength']:g}"))
     if req.get("loras"):
         fields.append(("Lora hashes", lora_hashes(req["loras"])))
+    if req.get("embeddings"):
+        fields.append(("TI hashes", lora_hashes(req["embeddings"])))
     fields.append(("Version", f"darkroom {prov['versions'].get('darkroom', '')}"))
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
     return "\n".join(lines)
@@ -58,7 +60,8 @@ def prompt_with_tags(prompt: str, loras: list[dict[str, Any]]) -> str:
 
 
 def lora_hashes(loras: list[dict[str, Any]]) -> str:
-    """A1111's `Lora hashes: "name: sha256[:12], …"` (the short hash civitai and A1111 look adapters up by)."""
+    """A1111's `Lora hashes: "name: sha256[:12], …"` (the short hash civitai and A1111 look adapters up by); its
+    `TI hashes` for embeddings read the same."""
     return '"' + ", ".join(f"{spec['name']}: {(spec.get('sha256') or '')[:12]}" for spec in loras) + '"'
 
 

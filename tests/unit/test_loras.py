@@ -251,6 +251,26 @@ def test_batch_key_holds_the_adapter_set(registry):
     )
 
 
+def test_jobs_with_different_adapter_sets_are_never_claimed_as_one_batch(registry, tmp_path):
+    from darkroom.jobs.db import migrate
+    from darkroom.jobs.store import JobStore
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    migrate(url, lock_dir=tmp_path)
+    store = JobStore(url)
+    try:
+        sets = [{"style": 1.0}, {"other": 1.0}, {"style": 1.0}, {}, {"style": 0.5}]
+        for i, loras in enumerate(sets):
+            specs = registry.pin_loras([LoraSpec(name=n, weight=w) for n, w in loras.items()])
+            store.enqueue(GenerationRequest(prompt=f"job {i}", model=MODEL, loras=specs, **SMALL), with_status=False)
+        batches = []
+        while claimed := store.claim_batch("w1", 60, max_batch=8):
+            batches.append(sorted(job.request["prompt"] for job in claimed))
+        assert sorted(batches) == [["job 0", "job 2"], ["job 1"], ["job 3"], ["job 4"]]
+    finally:
+        store.close()
+
+
 # --- through the APIs -----------------------------------------------------------------------------------------------
 
 

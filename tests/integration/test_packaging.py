@@ -29,7 +29,7 @@ from tests.integration.harness import Proc, free_port, wait_until
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src" / "darkroom"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-ML_STACK = ("torch", "diffusers", "transformers", "accelerate", "scipy", "torchsde", "safetensors", "numpy")
+ML_STACK = ("torch", "diffusers", "transformers", "accelerate", "peft", "scipy", "torchsde", "safetensors", "numpy")
 _RUNTIME_EXTRAS = ("worker", "verify", "postgres", "s3", "c2pa")
 
 
@@ -102,6 +102,35 @@ def run_without_ml_stack(code: str, env: dict[str, str] | None = None) -> subpro
     )
 
 
+# The only modules that may need the ML stack: the engine and what only it (or the watermark) uses.
+WORKER_ONLY = {
+    "darkroom.engines.adapters",
+    "darkroom.engines.classify",
+    "darkroom.engines.diffusers_engine",
+    "darkroom.safety.watermark",
+}
+
+
+def test_every_module_but_the_engine_imports_without_the_ml_stack():
+    """So no API, store, CLI or SDK path can pull torch in at import time: a new top-level import fails here."""
+    code = """
+        import importlib, pkgutil
+        import darkroom
+
+        failed = {}
+        for info in pkgutil.walk_packages(darkroom.__path__, "darkroom."):
+            if ".migrations" not in info.name:
+                try:
+                    importlib.import_module(info.name)
+                except ImportError as exc:
+                    failed[info.name] = str(exc)
+        print(sorted(failed))
+    """
+    result = run_without_ml_stack(code)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip() == str(sorted(WORKER_ONLY))
+
+
 def test_the_sdk_imports_with_httpx_alone():
     """Once httpx is loaded, `darkroom.client` needs no other third-party module."""
     code = """
@@ -157,9 +186,9 @@ def test_a_worker_without_the_worker_extra_says_which_extra_to_install(tmp_path)
         main()
     """
     result = run_without_ml_stack(code, {"DARKROOM_DATA_DIR": str(tmp_path / "data")})
-    assert result.returncode == 2
-    assert "install darkroom[worker] (pip install 'darkroom[worker]')" in result.stderr
-    assert "Traceback" not in result.stderr and "torch" in result.stderr
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "install darkroom[worker] (pip install 'darkroom[worker]')" in result.stderr, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr and "torch" in result.stderr, result.stderr[-4000:]
 
 
 # --- the real thing: a clean venv ------------------------------------------------------------------------------------
@@ -232,8 +261,8 @@ def test_pip_install_dot_serves_an_api_node_without_torch(base_venv, tmp_path, m
     assert returncode in (0, -signal.SIGTERM), server.log.read_text(errors="replace")
 
     worker = venv_run(base_venv, "darkroom", "worker", env={**os.environ, "DARKROOM_DATA_DIR": str(tmp_path / "data")})
-    assert worker.returncode == 2
-    assert "install darkroom[worker]" in worker.stderr and "Traceback" not in worker.stderr
+    assert worker.returncode == 2, worker.stderr[-4000:]
+    assert "install darkroom[worker]" in worker.stderr and "Traceback" not in worker.stderr, worker.stderr[-4000:]
 
 
 def _ready(url: str, server: Proc) -> bool:

@@ -11,7 +11,7 @@ from darkroom.auth.keys import KeyStore
 from darkroom.auth.tenants import TenantStore
 from darkroom.config import Settings
 from darkroom.engines.base import Engine
-from darkroom.extras import require_worker
+from darkroom.extras import require, require_worker
 from darkroom.jobs.db import migrate
 from darkroom.jobs.notify import ChangeFeed
 from darkroom.jobs.store import JobStore
@@ -43,6 +43,8 @@ class Services:
     def open(cls, settings: Settings) -> Services:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         url = settings.resolved_database_url
+        if url.startswith("postgresql"):
+            require("postgres", ("psycopg",), "a PostgreSQL database_url")
         migrate(url, lock_dir=settings.data_dir)
         models_dir = settings.resolved_models_dir
         models_dir.mkdir(parents=True, exist_ok=True)

@@ -191,6 +191,26 @@ def test_a_worker_without_the_worker_extra_says_which_extra_to_install(tmp_path)
     assert "Traceback" not in result.stderr and "torch" in result.stderr, result.stderr[-4000:]
 
 
+@pytest.mark.parametrize(
+    ("extra", "module", "env"),
+    [
+        ("postgres", "psycopg", {"DARKROOM_DATABASE_URL": "postgresql+psycopg://darkroom@127.0.0.1:1/darkroom"}),
+        ("s3", "boto3", {"DARKROOM_STORAGE__BLOB_BACKEND": "s3", "DARKROOM_STORAGE__S3_BUCKET": "images"}),
+    ],
+)
+def test_a_backend_without_its_extra_says_which_extra_to_install(tmp_path, extra, module, env):
+    code = f"""
+        sys.modules[{module!r}] = None
+        sys.argv = ["darkroom", "serve", "--workers", "0"]
+        from darkroom.cli import main
+        main()
+    """
+    result = run_without_ml_stack(code, {"DARKROOM_DATA_DIR": str(tmp_path / "data"), **env})
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert f"install darkroom[{extra}] (pip install 'darkroom[{extra}]')" in result.stderr, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+
+
 # --- the real thing: a clean venv ------------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from darkroom.extras import require
 from darkroom.storage.base import BlobStore, content_key
 from darkroom.storage.local import LocalBlobStore
 
@@ -16,6 +17,7 @@ __all__ = ["BlobStore", "LocalBlobStore", "content_key", "open_blob_store", "sto
 def open_blob_store(settings: Settings) -> BlobStore:
     """The configured backend. boto3 is imported only when S3 is chosen, so a one-node setup never loads it."""
     if settings.storage.blob_backend == "s3":
+        require("s3", ("boto3",), "storage.blob_backend=s3")
         from darkroom.storage.s3 import S3BlobStore
 
         return S3BlobStore.from_settings(settings.storage)

@@ -29,6 +29,7 @@ run: install
 test: install-test
 	bash scripts/test-services.sh
 	$(VENV)/bin/ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install-test

@@ -211,7 +211,7 @@ def jobs_list(
     if as_json:
         typer.echo(json.dumps(jobs, indent=2))
         return
-    rows = [("ID", "STATE", "CREATED", "WHERE", "MODEL", "PROMPT")]
+    rows: list[tuple[str, ...]] = [("ID", "STATE", "CREATED", "WHERE", "MODEL", "PROMPT")]
     rows += [
         (j["id"], j["state"], _when(j["created_at"]), _where(j), _model_of(j), (j["request"].get("prompt") or "")[:40])
         for j in jobs

@@ -8,6 +8,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Iterator
+from typing import overload
 
 MAX_SEED = 2**32 - 1
 _frozen: dt.datetime | None = None
@@ -17,6 +18,10 @@ def utcnow() -> dt.datetime:
     return _frozen or dt.datetime.now(dt.UTC)
 
 
+@overload
+def aware(value: dt.datetime) -> dt.datetime: ...
+@overload
+def aware(value: None) -> None: ...
 def aware(value: dt.datetime | None) -> dt.datetime | None:
     """A timestamp read back from the database, in UTC: SQLite hands back naive datetimes, PostgreSQL aware ones."""
     return value.replace(tzinfo=dt.UTC) if value is not None and value.tzinfo is None else value

@@ -119,7 +119,7 @@ class GenerationRequest(BaseModel):
         "host, no user name or password, no whitespace or control characters",
     )
     webhook_events: list[WebhookEvent] = Field(
-        default_factory=lambda: ["completed"],
+        default_factory=lambda: ["completed"],  # type: ignore[arg-type]  # a list of the Literal; mypy reads list[str]
         max_length=len(WEBHOOK_EVENTS),
         description="which events to deliver; `completed` stands for succeeded, failed, cancelled and dead",
     )
@@ -187,7 +187,8 @@ class GenerationRequest(BaseModel):
         Prompts, seeds and source images may differ. The LoRA set (names, weights, pinned hashes) is part of the key:
         one pass runs with one set of adapters."""
         strength = self.strength if self.mode != "txt2img" else None
-        parts = (self.model, self.width, self.height, self.steps, self.sampler, self.guidance_scale, self.mode)
+        parts: tuple[Any, ...] = (self.model, self.width, self.height, self.steps, self.sampler, self.guidance_scale)
+        parts += (self.mode,)
         parts += (strength,)
         if self.loras:  # requests without adapters keep the keys they always had
             parts += (tuple(sorted((spec.name, spec.weight, spec.sha256) for spec in self.loras)),)

@@ -104,6 +104,7 @@ def require(permission: Permission) -> Callable[..., object]:
             failures = getattr(request.app.state, "login_failures", None)
             who, request.state.tenant_policy = await run_in_threadpool(_admit, svc, failures, token, ip, rid)
             request.state.principal = who
+        assert who is not None  # _admit raises for a caller it does not let in
         if not who.can(permission):
             raise Forbidden(f"role {who.role.value!r} may not do this (needs {permission.value!r})")
         return who

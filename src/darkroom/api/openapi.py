@@ -96,7 +96,7 @@ def build(app: FastAPI) -> dict[str, Any]:
             route = context.original_route
             if isinstance(route, APIRoute) and context.include_in_schema:
                 operations = schema["paths"][context.path_format]
-                for method in context.methods:
+                for method in context.methods or ():
                     operation = operations[method.lower()]
                     operation["responses"] = _with_errors(context, method, operation)
         app.openapi_schema = schema

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Header, Query, Request, WebSocket, WebSocketDisconnect
@@ -279,7 +279,7 @@ def event_cursor(value: str | None) -> int:
     return int(value) if value.isdigit() and len(value) <= 18 else 0
 
 
-def _job_events(svc: Services, job_id: str, after: int) -> AsyncIterator[JobEvent | None]:
+def _job_events(svc: Services, job_id: str, after: int) -> AsyncGenerator[JobEvent | None, None]:
     """A job's events from `after` until its terminal event; None every tick while nothing happens. Stored events
     first, then as the change feed delivers them (`api.waiting`): no polling per stream."""
     return waiting.job_events(svc, job_id, after)

@@ -12,7 +12,7 @@ within half a minute instead of at its timeout. It is one statement per half min
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
@@ -58,7 +58,7 @@ async def wait_for_job(svc: Services, job: JobRecord, seconds: float, request: R
     return job
 
 
-async def job_events(svc: Services, job_id: str, after: int) -> AsyncIterator[JobEvent | None]:
+async def job_events(svc: Services, job_id: str, after: int) -> AsyncGenerator[JobEvent | None, None]:
     """A job's events after `after` until its terminal event: first those already stored, then as the feed delivers
     them. None every `TICK_SECONDS` without one (disconnect checks, keep-alives). Use with `contextlib.aclosing`."""
     store: JobStore = svc.store

@@ -28,10 +28,10 @@ class TTLCache(Generic[K, V]):
 
     def get(self, key: K) -> V | None:
         """The cached value, or None when there is none or it is older than the TTL."""
-        entry = self._entries.get(key, _MISSING)
-        if entry is _MISSING:
+        entry = self._entries.get(key)
+        if entry is None:
             return None
-        stored_at, value = entry  # type: ignore[misc]
+        stored_at, value = entry
         if clock.monotonic() - stored_at >= self.ttl:
             self._entries.pop(key, None)
             return None

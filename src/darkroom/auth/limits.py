@@ -68,10 +68,10 @@ class RateLimiter:
     def _bump(conn: sa.Connection, scope: str, window: int) -> int:
         insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
         stmt = insert(rate_counters).values(scope=scope, window=window, count=1)
-        stmt = stmt.on_conflict_do_update(
+        upsert = stmt.on_conflict_do_update(
             index_elements=["scope", "window"], set_={"count": rate_counters.c.count + 1}
         ).returning(rate_counters.c.count)
-        return conn.execute(stmt).scalar_one()
+        return conn.execute(upsert).scalar_one()
 
 
 def _day_start(now: dt.datetime) -> dt.datetime:

@@ -31,14 +31,14 @@ def month_period(at: dt.datetime) -> str:
 def _add(conn: sa.Connection, tenant: str, period: str, *, images: int = 0, gpu_seconds: float = 0.0) -> sa.Row:
     insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     stmt = insert(usage_counters).values(tenant=tenant, period=period, images=images, gpu_seconds=gpu_seconds)
-    stmt = stmt.on_conflict_do_update(
+    upsert = stmt.on_conflict_do_update(
         index_elements=["tenant", "period"],
         set_={
             "images": usage_counters.c.images + stmt.excluded.images,
             "gpu_seconds": usage_counters.c.gpu_seconds + stmt.excluded.gpu_seconds,
         },
     ).returning(usage_counters.c.images, usage_counters.c.gpu_seconds)
-    return conn.execute(stmt).one()
+    return conn.execute(upsert).one()
 
 
 def charge_images(conn: sa.Connection, tenant: str, created_at: dt.datetime, images: int) -> int:

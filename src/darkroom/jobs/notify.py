@@ -388,7 +388,7 @@ class Waiter:
     def __init__(self, url: str, stop: threading.Event) -> None:
         self.url = sa.engine.make_url(url)
         self.stop = stop
-        self._conn = None
+        self._conn: Any = None  # psycopg.Connection, made on first use
 
     @property
     def listens(self) -> bool:
@@ -407,7 +407,7 @@ class Waiter:
             self.close()
             self.stop.wait(min(timeout, 1.0))
 
-    def _listen(self):  # type: ignore[no-untyped-def]
+    def _listen(self) -> Any:
         if self._conn is None:
             import psycopg
 

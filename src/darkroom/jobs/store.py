@@ -15,6 +15,7 @@ nothing on these paths reads a table whose size grows with the history: quotas r
 
 from __future__ import annotations
 
+import builtins  # JobStore.list shadows the builtin in its own annotations
 import datetime as dt
 import hashlib
 import json
@@ -141,6 +142,10 @@ def idempotency_digest(key_id: str | None, key: str) -> str:
     return hashlib.sha256(f"{key_id or ''}\n{key}".encode()).hexdigest()
 
 
+def _aware(m: Mapping[Any, Any], *keys: str) -> dict[str, Any]:
+    return {k: clock.aware(m[k]) for k in keys}
+
+
 def _job(row: sa.Row | Mapping[str, Any]) -> JobRecord:
     m = row._mapping if isinstance(row, sa.Row) else row
     return JobRecord(
@@ -155,7 +160,7 @@ def _job(row: sa.Row | Mapping[str, Any]) -> JobRecord:
         progress_total=m["progress_total"],
         result=m["result"],
         error=m["error"],
-        **{k: clock.aware(m[k]) for k in ("created_at", "updated_at", "started_at", "finished_at")},
+        **_aware(m, "created_at", "updated_at", "started_at", "finished_at"),
         fair_tag=m["fair_tag"],
         batch_key=m["batch_key"],
         timeout_seconds=m["timeout_seconds"],
@@ -417,7 +422,7 @@ class JobStore:
         limit: int = 50,
         tenant: str | None = None,
         key_id: str | None = None,
-    ) -> list[JobStatus]:
+    ) -> builtins.list[JobStatus]:
         """`list` with each job's status: one read transaction of at most four statements, whatever `limit`."""
         with read_tx(self.engine) as conn:
             listed = [_job(r) for r in conn.execute(self._listing(state, limit, tenant, key_id))]
@@ -444,7 +449,7 @@ class JobStore:
         """Rough time to finish (see `_eta`); `position` is read again, as of now."""
         return self.status_of(job).eta_seconds
 
-    def _statuses(self, conn: sa.Connection, listed: Sequence[JobRecord]) -> list[JobStatus]:
+    def _statuses(self, conn: sa.Connection, listed: Sequence[JobRecord]) -> builtins.list[JobStatus]:
         """Images, positions and ETAs of `listed` in at most three statements, however many jobs: one IN query for
         the images of the succeeded ones; one SELECT of scalar subqueries (index lookups, and for a single queued
         job the bounded counts ahead of it) for the step rates and the active workers; and for several queued
@@ -522,7 +527,7 @@ class JobStore:
                 record(conn, {"while": was.value})
         return _job(moved)
 
-    def events_since(self, job_id: str, after: int = 0, limit: int = 500) -> list[JobEvent]:
+    def events_since(self, job_id: str, after: int = 0, limit: int = 500) -> builtins.list[JobEvent]:
         query = (
             sa.select(job_events)
             .where(job_events.c.job_id == job_id, job_events.c.id > after)
@@ -533,7 +538,7 @@ class JobStore:
             rows = conn.execute(query).all()
         return [job_event(r) for r in rows]
 
-    def images_for(self, job_id: str) -> list[ImageRecord]:
+    def images_for(self, job_id: str) -> builtins.list[ImageRecord]:
         with read_tx(self.engine) as conn:
             rows = conn.execute(sa.select(images).where(images.c.job_id == job_id).order_by(images.c.index)).all()
         return [image_record(r) for r in rows]
@@ -565,7 +570,7 @@ class JobStore:
         servable_models: Collection[str] | None = None,
         batch_key: str | None = None,
         affinity_window: int = 8,
-    ) -> list[JobRecord]:
+    ) -> builtins.list[JobRecord]:
         """Claim the next job and up to `max_batch - 1` queued jobs compatible with it (same batch key), in one
         transaction: one or two indexed SELECTs (`ix_jobs_claim`, `ix_jobs_claim_batch`: no sort at any depth), one
         guarded UPDATE … RETURNING, one INSERT of the `started` events.
@@ -684,7 +689,9 @@ class JobStore:
                 self._event(conn, job_id, "progress", data, now)
         return LeaseAck(owned=True, cancel_requested=bool(moved.cancel_requested))
 
-    def complete(self, job_id: str, worker_id: str, new_images: list[NewImage], result: dict[str, Any]) -> bool:
+    def complete(
+        self, job_id: str, worker_id: str, new_images: builtins.list[NewImage], result: dict[str, Any]
+    ) -> bool:
         """Record success, its images, the tenant's GPU-seconds and the model's step rate in one transaction; False
         (and nothing written) if we lost the lease."""
         now = clock.utcnow()
@@ -819,7 +826,7 @@ class JobStore:
                 _shift_queued(conn, 1, job_id)
         return moved is not None
 
-    def requeue_expired(self) -> list[str]:
+    def requeue_expired(self) -> builtins.list[str]:
         """Jobs whose worker stopped heartbeating go back to the queue (or end, if out of attempts / cancelled).
         Only a job that had started was charged an attempt (by `start`); its batch-mates go back as they were."""
         now = clock.utcnow()
@@ -834,6 +841,7 @@ class JobStore:
             for row in conn.execute(expired).all():
                 lost = {"worker": row.lease_owner, "attempt": row.attempts, "started": bool(row.started)}
                 common = {"owner": row.lease_owner, "returning": _ENDING, "lease_owner": None, "lease_expires_at": None}
+                values: dict[str, Any]
                 if row.cancel_requested:
                     to, values, kind = JobState.cancelled, {"finished_at": now}, "cancelled"
                     data: dict[str, Any] = {"while": "lease expired"}

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 
 def enforce_offline() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    constants = sys.modules.get("huggingface_hub.constants")
+    constants: Any = sys.modules.get("huggingface_hub.constants")  # its flag is read at import; set it too
     if constants is not None:
         constants.HF_HUB_OFFLINE = True

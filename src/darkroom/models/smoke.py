@@ -91,7 +91,7 @@ def ensure_smoke_model(models_dir: Path) -> Path | None:
 def save_smoke_model(folder: Path, seed: int = 0) -> Path:
     """Save the tiny pipeline as a labelled diffusers folder."""
     pipe = build_tiny_pipeline(seed=seed)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    pipe.save_pretrained(folder, safe_serialization=True)  # type: ignore[attr-defined]  # a DiffusionPipeline method
     (folder / "darkroom.json").write_text(json.dumps(SMOKE_LABEL, indent=2) + "\n")
     return folder
 

@@ -103,7 +103,7 @@ def _summarise(manifest: dict[str, Any], reader: Any) -> dict[str, Any]:
     results = (reader.get_validation_results() or {}).get("activeManifest", {})
     assertions = {a["label"]: a.get("data") for a in manifest.get("assertions", [])}
     actions = (assertions.get("c2pa.actions.v2") or assertions.get("c2pa.actions") or {}).get("actions", [])
-    created = next((a for a in actions if a.get("action") == "c2pa.created"), {})
+    created: dict[str, Any] = next((a for a in actions if a.get("action") == "c2pa.created"), {})
     generator = manifest.get("claim_generator_info") or [{}]
     return {
         "validation_state": reader.get_validation_state(),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from PIL import Image
 
@@ -73,7 +73,7 @@ def blank_image(image: Image.Image, request: dict[str, Any], tenant: str) -> str
     That is what diffusers' own safety checker puts in place of an image it refuses, and what a numerical failure
     (NaNs from fp16 overflow in the VAE) decodes to: either way the tenant should not be handed it silently.
     It is a cheap heuristic, not a content classifier."""
-    extrema = image.convert("RGB").getextrema()
+    extrema = cast("tuple[tuple[int, int], ...]", image.convert("RGB").getextrema())  # per band, for RGB
     if all(high <= BLANK_MAX_LEVEL for _, high in extrema):
         return "blank output: all black (a pipeline safety checker or a numerical failure blanked it)"
     return None

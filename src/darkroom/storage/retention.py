@@ -147,7 +147,7 @@ class RetentionSweeper:
         """Rows of `query`, a batch at a time; the caller's work on a batch takes its rows out of the query."""
         while True:
             with read_tx(self.engine) as conn:
-                rows = conn.execute(query).all()
+                rows = list(conn.execute(query).all())
             if rows:
                 yield rows
             if len(rows) < self.batch_size:

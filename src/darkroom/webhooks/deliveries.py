@@ -65,7 +65,8 @@ class Delivery:
     @classmethod
     def from_row(cls, row: sa.Row) -> Delivery:
         m = row._mapping
-        times = {k: clock.aware(m[k]) for k in ("next_attempt_at", "created_at", "updated_at", "delivered_at")}
+        stamps = ("next_attempt_at", "created_at", "updated_at", "delivered_at")
+        times: dict[str, Any] = {k: clock.aware(m[k]) for k in stamps}
         plain = ("id", "job_id", "event_id", "event", "url", "state", "attempts", "payload", "log")
         return cls(**{k: m[k] for k in plain}, last_status=m["last_status"], last_error=m["last_error"], **times)
 

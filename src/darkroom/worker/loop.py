@@ -267,8 +267,9 @@ class Worker:
 
     def _preload(self) -> None:
         models = self.preload_list()
-        preload = getattr(self.engine, "preload", None) if models else None
-        for model_id in models if preload else ():
+        preload: Callable[[str], object] | None = getattr(self.engine, "preload", None)
+        for model_id in models if preload is not None else ():
+            assert preload is not None  # narrowed for the type checker; the loop runs only then
             try:
                 preload(model_id)
                 log.info("worker %s preloaded %s", self.id, model_id)

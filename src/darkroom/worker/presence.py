@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from darkroom.config import Settings
 from darkroom.jobs.workers import WorkerInfo, WorkerRegistry, WorkerState, stale_after
@@ -132,10 +133,10 @@ def describe_device(device: str) -> tuple[str, int | None]:
 
     Always through `import`, never `sys.modules`: while another worker thread is still importing torch, its entry
     in `sys.modules` is a half-initialised module (no `torch.cuda` yet), whereas `import` waits for the import lock."""
-    torch = None
+    torch: Any = None
     if device.startswith(("cuda", "auto")):
         try:
-            import torch  # type: ignore[no-redef]
+            import torch
         except ImportError:
             torch = None
     if torch is not None and torch.cuda.is_available():

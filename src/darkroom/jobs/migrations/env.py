@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import Connection
 
 from darkroom.jobs.db import create_engine
 from darkroom.jobs.tables import metadata
@@ -16,7 +17,7 @@ def run() -> None:
     if connection is not None:
         _run_with(connection)
         return
-    engine = create_engine(url)
+    engine = create_engine(url or "")
     try:
         with engine.connect() as conn:
             _run_with(conn)
@@ -24,7 +25,7 @@ def run() -> None:
         engine.dispose()
 
 
-def _run_with(conn) -> None:  # type: ignore[no-untyped-def]
+def _run_with(conn: Connection) -> None:
     context.configure(connection=conn, target_metadata=metadata, render_as_batch=conn.dialect.name == "sqlite")
     with context.begin_transaction():
         context.run_migrations()

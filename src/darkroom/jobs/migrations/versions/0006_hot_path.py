@@ -21,7 +21,7 @@ branch_labels = None
 depends_on = None
 
 TS = sa.DateTime(timezone=True)
-_CLAIM_ORDER = [sa.text("priority DESC"), "fair_tag", "created_at", "id"]
+_CLAIM_ORDER: list[str | sa.TextClause] = [sa.text("priority DESC"), "fair_tag", "created_at", "id"]
 _DROPPED = {  # replaced by the indexes below, which serve the same filters and the queries' sort orders too
     "ix_jobs_state_priority_created_at": ["state", "priority", "created_at"],
     "ix_jobs_state_priority_fair_tag": ["state", "priority", "fair_tag"],

@@ -104,6 +104,7 @@ def resolve_embeddings(registry: ModelRegistry, requests: Sequence[GenerationReq
     prompts (an embedding's name as a word of the prompt or negative prompt, as A1111 matches them)."""
     available = {info.name: info for info in registry.embeddings()}
     wanted: dict[str, AdapterInfo] = {}
+    info: AdapterInfo | None
     for request in requests:
         if request.embeddings is None:
             texts = [text for text in (request.prompt, request.negative_prompt) if text]
@@ -178,6 +179,7 @@ def _load_embedding(pipe: Any, info: AdapterInfo) -> list[tuple[Any, Any, list[s
         state = load_file(info.path)
     except Exception as exc:
         raise _not_an_adapter(info, exc) from exc
+    targets: list[tuple[Any, Any, Any]]  # (weights, tokenizer, text encoder)
     if all(key in state for key in SDXL_EMBEDDING_KEYS):
         pairs = [("clip_l", "tokenizer", "text_encoder"), ("clip_g", "tokenizer_2", "text_encoder_2")]
         targets = [(state[key], getattr(pipe, tok, None), getattr(pipe, enc, None)) for key, tok, enc in pairs]

@@ -203,7 +203,7 @@ class ModelRegistry:
             return hit
         metadata = safetensors_metadata(path)
         info = AdapterInfo(
-            kind=kind,  # type: ignore[arg-type]
+            kind=kind,
             name=path.stem,
             alias=metadata.get("ss_output_name") or path.stem,
             path=str(path.resolve()),
@@ -290,7 +290,7 @@ class ModelRegistry:
         if kind == "diffusers":
             if not _diffusers_weights_are_safe(entry):
                 return None
-            arch = diffusers_arch(entry)
+            arch: str | None = diffusers_arch(entry)
             meta = _read_meta(entry / DARKROOM_META)
             files = _model_files(entry)
             sha = self._folder_sha256(entry, files)

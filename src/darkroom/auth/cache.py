@@ -16,8 +16,6 @@ from darkroom import clock
 K = TypeVar("K")
 V = TypeVar("V")
 
-_MISSING = object()
-
 
 class TTLCache(Generic[K, V]):
     def __init__(self, ttl: float, max_entries: int = 100_000) -> None:

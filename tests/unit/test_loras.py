@@ -87,6 +87,14 @@ def test_registry_lists_adapters_by_name_with_sha256(registry, lora_models_dir):
     assert registry.lora("STYLE").name == "style"  # typed by hand in A1111 prompts
 
 
+def test_a_submit_hashes_only_the_adapters_it_names(lora_models_dir, tmp_path):
+    fresh = ModelRegistry(lora_models_dir, tmp_path / "hashes.json")
+    fresh.pin_loras([LoraSpec(name="style")])
+    fresh.pin_embeddings("a cat")  # names no embedding: nothing to read
+    hashed = json.loads((tmp_path / "hashes.json").read_text())
+    assert [Path(p).name for p in hashed] == ["style.safetensors"]
+
+
 def test_pinning_refuses_unknown_names_and_stale_pins(registry):
     with pytest.raises(Exception, match="unknown LoRA 'nope'") as caught:
         registry.pin_loras([LoraSpec(name="nope")])

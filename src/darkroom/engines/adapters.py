@@ -102,20 +102,16 @@ def resolve_loras(registry: ModelRegistry, requests: Sequence[GenerationRequest]
 def resolve_embeddings(registry: ModelRegistry, requests: Sequence[GenerationRequest]) -> list[AdapterInfo]:
     """The union of the requests' embeddings: the pinned ones checked against their files, the rest matched from the
     prompts (an embedding's name as a word of the prompt or negative prompt, as A1111 matches them)."""
-    available = {info.name: info for info in registry.embeddings()}
     wanted: dict[str, AdapterInfo] = {}
-    info: AdapterInfo | None
     for request in requests:
         if request.embeddings is None:
             texts = [text for text in (request.prompt, request.negative_prompt) if text]
-            for info in available.values():
-                if any(token_pattern(info.name).search(text) for text in texts):
-                    wanted[info.name] = info
+            for name in registry.embedding_names():
+                if name not in wanted and any(token_pattern(name).search(text) for text in texts):
+                    wanted[name] = _embedding(registry, name)
             continue
         for spec in request.embeddings:
-            info = available.get(spec.name)
-            if info is None:
-                raise AdapterError(f"embedding {spec.name!r} is no longer in the embeddings folder", field="prompt")
+            info = _embedding(registry, spec.name)
             if info.sha256 != spec.sha256:
                 raise AdapterError(
                     f"embedding {spec.name!r} changed since the job was queued (now {info.sha256[:12]}, "
@@ -124,6 +120,13 @@ def resolve_embeddings(registry: ModelRegistry, requests: Sequence[GenerationReq
                 )
             wanted[spec.name] = info
     return list(wanted.values())
+
+
+def _embedding(registry: ModelRegistry, name: str) -> AdapterInfo:
+    try:
+        return registry.embedding(name)
+    except DarkroomError as exc:
+        raise AdapterError(f"embedding {name!r} cannot be used: {exc}", field="prompt") from None
 
 
 def _set(specs: list[LoraSpec]) -> list[tuple[str, float, str | None]]:

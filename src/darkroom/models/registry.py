@@ -145,16 +145,28 @@ class ModelRegistry:
         return self._adapters("embedding")
 
     def lora(self, name: str) -> AdapterInfo:
-        """A LoRA by exact name, else by a unique case-insensitive match (A1111 prompts are typed by hand)."""
-        found = self.loras()
-        for info in found:
-            if info.name == name:
-                return info
-        folded = [info for info in found if info.name.casefold() == name.casefold()]
-        if len(folded) == 1:
-            return folded[0]
-        known = ", ".join(info.name for info in found) or "none"
-        raise InvalidRequest(f"unknown LoRA {name!r} (available in {LORAS_DIR}/: {known})", field="loras")
+        """A LoRA by exact name, else by a unique case-insensitive match (A1111 prompts are typed by hand). Only this
+        file is hashed: a submit must not wait for a whole LoRA library to be hashed."""
+        paths = self._adapter_paths("lora")
+        found = paths.get(name)
+        if found is None:
+            folded = [path for known, path in paths.items() if known.casefold() == name.casefold()]
+            found = folded[0] if len(folded) == 1 else None
+        if found is None:
+            known = ", ".join(sorted(paths, key=str.casefold)) or "none"
+            raise InvalidRequest(f"unknown LoRA {name!r} (available in {LORAS_DIR}/: {known})", field="loras")
+        return self._adapter("lora", found)
+
+    def embedding(self, name: str) -> AdapterInfo:
+        """An embedding by its exact name (its prompt token)."""
+        found = self._adapter_paths("embedding").get(name)
+        if found is None:
+            raise InvalidRequest(f"unknown embedding {name!r} (in {EMBEDDINGS_DIR}/)", field="prompt")
+        return self._adapter("embedding", found)
+
+    def embedding_names(self) -> list[str]:
+        """Names only: one stat per file, nothing read or hashed."""
+        return list(self._adapter_paths("embedding"))
 
     def pin_loras(self, specs: list[LoraSpec]) -> list[LoraSpec]:
         """The request's LoRAs checked against the folder and pinned to the file versions found (their sha256): what
@@ -172,28 +184,41 @@ class ModelRegistry:
     def pin_embeddings(self, *prompts: str) -> list[EmbeddingSpec]:
         """The embeddings these prompts use (their name as a word, as A1111 matches them), with their sha256."""
         texts = [text for text in prompts if text]
-        return [
-            EmbeddingSpec(name=info.name, sha256=info.sha256)
-            for info in self.embeddings()
-            if any(token_pattern(info.name).search(text) for text in texts)
-        ]
+        used = [name for name in self.embedding_names() if any(token_pattern(name).search(t) for t in texts)]
+        return [EmbeddingSpec(name=name, sha256=self.embedding(name).sha256) for name in used]
+
+    def _adapter_paths(self, kind: str) -> dict[str, Path]:
+        """name → file; of two files with one name (in different subfolders) the first by path wins."""
+        paths: dict[str, Path] = {}
+        for path in _adapter_files(self.models_dir / ADAPTER_DIRS[kind]):
+            if path.stem in paths:
+                log.warning("%s %s is taken by %s; ignoring %s", kind, path.stem, paths[path.stem], path)
+                continue
+            paths[path.stem] = path
+        return paths
+
+    def _adapter(self, kind: str, path: Path) -> AdapterInfo:
+        root = self.models_dir / ADAPTER_DIRS[kind]
+        with self._lock:
+            try:
+                info = self._adapter_info(kind, root, path)
+            except Exception as exc:
+                field = "loras" if kind == "lora" else "prompt"
+                raise InvalidRequest(f"{path.name} is not a readable safetensors file: {exc}", field=field) from exc
+            self._save_hash_cache()
+        return info
 
     def _adapters(self, kind: str) -> list[AdapterInfo]:
         root = self.models_dir / ADAPTER_DIRS[kind]
-        out: dict[str, AdapterInfo] = {}
+        out: list[AdapterInfo] = []
         with self._lock:
-            for path in _adapter_files(root):
+            for path in self._adapter_paths(kind).values():
                 try:
-                    info = self._adapter_info(kind, root, path)
+                    out.append(self._adapter_info(kind, root, path))
                 except Exception as exc:  # a truncated download must not hide the others
                     log.warning("skipping %s: not a readable safetensors file: %s", path, exc)
-                    continue
-                if info.name in out:
-                    log.warning("%s %s is taken by %s; ignoring %s", kind, info.name, out[info.name].relpath, path)
-                    continue
-                out[info.name] = info
             self._save_hash_cache()
-        return sorted(out.values(), key=lambda a: a.name.casefold())
+        return sorted(out, key=lambda a: a.name.casefold())
 
     def _adapter_info(self, kind: str, root: Path, path: Path) -> AdapterInfo:
         st = path.stat()
@@ -203,7 +228,7 @@ class ModelRegistry:
             return hit
         metadata = safetensors_metadata(path)
         info = AdapterInfo(
-            kind=kind,
+            kind=kind,  # type: ignore[arg-type]
             name=path.stem,
             alias=metadata.get("ss_output_name") or path.stem,
             path=str(path.resolve()),
@@ -290,7 +315,7 @@ class ModelRegistry:
         if kind == "diffusers":
             if not _diffusers_weights_are_safe(entry):
                 return None
-            arch: str | None = diffusers_arch(entry)
+            arch = diffusers_arch(entry)
             meta = _read_meta(entry / DARKROOM_META)
             files = _model_files(entry)
             sha = self._folder_sha256(entry, files)

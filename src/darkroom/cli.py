@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Annotated, Any
@@ -195,6 +196,8 @@ def worker(
     from darkroom.service import Services
     from darkroom.worker.loop import Worker
 
+    if os.environ.get("DARKROOM_WORKER_PARENT"):  # a child of `darkroom serve` (worker.processes.PARENT_ENV),
+        logging.getLogger("darkroom.models.registry").setLevel(logging.WARNING)  # which listed the models already
     settings = settings_from(data_dir=data_dir, database_url=database_url, models_dir=models_dir, worker_id=worker_id)
     _validate_hooks(settings, output_checker=True)
     services = Services.open(settings)

@@ -383,3 +383,14 @@ def test_a1111_lists_loras_and_embeddings_in_its_shapes(api, registry):
         "skipped": {},
     }
     assert api.post("/sdapi/v1/refresh-loras").status_code == 200
+
+
+def test_openai_generations_take_loras_as_an_extension(api):
+    body = {"prompt": "a cat", "model": MODEL, "size": "64x64", "steps": 2, "seed": 3, "response_format": "b64_json"}
+    plain = api.post("/v1/images/generations", json=body)
+    styled = api.post("/v1/images/generations", json={**body, "loras": [{"name": "style", "weight": 1}]})
+    assert plain.status_code == 200 and styled.status_code == 200, styled.text
+    assert np.abs(decode(styled.json()["data"][0]["b64_json"]) - decode(plain.json()["data"][0]["b64_json"])).max() > 10
+    unknown = api.post("/v1/images/generations", json={**body, "loras": [{"name": "nope"}]})
+    assert unknown.status_code in (400, 422) and unknown.json()["error"]["param"] == "loras"
+    assert "'nope'" in unknown.json()["error"]["message"]

@@ -9,8 +9,9 @@ means the default model. `size` is any `WxH` within darkroom's limits; absent or
 (SD 1: 512, SD 2: 768, SDXL: 1024) for generations and the source image's size for edits. `quality` picks the step
 count; `style`, `background: opaque`, `moderation` and `user` are accepted and change nothing. darkroom extensions
 (send them with the openai package's `extra_body`): `negative_prompt`, `seed`, `steps`, `guidance_scale`, `sampler`,
-`strength` (edits without a mask). Edits follow OpenAI's mask convention: transparent pixels are repainted; without a
-mask, a source with transparency is repainted where it is transparent, and an opaque source is re-imagined whole.
+`strength` (edits without a mask), `loras` (`[{"name", "weight"}]`, as in the native API). Edits follow OpenAI's mask
+convention: transparent pixels are repainted; without a mask, a source with transparency is repainted where it is
+transparent, and an opaque source is re-imagined whole.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ class Options(BaseModel):
     steps: int | None = None
     guidance_scale: float | None = None
     sampler: str | None = None
+    loras: list[dict[str, Any]] = Field(default_factory=list)  # checked as the native API's `loras`
 
 
 class GenerationsRequest(Options):
@@ -173,6 +175,7 @@ def to_generation(
         "n": opts.n or 1,
         "model": model.id,
         "seed": opts.seed,
+        "loras": opts.loras,
         **extra,
     }
     if opts.guidance_scale is not None:

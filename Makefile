@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 	$(PY) -m pip install -q -e '.[worker]' 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import darkroom, torch, diffusers" && touch $@
+	$(PY) -m pip install -q --no-deps 'spandrel>=0.4,<0.5' 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import darkroom, torch, diffusers; from darkroom.engines.upscalers import import_spandrel; import_spandrel()" && touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]' 2>&1 | grep -v "is ignored" || true

@@ -81,6 +81,72 @@ class AdapterInfo(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict, description="the safetensors header's metadata")
 
 
+MAX_HIRES_SCALE = 8.0  # A1111's slider stops at 4; 8 leaves room, and the pixel limits bound the target anyway
+
+
+class HiresSpec(BaseModel):
+    """Hires fix as A1111 runs it: the first pass at the request's size, an upscale (`upscaler`: a latent mode,
+    Lanczos, Nearest or a model in `models/upscalers/`), then an img2img pass at the target size that adds detail.
+    The target is `scale` times the size, or `resize_x`/`resize_y` when given (one of them: the other follows the
+    aspect ratio); it is rounded down to a multiple of 8, as the UNet needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float = Field(2.0, ge=1.0, le=MAX_HIRES_SCALE, description="A1111 `hr_scale`")
+    upscaler: str = Field(
+        "Latent", min_length=1, max_length=200, description="see /sdapi/v1/upscalers and latent modes"
+    )
+    second_pass_steps: int = Field(0, ge=0, description="A1111 `hr_second_pass_steps`; 0: the request's steps")
+    denoising_strength: float = Field(0.7, gt=0.0, le=1.0, description="how far the second pass moves from the upscale")
+    resize_x: int = Field(0, ge=0, description="A1111 `hr_resize_x`: target width (0: from scale or resize_y)")
+    resize_y: int = Field(0, ge=0, description="A1111 `hr_resize_y`: target height (0: from scale or resize_x)")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="a model upscaler's file, pinned at submit")
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """A1111's `calculate_target_resolution`, except that both resize values give exactly that size."""
+        if not self.resize_x and not self.resize_y:
+            x, y = int(width * self.scale), int(height * self.scale)
+        elif not self.resize_y:
+            x, y = self.resize_x, self.resize_x * height // width
+        elif not self.resize_x:
+            x, y = self.resize_y * width // height, self.resize_y
+        else:
+            x, y = self.resize_x, self.resize_y
+        return max(8, x // 8 * 8), max(8, y // 8 * 8)
+
+    def steps(self, first_pass_steps: int) -> int:
+        return self.second_pass_steps or first_pass_steps
+
+    def size_field(self) -> str:
+        """The field a target that is too large is blamed on."""
+        return "hires.resize_x" if self.resize_x else "hires.resize_y" if self.resize_y else "hires.scale"
+
+
+class UpscaleSpec(BaseModel):
+    """An upscale job (`POST /v1/upscale`, A1111's extras): the request's `init_image` upscaled by `scale`, or to
+    `width` x `height` (`crop`: cover that size and cut the middle, as A1111's `upscaling_crop`; else stretch). No
+    diffusion runs: the request's width and height are the source's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    upscaler: str = Field(min_length=1, max_length=200, description="see /sdapi/v1/upscalers")
+    scale: float | None = Field(None, gt=0.0, le=MAX_HIRES_SCALE, description="factor; absent: width and height")
+    width: int | None = Field(None, ge=1, description="target width (with height, instead of scale)")
+    height: int | None = Field(None, ge=1, description="target height (with width, instead of scale)")
+    crop: bool = Field(True, description="to width x height: crop to fit (true) or stretch (false)")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="a model upscaler's file, pinned at submit")
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        if self.scale is not None:
+            return max(1, round(width * self.scale)), max(1, round(height * self.scale))
+        if self.width is None or self.height is None:
+            raise InvalidRequest("upscale needs scale, or width and height", field="upscale.scale")
+        return self.width, self.height
+
+    def size_field(self) -> str:
+        return "upscale.scale" if self.scale is not None else "upscale.width"
+
+
 class GenerationRequest(BaseModel):
     """One generation, as every API expresses it after translation. Stored verbatim in the job row."""
 
@@ -136,6 +202,10 @@ class GenerationRequest(BaseModel):
         description="set by the server: the embeddings (models/embeddings/) whose name is a word of the prompt or "
         "negative prompt, with their sha256",
     )
+    hires: HiresSpec | None = Field(None, description="hires fix (txt2img only): first pass, upscale, second pass")
+    upscale: UpscaleSpec | None = Field(
+        None, description="set by /v1/upscale and A1111's extras: upscale init_image, no diffusion"
+    )
 
     @field_validator("webhook_url")
     @classmethod
@@ -172,7 +242,9 @@ class GenerationRequest(BaseModel):
         return v
 
     @property
-    def mode(self) -> Literal["txt2img", "img2img", "inpaint"]:
+    def mode(self) -> Literal["txt2img", "img2img", "inpaint", "upscale"]:
+        if self.upscale is not None:
+            return "upscale"
         if not self.init_image:
             return "txt2img"
         return "inpaint" if self.mask_image else "img2img"
@@ -192,11 +264,18 @@ class GenerationRequest(BaseModel):
         parts += (strength,)
         if self.loras:  # requests without adapters keep the keys they always had
             parts += (tuple(sorted((spec.name, spec.weight, spec.sha256) for spec in self.loras)),)
+        if self.hires is not None:  # one pass plan per batch (the engine runs hires jobs one by one anyway)
+            parts += (("hires", *self.hires.model_dump().values()),)
+        if self.upscale is not None:
+            parts += (("upscale", *self.upscale.model_dump().values()),)
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 
 def check_limits(req: GenerationRequest, limits: Limits) -> None:
     """Configured limits; raises InvalidRequest naming the field."""
+    if req.upscale is not None:
+        check_upscale_limits(req, req.upscale, limits)
+        return
     for field, value, top in (("width", req.width, limits.max_width), ("height", req.height, limits.max_height)):
         if value % 8:
             raise InvalidRequest(f"{field} must be a multiple of 8 (got {value})", field=field)
@@ -215,6 +294,44 @@ def check_limits(req: GenerationRequest, limits: Limits) -> None:
     for field in ("prompt", "negative_prompt"):
         if len(getattr(req, field)) > limits.max_prompt_chars:
             raise InvalidRequest(f"{field} must be at most {limits.max_prompt_chars} characters", field=field)
+    if req.hires is not None:
+        check_hires_limits(req, req.hires, limits)
+
+
+def check_hires_limits(req: GenerationRequest, hires: HiresSpec, limits: Limits) -> None:
+    """The second pass is a full generation at the target size: the same size and step limits apply to it."""
+    if req.mode != "txt2img":
+        raise InvalidRequest("hires fix is for txt2img requests (no init_image)", field="hires")
+    check_target(hires.target_size(req.width, req.height), limits, hires.size_field(), "hires fix target")
+    steps = hires.steps(req.steps)
+    if steps > limits.max_steps:
+        raise InvalidRequest(
+            f"hires second pass steps must be at most {limits.max_steps}", field="hires.second_pass_steps"
+        )
+    if int(steps * hires.denoising_strength) < 1:
+        raise InvalidRequest(
+            f"second pass steps * denoising_strength must be at least 1 (got {steps} * {hires.denoising_strength})",
+            field="hires.denoising_strength",
+        )
+
+
+def check_upscale_limits(req: GenerationRequest, upscale: UpscaleSpec, limits: Limits) -> None:
+    if req.n != 1:
+        raise InvalidRequest("an upscale job upscales one image", field="n")
+    for field in ("mask_image", "hires"):
+        if getattr(req, field) is not None:
+            raise InvalidRequest(f"an upscale job takes no {field}", field=field)
+    check_target(upscale.target_size(req.width, req.height), limits, upscale.size_field(), "upscale target")
+
+
+def check_target(size: tuple[int, int], limits: Limits, field: str, what: str) -> None:
+    width, height = size
+    if width > limits.max_width or height > limits.max_height:
+        raise InvalidRequest(
+            f"{what} {width}x{height} is larger than {limits.max_width}x{limits.max_height}", field=field
+        )
+    if width * height > limits.max_pixels:
+        raise InvalidRequest(f"{what} {width}x{height} is more than {limits.max_pixels} pixels", field=field)
 
 
 class ModelInfo(BaseModel):

@@ -323,3 +323,26 @@ def make_embedding(
     path = directory / f"{name}.safetensors"
     save_file(tensors, str(path), metadata={"step": "100"})
     return path
+
+
+# --- upscalers -------------------------------------------------------------------------------------------------------
+
+
+def make_esrgan_upscaler(directory: Path, name: str = "tiny-esrgan-2x", scale: int = 2, seed: int = 5) -> Path:
+    """`name.safetensors`: an ESRGAN (RRDBNet) upscaler with random weights and tiny channel counts (8 filters, one
+    block), the architecture and key layout of the ESRGAN models users bring, which spandrel detects from the keys."""
+    import torch
+    from safetensors.torch import save_file
+
+    from darkroom.engines.upscalers import import_spandrel
+
+    import_spandrel()
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(seed)
+    model = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=scale)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.safetensors"
+    save_file({key: value.detach().contiguous() for key, value in model.state_dict().items()}, str(path))
+    return path

@@ -11,10 +11,15 @@ become the request's `loras` (the last tag for a name wins; `disable_extra_netwo
 them back into the prompt with `Lora hashes`. `/loras` and `/embeddings` list `models/loras/` and `models/embeddings/`
 (an embedding is used when its name appears in the prompt or negative prompt).
 
-Accepted and ignored (darkroom has no equivalent): hires fix (`enable_hr`, `hr_*`), `restore_faces`, `tiling`,
-`styles`, subseeds, scripts (`script_name`, `alwayson_scripts`), `eta`/`s_*` sampler tweaks, refiner, `resize_mode`
-(the source is always resized to the requested size), `save_images`. `skip` stops the current job like `interrupt`:
-darkroom runs a job's images as one unit.
+Hires fix (`enable_hr`, `hr_scale`, `hr_upscaler`, `hr_second_pass_steps`, `denoising_strength`, `hr_resize_x/y`)
+becomes the request's `hires`; a second-pass checkpoint, sampler or prompt that differs from the first pass's is a 422
+naming the field, never ignored. `/upscalers` and `/latent-upscale-modes` list what `hr_upscaler` and the extras take;
+`/extra-single-image` and `/extra-batch-images` queue upscale jobs (one per image) and wait for them.
+
+Accepted and ignored (darkroom has no equivalent): `restore_faces`, `tiling`, `styles`, subseeds, scripts
+(`script_name`, `alwayson_scripts`), `eta`/`s_*` sampler tweaks, refiner, `resize_mode` (the source is always resized
+to the requested size), `save_images`. `skip` stops the current job like `interrupt`: darkroom runs a job's images as
+one unit.
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image, ImageFilter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from darkroom import __version__
 from darkroom.auth import audit
 from darkroom.auth.principal import Permission, Principal
+from darkroom.engines import hires, upscalers
 from darkroom.engines.samplers import SAMPLERS, resolve_sampler
 from darkroom.errors import Conflict, InvalidRequest
 from darkroom.jobs.db import read_tx
@@ -45,13 +51,13 @@ from darkroom.jobs.tables import job_events, jobs
 from darkroom.kv import DEFAULT_MODEL
 from darkroom.models.registry import safetensors_header
 from darkroom.safety.provenance import lora_hashes, prompt_with_tags, read_png
-from darkroom.schemas import GenerationRequest, JobState, check_limits
+from darkroom.schemas import GenerationRequest, HiresSpec, JobState, UpscaleSpec, check_limits
 from darkroom.service import Services
 
 from . import compat
 from .auth import principal, require, sees_job
 from .uploads import decode_base64_image, image_size, load_image, load_mask, open_image, png_bytes
-from .v1 import services
+from .v1 import UPSCALE_PROMPT, services, upscale_source_size
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], dependencies=[Depends(require(Permission.generate))])
 
@@ -65,6 +71,21 @@ FIELD_NAMES = {
     "sampler": "sampler_name",
     "model": "sd_model_checkpoint",
     "loras": "prompt",  # A1111 names LoRAs with <lora:name:weight> tags in the prompt
+    "hires": "enable_hr",
+    "hires.scale": "hr_scale",
+    "hires.upscaler": "hr_upscaler",
+    "hires.second_pass_steps": "hr_second_pass_steps",
+    "hires.denoising_strength": "denoising_strength",
+    "hires.resize_x": "hr_resize_x",
+    "hires.resize_y": "hr_resize_y",
+}
+HIRES_FIELDS = {  # HiresSpec field → A1111's
+    "scale": "hr_scale",
+    "upscaler": "hr_upscaler",
+    "second_pass_steps": "hr_second_pass_steps",
+    "denoising_strength": "denoising_strength",
+    "resize_x": "hr_resize_x",
+    "resize_y": "hr_resize_y",
 }
 # A1111's extra-network tags for LoRA-type networks: <lora:name>, <lora:name:weight>, <lora:name:te:unet>.
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^>]*)>", re.IGNORECASE)
@@ -254,6 +275,36 @@ def to_generation(svc: Services, req: Processing, **extra: Any) -> GenerationReq
     return body
 
 
+def hires_fix(req: Txt2ImgRequest) -> HiresSpec | None:
+    """`enable_hr` and the `hr_*` fields as the request's `hires`, checked with A1111's field names. A second pass
+    that A1111 would run differently (another checkpoint, sampler or prompt) is refused, not approximated."""
+    if not req.enable_hr:
+        return None
+    for field, value, same in (
+        ("hr_checkpoint_name", req.hr_checkpoint_name, ("", "Use same checkpoint")),
+        ("hr_sampler_name", req.hr_sampler_name, ("", "Use same sampler", req.sampler_name)),
+        ("hr_scheduler", req.hr_scheduler, ("", "Use same scheduler", req.scheduler)),
+        ("hr_prompt", req.hr_prompt, ("", req.prompt)),
+        ("hr_negative_prompt", req.hr_negative_prompt, ("", req.negative_prompt)),
+    ):
+        if value is not None and value not in same:
+            raise InvalidRequest(f"{field}: a second pass unlike the first is not supported", field=field)
+    fields = {
+        "scale": req.hr_scale,
+        "upscaler": req.hr_upscaler or "Latent",  # A1111's default latent upscale mode
+        "second_pass_steps": req.hr_second_pass_steps,
+        "denoising_strength": req.denoising_strength if req.denoising_strength is not None else 0.7,
+        "resize_x": req.hr_resize_x,
+        "resize_y": req.hr_resize_y,
+    }
+    try:
+        return HiresSpec(**fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = HIRES_FIELDS.get(str(first["loc"][0]) if first["loc"] else "", "enable_hr")
+        raise InvalidRequest(f"{field}: {first['msg']}", field=field) from None
+
+
 def prepare_img2img(svc: Services, req: Img2ImgRequest) -> GenerationRequest:
     """The request with every limit checked first (size, steps, n, prompt, upload bytes and pixels), and only then the
     source and mask decoded and A1111's mask options applied: invert, blur, and `inpainting_fill` (how the masked area
@@ -346,7 +397,7 @@ def info(svc: Services, job: JobRecord, images: list, infotexts: list[str]) -> d
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": request["strength"] if request.get("init_image") else None,
+        "denoising_strength": denoising_strength(request),
         "extra_generation_params": extra_params(request),
         "index_of_first_image": 0,
         "infotexts": infotexts,
@@ -360,9 +411,16 @@ def info(svc: Services, job: JobRecord, images: list, infotexts: list[str]) -> d
     }
 
 
-def extra_params(request: dict[str, Any]) -> dict[str, str]:
-    """A1111's `extra_generation_params`: the adapter hashes its infotext carries."""
-    extra = {}
+def denoising_strength(request: dict[str, Any]) -> float | None:
+    if request.get("init_image"):
+        return float(request["strength"])
+    hires = request.get("hires")
+    return float(hires["denoising_strength"]) if hires else None
+
+
+def extra_params(request: dict[str, Any]) -> dict[str, Any]:
+    """A1111's `extra_generation_params`: the adapter hashes and hires fields its infotext carries."""
+    extra: dict[str, Any] = {key: value for key, value in hires.infotext_fields(request) if key != "Denoising strength"}
     if request.get("loras"):
         extra["Lora hashes"] = lora_hashes(request["loras"])
     if request.get("embeddings"):
@@ -384,7 +442,7 @@ def echo(req: Processing, include_images: bool = False) -> dict[str, Any]:
 @router.post("/txt2img", response_model=ImagesResponse, summary="A1111 txt2img: waits and returns base64 PNGs")
 async def txt2img(request: Request, req: Txt2ImgRequest) -> ImagesResponse:
     svc = services(request)
-    body = await run_in_threadpool(to_generation, svc, req)
+    body = await run_in_threadpool(lambda: to_generation(svc, req, hires=hires_fix(req)))
     job = await compat.submit_and_wait(request, body, {}, FIELD_NAMES)
     return await run_in_threadpool(images_response, svc, job, req, echo(req))
 
@@ -646,3 +704,132 @@ def png_info(request: Request, body: PngInfoRequest) -> dict[str, Any]:
     meta = read_png(data)
     items = {"darkroom": meta["provenance"]} if meta["provenance"] else {}
     return {"info": meta["parameters"] or "", "items": items, "parameters": {}}
+
+
+# --- upscalers and extras -------------------------------------------------------------------------------------------
+
+EXTRAS_FIELDS = {  # internal field → the extras field a client sent
+    "upscale.upscaler": "upscaler_1",
+    "upscale.scale": "upscaling_resize",
+    "upscale.width": "upscaling_resize_w",
+    "init_image": "image",
+}
+
+
+class ExtrasRequest(BaseModel):
+    """A1111's extras (postprocessing) fields with its defaults. Face restoration and a second upscaler blended in
+    are refused (422 naming the field) rather than ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    resize_mode: int = Field(0, ge=0, le=1, description="0: upscaling_resize is a factor; 1: to _w x _h")
+    show_extras_results: bool = True
+    gfpgan_visibility: float = Field(0, ge=0, le=1)
+    codeformer_visibility: float = Field(0, ge=0, le=1)
+    codeformer_weight: float = Field(0, ge=0, le=1)
+    upscaling_resize: float = Field(2, gt=0, le=8)
+    upscaling_resize_w: int = Field(512, ge=1)
+    upscaling_resize_h: int = Field(512, ge=1)
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = Field(0, ge=0, le=1)
+    upscale_first: bool = False
+
+
+class ExtrasSingleImageRequest(ExtrasRequest):
+    image: str = Field("", description="base64 image")
+
+
+class FileData(BaseModel):
+    data: str = Field(description="base64 image")
+    name: str = ""
+
+
+class ExtrasBatchImagesRequest(ExtrasRequest):
+    imageList: list[FileData] = Field(default_factory=list, max_length=64)  # noqa: N815  # A1111's name
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    html_info: str
+    image: str | None = None
+
+
+class ExtrasBatchImagesResponse(BaseModel):
+    html_info: str
+    images: list[str]
+
+
+def extras_request(svc: Services, req: ExtrasRequest, image: str, field: str) -> GenerationRequest:
+    """One image's upscale job, every extras field checked before anything is queued."""
+    for name in ("gfpgan_visibility", "codeformer_visibility"):
+        if getattr(req, name) > 0:
+            raise InvalidRequest(f"{name}: face restoration is not available in darkroom", field=name)
+    if req.upscaler_2 != "None" and req.extras_upscaler_2_visibility > 0:
+        raise InvalidRequest("upscaler_2: blending a second upscaler is not supported", field="upscaler_2")
+    if not image:
+        raise InvalidRequest(f"{field}: an image is needed", field=field)
+    try:
+        if req.resize_mode == 0:
+            spec = UpscaleSpec(upscaler=req.upscaler_1, scale=req.upscaling_resize)
+        else:
+            size = {"width": req.upscaling_resize_w, "height": req.upscaling_resize_h}
+            spec = UpscaleSpec(upscaler=req.upscaler_1, crop=req.upscaling_crop, **size)
+    except ValidationError as exc:  # only the upscaler's name can fail here (empty or too long)
+        raise InvalidRequest(f"upscaler_1: {exc.errors()[0]['msg']}", field="upscaler_1") from None
+    body = GenerationRequest(prompt=UPSCALE_PROMPT, init_image=image, upscale=spec, model=compat.default_model(svc).id)
+    return body
+
+
+async def run_extras(request: Request, bodies: list[GenerationRequest], field: str) -> list[tuple[str, str]]:
+    """Queue one upscale job per image and wait for each: (base64 PNG, its infotext) in order. Every upscaler and
+    size is checked before the first job is queued, so a bad request queues nothing."""
+    svc = services(request)
+    names = {**EXTRAS_FIELDS, "init_image": field}
+    for body in bodies:
+        try:
+            upscalers.pin(svc.registry, body)
+            check_limits(upscale_source_size(body, svc.settings.limits), svc.settings.limits)
+        except InvalidRequest as exc:
+            raise compat.renamed(exc, names) from None
+    out: list[tuple[str, str]] = []
+    for body in bodies:
+        job = await compat.submit_and_wait(request, body, {}, names)
+        compat.raise_for_job(job, names)
+        images = await run_in_threadpool(compat.job_images, svc, job)
+        out += [(compat.b64(data), read_png(data)["parameters"] or "") for _, data in images]
+    return out
+
+
+@router.get("/upscalers", summary="Upscalers for hr_upscaler and the extras: built-in, then models/upscalers/")
+def list_upscalers(request: Request) -> list[dict[str, Any]]:
+    return upscalers.listing(services(request).registry)
+
+
+@router.get("/latent-upscale-modes", summary="Latent upscale modes (hr_upscaler only)")
+def latent_upscale_modes() -> list[dict[str, Any]]:
+    return [{"name": name} for name in upscalers.LATENT_MODES]
+
+
+@router.post("/extra-single-image", response_model=ExtrasSingleImageResponse, summary="Upscale one image (a job)")
+async def extra_single_image(request: Request, req: ExtrasSingleImageRequest) -> ExtrasSingleImageResponse:
+    svc = services(request)
+    try:
+        body = await run_in_threadpool(extras_request, svc, req, req.image, "image")
+    except InvalidRequest as exc:
+        raise compat.renamed(exc, EXTRAS_FIELDS) from None
+    [(image, info)] = await run_extras(request, [body], "image")
+    return ExtrasSingleImageResponse(html_info=info, image=image)
+
+
+@router.post("/extra-batch-images", response_model=ExtrasBatchImagesResponse, summary="Upscale images (a job each)")
+async def extra_batch_images(request: Request, req: ExtrasBatchImagesRequest) -> ExtrasBatchImagesResponse:
+    svc = services(request)
+    if not req.imageList:
+        raise InvalidRequest("imageList: at least one image is needed", field="imageList")
+    try:
+        bodies = [await run_in_threadpool(extras_request, svc, req, item.data, "imageList") for item in req.imageList]
+    except InvalidRequest as exc:
+        raise compat.renamed(exc, {**EXTRAS_FIELDS, "init_image": "imageList"}) from None
+    done = await run_extras(request, bodies, "imageList")
+    return ExtrasBatchImagesResponse(html_info=done[0][1] if done else "", images=[image for image, _ in done])

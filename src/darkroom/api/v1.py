@@ -11,16 +11,20 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from darkroom import clock
 from darkroom.auth import audit
 from darkroom.auth.limits import check_quotas
 from darkroom.auth.principal import Permission, Principal
+from darkroom.config import Limits
+from darkroom.engines import upscalers
 from darkroom.engines.samplers import SAMPLERS, resolve_sampler
 from darkroom.errors import Conflict, DarkroomError, HeldForReview, InvalidRequest, NotFound
 from darkroom.jobs.store import JobRecord, JobStatus, request_hash
 from darkroom.safety.policy import check_prompt
 from darkroom.schemas import (
+    MAX_HIRES_SCALE,
     PRIORITY_NAME,
     GenerationRequest,
     ImageView,
@@ -29,7 +33,9 @@ from darkroom.schemas import (
     JobProgress,
     JobState,
     JobView,
+    Priority,
     PublicModelInfo,
+    UpscaleSpec,
     check_limits,
 )
 from darkroom.service import Services
@@ -37,7 +43,7 @@ from darkroom.storage.base import content_key
 
 from . import waiting
 from .auth import principal, require, sees_job, tenant_policy, visible_image, visible_job, websocket_principal
-from .uploads import decode_base64_image, load_image, load_mask
+from .uploads import decode_base64_image, image_size, load_image, load_mask
 
 TERMINAL_EVENTS = {"succeeded", "failed", "cancelled", "dead"}
 
@@ -125,6 +131,8 @@ def submit_status(
     who = principal(request)
     check_idempotency_key(idempotency_key)
     limits = svc.settings.limits
+    if body.upscale is not None:  # an upscale job's size is its source's: read from the upload's header
+        body = upscale_source_size(body, limits)
     check_limits(body, limits)
     policy = tenant_policy(request)
     check_prompt(svc.settings, policy, who.tenant, body.prompt, body.negative_prompt)
@@ -139,6 +147,7 @@ def submit_status(
     if body.loras:  # unknown adapter → 422 naming it; the rest pinned to the file versions found
         updates["loras"] = svc.registry.pin_loras(body.loras)
     updates["embeddings"] = svc.registry.pin_embeddings(body.prompt, body.negative_prompt)  # for provenance
+    updates.update(upscalers.pin(svc.registry, body))  # unknown upscaler → 422 naming it; models pinned by sha256
     if body.webhook_url and not svc.settings.webhooks.secret:
         raise InvalidRequest("webhooks are not configured (DARKROOM_WEBHOOKS__SECRET)", field="webhook_url")
     uploads: list[bytes] = []  # decoded and checked now; stored only once the job is admitted (see `admit`)
@@ -176,6 +185,15 @@ def submit_status(
     if not created and not sees_job(who, status.job):  # keys are scoped to the caller; never hand a replay across
         raise Conflict("this Idempotency-Key belongs to another caller", field="Idempotency-Key")
     return status, created
+
+
+def upscale_source_size(body: GenerationRequest, limits: Limits) -> GenerationRequest:
+    """The request with the source image's width and height (an upscale job keeps the source's size)."""
+    if not body.init_image:
+        raise InvalidRequest("an upscale job needs the image", field="init_image")
+    raw = decode_base64_image(body.init_image, limits, "init_image")
+    width, height = image_size(raw, limits, "init_image")
+    return body.model_copy(update={"width": width, "height": height})
 
 
 def _audit_details(body: GenerationRequest) -> dict:
@@ -351,3 +369,63 @@ def list_models(request: Request, who: Principal = Generate) -> list[PublicModel
 @router.get("/samplers", summary="Sampler names (AUTOMATIC1111's) and the diffusers scheduler each maps to")
 def list_samplers(who: Principal = Generate) -> list[dict]:
     return [spec.public() for spec in SAMPLERS]
+
+
+# --- upscale jobs ----------------------------------------------------------------------------------------------------
+
+UPSCALE_PROMPT = "(upscale)"  # an upscale job has no prompt; GenerationRequest needs one, and the audit counts it
+
+
+class UpscaleBody(BaseModel):
+    """`POST /v1/upscale`: one image, upscaled by `scale` (default 2) or to `width` x `height`, as a queued job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(min_length=1, description="base64 image (PNG, JPEG or WebP)")
+    upscaler: str = Field("Lanczos", min_length=1, max_length=200, description="a name from /sdapi/v1/upscalers")
+    scale: float | None = Field(None, gt=0.0, le=MAX_HIRES_SCALE, description="factor (default 2 without width/height)")
+    width: int | None = Field(None, ge=1)
+    height: int | None = Field(None, ge=1)
+    crop: bool = Field(True, description="with width and height: crop to fit (true) or stretch (false)")
+    priority: Priority = "normal"
+    webhook_url: str | None = None
+    timeout_seconds: float | None = Field(None, gt=0)
+
+    def generation_request(self) -> GenerationRequest:
+        scale = self.scale
+        if scale is None and (self.width is None or self.height is None):
+            if self.width is not None or self.height is not None:
+                raise InvalidRequest("give both width and height, or scale", field="width" if self.height else "height")
+            scale = 2.0
+        extra = {k: getattr(self, k) for k in ("priority", "webhook_url", "timeout_seconds")}
+        try:
+            spec = UpscaleSpec(
+                upscaler=self.upscaler, scale=scale, width=self.width, height=self.height, crop=self.crop
+            )
+            return GenerationRequest(prompt=UPSCALE_PROMPT, init_image=self.image, upscale=spec, **extra)
+        except ValidationError as exc:  # e.g. a webhook URL the guard refuses: the client's field, never a 500
+            first = exc.errors()[0]
+            field = str(first["loc"][0]) if first["loc"] else None
+            raise InvalidRequest(f"{field}: {first['msg']}", field=field) from None
+
+
+@router.post(
+    "/upscale",
+    response_model=JobView,
+    summary="Upscale an image as a job (Lanczos, Nearest, ESRGAN-family models) and wait for it",
+    responses={202: {"model": JobView, "description": "Not finished within the wait: the job goes on; poll it"}},
+)
+async def upscale(
+    request: Request,
+    body: UpscaleBody,
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200),
+    timeout: float | None = Query(None, gt=0, description="seconds to wait; default from settings"),
+    who: Principal = Generate,
+) -> JSONResponse:
+    """Runs on the job queue like a generation (priority, quotas, audit, provenance), without a diffusion pass."""
+    svc = services(request)
+    job, _ = await run_in_threadpool(submit, request, body.generation_request(), idempotency_key)
+    limit = min(timeout or svc.settings.sync_timeout_seconds, svc.settings.sync_timeout_seconds)
+    job = await waiting.wait_for_job(svc, job, limit, request)
+    view = await run_in_threadpool(job_view, request, job)
+    return JSONResponse(view.model_dump(mode="json"), status_code=200 if job.state.terminal else 202)

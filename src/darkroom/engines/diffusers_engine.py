@@ -46,6 +46,7 @@ from darkroom.clock import random_seed
 from darkroom.engines.adapters import activate as activate_adapters
 from darkroom.engines.base import BatchItem, BatchOutcome, EngineImage, EngineResult, ProgressFn
 from darkroom.engines.classify import classify
+from darkroom.engines.hires import run_hires
 from darkroom.engines.preview import latents_to_jpeg
 from darkroom.engines.samplers import SamplerSpec, make_scheduler, resolve_sampler, seed_scheduler_noise
 from darkroom.errors import DarkroomError, EngineOutOfMemory, FatalEngineError, InvalidRequest, ModelLoadError
@@ -194,7 +195,10 @@ class DiffusersEngine:
             pipe = loaded.pipeline(request.mode)
             ran = time.perf_counter()
             with activate_adapters(pipe, self.registry, [request], lock=_LOAD_LOCK):  # LoRAs/embeddings: this pass only
-                images, scheduler_name = self._run(pipe, loaded, spec, request, sources, seeds, progress)
+                if request.hires is not None:  # engines/hires.py: first pass, upscale, img2img second pass
+                    images, scheduler_name = run_hires(self, loaded, spec, request, seeds, progress)
+                else:
+                    images, scheduler_name = self._run(pipe, loaded, spec, request, sources, seeds, progress)
         done = time.perf_counter()
         return EngineResult(
             images=[EngineImage(image=img, seed=seed) for img, seed in zip(images, seeds, strict=True)],
@@ -210,7 +214,8 @@ class DiffusersEngine:
     def batchable(self, requests: list[GenerationRequest]) -> bool:
         """Several txt2img requests, unless `batch_invariant` asks for every image alone. img2img and inpainting
         run job after job for now (their source images would have to be stacked)."""
-        return not self.batch_invariant and len(requests) > 1 and all(r.mode == "txt2img" for r in requests)
+        plain = all(r.mode == "txt2img" and r.hires is None for r in requests)  # hires runs image by image
+        return not self.batch_invariant and len(requests) > 1 and plain
 
     def generate_batch(self, items: list[BatchItem]) -> list[BatchOutcome]:
         """Compatible jobs (one batch key) as one tensor batch: every image of every job in one pipeline call.

@@ -61,6 +61,7 @@ HASH_CHUNK = 8 * 1024 * 1024
 LORAS_DIR = "loras"
 EMBEDDINGS_DIR = "embeddings"
 ADAPTER_DIRS = {"lora": LORAS_DIR, "embedding": EMBEDDINGS_DIR}
+UPSCALERS_DIR = "upscalers"  # ESRGAN-family models (safetensors only), run by engines/upscalers.py
 
 Fingerprint = tuple[tuple[str, int, int], ...]
 
@@ -186,6 +187,23 @@ class ModelRegistry:
         texts = [text for text in prompts if text]
         used = [name for name in self.embedding_names() if any(token_pattern(name).search(t) for t in texts)]
         return [EmbeddingSpec(name=name, sha256=self.embedding(name).sha256) for name in used]
+
+    # --- upscalers ---------------------------------------------------------------------------------------------------
+
+    def upscaler_files(self) -> dict[str, Path]:
+        """Upscaler models in `models/upscalers/` by name (file name without .safetensors): stats only, nothing read.
+        Pickled `.pth` files are never listed: loading one can run code."""
+        paths: dict[str, Path] = {}
+        for path in _adapter_files(self.models_dir / UPSCALERS_DIR):
+            paths.setdefault(path.stem, path)
+        return paths
+
+    def file_sha256(self, path: Path) -> str:
+        """A file's sha256 from the hash cache (hashed once per size and mtime): what pins an upscaler at submit."""
+        with self._lock:
+            digest = self._file_sha256(path)
+            self._save_hash_cache()
+        return digest
 
     def _adapter_paths(self, kind: str) -> dict[str, Path]:
         """name → file; of two files with one name (in different subfolders) the first by path wins."""

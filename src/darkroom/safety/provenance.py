@@ -26,7 +26,11 @@ PARAMETERS_KEY = "parameters"
 
 
 def a1111_parameters(prov: dict[str, Any]) -> str:
+    from darkroom.engines import hires, upscalers  # torch-free; imported here to keep safety/ free of engines/
+
     req = prov["request"]
+    if req.get("upscale"):  # an upscale job: A1111's extras write only the postprocessing fields
+        return upscalers.infotext(req, prov["versions"].get("darkroom", ""))
     lines = [prompt_with_tags(req["prompt"], req.get("loras") or [])]
     if req.get("negative_prompt"):
         lines.append(f"Negative prompt: {req['negative_prompt']}")
@@ -41,6 +45,7 @@ def a1111_parameters(prov: dict[str, Any]) -> str:
     ]
     if req.get("init_image"):
         fields.append(("Denoising strength", f"{req['strength']:g}"))
+    fields += hires.infotext_fields(req)
     if req.get("loras"):
         fields.append(("Lora hashes", lora_hashes(req["loras"])))
     if req.get("embeddings"):

@@ -29,6 +29,8 @@ from darkroom import __version__, clock
 from darkroom.auth.tenants import TenantStore
 from darkroom.config import Settings
 from darkroom.engines.base import BatchItem, Engine, EngineResult
+from darkroom.engines.hires import passes as hires_passes
+from darkroom.engines.upscalers import run_upscale
 from darkroom.errors import (
     DarkroomError,
     Draining,
@@ -476,7 +478,11 @@ class Worker:
         init = self._load_image(request.init_image)
         mask = self._load_image(request.mask_image)  # inpainting; the engine reads it as grey
         extra = {"mask_image": mask} if mask is not None else {}
-        result = self.engine.generate(request, init, run, **extra)
+        if request.mode == "upscale":  # no diffusion pipeline: engines/upscalers.py on the engine's device
+            registry = self.registry or ModelRegistry.for_settings(self.settings)
+            result = run_upscale(request, init, registry, getattr(self.engine, "device", "cpu"), run)
+        else:
+            result = self.engine.generate(request, init, run, **extra)
         self._hand_off(job, result, run.started, leases)
 
     def _settle(self, job: JobRecord, work: Callable[[], None]) -> None:
@@ -564,7 +570,7 @@ class Worker:
         timings = {**result.timings, "worker_total_s": round(clock.monotonic() - started, 4)}
         if job.started_at:
             timings["queue_wait_s"] = round((job.started_at - job.created_at).total_seconds(), 4)
-        common = {
+        common: dict[str, Any] = {
             "job_id": job.id,
             "request_id": job.request_id,
             "request": request,
@@ -577,6 +583,8 @@ class Worker:
             "timings": timings,
             "worker": self.id,
         }
+        if request.get("hires"):
+            common["hires_passes"] = hires_passes(request)  # both passes: sizes, steps, the upscaler between
         policy = self._tenants.get(job.tenant)  # cached for `server.auth_cache_seconds`, like the API's reads
         new_images = []
         for index, item in enumerate(result.images):

@@ -80,6 +80,9 @@ def serve(
     settings = _serve_settings(
         host=host, port=port, data_dir=data_dir, database_url=database_url, models_dir=models_dir, workers=workers
     )
+    from darkroom.observability import metrics
+
+    metrics.multiprocess(settings.data_dir / "metrics")  # one /metrics for this server and its worker processes
     if insecure:
         settings.security.insecure = True
     if threads is not None:
@@ -88,7 +91,7 @@ def serve(
         settings.server.max_in_flight = max_in_flight
     _validate_hooks(settings, output_checker=settings.workers > 0)
     services = Services.open(settings)
-    if settings.security.bootstrap_admin_key and not _bootstrap(services):
+    if not _bootstrap(services):
         services.close()
         raise typer.Exit(2)
     if not _access_check(services):
@@ -143,15 +146,22 @@ def _validate_hooks(settings: Settings, *, output_checker: bool) -> None:
 
 
 def _bootstrap(services: Any) -> bool:
+    """Register the keys handed over in settings (`security.bootstrap_admin_key`, `…_metrics_key`); False on a bad
+    one (said in red)."""
+    from darkroom.auth.principal import Role
     from darkroom.errors import DarkroomError
 
-    try:
-        key = services.keys.bootstrap(services.settings.security.bootstrap_admin_key.get_secret_value())
-    except DarkroomError as exc:
-        console.print(f"[red]{exc.message}[/red]")
-        return False
-    if key is not None:
-        console.print(f"registered the bootstrap admin key {key.id}")
+    security = services.settings.security
+    for role, secret in ((Role.admin, security.bootstrap_admin_key), (Role.metrics, security.bootstrap_metrics_key)):
+        if secret is None:
+            continue
+        try:
+            key = services.keys.bootstrap(secret.get_secret_value(), role)
+        except DarkroomError as exc:
+            console.print(f"[red]{exc.message}[/red]")
+            return False
+        if key is not None:
+            console.print(f"registered the bootstrap {role.value} key {key.id}")
     return True
 
 
@@ -189,6 +199,12 @@ def worker(
     database_url: DbUrl = None,
     models_dir: ModelsDir = None,
     worker_id: Annotated[str | None, typer.Option(help="stable id; default host:pid")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="serve this worker's Prometheus metrics on this port")
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="address for --metrics-port (no auth: keep it private)")] = (
+        "127.0.0.1"
+    ),
     log_level: str = "info",
 ) -> None:
     """Run one worker process against the service's database and data dir."""
@@ -203,6 +219,10 @@ def worker(
     services = Services.open(settings)
     services.ensure_default_model()
     loop = Worker(settings, services.store, services.blobs, services.make_engine, registry=services.registry)
+    if metrics_port is not None:
+        from darkroom.observability import metrics
+
+        metrics.serve_worker_endpoint(metrics_port, metrics_host)
 
     def _drain(signum: int, _frame: object) -> None:
         console.print(f"worker: signal {signum}: draining (the current job gets {settings.drain_seconds} s to finish)")

@@ -54,7 +54,7 @@ def _fail(message: str) -> typer.Exit:
 
 @keys_app.command("create")
 def keys_create(
-    role: Annotated[str, typer.Option(help="admin | operator | user | service")] = "user",
+    role: Annotated[str, typer.Option(help="admin | operator | user | service | metrics")] = "user",
     tenant: Annotated[str, typer.Option(help="the tenant the key acts for")] = "default",
     name: Annotated[str | None, typer.Option(help="what the key is for; default: role@tenant")] = None,
     expires_days: Annotated[float | None, typer.Option("--expires-days", help="expire after this many days")] = None,

@@ -190,12 +190,17 @@ class SecuritySettings(BaseModel):
         description="a `dk_…` key (from `darkroom keys token`) registered as an admin key at start if it is not yet:"
         " how a container platform hands the first key over as a secret",
     )
+    bootstrap_metrics_key: SecretStr | None = Field(
+        default=None,
+        description="a `dk_…` key registered at start as a `metrics` key (reads /metrics and nothing else): the"
+        " scrape token a Prometheus beside the service holds (deploy/docker-compose.yml)",
+    )
     allow_pickle_models: bool = Field(
         default=False,
         description="load pickled checkpoints (.ckpt/.pt/.bin), which can run code; only an admin turns this on",
     )
 
-    @field_validator("bootstrap_admin_key", mode="before")
+    @field_validator("bootstrap_admin_key", "bootstrap_metrics_key", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

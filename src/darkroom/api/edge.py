@@ -10,7 +10,9 @@ In order, for each HTTP request:
    (chunked bodies have no Content-Length, and a declared one is only a claim), and the read that passes the cap
    raises 413 `payload_too_large` (field `body`), so at most the cap is ever buffered;
 5. a request that carries a body is authenticated before the body is read (`auth.admit_before_body`); a refused
-   caller's body is never read at all (the route sees an empty one and its `require(...)` raises the refusal).
+   caller's body is never read at all (the route sees an empty one and its `require(...)` raises the refusal);
+6. its duration goes to `darkroom_http_request_duration_seconds` by route *template* (Starlette's router leaves the
+   matched route in `scope["route"]`; a request no route matched counts as `unmatched`), method and status class.
 
 Pure ASGI rather than `BaseHTTPMiddleware`: no extra task per request, and `receive` can be wrapped or withheld.
 Starlette's own body limit is not used: it answers in plain text, replacing the API's error shape."""
@@ -26,6 +28,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from darkroom import clock
+from darkroom.observability import metrics
 
 from .errors import problem
 
@@ -74,6 +77,14 @@ class Edge:
         declared = headers.get("content-length", "")
         body = _Body(unread="transfer-encoding" in headers or declared not in ("", "0"))
         send = _response_headers(send, rid, body)
+        started = clock.monotonic()
+        try:
+            await self._handle(scope, receive, send, declared, body)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics.http_request(route, scope["method"], body.status, clock.monotonic() - started)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, declared: str, body: _Body) -> None:
         if scope["path"] in PROBES:
             await self.app(scope, receive, send)
             return
@@ -110,6 +121,7 @@ class _Body:
     next request down a socket the server is about to close."""
 
     unread: bool
+    status: int = 500  # the response's status once it starts (an exception that escapes the app answers 500)
 
 
 def _counted(receive: Receive, cap: int, body: _Body) -> Receive:
@@ -143,6 +155,7 @@ def _no_body() -> Receive:
 def _response_headers(send: Send, rid: str, body: _Body) -> Send:
     async def sender(message: Message) -> None:
         if message["type"] == "http.response.start":
+            body.status = message["status"]
             headers = MutableHeaders(scope=message)
             headers.setdefault("X-Request-ID", rid)
             if body.unread:

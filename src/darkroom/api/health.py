@@ -1,4 +1,4 @@
-"""Liveness and readiness (open, for probes; they reveal nothing), and metrics (operators).
+"""Liveness and readiness (open, for probes; they reveal nothing), and metrics (operators and `metrics` keys).
 
 Probes must answer while the service is busy, or an orchestrator restarts a healthy but loaded node. So `/healthz`
 is a coroutine (it never waits for a request thread), the edge middleware lets both probes past its in-flight limit,
@@ -13,10 +13,11 @@ import anyio
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from darkroom import clock
 from darkroom.auth.principal import Permission
+from darkroom.observability.metrics import exposition, scrape_registry
 from darkroom.service import Services
 from darkroom.storage import storage_health
 
@@ -83,15 +84,11 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get(
     "/metrics",
-    summary="Prometheus metrics (operators: give the scraper an operator key)",
+    summary="Prometheus metrics (operators: give the scraper an admin, operator or `metrics` key)",
     include_in_schema=False,
-    dependencies=[Depends(require(Permission.queue))],
+    dependencies=[Depends(require(Permission.metrics))],
 )
 def metrics(request: Request) -> Response:
-    svc = request.app.state.services
-    registry = CollectorRegistry()
-    gauge = Gauge("darkroom_jobs", "Jobs by state", ["state"], registry=registry)
-    for state, count in svc.store.counts().items():
-        gauge.labels(state=state).set(count)
-    Gauge("darkroom_workers_in_process", "Worker threads in this process", registry=registry).set(len(svc.workers))
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    """The node's metrics (`darkroom.observability.metrics`): with `darkroom serve`'s worker processes, theirs too."""
+    registry = scrape_registry(request.app.state.services.store.engine)
+    return Response(exposition(registry), media_type=CONTENT_TYPE_LATEST)

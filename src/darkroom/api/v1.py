@@ -22,6 +22,7 @@ from darkroom.engines import upscalers
 from darkroom.engines.samplers import SAMPLERS, resolve_sampler
 from darkroom.errors import Conflict, DarkroomError, HeldForReview, InvalidRequest, NotFound
 from darkroom.jobs.store import JobRecord, JobStatus, request_hash
+from darkroom.observability import metrics
 from darkroom.safety.policy import check_prompt
 from darkroom.schemas import (
     MAX_HIRES_SCALE,
@@ -184,6 +185,8 @@ def submit_status(
     )
     if not created and not sees_job(who, status.job):  # keys are scoped to the caller; never hand a replay across
         raise Conflict("this Idempotency-Key belongs to another caller", field="Idempotency-Key")
+    if created:
+        metrics.job_submitted(request.scope["path"], resolved.priority)
     return status, created
 
 

@@ -132,23 +132,20 @@ class KeyStore:
         )
         return record, token
 
-    def bootstrap(self, token: str) -> KeyRecord | None:
-        """Register a key made elsewhere (`darkroom keys token`, kept in a secret store) as an admin key of the
-        default tenant, once. Returns it when it was new; None when it was already there. A token whose id exists
-        with a different secret is an error, never an overwrite."""
+    def bootstrap(self, token: str, role: Role = Role.admin) -> KeyRecord | None:
+        """Register a key made elsewhere (`darkroom keys token`, kept in a secret store) as a key of the default
+        tenant with `role` (admin; `metrics` for a Prometheus scraper), once. Returns it when it was new; None when it
+        was already there. A token whose id exists with a different secret is an error, never an overwrite."""
+        setting = f"bootstrap_{role.value}_key"
         token = token.strip()
         match = _TOKEN.match(token)
         if not match:
-            raise InvalidRequest(
-                "bootstrap_admin_key: not a darkroom key (dk_<id>_<secret>)", field="bootstrap_admin_key"
-            )
+            raise InvalidRequest(f"{setting}: not a darkroom key (dk_<id>_<secret>)", field=setting)
         with read_tx(self.engine) as conn:
             stored = conn.execute(sa.select(api_keys.c.hash).where(api_keys.c.id == match.group(1))).scalar()
         if stored is not None:
             if not _matches(stored, token):
-                raise InvalidRequest(
-                    "bootstrap_admin_key: that key id exists with another secret", field="bootstrap_admin_key"
-                )
+                raise InvalidRequest(f"{setting}: that key id exists with another secret", field=setting)
             return None
         who = Principal(actor="system:bootstrap", role=Role.admin, tenant=DEFAULT_TENANT)
         return self._insert(
@@ -156,8 +153,8 @@ class KeyStore:
             token,
             match.group(1),
             details={"bootstrap": True},
-            name="bootstrap admin",
-            role=Role.admin.value,
+            name=f"bootstrap {role.value}",
+            role=role.value,
             tenant=DEFAULT_TENANT,
         )
 

@@ -12,6 +12,7 @@ class Role(StrEnum):
     operator = "operator"  # review held outputs, models, the queue and workers; generates like a user
     user = "user"  # generates, and sees the jobs its own key submitted
     service = "service"  # generates for its tenant and sees the tenant's jobs; no UI
+    metrics = "metrics"  # reads /metrics and nothing else: the key a Prometheus scraper holds
 
 
 class Permission(StrEnum):
@@ -21,15 +22,24 @@ class Permission(StrEnum):
     models = "models"
     queue = "queue"
     admin = "admin"
+    metrics = "metrics"  # GET /metrics
 
 
 GRANTS: dict[Role, frozenset[Permission]] = {
     Role.admin: frozenset(Permission),
     Role.operator: frozenset(
-        {Permission.generate, Permission.read_tenant_jobs, Permission.review, Permission.models, Permission.queue}
+        {
+            Permission.generate,
+            Permission.read_tenant_jobs,
+            Permission.review,
+            Permission.models,
+            Permission.queue,
+            Permission.metrics,
+        }
     ),
     Role.user: frozenset({Permission.generate}),
     Role.service: frozenset({Permission.generate, Permission.read_tenant_jobs}),
+    Role.metrics: frozenset({Permission.metrics}),
 }
 
 DEFAULT_TENANT = "default"

@@ -52,6 +52,7 @@ from darkroom.engines.samplers import SamplerSpec, make_scheduler, resolve_sampl
 from darkroom.errors import DarkroomError, EngineOutOfMemory, FatalEngineError, InvalidRequest, ModelLoadError
 from darkroom.models.offline import enforce_offline
 from darkroom.models.registry import PICKLE_HINT, PICKLE_SUFFIXES, SIDECAR_CONFIG_SUFFIX, ModelRegistry
+from darkroom.observability import metrics
 from darkroom.schemas import GenerationRequest, ModelInfo
 from darkroom.worker.cache import LRUCache, release_memory
 
@@ -439,6 +440,7 @@ class DiffusersEngine:
                 self._cache.evict(old)
         self._cache.make_room(incoming_bytes=info.size_bytes)  # the files' size: a fair guess before loading
         loaded = self._load(info)
+        metrics.model_loaded(info.id, loaded.load_s)
         self._cache.put(key, loaded, size_bytes=pipeline_bytes(loaded.txt2img))
         return loaded, loaded.load_s
 

@@ -36,7 +36,8 @@ from darkroom.jobs.db import create_engine, read_tx, write_tx
 from darkroom.jobs.notify import announce
 from darkroom.jobs.tables import CLAIM_ORDER, QUEUE_SHARDS, images, job_events, jobs, queue_counters, step_rates
 from darkroom.jobs.workers_table import workers
-from darkroom.schemas import PRIORITY_VALUE, GenerationRequest, JobEvent, JobState
+from darkroom.observability import metrics
+from darkroom.schemas import PRIORITY_NAME, PRIORITY_VALUE, GenerationRequest, JobEvent, JobState
 
 
 class QueueFull(DarkroomError):
@@ -525,6 +526,8 @@ class JobStore:
             self._event(conn, job_id, *event, now)
             if record is not None:
                 record(conn, {"while": was.value})
+        if was is JobState.queued:
+            metrics.job_ended(JobState.cancelled.value, moved.model)
         return _job(moved)
 
     def events_since(self, job_id: str, after: int = 0, limit: int = 500) -> builtins.list[JobEvent]:
@@ -647,10 +650,13 @@ class JobStore:
                 JobState.running,
                 now,
                 owner=worker_id,
-                returning=(jobs.c.attempts,),
+                returning=(jobs.c.attempts, jobs.c.priority, jobs.c.created_at),
                 attempts=jobs.c.attempts + 1,
                 started_at=now,
             )
+        if rows and rows.attempts == 1:  # submit to first start; a retry's wait is its backoff
+            wait = (now - clock.aware(rows.created_at)).total_seconds()
+            metrics.job_started(PRIORITY_NAME.get(rows.priority, str(rows.priority)), wait)
         return rows.attempts if rows else None
 
     def heartbeat(self, job_id: str, worker_id: str, lease_seconds: float) -> LeaseAck:
@@ -736,6 +742,7 @@ class JobStore:
             if started is not None:
                 steps = max(1, done.progress_total) * max(1, done.images_requested)
                 _record_step_rate(conn, _rate_key(done.model), (now - started).total_seconds() / steps, now)
+        metrics.job_ended(JobState.succeeded.value, done.model)
         return True
 
     def fail(
@@ -779,6 +786,9 @@ class JobStore:
             self._event(conn, job_id, kind, {"error": error, "attempt": moved.attempts}, now)
             if state is JobState.queued:
                 _shift_queued(conn, 1, job_id)
+        metrics.job_error(error.get("code"))
+        if state is not JobState.queued:
+            metrics.job_ended(state.value, moved.model)
         return state
 
     def finish_cancelled(self, job_id: str, worker_id: str) -> bool:
@@ -799,6 +809,8 @@ class JobStore:
             if moved:
                 self._ended(conn, moved, now)
                 self._event(conn, job_id, "cancelled", {"while": "running"}, now)
+        if moved:
+            metrics.job_ended(JobState.cancelled.value, moved.model)
         return moved is not None
 
     def release(self, job_id: str, worker_id: str, reason: str = "worker draining") -> bool:
@@ -830,7 +842,7 @@ class JobStore:
         """Jobs whose worker stopped heartbeating go back to the queue (or end, if out of attempts / cancelled).
         Only a job that had started was charged an attempt (by `start`); its batch-mates go back as they were."""
         now = clock.utcnow()
-        touched, requeued = [], 0
+        touched, requeued, ended = [], 0, []
         expired = (
             sa.select(jobs.c.id, jobs.c.attempts, jobs.c.max_attempts, jobs.c.cancel_requested, jobs.c.lease_owner)
             .add_columns(jobs.c.started_at.is_not(None).label("started"))
@@ -861,10 +873,15 @@ class JobStore:
                     continue
                 touched.append(row.id)
                 requeued += to is JobState.queued
+                ended += [] if to is JobState.queued else [(to.value, moved.model)]
                 self._ended(conn, moved, now)
                 self._event(conn, row.id, kind, data, now)
             if requeued:
                 _shift_queued(conn, requeued, "requeue")
+        for _ in touched:
+            metrics.job_error("lease_lost")
+        for state, model in ended:
+            metrics.job_ended(state, model)
         return touched
 
     # --- helpers --------------------------------------------------------------------------------------------------
@@ -915,7 +932,7 @@ class JobStore:
         announce(conn)
 
 
-_ENDING = (jobs.c.state, jobs.c.attempts, jobs.c.tenant, jobs.c.created_at, jobs.c.images_requested)
+_ENDING = (jobs.c.state, jobs.c.attempts, jobs.c.tenant, jobs.c.created_at, jobs.c.images_requested, jobs.c.model)
 
 
 def _shift_queued(conn: sa.Connection, delta: int, spread_by: str) -> None:

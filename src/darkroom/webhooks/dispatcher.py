@@ -37,6 +37,7 @@ from darkroom import __version__, clock
 from darkroom.config import Settings
 from darkroom.jobs.store import JobStore
 from darkroom.kv import SettingsKV
+from darkroom.observability import metrics
 from darkroom.schemas import JobEvent
 from darkroom.webhooks import guard, signing
 from darkroom.webhooks.deliveries import (
@@ -223,6 +224,8 @@ class WebhookDispatcher:
             return
         if not recorded:
             log.warning("webhook %s: lease lost while sending; the other dispatcher records it", delivery.id)
+            return
+        metrics.webhook_attempt(outcome.state)
 
     def send(self, delivery: Delivery) -> Outcome:
         secret = self.config.secret.get_secret_value() if self.config.secret else ""

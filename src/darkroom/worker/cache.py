@@ -15,6 +15,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
+from darkroom.observability import metrics
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
@@ -60,6 +62,7 @@ class LRUCache(Generic[K, V]):
         (an entry larger than the whole budget stays alone rather than not at all)."""
         with self._lock:
             self._items[key] = value
+            metrics.model_cache_changed(size_bytes - self._sizes.get(key, 0))
             self._sizes[key] = size_bytes
             self._items.move_to_end(key)
             evicted = 0
@@ -83,7 +86,7 @@ class LRUCache(Generic[K, V]):
             if key not in self._items:
                 return False
             value = self._items.pop(key)
-            self._sizes.pop(key, None)
+            metrics.model_cache_changed(-self._sizes.pop(key, 0))
         self._notify(key, value)
         del value
         self.release()
@@ -93,6 +96,7 @@ class LRUCache(Generic[K, V]):
         with self._lock:
             items = list(self._items.items())
             self._items.clear()
+            metrics.model_cache_changed(-sum(self._sizes.values()))
             self._sizes.clear()
         while items:
             self._notify(*items.pop())
@@ -114,7 +118,7 @@ class LRUCache(Generic[K, V]):
     def _evict_oldest(self) -> int:
         """Returns 1 so callers can count; `release` runs in the caller, after this frame drops its reference."""
         key, value = self._items.popitem(last=False)
-        self._sizes.pop(key, None)
+        metrics.model_cache_changed(-self._sizes.pop(key, 0))
         self._notify(key, value)
         return 1
 

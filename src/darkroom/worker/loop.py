@@ -47,6 +47,7 @@ from darkroom.kv import SettingsKV
 from darkroom.models.approvals import approved
 from darkroom.models.registry import ModelRegistry
 from darkroom.models.verify import verify_local_models
+from darkroom.observability import metrics
 from darkroom.safety.checker import OutputChecker, load_checker, review_decision
 from darkroom.safety.provenance import encode_png
 from darkroom.storage.base import BlobStore
@@ -381,6 +382,7 @@ class Worker:
         job's images go to post-processing while the device moves on. Leases stay renewed until each job's outcome
         is written."""
         leases = _Leases(self.store, batch, self.id, self.settings).start()
+        metrics.batch_claimed(len(batch))
         try:
             if self._together(batch):
                 self._run_together(batch, leases)
@@ -615,8 +617,26 @@ class Worker:
             with self._in_flight_lock:  # post-processing threads finish jobs concurrently
                 self.jobs_done += 1
             self._solo = False
+            _measured(self.id, job, result, timings["worker_total_s"])
         else:
             log.warning("worker %s finished %s but no longer owns it; result dropped", self.id, job.id)
+
+
+def _measured(worker_id: str, job: JobRecord, result: EngineResult, seconds: float) -> None:
+    """A succeeded job's metrics. Steps per second counts every image the tensor batch denoised together."""
+    request = job.generation_request()
+    inference = float(result.timings.get("inference_s") or 0.0)
+    images_run = int(result.timings.get("batch_images") or len(result.images))
+    rate = request.steps * images_run / inference if inference > 0 else None
+    metrics.job_succeeded(
+        worker=worker_id,
+        tenant=job.tenant,
+        model=job.model or "default",
+        mode=request.mode,
+        seconds=seconds,
+        images=len(result.images),
+        steps_per_second=rate,
+    )
 
 
 def _raise(exc: BaseException) -> None:

@@ -166,6 +166,16 @@ def test_hires_second_pass_changes_the_upscaled_first_pass(engine):
     assert far > near
 
 
+def test_latent_hires_on_sdxl(tiny_sdxl_model, tmp_path):
+    registry = ModelRegistry(tiny_sdxl_model.parent, tmp_path / "hashes.json")
+    engine = DiffusersEngine(registry, device="cpu")
+    try:
+        request = GenerationRequest(prompt="a cat", model=tiny_sdxl_model.name, hires=HiresSpec(), **SMALL)
+        assert engine.generate(request, None, lambda s, t: None).images[0].image.size == (128, 128)
+    finally:
+        engine.close()
+
+
 # --- the APIs -------------------------------------------------------------------------------------------------------
 
 

@@ -211,6 +211,9 @@ def test_native_upscale_is_a_job_with_provenance(api, registry):
     assert job["provenance"]["model"]["id"] == f"upscaler:{ESRGAN}" and job["provenance"]["engine"] == "upscale"
     image = Image.open(io.BytesIO(api.get(job["images"][0]["url"]).content))
     assert image.size == (74, 46) and f"Postprocess upscaler hash: {sha[:10]}" in image.text["parameters"]
+    audit = api.get("/v1/audit", params={"action": "job.submit", "limit": 1000}).json()
+    record = next(item for item in audit if item["target"] == job["id"])
+    assert record["details"]["mode"] == "upscale" and record["details"]["size"] == "37x23"
 
 
 def test_native_upscale_422s(api):

@@ -207,7 +207,7 @@ def _audit_details(body: GenerationRequest) -> dict:
         "size": f"{body.width}x{body.height}",
         "steps": body.steps,
         "priority": body.priority,
-        "mode": "inpaint" if body.mask_image else "img2img" if body.init_image else "txt2img",
+        "mode": body.mode,  # txt2img | img2img | inpaint | upscale
         "prompt_chars": len(body.prompt),
     }
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the test suite runs against when the machine lacks it: PostgreSQL server binaries (the suite starts
-# its own throwaway cluster from them). Needs root and apt-get; otherwise it only reports what is missing.
+# its own throwaway cluster from them) and promtool (Debian's prometheus package). Needs root and apt-get; otherwise
+# it only reports what is missing.
 set -euo pipefail
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing+=(postgresql)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)  # promtool checks deploy/prometheus.yml
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing: ${missing[*]}"

@@ -100,7 +100,7 @@ def serve(
     if settings.workers > 0:
         services.ensure_default_model()
     services.approve_models()
-    api = create_app(services, workers=settings.workers)
+    api = create_app(services, workers=settings.workers, worker_processes=settings.worker_processes)
     console.print(
         f"darkroom {__version__} on http://{settings.host}:{settings.port} "
         f"({settings.workers} worker(s); API docs at /docs)",
@@ -211,6 +211,9 @@ def worker(
     setup_logging(log_level, "worker")  # first: it quiets the libraries before they are imported
     from darkroom.service import Services
     from darkroom.worker.loop import Worker
+    from darkroom.worker.processes import die_with_parent
+
+    die_with_parent()  # a child of `darkroom serve` goes when the server goes
 
     if os.environ.get("DARKROOM_WORKER_PARENT"):  # a child of `darkroom serve` (worker.processes.PARENT_ENV),
         logging.getLogger("darkroom.models.registry").setLevel(logging.WARNING)  # which listed the models already

@@ -308,6 +308,11 @@ class Settings(BaseSettings):
     retry_backoff_seconds: float = 1.0
     job_timeout_seconds: float | None = 900.0
     drain_seconds: float = 30.0
+    worker_processes: bool = Field(
+        True,
+        description="`darkroom serve --workers N` runs its workers as child processes (False: threads of the API "
+        "process, whose denoising then holds the API's GIL)",
+    )
     max_batch: int = Field(8, ge=1, description="most jobs claimed together; their images run as one tensor batch")
     batch_window_seconds: float = Field(
         0.0, ge=0, description="a worker coming straight from a batch waits this long to fill the next; never idle"

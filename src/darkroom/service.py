@@ -19,6 +19,7 @@ from darkroom.jobs.workers import WorkerRegistry
 from darkroom.models.registry import ModelRegistry
 from darkroom.storage import BlobStore, open_blob_store
 from darkroom.worker.loop import Worker, default_worker_id
+from darkroom.worker.processes import WorkerProcesses
 from darkroom.worker.supervisor import Supervisor
 
 log = logging.getLogger("darkroom")
@@ -37,6 +38,7 @@ class Services:
     _stop: threading.Event = field(default_factory=threading.Event)
     workers: list[Worker] = field(default_factory=list)
     _supervisor: Supervisor | None = None
+    _processes: WorkerProcesses | None = None  # `serve`'s worker processes (darkroom.worker.processes)
     feed: ChangeFeed | None = None  # the process's one change feed (waiters, idle workers); starts on first use
 
     @classmethod
@@ -129,6 +131,16 @@ class Services:
             self._threads.append(thread)
             thread.start()
 
+    def start_worker_processes(self, count: int, log_level: str = "info") -> None:
+        """Start `count` supervised `darkroom worker` child processes (see `darkroom.worker.processes`): what
+        `darkroom serve --workers N` runs, so denoising never holds this process's GIL."""
+        if not count:
+            return
+        require_worker()
+        if self._processes is None:
+            self._processes = WorkerProcesses(self.settings, WorkerRegistry(self.store.engine), log_level)
+        self._processes.start(count, self.settings.worker_id or default_worker_id())
+
     def _new_worker(self, worker_id: str) -> Worker:
         return Worker(
             self.settings,
@@ -144,12 +156,16 @@ class Services:
     def worker_health(self) -> dict[str, object]:
         """The in-process workers' health for `/readyz`: status `ok` while one of them is healthy (or there are none:
         an API-only node), else `error: …`; per worker its state, condition, crashes and last error."""
+        if self._processes is not None:
+            return self._processes.health()
         if self._supervisor is None:
             return {"status": "ok", "workers": 0, "healthy": 0, "slots": []}
         return self._supervisor.health()
 
     def stop_workers(self) -> None:
         """Graceful drain: stop claiming, let running jobs finish within `drain_seconds`, give back the rest."""
+        if self._processes is not None:
+            self._processes.stop()
         for worker in self.workers:
             worker.begin_drain()
         self._stop.set()

@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -180,3 +182,56 @@ def test_serve_with_two_workers_runs_two_workers(tmp_path, models_dir):
             assert "crashed" not in cluster.server.output()
     finally:
         cluster.close()
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of `pid`, from /proc (field 4 of /proc/<child>/stat is the parent's pid)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry.name))
+    return out
+
+
+def test_serve_runs_its_worker_as_a_supervised_child_process_that_dies_with_it(tmp_path, models_dir):
+    """The worker denoises in a process of its own (not holding the API's GIL); killed, it is restarted and the job
+    it held still finishes; and killing `serve` takes the worker with it, leaving no orphan holding leases."""
+    cluster = Cluster(tmp_path, models_dir, env={"DARKROOM_RECOVERY__RESTART_BACKOFF_SECONDS": "0.2"})
+    try:
+        server = cluster.start_server(workers=1)
+        with cluster.client() as http:
+            wait_until(lambda: _children(server.pid), timeout=60, what="the worker process")
+            (first,) = _children(server.pid)
+            wait_until(
+                lambda: [w for w in http.get("/v1/workers").json() if w["state"] == "active"],
+                timeout=120,
+                what=f"an active worker\n{cluster.logs()}",
+            )
+            os.kill(first, signal.SIGKILL)
+            wait_until(lambda: _children(server.pid) not in ([], [first]), timeout=60, what="a new worker process")
+            job = http.post("/v1/jobs", json={"prompt": "after the restart", "width": 64, "height": 64, "steps": 2})
+            assert job.status_code == 202, job.text
+            job_id = job.json()["id"]
+            wait_until(
+                lambda: http.get(f"/v1/jobs/{job_id}").json()["state"] == "succeeded",
+                timeout=120,
+                what=f"the job on the restarted worker\n{cluster.logs()}",
+            )
+            assert "worker process" in server.output() and "restarting" in server.output()
+        (second,) = _children(server.pid)
+        server.kill(signal.SIGKILL)
+        wait_until(lambda: not Path(f"/proc/{second}").exists() or _zombie(second), timeout=30, what="worker gone")
+    finally:
+        cluster.close()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

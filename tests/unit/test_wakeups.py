@@ -103,6 +103,47 @@ def test_a_write_in_this_process_pokes_the_feed_without_waiting_for_its_tick(sto
         feed.close()
 
 
+_WRITER = """
+import sys
+from darkroom.jobs.notify import ChangeFeed
+from darkroom.jobs.store import JobStore
+from darkroom.schemas import GenerationRequest
+
+store = JobStore(sys.argv[1])
+feed = ChangeFeed(store.url, store.engine, check_seconds=30).start()  # its commits ring the other processes
+for seed in range(3):
+    store.create(GenerationRequest(prompt="x", width=64, height=64, seed=seed))
+    sys.stdin.readline()  # the test says when to write the next one
+feed.close()
+store.close()
+"""
+
+
+def test_another_process_commit_rings_the_feed_without_waiting_for_its_tick(store_pair):
+    """SQLite has no NOTIFY: a worker process and the API process ring each other's doorbell after each commit,
+    so a job crosses between them at once, not at the next `data_version` tick (30 s here)."""
+    import subprocess
+    import sys
+
+    here, _ = store_pair
+    feed = ChangeFeed(here.url, here.engine, check_seconds=30).start()
+    work = threading.Event()
+    feed.on_work(work.set)
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, here.url], stdin=subprocess.PIPE, text=True)
+    try:
+        for _ in range(3):
+            assert work.wait(20), "another process's commit did not ring the feed"
+            work.clear()
+            writer.stdin.write("next\n")  # type: ignore[union-attr]
+            writer.stdin.flush()  # type: ignore[union-attr]
+        assert writer.wait(30) == 0
+        assert here.counts().get("queued") == 3
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        feed.close()
+
+
 def test_async_subscription_wakes_the_event_loop(store_pair):
     here, there = store_pair
     feed = ChangeFeed(here.url, here.engine).start()

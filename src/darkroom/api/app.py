@@ -27,7 +27,9 @@ from .edge import Edge, InFlight
 log = logging.getLogger("darkroom.api")
 
 
-def create_app(services: Services, workers: int = 0) -> FastAPI:
+def create_app(services: Services, workers: int = 0, worker_processes: bool = False) -> FastAPI:
+    """The API. `workers`: how many workers to run beside it, as child processes with `worker_processes` (what
+    `darkroom serve` does: see `darkroom.worker.processes`), else as threads of this process."""
     server = services.settings.server
     services.keys.configure_cache(server.auth_cache_seconds)
     services.tenants.configure_cache(server.auth_cache_seconds)
@@ -42,7 +44,11 @@ def create_app(services: Services, workers: int = 0) -> FastAPI:
             services.settings.resolved_database_url, {"key": services.keys, "tenant": services.tenants}
         )
         app.state.cache_listener = listener
-        services.start_workers(workers)
+        if worker_processes:
+            level = logging.getLevelName(logging.getLogger("darkroom").getEffectiveLevel()).lower()
+            services.start_worker_processes(workers, log_level=level)
+        else:
+            services.start_workers(workers)
         dispatcher = start_webhooks(services.settings, services.store)
         unwake = _wake_on_events(services, dispatcher)
         retention = start_retention(services.settings, services)

@@ -12,8 +12,10 @@ What makes the feed read:
 - SQLite, a write committed in this process: when a connection goes back to the store's pool (after its commit, so
   the rows are visible) and SQLite's `total_changes` counter for it moved, a pool listener pokes the feed. Read-only
   transactions never poke;
-- SQLite, written by other processes: `PRAGMA data_version` on a dedicated connection, checked every
-  `check_seconds`. It changes only when another connection commits, so an idle database costs one tiny pragma per tick.
+- SQLite, written by other processes: their doorbell (`darkroom.jobs.doorbell`: a datagram each process on the
+  database sends after it commits a write), and as a fallback `PRAGMA data_version` on a dedicated connection,
+  checked every `check_seconds`. It changes only when another connection commits, so an idle database costs one tiny
+  pragma per tick.
 
 Event ids are handed out at insert and become visible at commit, which on PostgreSQL can happen out of id order. The
 feed therefore keeps reading from the lowest id it has not seen yet and gives a gap up only after `gap_seconds` (a
@@ -30,12 +32,14 @@ import select
 import threading
 from collections import deque
 from collections.abc import Callable, Collection
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 from darkroom import clock
 from darkroom.jobs.db import create_engine
+from darkroom.jobs.doorbell import Doorbell
 from darkroom.jobs.tables import job_events
 from darkroom.schemas import JobEvent
 
@@ -159,6 +163,7 @@ class ChangeFeed:
         self._version: int | None = None
         self._sqlite: Any = None  # the dedicated DBAPI connection that reads data_version
         self._listen: Any = None  # the psycopg LISTEN connection
+        self._bell: Doorbell | None = None  # SQLite: rung by, and ringing, the other processes on the database
         self.reads = 0  # SELECTs of new events so far (tests and metrics)
         self.checks = 0  # SQLite: data_version checks so far
 
@@ -225,6 +230,7 @@ class ChangeFeed:
                 self._connect_listen()
             else:
                 self._version = self._data_version()
+                self._bell = _doorbell(self.url)
             with self._engine.connect() as conn:
                 self._low = conn.execute(sa.select(sa.func.max(job_events.c.id))).scalar() or 0
             if self._watched is not None and not self.postgres:
@@ -249,6 +255,8 @@ class ChangeFeed:
                 with contextlib.suppress(Exception):
                     conn.close()
         self._sqlite = self._listen = None
+        if self._bell is not None:
+            self._bell.close()
         self._engine.dispose()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
@@ -263,6 +271,8 @@ class ChangeFeed:
         if record.info.get(_CHANGES) != changes:
             record.info[_CHANGES] = changes
             self.poke()
+            if self._bell is not None:
+                self._bell.ring()
 
     # --- the feed thread --------------------------------------------------------------------------------------------
 
@@ -281,6 +291,8 @@ class ChangeFeed:
         watch = [self._wake_r]
         if self._listen is not None:
             watch.append(self._listen.pgconn.socket)
+        if self._bell is not None:
+            watch.append(self._bell.fileno())
         timeout = self.fallback_seconds if self.postgres else self.check_seconds
         readable, _, _ = select.select(watch, [], [], timeout)
         poked = self._wake_r in readable
@@ -288,6 +300,8 @@ class ChangeFeed:
             self._poke_pending = False
             with contextlib.suppress(BlockingIOError, OSError):
                 os.read(self._wake_r, 4096)
+        if self._bell is not None and self._bell.fileno() in readable:
+            self._bell.drain()
         if self.postgres:
             if self._listen is None:
                 self._connect_listen()
@@ -422,3 +436,15 @@ class Waiter:
                 self._conn.close()
             finally:
                 self._conn = None
+
+
+def _doorbell(url: str) -> Doorbell | None:
+    """The doorbell of a SQLite file database (none in memory, none where the platform has no abstract sockets)."""
+    database = sa.engine.make_url(url).database
+    if not Doorbell.available() or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    try:
+        return Doorbell(Path(database))
+    except OSError as exc:  # a read-only folder, say: the data_version tick still works
+        log.warning("change feed: no doorbell for %s (%s); other processes' commits are seen on the tick", url, exc)
+        return None

@@ -200,3 +200,17 @@ def test_a_dead_process_live_gauges_are_dropped_its_counters_kept(tmp_path):
     assert value(samples, "darkroom_model_cache_bytes") == 0
     assert value(samples, "darkroom_images_total") == 3
     assert value(samples, "darkroom_jobs_submitted_total", api="native", priority="low") == 1
+
+
+def test_gpu_metrics_come_from_nvml_only_where_there_is_a_gpu(api):
+    samples = parse(api.get("/metrics").text)
+    gpus = {labels for name, labels in samples if name == "darkroom_gpu_memory_total_bytes"}
+    if metrics._nvml() is None:  # no driver or no GPU (CI): the family is left out, never a made-up zero
+        assert gpus == set()
+        return
+    nvml = metrics._nvml()
+    assert len(gpus) == nvml.nvmlDeviceGetCount() >= 1
+    total = value(samples, "darkroom_gpu_memory_total_bytes", gpu="0")
+    assert total == nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(0)).total
+    assert 0 < value(samples, "darkroom_gpu_memory_used_bytes", gpu="0") <= total
+    assert 0.0 <= value(samples, "darkroom_gpu_utilization_ratio", gpu="0") <= 1.0

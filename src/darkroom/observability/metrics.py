@@ -15,6 +15,7 @@ The helpers never raise: a metric must not fail the job or request it describes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -219,6 +220,47 @@ class StoreCollector(Collector):
         yield states
 
 
+class GpuCollector(Collector):
+    """GPU memory and utilisation of this host's GPUs through NVML (`nvidia-ml-py`, in the `[worker]` extra), read
+    at scrape time: a few NVML calls per GPU. Without the library, a driver or a GPU it yields nothing. `gpu` is
+    NVML's index (all of the host's GPUs, whatever CUDA_VISIBLE_DEVICES says)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        nvml = _nvml()
+        if nvml is None:
+            return
+        used = GaugeMetricFamily("darkroom_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=["gpu"])
+        total = GaugeMetricFamily("darkroom_gpu_memory_total_bytes", "GPU memory (NVML)", labels=["gpu"])
+        busy = GaugeMetricFamily(
+            "darkroom_gpu_utilization_ratio", "Share of the last sample period a kernel ran (NVML)", labels=["gpu"]
+        )
+        try:
+            for index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                used.add_metric([str(index)], float(memory.used))
+                total.add_metric([str(index)], float(memory.total))
+                busy.add_metric([str(index)], nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+        except nvml.NVMLError:
+            log.warning("metrics: NVML failed; GPU metrics left out of this scrape", exc_info=True)
+            return
+        yield from (used, total, busy)
+
+
+@functools.cache
+def _nvml() -> Any:
+    """The initialised NVML module, or None (no nvidia-ml-py, no driver): tried once per process."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    return pynvml
+
+
 class _Default(Collector):
     """This process's own metrics (the default registry), for a registry that adds the store's."""
 
@@ -238,6 +280,7 @@ def scrape_registry(engine: sa.Engine | None) -> CollectorRegistry:
         registry.register(_Default())
     if engine is not None:
         registry.register(StoreCollector(engine))
+    registry.register(GpuCollector())
     return registry
 
 
@@ -294,4 +337,7 @@ def serve_worker_endpoint(port: int, host: str = "127.0.0.1") -> None:
     server has none), so it binds loopback unless told otherwise (`--metrics-host`)."""
     from prometheus_client import start_http_server
 
-    start_http_server(port, addr=host)  # this process's own values, also as a child of `serve`
+    registry = CollectorRegistry(auto_describe=False)  # this process's own values, also as a child of `serve`
+    registry.register(_Default())
+    registry.register(GpuCollector())
+    start_http_server(port, addr=host, registry=registry)

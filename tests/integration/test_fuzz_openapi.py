@@ -35,7 +35,14 @@ FUZZ = settings(
     max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
 )
 # Sync endpoints: with no worker they give up after the sync timeout; 504 `timeout` is their documented answer.
-SYNC_WAIT = {"/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img", "/sdapi/v1/img2img"}
+SYNC_WAIT = {
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/sdapi/v1/txt2img",
+    "/sdapi/v1/img2img",
+    "/sdapi/v1/extra-single-image",
+    "/sdapi/v1/extra-batch-images",
+}
 # SSE never ends while a job is unfinished (and with no worker none finishes): a fuzzed request for a real job id
 # would hang until the client's timeout. The WebSocket route is not in the OpenAPI schema at all.
 STREAMS = ["/v1/jobs/{job_id}/events"]

@@ -214,3 +214,29 @@ def test_gpu_metrics_come_from_nvml_only_where_there_is_a_gpu(api):
     assert total == nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(0)).total
     assert 0 < value(samples, "darkroom_gpu_memory_used_bytes", gpu="0") <= total
     assert 0.0 <= value(samples, "darkroom_gpu_utilization_ratio", gpu="0") <= 1.0
+
+
+def test_webhook_attempts_are_counted_by_outcome(tmp_path, models_dir):
+    """A real receiver on loopback answers 500 then 200: one `retry`, one `delivered`."""
+    from darkroom.webhooks.deliveries import DeliveryStore
+    from darkroom.webhooks.dispatcher import WebhookDispatcher
+    from tests.support.receiver import Answer, Receiver
+    from tests.unit.test_webhooks import drive, make_settings, run_job
+
+    svc = Services.open(make_settings(tmp_path, models_dir))
+    try:
+        before = local_scrape(svc)
+        with Receiver(script=[Answer(500, b"boom"), Answer(200)]) as hook:
+            job_id = run_job(svc, f"{hook.url}/hooks/darkroom")
+            dispatcher = WebhookDispatcher(svc.settings, svc.store)
+            try:
+                drive(dispatcher, DeliveryStore(svc.store.engine), job_id, {"delivered"})
+            finally:
+                dispatcher.stop()
+        after = local_scrape(svc)
+    finally:
+        svc.close()
+    name = "darkroom_webhook_deliveries_total"
+    outcomes = ("retry", "delivered", "failed")
+    moved = {o: value(after, name, outcome=o) - value(before, name, outcome=o) for o in outcomes}
+    assert moved == {"retry": 1, "delivered": 1, "failed": 0}

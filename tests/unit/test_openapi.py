@@ -18,7 +18,14 @@ from darkroom.service import Services
 
 PROBES = {"/healthz", "/readyz"}
 # The compatibility routes wait for the job: 504 when it does not finish in time, its own error when it failed.
-WAITS = {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/v1/images/edits"}
+WAITS = {
+    "/sdapi/v1/txt2img",
+    "/sdapi/v1/img2img",
+    "/sdapi/v1/extra-single-image",
+    "/sdapi/v1/extra-batch-images",
+    "/v1/images/generations",
+    "/v1/images/edits",
+}
 PROBLEM = "#/components/schemas/Problem"
 OPENAI_ERROR = "#/components/schemas/OpenAIError"
 

@@ -62,7 +62,16 @@ OPENAI_ERROR = "#/components/schemas/OpenAIError"
 # The compatibility routes wait for their job: with no worker finishing in time they answer 504 `timeout` (their
 # clients know no job to poll), and a job that failed as the error it ended with (compat.raise_for_job: 500).
 # `POST /v1/generate` answers 202 with the job instead (documented on the route).
-WAITS = frozenset({"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/v1/images/edits"})
+WAITS = frozenset(
+    {
+        "/sdapi/v1/txt2img",
+        "/sdapi/v1/img2img",
+        "/sdapi/v1/extra-single-image",
+        "/sdapi/v1/extra-batch-images",
+        "/v1/images/generations",
+        "/v1/images/edits",
+    }
+)
 # Answered by the edge (api/edge.py) or the app's handlers (errors.py) before or around an OpenAI route's own
 # handling, so in darkroom's shape there as well.
 EDGE_STATUSES = frozenset({413, 429, 503})

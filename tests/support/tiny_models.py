@@ -339,8 +339,11 @@ def make_esrgan_upscaler(directory: Path, name: str = "tiny-esrgan-2x", scale: i
     import_spandrel()
     from spandrel.architectures.ESRGAN import ESRGAN
 
-    torch.manual_seed(seed)
-    model = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=scale)
+    from darkroom.engines.diffusers_engine import _LOAD_LOCK
+
+    with _LOAD_LOCK:  # a pipeline loading on a worker thread would put this model's weights on the meta device
+        torch.manual_seed(seed)
+        model = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=scale)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.safetensors"

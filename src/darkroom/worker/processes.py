@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from darkroom.config import Settings
 from darkroom.jobs.workers import WorkerRegistry
+from darkroom.worker.supervisor import fleet_health
 
 log = logging.getLogger("darkroom.worker")
 
@@ -132,23 +133,17 @@ class WorkerProcesses:
         """The same shape as the thread supervisor's: ok while one child is running."""
         with self._lock:
             slots = list(self.slots)
-        healthy = sum(s.healthy for s in slots)
-        status = "ok" if healthy or not slots else f"error: no healthy worker ({len(slots)} unhealthy)"
-        return {
-            "status": status,
-            "workers": len(slots),
-            "healthy": healthy,
-            "slots": [
-                {
-                    "id": s.worker_id,
-                    "state": s.state,
-                    "pid": s.proc.pid if s.proc is not None else None,
-                    "crashes": s.crashes,
-                    "last_error": s.last_error,
-                }
-                for s in slots
-            ],
-        }
+        views: list[dict[str, object]] = [
+            {
+                "id": s.worker_id,
+                "state": s.state,
+                "pid": s.proc.pid if s.proc is not None else None,
+                "crashes": s.crashes,
+                "last_error": s.last_error,
+            }
+            for s in slots
+        ]
+        return fleet_health(views, healthy=sum(s.healthy for s in slots))
 
 
 def die_with_parent() -> None:

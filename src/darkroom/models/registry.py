@@ -1,7 +1,8 @@
 """The models folder as a list of approved models, with content hashes and detected architectures.
 
-The API process reads this, so it must stay light: no torch or diffusers imports. Safetensors headers are read with
-`safetensors.safe_open` (numpy framework: keys only, no tensors).
+The API process reads this, so it must stay light: no torch, diffusers, safetensors or numpy imports (an API-only
+install has none of them). A safetensors header is read directly: the format is an 8-byte little-endian length, then
+that many bytes of JSON naming every tensor.
 
 What counts as a model (top level of the models dir only; hidden entries are ignored):
 - a diffusers folder: a directory holding `model_index.json`;
@@ -246,7 +247,7 @@ class ModelRegistry:
             return hit
         metadata = safetensors_metadata(path)
         info = AdapterInfo(
-            kind=kind,  # type: ignore[arg-type]
+            kind=kind,
             name=path.stem,
             alias=metadata.get("ss_output_name") or path.stem,
             path=str(path.resolve()),
@@ -333,7 +334,7 @@ class ModelRegistry:
         if kind == "diffusers":
             if not _diffusers_weights_are_safe(entry):
                 return None
-            arch = diffusers_arch(entry)
+            arch: str | None = diffusers_arch(entry)
             meta = _read_meta(entry / DARKROOM_META)
             files = _model_files(entry)
             sha = self._folder_sha256(entry, files)
@@ -425,13 +426,15 @@ def checkpoint_keys(path: Path) -> list[str]:
         from darkroom.models.pickled import pickle_keys
 
         return pickle_keys(path)
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as fh:
-        return list(fh.keys())
+    return safetensors_keys(Path(path))
 
 
 SAFETENSORS_MAX_HEADER = 100_000_000  # the limit the safetensors library itself enforces
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor names in a safetensors header; ValueError for a file that is not one."""
+    return [key for key in safetensors_header(path) if key != "__metadata__"]
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:

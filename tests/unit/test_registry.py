@@ -288,3 +288,20 @@ def test_registry_imports_no_torch() -> None:
     """The API process scans and validates models; it must not pay for torch."""
     code = "import sys, darkroom.models.registry; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_api_registry_looks_at_the_folder_at_most_once_a_second_but_sees_new_models_at_once(models: Path) -> None:
+    """The API asks for the default model on every submit: within `rescan_seconds` it stats the folder only.
+    A model added shows at once (the folder's mtime moved); a change inside a model's folder shows on the next full
+    look, which `rescan` forces."""
+    registry = make_registry(models)
+    registry.rescan_seconds = 3600.0
+    before = registry.get("tiny-diffusers").sha256
+    (models / "Tiny Diffusers" / "unet" / "extra.txt").write_text("changed")
+    assert registry.get("tiny-diffusers").sha256 == before  # not looked at yet
+    shutil.copy(models / "tiny-single.safetensors", models / "another.safetensors")
+    assert "another" in {m.id for m in registry.scan()}  # a new top-level entry: seen at once
+    assert registry.get("tiny-diffusers").sha256 != before  # and that look saw the changed folder too
+    (models / "Tiny Diffusers" / "unet" / "extra.txt").write_text("changed again")
+    changed = registry.get("tiny-diffusers").sha256
+    assert registry.rescan() and registry.get("tiny-diffusers").sha256 != changed

@@ -574,7 +574,7 @@ def sd_models(request: Request) -> list[dict[str, Any]]:
 
 @router.post("/refresh-checkpoints", summary="Rescan the models folder")
 def refresh_checkpoints(request: Request) -> None:
-    services(request).registry.scan()
+    services(request).registry.rescan()
 
 
 def options_view(svc: Services) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,9 @@ class ModelRegistry:
         self.allow_pickle = allow_pickle
         self._lock = threading.RLock()
         self._fingerprint: Fingerprint | None = None
+        self._top: int | None = None  # the models folder's mtime at the last full look
+        self._looked = 0.0  # time.monotonic() of the last full look
+        self.rescan_seconds = 0.0  # see `scan`
         self._models: list[ModelInfo] = []
         self._hashes: dict[str, dict[str, Any]] | None = None
         self._hashes_dirty = False
@@ -105,10 +109,25 @@ class ModelRegistry:
 
     # --- queries ---------------------------------------------------------------------------------------------------
 
-    def scan(self) -> list[ModelInfo]:
-        """All models, sorted by id. Cheap when nothing changed: one stat per file, no hashing, no parsing."""
+    def rescan(self) -> list[ModelInfo]:
+        """`scan` with a full look now, whatever `rescan_seconds` says (A1111's refresh-checkpoints)."""
         with self._lock:
+            self._looked = 0.0
+            return self.scan()
+
+    def scan(self) -> list[ModelInfo]:
+        """All models, sorted by id. Cheap when nothing changed: one stat per file, no hashing, no parsing; and
+        within `rescan_seconds` of the last look, one stat of the folder itself. The API sets that (every submit
+        without a `model` asks for the default): a model added or removed changes the folder's mtime and shows at
+        once, weights replaced inside a model's own folder show within the interval (workers check hashes
+        themselves before they serve a model: `models.verify`). 0, the default, looks every time."""
+        with self._lock:
+            now = time.monotonic()
+            top = _mtime(self.models_dir)
+            if self._fingerprint is not None and top == self._top and now - self._looked < self.rescan_seconds:
+                return list(self._models)
             fingerprint = self._fingerprint_now()
+            self._top, self._looked = top, now
             if fingerprint != self._fingerprint:
                 self._models = self._build_infos()
                 self._fingerprint = fingerprint
@@ -636,3 +655,10 @@ def _stat(path: Path) -> _FileStat | None:
 def _size_and_hash(info: ModelInfo) -> tuple[float, str]:
     """For the one start-up line per model (file by file hashing is logged at DEBUG)."""
     return info.size_bytes / 1e6, info.sha256[:12]
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None

@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -292,16 +293,17 @@ def exposition(registry: CollectorRegistry) -> bytes:
 
 
 def multiprocess(root: Path) -> Path:
-    """`darkroom serve`: keep metrics in a folder of this server's own under `root` (`serve-<pid>`), for this process
-    and the worker children that inherit the environment; folders of servers that are gone are removed (their values
-    would otherwise be counted again). Own folders, not one shared: several servers may share a data dir. Call
-    before any metric is used."""
+    """`darkroom serve`: keep metrics in a folder of this server's own under `root` (`serve-<host>-<pid>`), for this
+    process and the worker children that inherit the environment; this host's folders of servers that are gone are
+    removed (their values would otherwise be counted again). Own folders, not one shared: several servers (or
+    containers, each with its own pids) may share a data dir. Call before any metric is used."""
     root.mkdir(parents=True, exist_ok=True)
-    for old in root.glob("serve-*"):
-        pid = old.name.removeprefix("serve-")
+    prefix = f"serve-{socket.gethostname()}-"
+    for old in root.glob(f"{prefix}*"):
+        pid = old.name.removeprefix(prefix)
         if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
-    directory = root / f"serve-{os.getpid()}"
+    directory = root / f"{prefix}{os.getpid()}"
     directory.mkdir()
     os.environ[MULTIPROC_ENV] = str(directory)
     from prometheus_client import values

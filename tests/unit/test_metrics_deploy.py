@@ -1,8 +1,10 @@
 """The shipped Prometheus config authenticates to `/metrics` with the token the compose stack registers as a
-`metrics` key, and passes `promtool check config` (Debian's `prometheus` package; scripts/test-services.sh)."""
+`metrics` key, loads the alert rules in deploy/monitoring/, and passes `promtool check config` and `promtool check
+rules` (Debian's `prometheus` package; scripts/test-services.sh)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -29,17 +31,31 @@ def test_prometheus_scrapes_the_api_with_the_metrics_key_compose_hands_it():
     assert api_env["DARKROOM_SECURITY__BOOTSTRAP_METRICS_KEY"] == token == "${DARKROOM_METRICS_KEY:-}"
 
 
+def test_compose_mounts_the_rules_where_the_config_loads_them():
+    [rules] = load("prometheus.yml")["rule_files"]
+    mounts = dict(
+        v.rsplit(":", 1)[0].split(":", 1) for v in load("docker-compose.yml")["services"]["prometheus"]["volumes"]
+    )
+    assert mounts["./monitoring"] == str(Path(rules).parent)
+    assert list((DEPLOY / "monitoring").glob(Path(rules).name))
+
+
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (scripts/test-services.sh)")
 def test_promtool_accepts_the_config(tmp_path):
-    """promtool also checks that the token file exists: here it is a file of the test's, at the same place in the
-    config as the one compose mounts."""
+    """promtool also checks that the token file exists and every rule file parses: here the token is a file of the
+    test's and the rules are read from deploy/monitoring/, where compose mounts them from."""
     config = load("prometheus.yml")
     key = tmp_path / "darkroom-metrics-key"
     key.write_text("dk_example_token\n")
     for job in config["scrape_configs"]:
         if "authorization" in job:
             job["authorization"]["credentials_file"] = str(key)
+    config["rule_files"] = [str(DEPLOY / "monitoring" / Path(f).name) for f in config["rule_files"]]
     checked = tmp_path / "prometheus.yml"
     checked.write_text(yaml.safe_dump(config))
     done = subprocess.run(["promtool", "check", "config", str(checked)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"SUCCESS: [1-9]\d* rules found", done.stdout + done.stderr), "the rules were not loaded"
+    rules = sorted(str(p) for p in (DEPLOY / "monitoring").glob("*.yml"))
+    done = subprocess.run(["promtool", "check", "rules", *rules], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr

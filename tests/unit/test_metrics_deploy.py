@@ -59,3 +59,48 @@ def test_promtool_accepts_the_config(tmp_path):
     rules = sorted(str(p) for p in (DEPLOY / "monitoring").glob("*.yml"))
     done = subprocess.run(["promtool", "check", "rules", *rules], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+PROMTOOL_TESTS = """
+rule_files: [{rules}]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'darkroom_queue_depth{{priority="normal"}}'
+        values: '3x40'
+      - series: 'darkroom_workers{{state="active"}}'
+        values: '0x40'
+      - series: 'darkroom_jobs_total{{state="succeeded",model="m"}}'
+        values: '0+10x40'
+      - series: 'darkroom_jobs_total{{state="failed",model="m"}}'
+        values: '0+2x40'
+      - series: 'up{{job="darkroom-api"}}'
+        values: '1x40'
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: DarkroomNoActiveWorker
+        exp_alerts:
+          - exp_labels: {{severity: critical}}
+            exp_annotations: {{summary: Jobs are queued and no worker is active}}
+      - eval_time: 35m
+        alertname: DarkroomJobErrorRateHigh
+        exp_alerts:
+          - exp_labels: {{severity: warning}}
+            exp_annotations:
+              summary: 16.67% of finished jobs failed
+              description: See darkroom_job_errors_total by kind (oom, timeout, policy, engine, lease_lost).
+      - eval_time: 35m
+        alertname: DarkroomMetricsDown
+        exp_alerts: []
+"""
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (scripts/test-services.sh)")
+def test_the_alerts_fire_on_the_series_they_watch(tmp_path):
+    """`promtool test rules`: queued jobs with no active worker, and 2 of 12 finished jobs failing, raise their
+    alerts; a scrape that works raises none."""
+    spec = tmp_path / "rules_test.yml"
+    spec.write_text(PROMTOOL_TESTS.format(rules=DEPLOY / "monitoring" / "darkroom-rules.yml"))
+    done = subprocess.run(["promtool", "test", "rules", str(spec)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr

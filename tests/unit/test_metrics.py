@@ -240,3 +240,25 @@ def test_webhook_attempts_are_counted_by_outcome(tmp_path, models_dir):
     outcomes = ("retry", "delivered", "failed")
     moved = {o: value(after, name, outcome=o) - value(before, name, outcome=o) for o in outcomes}
     assert moved == {"retry": 1, "delivered": 1, "failed": 0}
+
+
+def test_a_job_over_its_time_limit_counts_as_a_timeout_error(services):
+    """A real worker and the tiny model: the step callback ends the job at its limit (as in test_worker)."""
+    from darkroom.schemas import GenerationRequest
+    from darkroom.worker.loop import Worker
+
+    worker = Worker(services.settings, services.store, services.blobs, services.make_engine, worker_id="w-timeout")
+    body = {**BASE, "width": 256, "height": 256, "steps": 150, "seed": 1, "model": "tiny-diffusers"}
+    job, _ = services.store.create(GenerationRequest(**body, timeout_seconds=0.2))
+    before = local_scrape(services)
+    try:
+        worker.process_batch(worker.claim())
+    finally:
+        if worker._engine is not None:
+            worker._engine.close()
+    after = local_scrape(services)
+    assert services.store.get(job.id).error["code"] == "timeout"
+    kind, failed = {"kind": "timeout"}, {"state": "failed", "model": "tiny-diffusers"}
+    assert value(after, "darkroom_job_errors_total", **kind) - value(before, "darkroom_job_errors_total", **kind) == 1
+    assert value(after, "darkroom_jobs_total", **failed) - value(before, "darkroom_jobs_total", **failed) == 1
+    assert value(after, "darkroom_batch_size_count") - value(before, "darkroom_batch_size_count") == 1

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from darkroom.errors import FatalEngineError, StorageUnavailable
 from darkroom.jobs.db import read_tx
 from darkroom.jobs.tables import job_events
+from darkroom.observability import metrics
 from darkroom.worker.health import Condition
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ def settle_fatal(worker: Worker, job: JobRecord, exc: FatalEngineError) -> None:
         log.error("worker %s: job %s given up as poison after %d device failures", worker.id, job.id, starts)
     else:
         worker.store.release(job.id, worker.id, reason=f"{FATAL_REASON}: {exc.message}"[:1000])
+        metrics.job_error(exc.code)  # released uncharged, but the attempt failed on the device: an `engine` error
     pause = worker.health.trip(Condition.engine_fatal, exc.message, jobs_done=worker.jobs_done)
     drop_engine(worker)
     log.error("worker %s: device failure (%s); engine dropped, claiming again in %.1f s", worker.id, exc, pause)

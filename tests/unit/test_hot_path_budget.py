@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from darkroom import clock
 from darkroom.api.app import create_app
 from darkroom.auth.principal import Principal, Role
-from darkroom.config import Limits, Settings
+from darkroom.config import Limits, ServerSettings, Settings
 from darkroom.jobs.db import migrate, write_tx
 from darkroom.jobs.store import POSITION_CAP, JobStore, NewImage
 from darkroom.jobs.tables import jobs, queue_counters, step_rates
@@ -102,7 +102,13 @@ def db_url(request, tmp_path) -> str:
 @pytest.fixture
 def services(db_url, tmp_path, models_dir):
     settings = Settings(
-        data_dir=tmp_path / "data", models_dir=models_dir, database_url=db_url, limits=Limits(max_queue_depth=1000)
+        data_dir=tmp_path / "data",
+        models_dir=models_dir,
+        database_url=db_url,
+        limits=Limits(max_queue_depth=1000),
+        # The budgets subtract an auth-only request's statements: a key cache that expires between the two (5 s by
+        # default, a slow machine) would make that difference lie.
+        server=ServerSettings(auth_cache_seconds=3600),
     )
     svc = Services.open(settings)
     yield svc
@@ -134,7 +140,10 @@ def test_request_budgets_through_the_api(services):
     headers = {"Authorization": f"Bearer {token}"}
     counter = Counter(services.store.engine, requests_only=True)
     try:
-        with TestClient(MarkRequests(create_app(services, workers=0))) as api:
+        app = create_app(services, workers=0)
+        with TestClient(MarkRequests(app)) as api:
+            listener = app.state.cache_listener  # PostgreSQL: it empties the caches once it listens; wait for that
+            assert listener is None or listener.listening.wait(10)
 
             def bill(method: str, url: str, **kw) -> tuple[Tally, object]:
                 api.get("/v1/samplers", headers=headers)  # warm whatever auth caches

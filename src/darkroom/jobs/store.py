@@ -467,10 +467,13 @@ class JobStore:
         queued = [j for j in live if j.state is JobState.queued]
         counted = queued if len(queued) == 1 else []  # several: one read of the queue's head serves them all
         models = sorted({_rate_key(j.model) for j in live})
-        columns = [_ahead(j).label(f"p{i}") for i, j in enumerate(counted)]
-        columns += [_rate_of(m).label(f"r{i}") for i, m in enumerate(models)]
-        columns += [_any_rate().label("any_rate"), _active_workers_query().label("workers")]
-        stats = conn.execute(sa.select(*columns)).one()._mapping
+        if len(live) == 1:  # a submit's answer, a status read: the statement is built once (see `_ONE_LIVE`)
+            stats = conn.execute(_ONE_LIVE[bool(counted)], _one_live_params(live[0])).one()._mapping
+        else:
+            columns = [_ahead(j).label(f"p{i}") for i, j in enumerate(counted)]
+            columns += [_rate_of(m).label(f"r{i}") for i, m in enumerate(models)]
+            columns += [_any_rate().label("any_rate"), _active_workers_query().label("workers")]
+            stats = conn.execute(sa.select(*columns)).one()._mapping
         positions = {j.id: min(stats[f"p{i}"], POSITION_CAP) + 1 for i, j in enumerate(counted)}
         if len(queued) > 1:
             positions = self._places_at_head(conn, queued)
@@ -983,6 +986,43 @@ def _ahead(job: JobRecord) -> sa.ColumnElement:
     return higher + lower_tag + tied
 
 
+def _ahead_of_params() -> sa.ColumnElement:
+    """`_ahead` for a job given as bound parameters (`priority`, `tag`, `created`, `jid`): the same SQL, built once."""
+    queued = jobs.c.state == _QUEUED
+    priority = sa.bindparam("priority", type_=jobs.c.priority.type)
+    tag = sa.bindparam("tag", type_=jobs.c.fair_tag.type)
+    created = sa.bindparam("created", type_=jobs.c.created_at.type)
+    same_class = jobs.c.priority == priority
+    older = sa.tuple_(jobs.c.created_at, jobs.c.id) < sa.tuple_(created, sa.bindparam("jid", type_=jobs.c.id.type))
+    cap, order = POSITION_CAP + 1, CLAIM_ORDER
+    higher = _bounded_count(cap, queued, jobs.c.priority > priority, order=order)
+    lower_tag = _bounded_count(cap, queued, same_class, jobs.c.fair_tag < tag, order=order)
+    tied = _bounded_count(cap, queued, same_class, jobs.c.fair_tag == tag, older, order=order)
+    return higher + lower_tag + tied
+
+
+def _one_live_statement(with_position: bool) -> sa.Select:
+    """What `_statuses` reads for one unfinished job, with bound parameters (`_one_live_params`). Built once at
+    import: constructing these nested selects (and their cache keys) per call cost about a sixth of a submit's CPU."""
+    rate = sa.select(step_rates.c.seconds_per_step).where(step_rates.c.model == sa.bindparam("model"))
+    recent = sa.bindparam("recent", type_=workers.c.last_heartbeat_at.type)
+    alive = (workers.c.state == "active", workers.c.last_heartbeat_at > recent)
+    columns = [_ahead_of_params().label("p0")] if with_position else []
+    columns += [rate.scalar_subquery().label("r0"), _any_rate().label("any_rate")]
+    columns += [sa.select(sa.func.count()).select_from(workers).where(*alive).scalar_subquery().label("workers")]
+    return sa.select(*columns)
+
+
+def _one_live_params(job: JobRecord) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "model": _rate_key(job.model),
+        "recent": clock.utcnow() - dt.timedelta(seconds=_WORKER_FRESH_SECONDS),
+    }
+    if job.state is JobState.queued:
+        params.update(priority=job.priority, tag=job.fair_tag, created=job.created_at, jid=job.id)
+    return params
+
+
 def _rate_key(model: str | None) -> str:
     """`step_rates` is keyed by model id; jobs without one (the default model, resolved later) share a key."""
     return model or "-"
@@ -1031,3 +1071,6 @@ def _record_step_rate(conn: sa.Connection, model: str, seconds_per_step: float, 
             set_={"seconds_per_step": old + (new - old) * weight, "samples": n + 1, "updated_at": now},
         )
     )
+
+
+_ONE_LIVE = {True: _one_live_statement(True), False: _one_live_statement(False)}  # by: with a position

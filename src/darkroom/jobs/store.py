@@ -942,12 +942,14 @@ def _shift_queued(conn: sa.Connection, delta: int, spread_by: str) -> None:
     """Move the queue-depth counter by `delta` in the caller's transaction, always as its last write (one lock
     order for every transaction: job rows, usage counters, then this), on the shard `spread_by` hashes to."""
     if delta:
-        shard = zlib.crc32(spread_by.encode()) % QUEUE_SHARDS
-        conn.execute(
-            queue_counters.update()
-            .where(queue_counters.c.shard == shard)
-            .values(queued=queue_counters.c.queued + delta)
-        )
+        conn.execute(_SHIFT_QUEUED, {"which_shard": zlib.crc32(spread_by.encode()) % QUEUE_SHARDS, "delta": delta})
+
+
+_SHIFT_QUEUED = (  # built once: every submit, claim and finish runs it
+    queue_counters.update()
+    .where(queue_counters.c.shard == sa.bindparam("which_shard"))
+    .values(queued=queue_counters.c.queued + sa.bindparam("delta", type_=queue_counters.c.queued.type))
+)
 
 
 def _queued_total() -> sa.ScalarSelect:

@@ -218,6 +218,7 @@ class JobStore:
         self.engine = create_engine(url)
         self.max_queue_depth = max_queue_depth
         self.max_tenant_queue_depth = max_tenant_queue_depth
+        self._admit_snapshots: dict[int | None, sa.Select] = {}  # by tenant limit (`_admit_to_queue`)
         self.tenant_weights = tenant_weights or {}
 
     def close(self) -> None:
@@ -340,18 +341,11 @@ class JobStore:
         2,000 by default) is a bounded count (`count(*)` over at most `limit` entries of `ix_jobs_tenant_state`, a
         couple of milliseconds at 2,000): a counter per tenant would be one more row to write on every transition.
         Two PostgreSQL submits racing at a limit may both get in: the limits guard against floods, not invariants."""
-        queued, in_class = jobs.c.state == _QUEUED, jobs.c.priority == priority
-        mine = jobs.c.tenant == tenant
         tenant_limit = self.max_tenant_queue_depth
-        snapshot = conn.execute(
-            sa.select(
-                _queued_total().label("depth"),
-                (_bounded_count(tenant_limit, queued, mine) if tenant_limit else sa.null()).label("mine"),
-                _first(jobs.c.fair_tag, queued, in_class).label("head"),
-                _first(jobs.c.fair_tag.desc(), in_class).label("newest"),
-                _first(jobs.c.fair_tag.desc(), mine, in_class).label("last"),
-            )
-        ).one()
+        statement = self._admit_snapshots.get(tenant_limit)
+        if statement is None:  # built once per limit (it is part of the SQL), then run by every submit
+            statement = self._admit_snapshots[tenant_limit] = _admit_snapshot(tenant_limit)
+        snapshot = conn.execute(statement, {"b_tenant": tenant, "b_priority": priority}).one()
         if snapshot.depth >= self.max_queue_depth:
             raise QueueFull(
                 f"the queue holds {self.max_queue_depth} jobs, its limit; try again later", self._retry_after(conn)
@@ -986,6 +980,22 @@ def _ahead(job: JobRecord) -> sa.ColumnElement:
     lower_tag = _bounded_count(cap, queued, same_class, jobs.c.fair_tag < tag, order=order)
     tied = _bounded_count(cap, queued, same_class, jobs.c.fair_tag == tag, older, order=order)
     return higher + lower_tag + tied
+
+
+def _admit_snapshot(tenant_limit: int | None) -> sa.Select:
+    """`_admit_to_queue`'s one SELECT, for a tenant and class given as bound parameters (`b_tenant`, `b_priority`)."""
+    queued, in_class = (
+        jobs.c.state == _QUEUED,
+        jobs.c.priority == sa.bindparam("b_priority", type_=jobs.c.priority.type),
+    )
+    mine = jobs.c.tenant == sa.bindparam("b_tenant", type_=jobs.c.tenant.type)
+    return sa.select(
+        _queued_total().label("depth"),
+        (_bounded_count(tenant_limit, queued, mine) if tenant_limit else sa.null()).label("mine"),
+        _first(jobs.c.fair_tag, queued, in_class).label("head"),
+        _first(jobs.c.fair_tag.desc(), in_class).label("newest"),
+        _first(jobs.c.fair_tag.desc(), mine, in_class).label("last"),
+    )
 
 
 def _ahead_of_params() -> sa.ColumnElement:

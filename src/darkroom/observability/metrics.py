@@ -208,8 +208,8 @@ class StoreCollector(Collector):
         by_state = sa.select(workers.c.state, sa.func.count()).group_by(workers.c.state)
         try:
             with self.engine.connect() as conn:
-                depths = dict(conn.execute(queued).all())
-                counts = dict(conn.execute(by_state).all())
+                depths: dict[int, int] = {p: n for p, n in conn.execute(queued).all()}
+                counts: dict[str, int] = {state: n for state, n in conn.execute(by_state).all()}
         except sa.exc.SQLAlchemyError:
             log.warning("metrics: the job store did not answer; queue depth and workers left out", exc_info=True)
             return

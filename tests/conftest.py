@@ -12,6 +12,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytest_plugins = ["tests.support.fixtures"]
 
+# Fixtures that start an external service (a PostgreSQL cluster, the S3 server process). A test that uses one, directly
+# or through a backend fixture parametrized "postgresql", is an integration test whatever folder it lives in, so
+# `-m "not integration"` stays hermetic without every module having to remember to say so.
+SERVICE_FIXTURES = frozenset({"pg_cluster", "pg_server", "pg_url", "s3_server", "s3_bucket"})
+SERVICE_PARAMS = frozenset({"postgresql"})
+
+
+def _uses_a_service(item: pytest.Item) -> bool:
+    if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and any(
+        isinstance(value, str) and value in SERVICE_PARAMS for value in callspec.params.values()
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if not item.get_closest_marker("integration") and _uses_a_service(item):
+            item.add_marker(pytest.mark.integration)
+
 
 def _copy_model(src: Path, dest_dir: Path) -> None:
     if src.is_dir():

@@ -328,6 +328,7 @@ def test_on_postgresql_changes_reach_other_processes_by_notify(pg_url):
 # --- 6. a database outage is 503 on a kept connection --------------------------------------------------------------
 
 
+@pytest.mark.integration  # starts (and stops) its own PostgreSQL cluster
 def test_a_database_outage_is_503_with_retry_after_and_the_connection_is_kept(tmp_path):
     from tests.conftest import require_service
     from tests.infra.postgres import PgCluster, find_bindir

@@ -19,6 +19,9 @@ FAST_LEASES = {
     "DARKROOM_HEARTBEAT_SECONDS": "0.5",
     "DARKROOM_POLL_SECONDS": "0.1",
     "DARKROOM_PROGRESS_INTERVAL": "0",
+    # A stopped worker gives unfinished jobs back after this, not the 30 s default: every fixture teardown SIGTERMs its
+    # workers, and Proc.stop would otherwise wait out a long drain (then SIGKILL) whenever a job was still running.
+    "DARKROOM_DRAIN_SECONDS": "1",
 }
 
 
@@ -36,6 +39,7 @@ class Proc:
         self.fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
         self.popen = subprocess.Popen(args, stdout=self.fh, stderr=subprocess.STDOUT, env=full_env)
+        self.terminated = False
 
     @property
     def pid(self) -> int:
@@ -51,10 +55,12 @@ class Proc:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.alive():
             self.popen.send_signal(sig)
+            self.terminated = self.terminated or sig == signal.SIGTERM
 
     def stop(self, timeout: float = 20) -> int | None:
         if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
+            if not self.terminated:  # once: a second SIGTERM is not a politer request
+                self.kill(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -117,5 +123,9 @@ class Cluster:
         return "\n".join(f"--- {p.log.name}\n{p.output()[-4000:]}" for p in self.procs)
 
     def close(self) -> None:
+        # SIGTERM every process first, then wait for each: a worker takes seconds to exit (its drain, then torch's
+        # teardown), and stopping them one after another made a cluster of several workers cost that many times over.
+        for proc in reversed(self.procs):
+            proc.kill(signal.SIGTERM)
         for proc in reversed(self.procs):
             proc.stop()

@@ -27,11 +27,17 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(VENV)/bin/darkroom serve $(ARGS)
 
+# The wall time of the whole target (services, ruff, mypy, pytest) is printed at the end, pass or fail: the budget is
+# 15 minutes on a quiet 2-core machine (pytest's own last line gives the suite's share).
 test: install-test
-	bash scripts/test-services.sh
-	$(VENV)/bin/ruff check .
-	$(PY) -m mypy
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@start=$$(date +%s); \
+	bash scripts/test-services.sh && \
+	$(VENV)/bin/ruff check . && \
+	$(PY) -m mypy && \
+	$(PY) -m pytest $(PYTEST_ARGS); \
+	rc=$$?; elapsed=$$(( $$(date +%s) - start )); \
+	echo "make test: $$(( elapsed / 60 ))m $$(( elapsed % 60 ))s wall (services, ruff, mypy, pytest), exit $$rc"; \
+	exit $$rc
 
 lint: install-test
 	$(VENV)/bin/ruff check .

@@ -132,15 +132,24 @@ def test_a_job_that_gets_its_worker_killed_every_time_is_dead_lettered_while_oth
     poison = faults.submit(steps=150, width=128, height=128, seed=1, priority="high")
     others = [faults.submit(steps=4, seed=s) for s in range(2, 6)]
     generation = 0
+    killed: set[str] = set()
+
+    def poison_owner() -> str | bool:
+        """The live worker running the poison job (a killed one keeps its lease until the reaper sees it expire)."""
+        owner = faults.running().get(poison)
+        if owner and owner not in killed:
+            return owner
+        return faults.states([poison])[poison] == "dead"
+
     faults.start_worker("w0")
     while faults.states([poison])[poison] != "dead":
         assert generation < 5, f"the poison job was not dead-lettered\n{faults.cluster.logs()}"
-        running = faults.wait(
-            lambda: faults.running().get(poison) or faults.states([poison])[poison] == "dead", 120, "the poison job"
-        )
+        running = faults.wait(poison_owner, 120, "the poison job")
         if running is True:
             break
+        assert isinstance(running, str)
         faults.kill(running)
+        killed.add(running)
         generation += 1
         faults.start_worker(f"w{generation}")
     states = faults.wait_finished([poison, *others])

@@ -227,6 +227,27 @@ def services(tmp_path):
     svc.close()
 
 
+def test_a_clients_event_stream_neither_counts_toward_nor_is_refused_by_the_in_flight_limit(tmp_path):
+    """Following a job over SSE is an async wait on the change feed: with it counted, as many clients following
+    their jobs as `max_in_flight` locked every other caller out with 429s."""
+    from darkroom.schemas import GenerationRequest
+
+    services = open_services(tmp_path, max_in_flight=1)
+    job, _ = services.store.create(GenerationRequest(prompt="x", width=64, height=64, seed=1))  # no worker: it waits
+    with live(services) as server:
+        in_flight = server.app.state.in_flight
+        with (
+            httpx.Client(base_url=server.url, timeout=30) as http,
+            http.stream("GET", f"/v1/jobs/{job.id}/events") as first,
+            http.stream("GET", f"/v1/jobs/{job.id}/events") as second,
+        ):
+            assert first.status_code == second.status_code == 200
+            assert in_flight.count == 0
+            assert http.get("/v1/jobs").status_code == 200  # the one slot is still free
+            assert http.delete(f"/v1/jobs/{job.id}").status_code == 200
+            assert any("cancelled" in line for line in first.iter_lines())  # and the stream still works
+
+
 def test_with_warm_caches_a_request_issues_no_key_or_policy_statements(tmp_path, models_dir):
     services = open_services(tmp_path, models=models_dir)
     token = token_for(services)

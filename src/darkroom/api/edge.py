@@ -5,7 +5,9 @@ In order, for each HTTP request:
 2. health probes (`/healthz`, `/readyz`) pass straight through: they must answer while everything else is busy;
 3. backpressure: past `max_in_flight` requests in this process, an immediate 429 `overloaded` with Retry-After.
    Latency under overload grows without bound when requests queue for threads; a fast refusal lets clients back
-   off and keeps the accepted ones fast (the store's queue-depth 429 is the other half);
+   off and keeps the accepted ones fast (the store's queue-depth 429 is the other half). A job's event stream
+   (`/v1/jobs/{id}/events`, SSE) neither counts nor is refused: it is an async wait on the change feed that costs
+   nothing while nothing happens, and counted it let 64 clients that follow their jobs lock every other caller out;
 4. the body cap: a declared Content-Length past it is refused at once; otherwise bytes are counted as they stream
    (chunked bodies have no Content-Length, and a declared one is only a claim), and the read that passes the cap
    raises 413 `payload_too_large` (field `body`), so at most the cap is ever buffered;
@@ -88,6 +90,9 @@ class Edge:
         if scope["path"] in PROBES:
             await self.app(scope, receive, send)
             return
+        if _is_event_stream(scope["path"]):
+            await self.app(scope, _counted(receive, self.max_body, body), send)
+            return
         if self.in_flight.count >= self.in_flight.limit:
             refusal = problem(
                 429,
@@ -112,6 +117,11 @@ class Edge:
             await self.app(scope, receive, send)
         finally:
             self.in_flight.count -= 1
+
+
+def _is_event_stream(path: str) -> bool:
+    """`/v1/jobs/{id}/events`: a GET that follows one job for as long as it runs."""
+    return path.startswith("/v1/jobs/") and path.endswith("/events") and path.count("/") == 4
 
 
 @dataclass

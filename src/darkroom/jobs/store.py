@@ -464,10 +464,11 @@ class JobStore:
         if len(live) == 1:  # a submit's answer, a status read: the statement is built once (see `_ONE_LIVE`)
             stats = conn.execute(_ONE_LIVE[bool(counted)], _one_live_params(live[0])).one()._mapping
         else:
-            columns = [_ahead(j).label(f"p{i}") for i, j in enumerate(counted)]
+            columns = [_ahead().label("p0")] if counted else []  # `counted` holds one job at most
             columns += [_rate_of(m).label(f"r{i}") for i, m in enumerate(models)]
             columns += [_any_rate().label("any_rate"), _active_workers_query().label("workers")]
-            stats = conn.execute(sa.select(*columns)).one()._mapping
+            params = {**_workers_params(), **(_ahead_params(counted[0]) if counted else {})}
+            stats = conn.execute(sa.select(*columns), params).one()._mapping
         positions = {j.id: min(stats[f"p{i}"], POSITION_CAP) + 1 for i, j in enumerate(counted)}
         if len(queued) > 1:
             positions = self._places_at_head(conn, queued)
@@ -496,7 +497,7 @@ class JobStore:
 
     @staticmethod
     def _active_workers(conn: sa.Connection) -> int:
-        return conn.execute(sa.select(_active_workers_query())).scalar_one() or 0
+        return conn.execute(sa.select(_active_workers_query()), _workers_params()).scalar_one() or 0
 
     def cancel(self, job_id: str, record: Callable[[sa.Connection, dict], None] | None = None) -> JobRecord:
         """Queued: cancelled at once. Running: flagged; its worker stops at the next step. Each is one guarded
@@ -965,23 +966,6 @@ def _first(order: sa.ColumnElement, *where: sa.ColumnElement[bool]) -> sa.Scalar
     return sa.select(jobs.c.fair_tag).where(*where).order_by(order).limit(1).scalar_subquery()
 
 
-def _ahead(job: JobRecord) -> sa.ColumnElement:
-    """Queued jobs the claim takes before `job`, each part counted to at most `POSITION_CAP + 1`: higher classes,
-    its own class with a smaller fair tag, and the (rare) ties on its tag that are older. Each part is one plain
-    range of `ix_jobs_claim`, read index-only; a single row-value comparison over (fair_tag, created_at, id) would
-    be just as exact, but planners estimate it poorly (PostgreSQL walked another index for it)."""
-    queued, same_class = jobs.c.state == _QUEUED, jobs.c.priority == job.priority
-    tag = sa.literal(job.fair_tag, jobs.c.fair_tag.type)
-    older = sa.tuple_(jobs.c.created_at, jobs.c.id) < sa.tuple_(
-        sa.literal(job.created_at, jobs.c.created_at.type), sa.literal(job.id, jobs.c.id.type)
-    )
-    cap, order = POSITION_CAP + 1, CLAIM_ORDER
-    higher = _bounded_count(cap, queued, jobs.c.priority > job.priority, order=order)
-    lower_tag = _bounded_count(cap, queued, same_class, jobs.c.fair_tag < tag, order=order)
-    tied = _bounded_count(cap, queued, same_class, jobs.c.fair_tag == tag, older, order=order)
-    return higher + lower_tag + tied
-
-
 def _admit_snapshot(tenant_limit: int | None) -> sa.Select:
     """`_admit_to_queue`'s one SELECT, for a tenant and class given as bound parameters (`b_tenant`, `b_priority`)."""
     queued, in_class = (
@@ -998,8 +982,12 @@ def _admit_snapshot(tenant_limit: int | None) -> sa.Select:
     )
 
 
-def _ahead_of_params() -> sa.ColumnElement:
-    """`_ahead` for a job given as bound parameters (`priority`, `tag`, `created`, `jid`): the same SQL, built once."""
+def _ahead() -> sa.ColumnElement:
+    """Queued jobs the claim takes before a job given as bound parameters (`_ahead_params`), each part counted to at
+    most `POSITION_CAP + 1`: higher classes, its own class with a smaller fair tag, and the (rare) ties on its tag
+    that are older. Each part is one plain range of `ix_jobs_claim`, read index-only; a single row-value comparison
+    over (fair_tag, created_at, id) would be just as exact, but planners estimate it poorly (PostgreSQL walked
+    another index for it)."""
     queued = jobs.c.state == _QUEUED
     priority = sa.bindparam("priority", type_=jobs.c.priority.type)
     tag = sa.bindparam("tag", type_=jobs.c.fair_tag.type)
@@ -1013,26 +1001,22 @@ def _ahead_of_params() -> sa.ColumnElement:
     return higher + lower_tag + tied
 
 
+def _ahead_params(job: JobRecord) -> dict[str, Any]:
+    return {"priority": job.priority, "tag": job.fair_tag, "created": job.created_at, "jid": job.id}
+
+
 def _one_live_statement(with_position: bool) -> sa.Select:
     """What `_statuses` reads for one unfinished job, with bound parameters (`_one_live_params`). Built once at
     import: constructing these nested selects (and their cache keys) per call cost about a sixth of a submit's CPU."""
     rate = sa.select(step_rates.c.seconds_per_step).where(step_rates.c.model == sa.bindparam("model"))
-    recent = sa.bindparam("recent", type_=workers.c.last_heartbeat_at.type)
-    alive = (workers.c.state == "active", workers.c.last_heartbeat_at > recent)
-    columns = [_ahead_of_params().label("p0")] if with_position else []
+    columns = [_ahead().label("p0")] if with_position else []
     columns += [rate.scalar_subquery().label("r0"), _any_rate().label("any_rate")]
-    columns += [sa.select(sa.func.count()).select_from(workers).where(*alive).scalar_subquery().label("workers")]
-    return sa.select(*columns)
+    return sa.select(*columns, _active_workers_query().label("workers"))
 
 
 def _one_live_params(job: JobRecord) -> dict[str, Any]:
-    params: dict[str, Any] = {
-        "model": _rate_key(job.model),
-        "recent": clock.utcnow() - dt.timedelta(seconds=_WORKER_FRESH_SECONDS),
-    }
-    if job.state is JobState.queued:
-        params.update(priority=job.priority, tag=job.fair_tag, created=job.created_at, jid=job.id)
-    return params
+    params = {"model": _rate_key(job.model), **_workers_params()}
+    return {**params, **_ahead_params(job)} if job.state is JobState.queued else params
 
 
 def _rate_key(model: str | None) -> str:
@@ -1052,9 +1036,13 @@ def _active_workers_query() -> sa.ScalarSelect:
     """Workers that reported in the last minute, from the worker registry (`ix_workers_state_last_heartbeat_at`, a
     table of one row per worker). Counting the distinct lease owners of running jobs instead would make planners
     scan `jobs`: they cannot tell from their statistics that few rows are running."""
-    recent = clock.utcnow() - dt.timedelta(seconds=_WORKER_FRESH_SECONDS)
+    recent = sa.bindparam("recent", type_=workers.c.last_heartbeat_at.type)  # `_workers_params`
     alive = workers.c.state == "active", workers.c.last_heartbeat_at > recent
     return sa.select(sa.func.count()).select_from(workers).where(*alive).scalar_subquery()
+
+
+def _workers_params() -> dict[str, Any]:
+    return {"recent": clock.utcnow() - dt.timedelta(seconds=_WORKER_FRESH_SECONDS)}
 
 
 def _eta(job: JobRecord, position: int | None, per_step: float | None, workers: int) -> float | None:

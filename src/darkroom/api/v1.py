@@ -247,12 +247,19 @@ async def generate(
     timeout: float | None = Query(None, gt=0, description="seconds to wait; default from settings"),
     who: Principal = Generate,
 ) -> JSONResponse:
+    return await submit_and_wait(request, body, idempotency_key, timeout)
+
+
+async def submit_and_wait(
+    request: Request, body: GenerationRequest, idempotency_key: str | None, timeout: float | None
+) -> JSONResponse:
+    """Queue the job and wait for it, woken by the change feed (not a poll), at most `sync_timeout_seconds`. Not
+    finished in time: the job goes on, and the answer is a 202 like POST /v1/jobs, so the client can poll."""
     svc = services(request)
     job, _ = await run_in_threadpool(submit, request, body, idempotency_key)
     limit = min(timeout or svc.settings.sync_timeout_seconds, svc.settings.sync_timeout_seconds)
-    job = await waiting.wait_for_job(svc, job, limit, request)  # woken by the change feed, not a poll
+    job = await waiting.wait_for_job(svc, job, limit, request)
     view = await run_in_threadpool(job_view, request, job)
-    # Not finished in time: the job goes on; answer like POST /v1/jobs so the client can poll.
     return JSONResponse(view.model_dump(mode="json"), status_code=200 if job.state.terminal else 202)
 
 
@@ -426,9 +433,4 @@ async def upscale(
     who: Principal = Generate,
 ) -> JSONResponse:
     """Runs on the job queue like a generation (priority, quotas, audit, provenance), without a diffusion pass."""
-    svc = services(request)
-    job, _ = await run_in_threadpool(submit, request, body.generation_request(), idempotency_key)
-    limit = min(timeout or svc.settings.sync_timeout_seconds, svc.settings.sync_timeout_seconds)
-    job = await waiting.wait_for_job(svc, job, limit, request)
-    view = await run_in_threadpool(job_view, request, job)
-    return JSONResponse(view.model_dump(mode="json"), status_code=200 if job.state.terminal else 202)
+    return await submit_and_wait(request, body.generation_request(), idempotency_key, timeout)

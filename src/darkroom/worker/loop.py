@@ -50,6 +50,7 @@ from darkroom.models.verify import verify_local_models
 from darkroom.observability import metrics
 from darkroom.safety.checker import OutputChecker, load_checker, review_decision
 from darkroom.safety.provenance import encode_png
+from darkroom.schemas import GenerationRequest
 from darkroom.storage.base import BlobStore
 from darkroom.worker.failures import claim_gate, settle_fatal, settle_storage
 from darkroom.worker.health import WorkerHealth
@@ -384,8 +385,9 @@ class Worker:
         leases = _Leases(self.store, batch, self.id, self.settings).start()
         metrics.batch_claimed(len(batch))
         try:
-            if self._together(batch):
-                self._run_together(batch, leases)
+            requests = self._together(batch)
+            if requests is not None:
+                self._run_together(batch, requests, leases)
                 return
             for job in batch:
                 try:
@@ -398,34 +400,33 @@ class Worker:
         finally:
             leases.abandon()  # an error cut the batch short: its unstarted jobs go back through the reaper
 
-    def _together(self, batch: list[JobRecord]) -> bool:
-        """Whether the engine runs this batch as one tensor batch (see `BatchingEngine`)."""
-        if len(batch) < 2 or self._solo:
-            return False
+    def _together(self, batch: list[JobRecord]) -> list[GenerationRequest] | None:
+        """The batch's requests when the engine runs them as one tensor batch (see `BatchingEngine`), else None."""
         batchable = getattr(self.engine, "batchable", None)
-        return batchable is not None and batchable([job.generation_request() for job in batch])
+        if len(batch) < 2 or self._solo or batchable is None:
+            return None
+        requests = [job.generation_request() for job in batch]
+        return requests if batchable(requests) else None
 
-    def _run_together(self, batch: list[JobRecord], leases: _Leases) -> None:
+    def _run_together(self, batch: list[JobRecord], requests: list[GenerationRequest], leases: _Leases) -> None:
         """Start every job of the batch, hand their requests to the engine as one batch, and settle each job from
         its own outcome, so a cancelled or failing job ends alone. A device failure ends them all: the first is
         charged as usual (`settle_fatal`, which also counts toward poison), the others go back uncharged, and the
         worker runs one job at a time until a job succeeds again, so a job that breaks the device is found alone."""
         started: list[tuple[JobRecord, _Run]] = []
         items: list[BatchItem] = []
-        for job in batch:
+        for job, request in zip(batch, requests, strict=True):
             if self._stop.is_set() or self.health.paused():
                 self.store.release(job.id, self.id)
                 leases.settle(job.id)
                 continue
-            attempt = self.store.start(job.id, self.id)
-            if attempt is None:
-                log.warning("worker %s lost the lease on %s before it started", self.id, job.id)
+            begun = self._start(job, leases)
+            if begun is None:
                 leases.settle(job.id)
                 continue
-            job = dataclasses.replace(job, attempts=attempt, started_at=clock.utcnow())
-            run = _Run(self, leases, job)
+            job, run = begun
             try:
-                item = self._batch_item(job, run)
+                item = self._batch_item(job, run, request)
             except Exception as exc:
                 self._settle(job, functools.partial(_raise, exc))
                 leases.settle(job.id)
@@ -455,36 +456,43 @@ class Worker:
             finally:
                 leases.settle(job.id)
 
-    def _batch_item(self, job: JobRecord, run: _Run) -> BatchItem:
-        """The job's request and source images, as `_denoise` reads them for a job run alone."""
+    def _batch_item(self, job: JobRecord, run: _Run, request: GenerationRequest | None = None) -> BatchItem:
+        """What the engine needs of a job: its request (parsed here unless given) and source images (the mask, for
+        inpainting, is read as grey by the engine). Raises if the lease was lost or a cancel came first."""
         run.leases.check(job.id)
-        request = job.generation_request()
+        request = request or job.generation_request()
         init = self._load_image(request.init_image)
         mask = self._load_image(request.mask_image)
         return BatchItem(request=request, progress=run, init_image=init, mask_image=mask)
 
-    def _process(self, job: JobRecord, leases: _Leases) -> None:
-        attempt = self.store.start(job.id, self.id)  # the attempt counts from here, not from the claim
+    def _start(self, job: JobRecord, leases: _Leases) -> tuple[JobRecord, _Run] | None:
+        """Charge the attempt (it counts from here, not from the claim) and set up the job's step callback; None
+        when the lease was lost before it started."""
+        attempt = self.store.start(job.id, self.id)
         if attempt is None:
             log.warning("worker %s lost the lease on %s before it started", self.id, job.id)
-            return
+            return None
         job = dataclasses.replace(job, attempts=attempt, started_at=clock.utcnow())  # as `start` wrote it, ±ms
+        return job, _Run(self, leases, job)
+
+    def _process(self, job: JobRecord, leases: _Leases) -> None:
+        begun = self._start(job, leases)
+        if begun is None:
+            return
+        job, run = begun
         log.info("worker %s runs %s (attempt %d)", self.id, job.id, job.attempts)
-        run = _Run(self, leases, job)
         self._settle(job, functools.partial(self._denoise, job, leases, run))
 
     def _denoise(self, job: JobRecord, leases: _Leases, run: _Run) -> None:
         """Device thread: the engine's part of the job. The images then go to post-processing (`_hand_off`)."""
-        leases.check(job.id)
-        request = job.generation_request()
-        init = self._load_image(request.init_image)
-        mask = self._load_image(request.mask_image)  # inpainting; the engine reads it as grey
-        extra = {"mask_image": mask} if mask is not None else {}
-        if request.mode == "upscale":  # no diffusion pipeline: engines/upscalers.py on the engine's device
+        item = self._batch_item(job, run)
+        if item.request.mode == "upscale":  # no diffusion pipeline: engines/upscalers.py on the engine's device
             registry = self.registry or ModelRegistry.for_settings(self.settings)
-            result = run_upscale(request, init, registry, getattr(self.engine, "device", "cpu"), run)
+            device = getattr(self.engine, "device", "cpu")
+            result = run_upscale(item.request, item.init_image, registry, device, run)
         else:
-            result = self.engine.generate(request, init, run, **extra)
+            extra = {"mask_image": item.mask_image} if item.mask_image is not None else {}
+            result = self.engine.generate(item.request, item.init_image, run, **extra)
         self._hand_off(job, result, run.started, leases)
 
     def _settle(self, job: JobRecord, work: Callable[[], None]) -> None:

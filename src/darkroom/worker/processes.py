@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from darkroom.config import Settings
 from darkroom.jobs.workers import WorkerRegistry
@@ -46,7 +46,7 @@ class ProcessSlot:
     state: str = "starting"  # starting | running | restarting | stopped
     crashes: int = 0
     last_error: str | None = None
-    started_at: float = field(default=0.0)
+    started_at: float = 0.0
 
     @property
     def healthy(self) -> bool:

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# The suite never reads or writes the developer's own darkroom files: `darkroom serve` records its data dir under
+# $XDG_STATE_HOME, and the user's darkroom.toml lives under $XDG_CONFIG_HOME. Each test process (one per xdist
+# worker) gets folders of its own, so parallel workers' servers never overwrite each other's record either. Tests
+# that exercise those files set their own paths with monkeypatch.
+_HOME = Path(tempfile.mkdtemp(prefix="darkroom-test-home-"))
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
+os.environ["XDG_STATE_HOME"] = str(_HOME / "state")
+os.environ["XDG_CONFIG_HOME"] = str(_HOME / "config")
+os.environ.pop("DARKROOM_CONFIG", None)
 
 pytest_plugins = ["tests.support.fixtures"]
 

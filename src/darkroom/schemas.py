@@ -7,7 +7,7 @@ import enum
 import hashlib
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from darkroom.config import Limits
 from darkroom.errors import InvalidRequest
@@ -147,6 +147,62 @@ class UpscaleSpec(BaseModel):
         return "upscale.scale" if self.scale is not None else "upscale.width"
 
 
+MAX_CONTROLNET_UNITS = 4  # A1111's ControlNet extension shows 3 units by default; each one is a model per step
+ControlMode = Literal["balanced", "prompt", "control"]
+ResizeMode = Literal["resize", "crop", "fill"]
+
+
+class ControlNetUnit(BaseModel):
+    """One ControlNet unit: a control image, the preprocessor that turns it into a control map (`module`), and the
+    ControlNet model in `models/controlnet/` that steers the UNet with it. The API stores the image and pins the
+    model's sha256 at submit, so the worker runs (and the PNG records) exactly that version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(min_length=1, description="the control image: base64 (API) or blob:<sha256> (stored)")
+    module: str = Field(
+        "none", min_length=1, max_length=100, description="preprocessor (see /controlnet/module_list); none: as is"
+    )
+    model: str = Field(min_length=1, max_length=200, description="a ControlNet in models/controlnet/ (model_list)")
+    weight: float = Field(1.0, ge=0.0, le=2.0, description="conditioning scale; 0: no effect")
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="fraction of the steps where the unit starts")
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="fraction of the steps where the unit stops")
+    control_mode: ControlMode = Field(
+        "balanced", description="balanced; prompt: my prompt is more important; control: ControlNet is more important"
+    )
+    resize_mode: ResizeMode = Field(
+        "crop", description="to the output size: resize (stretch), crop (cover, cut the middle), fill (fit, pad)"
+    )
+    threshold_a: float | None = Field(None, description="the preprocessor's first parameter (canny: low threshold)")
+    threshold_b: float | None = Field(None, description="the preprocessor's second parameter (canny: high threshold)")
+    sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="the model file's, filled in at submit (a client may pin it)"
+    )
+
+    @field_validator("guidance_end")
+    @classmethod
+    def _guidance_range(cls, v: float, info: ValidationInfo) -> float:
+        start = info.data.get("guidance_start")
+        if start is not None and v <= start:
+            raise ValueError(f"guidance_end ({v:g}) must be greater than guidance_start ({start:g})")
+        return v
+
+    def key(self) -> tuple[Any, ...]:
+        """What decides how the unit runs, the image aside (images may differ within a batch, like prompts)."""
+        return tuple(v for k, v in self.model_dump().items() if k != "image")
+
+
+class RefinerSpec(BaseModel):
+    """SDXL's refiner (A1111 `refiner_checkpoint`, `refiner_switch_at`): the base model denoises the first
+    `switch_at` of the schedule, the refiner model the rest, from the base's latents."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200, description="a registered SDXL (refiner) model id")
+    switch_at: float = Field(0.8, gt=0.0, lt=1.0, description="fraction of the steps after which the refiner runs")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="the refiner's version, pinned at submit")
+
+
 class GenerationRequest(BaseModel):
     """One generation, as every API expresses it after translation. Stored verbatim in the job row."""
 
@@ -206,6 +262,12 @@ class GenerationRequest(BaseModel):
     upscale: UpscaleSpec | None = Field(
         None, description="set by /v1/upscale and A1111's extras: upscale init_image, no diffusion"
     )
+    controlnet: list[ControlNetUnit] = Field(
+        default_factory=list,
+        max_length=MAX_CONTROLNET_UNITS,
+        description="ControlNet units (models/controlnet/), each with its control image and preprocessor",
+    )
+    refiner: RefinerSpec | None = Field(None, description="SDXL refiner: a second model for the last steps")
 
     @field_validator("webhook_url")
     @classmethod
@@ -268,6 +330,10 @@ class GenerationRequest(BaseModel):
             parts += (("hires", *self.hires.model_dump().values()),)
         if self.upscale is not None:
             parts += (("upscale", *self.upscale.model_dump().values()),)
+        if self.controlnet:  # one pass runs one set of ControlNet models with one set of settings
+            parts += (("controlnet", *(unit.key() for unit in self.controlnet)),)
+        if self.refiner is not None:
+            parts += (("refiner", *self.refiner.model_dump().values()),)
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 
@@ -296,6 +362,8 @@ def check_limits(req: GenerationRequest, limits: Limits) -> None:
             raise InvalidRequest(f"{field} must be at most {limits.max_prompt_chars} characters", field=field)
     if req.hires is not None:
         check_hires_limits(req, req.hires, limits)
+    if req.refiner is not None and (req.mode != "txt2img" or req.hires is not None):
+        raise InvalidRequest("the refiner runs on txt2img requests without hires fix", field="refiner")
 
 
 def check_hires_limits(req: GenerationRequest, hires: HiresSpec, limits: Limits) -> None:
@@ -318,9 +386,11 @@ def check_hires_limits(req: GenerationRequest, hires: HiresSpec, limits: Limits)
 def check_upscale_limits(req: GenerationRequest, upscale: UpscaleSpec, limits: Limits) -> None:
     if req.n != 1:
         raise InvalidRequest("an upscale job upscales one image", field="n")
-    for field in ("mask_image", "hires"):
+    for field in ("mask_image", "hires", "refiner"):
         if getattr(req, field) is not None:
             raise InvalidRequest(f"an upscale job takes no {field}", field=field)
+    if req.controlnet:
+        raise InvalidRequest("an upscale job takes no controlnet units", field="controlnet")
     check_target(upscale.target_size(req.width, req.height), limits, upscale.size_field(), "upscale target")
 
 

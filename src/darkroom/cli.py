@@ -19,6 +19,7 @@ from darkroom.cli_admin import register as register_admin_commands
 from darkroom.client_cli import register as register_client_commands
 from darkroom.config import ConfigFileError, Settings, command_settings, data_dir_origin, record_data_dir
 from darkroom.extras import MissingExtra
+from darkroom.observability.logging import FORMAT_ENV
 from darkroom.observability.logging import setup as setup_logging
 
 app = typer.Typer(help="darkroom: self-hosted image generation.", no_args_is_help=True, add_completion=False)
@@ -33,6 +34,10 @@ console = Console(stderr=True, soft_wrap=True)
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="data folder [env DARKROOM_DATA_DIR]")]
 DbUrl = Annotated[str | None, typer.Option("--database-url", help="SQLAlchemy URL [env DARKROOM_DATABASE_URL]")]
 ModelsDir = Annotated[Path | None, typer.Option("--models-dir", help="models folder [env DARKROOM_MODELS_DIR]")]
+LogFormatOption = Annotated[
+    str | None,
+    typer.Option("--log-format", help="text | json (ids on every line, access lines) [env DARKROOM_LOG_FORMAT]"),
+]
 
 
 def settings_from(**flags: Any) -> Settings:
@@ -69,17 +74,20 @@ def serve(
         typer.Option(min=1, help="requests at once before an immediate 429 [env DARKROOM_SERVER__MAX_IN_FLIGHT]"),
     ] = None,
     log_level: str = "info",
+    log_format: LogFormatOption = None,
 ) -> None:
     """Run the API (and in-process workers). Without API keys it answers only on a loopback address."""
     import uvicorn
 
-    setup_logging(log_level, "serve")  # first: it quiets the libraries before they are imported
+    _logging(log_level, "serve", log_format)  # first: it quiets the libraries before they are imported
     from darkroom.api.app import create_app
     from darkroom.service import Services
 
     settings = _serve_settings(
         host=host, port=port, data_dir=data_dir, database_url=database_url, models_dir=models_dir, workers=workers
     )
+    if log_format is None and settings.log_format != os.environ.get(FORMAT_ENV):  # set in darkroom.toml
+        setup_logging(log_level, "serve", settings.log_format)
     from darkroom.observability import metrics
 
     metrics.multiprocess(settings.data_dir / "metrics")  # one /metrics for this server and its worker processes
@@ -116,6 +124,15 @@ def serve(
         timeout_graceful_shutdown=10,
     )
     services.close()
+
+
+def _logging(level: str, role: str, fmt: str | None) -> None:
+    """Logging for a long-running command; a bad --log-format exits 2, naming it."""
+    try:
+        setup_logging(level, role, fmt)
+    except ValueError as exc:
+        console.print(f"[red]--log-format: {exc}[/red]", highlight=False)
+        raise typer.Exit(2) from None
 
 
 def _serve_settings(**flags: Any) -> Settings:
@@ -206,9 +223,10 @@ def worker(
         "127.0.0.1"
     ),
     log_level: str = "info",
+    log_format: LogFormatOption = None,
 ) -> None:
     """Run one worker process against the service's database and data dir."""
-    setup_logging(log_level, "worker")  # first: it quiets the libraries before they are imported
+    _logging(log_level, "worker", log_format)  # first: it quiets the libraries before they are imported
     from darkroom.service import Services
     from darkroom.worker.loop import Worker
     from darkroom.worker.processes import die_with_parent
@@ -218,6 +236,8 @@ def worker(
     if os.environ.get("DARKROOM_WORKER_PARENT"):  # a child of `darkroom serve` (worker.processes.PARENT_ENV),
         logging.getLogger("darkroom.models.registry").setLevel(logging.WARNING)  # which listed the models already
     settings = settings_from(data_dir=data_dir, database_url=database_url, models_dir=models_dir, worker_id=worker_id)
+    if log_format is None and settings.log_format != os.environ.get(FORMAT_ENV):  # set in darkroom.toml
+        setup_logging(log_level, "worker", settings.log_format)
     _validate_hooks(settings, output_checker=True)
     services = Services.open(settings)
     services.ensure_default_model()

@@ -272,6 +272,33 @@ class PruneSettings(BaseModel):
     batch_size: int = Field(default=500, ge=1, description="rows per delete: one short transaction each")
 
 
+class ObservabilitySettings(BaseModel):
+    """Health sweeps, cost prices and tracing (darkroom/observability/). Env: `DARKROOM_OBSERVABILITY__…`."""
+
+    health_sweep_seconds: float = Field(
+        default=10.0, gt=0, description="the API process looks for lost workers, stuck jobs and low disk this often"
+    )
+    stuck_grace_seconds: float = Field(
+        default=60.0, ge=0, description="a running job this long past its time limit (it stopped stepping) is stuck"
+    )
+    disk_low_bytes: int = Field(default=1 << 30, ge=0, description="free bytes in the data dir below which disk is low")
+    expect_workers: bool = Field(
+        default=False, description="/readyz needs a live worker in the fleet (API nodes whose workers run elsewhere)"
+    )
+    worker_class: str | None = Field(
+        default=None, description="this worker's price class (a key of device_hour_prices); default: cpu or gpu"
+    )
+    device_hour_prices: dict[str, float] = Field(
+        default_factory=lambda: {"cpu": 0.0, "gpu": 0.0},
+        description='price of one device-hour per worker class, e.g. {"cpu": 0.0, "h100": 2.5}',
+    )
+    storage_gb_month_price: float = Field(default=0.0, ge=0, description="price of one stored GB for a month")
+    currency: str = Field(default="USD", max_length=8)
+    otlp_endpoint: str | None = Field(
+        default=None, description="OTLP/HTTP traces endpoint (needs the `tracing` extra); none: no spans exported"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DARKROOM_", env_nested_delimiter="__", extra="ignore")
 
@@ -335,6 +362,10 @@ class Settings(BaseSettings):
     recovery: RecoverySettings = Field(default_factory=RecoverySettings)
     prune: PruneSettings = Field(default_factory=PruneSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text, or JSON lines with request_id, job_id, tenant, worker_id (log pipelines)"
+    )
 
     @field_validator("data_dir", "models_dir", mode="after")
     @classmethod

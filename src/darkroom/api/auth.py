@@ -24,6 +24,7 @@ from darkroom.auth.principal import Permission, Principal
 from darkroom.auth.tenants import TenantPolicy
 from darkroom.errors import Forbidden, NotFound, RateLimited, Unauthorized
 from darkroom.jobs.store import ImageRecord, JobRecord
+from darkroom.observability.logging import bind as bind_log_context
 from darkroom.service import Services
 
 bearer = HTTPBearer(auto_error=False, description="an API key: `darkroom keys create --role user --tenant acme`")
@@ -84,6 +85,7 @@ def _admit(
 ) -> tuple[Principal, TenantPolicy]:
     """The caller and its tenant's effective policy (read once per request: submit checks it again), rate-limited."""
     who = authenticate(svc, token, ip, request_id, failures)
+    bind_log_context(tenant=who.tenant)  # the request's later log lines (and its access line) name the tenant
     policy = effective(svc.tenants.get(who.tenant), svc.settings.security)
     RateLimiter(svc.store.engine).hit(who, policy.requests_per_minute)
     return who, policy

@@ -14,13 +14,16 @@ In order, for each HTTP request:
 5. a request that carries a body is authenticated before the body is read (`auth.admit_before_body`); a refused
    caller's body is never read at all (the route sees an empty one and its `require(...)` raises the refusal);
 6. its duration goes to `darkroom_http_request_duration_seconds` by route *template* (Starlette's router leaves the
-   matched route in `scope["route"]`; a request no route matched counts as `unmatched`), method and status class.
+   matched route in `scope["route"]`; a request no route matched counts as `unmatched`), method and status class;
+7. its log lines carry its request id (and tenant, once known), and an access line is written to `darkroom.access`
+   (on by default in JSON log mode, see `darkroom.observability.logging`).
 
 Pure ASGI rather than `BaseHTTPMiddleware`: no extra task per request, and `receive` can be wrapped or withheld.
 Starlette's own body limit is not used: it answers in plain text, replacing the API's error shape."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -31,10 +34,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from darkroom import clock
 from darkroom.observability import metrics
+from darkroom.observability.logging import ACCESS_LOGGER
+from darkroom.observability.logging import context as log_context
 
 from .errors import problem
 
 PROBES = frozenset({"/healthz", "/readyz"})
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 
 class InFlight:
@@ -80,11 +86,14 @@ class Edge:
         body = _Body(unread="transfer-encoding" in headers or declared not in ("", "0"))
         send = _response_headers(send, rid, body)
         started = clock.monotonic()
-        try:
-            await self._handle(scope, receive, send, declared, body)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            metrics.http_request(route, scope["method"], body.status, clock.monotonic() - started)
+        with log_context(request_id=rid):  # every log line of this request carries its id (observability.logging)
+            try:
+                await self._handle(scope, receive, send, declared, body)
+            finally:
+                route = getattr(scope.get("route"), "path", "unmatched")
+                seconds = clock.monotonic() - started
+                metrics.http_request(route, scope["method"], body.status, seconds)
+                _access(scope, route, body.status, seconds)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, declared: str, body: _Body) -> None:
         if scope["path"] in PROBES:
@@ -173,3 +182,12 @@ def _response_headers(send: Send, rid: str, body: _Body) -> Send:
         await send(message)
 
     return sender
+
+
+def _access(scope: Scope, route: str, status: int, seconds: float) -> None:
+    """One line per request (not per probe): method, path, route template, status and milliseconds."""
+    if scope["path"] in PROBES or not access_log.isEnabledFor(logging.INFO):
+        return
+    extra = {"method": scope["method"], "path": scope["path"], "route": route, "status": status}
+    extra["duration_ms"] = round(seconds * 1000, 2)
+    access_log.info("%s %s %d", scope["method"], scope["path"], status, extra=extra)

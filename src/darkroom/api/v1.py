@@ -23,6 +23,7 @@ from darkroom.engines.samplers import SAMPLERS, resolve_sampler
 from darkroom.errors import Conflict, DarkroomError, HeldForReview, InvalidRequest, NotFound
 from darkroom.jobs.store import JobRecord, JobStatus, request_hash
 from darkroom.observability import metrics
+from darkroom.observability.logging import bind as bind_log_context
 from darkroom.safety.policy import check_prompt
 from darkroom.schemas import (
     MAX_HIRES_SCALE,
@@ -187,6 +188,7 @@ def submit_status(
         raise Conflict("this Idempotency-Key belongs to another caller", field="Idempotency-Key")
     if created:
         metrics.job_submitted(request.scope["path"], resolved.priority)
+    bind_log_context(job_id=status.job.id)  # the request's access line names its job
     return status, created
 
 

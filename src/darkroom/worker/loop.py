@@ -13,6 +13,7 @@ pixels do not depend on what it was batched with.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import functools
 import io
@@ -48,6 +49,7 @@ from darkroom.models.approvals import approved
 from darkroom.models.registry import ModelRegistry
 from darkroom.models.verify import verify_local_models
 from darkroom.observability import metrics
+from darkroom.observability.logging import context as log_context
 from darkroom.safety.checker import OutputChecker, load_checker, review_decision
 from darkroom.safety.provenance import encode_png
 from darkroom.schemas import GenerationRequest
@@ -243,6 +245,10 @@ class Worker:
             health=self.health.view,
         )
         presence.start()
+        with log_context(worker_id=self.id):  # every line of the worker's own thread names it
+            self._serve(stop, presence)
+
+    def _serve(self, stop: threading.Event, presence: Presence) -> None:
         log.info("worker %s started", self.id)
         try:
             self._preload()
@@ -476,12 +482,18 @@ class Worker:
         return job, _Run(self, leases, job)
 
     def _process(self, job: JobRecord, leases: _Leases) -> None:
-        begun = self._start(job, leases)
-        if begun is None:
-            return
-        job, run = begun
-        log.info("worker %s runs %s (attempt %d)", self.id, job.id, job.attempts)
-        self._settle(job, functools.partial(self._denoise, job, leases, run))
+        with self._log_context(job):
+            begun = self._start(job, leases)
+            if begun is None:
+                return
+            job, run = begun
+            log.info("worker %s runs %s (attempt %d)", self.id, job.id, job.attempts)
+            self._settle(job, functools.partial(self._denoise, job, leases, run))
+
+    def _log_context(self, job: JobRecord) -> contextlib.AbstractContextManager[dict[str, Any]]:
+        """The job's ids on every log line about it, on the device thread and the post-processing pool alike: the
+        request id the API stored with the job carries a request's trail into its worker."""
+        return log_context(worker_id=self.id, job_id=job.id, tenant=job.tenant, request_id=job.request_id)
 
     def _denoise(self, job: JobRecord, leases: _Leases, run: _Run) -> None:
         """Device thread: the engine's part of the job. The images then go to post-processing (`_hand_off`)."""
@@ -498,6 +510,10 @@ class Worker:
     def _settle(self, job: JobRecord, work: Callable[[], None]) -> None:
         """Run `work` for `job` and turn what it raises into the job's next state. The device thread and the
         post-processing pool both go through here, so a failure ends a job the same way wherever it happens."""
+        with self._log_context(job):
+            self._settle_in_context(job, work)
+
+    def _settle_in_context(self, job: JobRecord, work: Callable[[], None]) -> None:
         try:
             work()
         except JobCancelled:

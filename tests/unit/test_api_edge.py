@@ -267,6 +267,9 @@ def test_with_warm_caches_a_request_issues_no_key_or_policy_statements(tmp_path,
 def test_once_keys_exist_requests_without_a_token_read_nothing_and_the_first_key_shuts_the_door_at_once(services):
     with TestClient(create_app(services)) as api:
         assert api.get("/v1/jobs").status_code == 200  # loopback, no keys: the local admin
+        with statements(services.store.engine) as seen:  # and while none exists, asking costs one stat, no statement
+            assert api.get("/v1/jobs").status_code == 200
+        assert auth_statements(seen) == []
         elsewhere = KeyStore(create_engine(services.settings.resolved_database_url))  # `darkroom keys create`
         elsewhere.create(CLI, name="first", role=Role.user, tenant="acme")
         elsewhere.engine.dispose()
@@ -385,3 +388,12 @@ def test_a_database_outage_is_503_with_retry_after_and_the_connection_is_kept(tm
             conn.close()
     finally:
         cluster.destroy()
+
+
+def test_keys_made_before_the_keys_marker_existed_still_lock_the_service(services):
+    """A database whose keys predate `<database>.keys`: the first question reads the table, not the missing marker."""
+    services.keys.create(CLI, name="old", role=Role.user, tenant="acme")
+    marker = Path(services.store.engine.url.database + ".keys")
+    assert marker.exists()
+    marker.unlink()
+    assert KeyStore(services.store.engine).any_keys()

@@ -14,6 +14,7 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -80,11 +81,26 @@ def _key(row: sa.Row) -> KeyRecord:
     return KeyRecord(**m)
 
 
+def _keys_marker(engine: sa.Engine) -> Path | None:
+    """`<database>.keys` beside a SQLite file: made before the first key is written, by whichever process writes it.
+
+    A service with no keys on loopback is open, and must ask on every request whether a key exists yet (`darkroom
+    keys create` may run in another process at any moment). On SQLite, where every process is on one machine, the
+    question costs one stat of this file until a key may exist; then the table is read until it has one, which is
+    remembered for good. PostgreSQL nodes share no folder: they read the table."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).with_name(Path(database).name + ".keys")
+
+
 class KeyStore:
     def __init__(self, engine: sa.Engine, cache_seconds: float = 5.0) -> None:
         self.engine = engine
         self._keys: TTLCache[str, tuple[str, KeyRecord]] = TTLCache(cache_seconds)  # id -> (hash, record)
         self._ever_had_keys = False  # keys are never deleted: once one exists, that answer never changes
+        self._marker = _keys_marker(engine)
+        self._marker_trusted = False  # until one read of the table found it empty (a database from before markers)
 
     def configure_cache(self, seconds: float) -> None:
         self._keys.ttl = seconds
@@ -159,7 +175,10 @@ class KeyStore:
         )
 
     def _insert(self, who: Principal, token: str, key_id: str, details: dict, **values: Any) -> KeyRecord:
-        """The key's row and its `key.create` audit record, in one transaction."""
+        """The key's row and its `key.create` audit record, in one transaction. On SQLite the keys marker is made
+        first: a process that sees it reads the table again, so the first key shuts an open service at once."""
+        if self._marker is not None:
+            self._marker.touch()
         with write_tx(self.engine) as conn:
             conn.execute(
                 api_keys.insert().values(
@@ -215,8 +234,11 @@ class KeyStore:
         must shut the open door at once, not a TTL later."""
         if self._ever_had_keys:
             return True
+        if self._marker_trusted and self._marker is not None and not self._marker.exists():
+            return False  # one stat instead of a read transaction on every request of an open local service
         with read_tx(self.engine) as conn:
             self._ever_had_keys = conn.execute(sa.select(api_keys.c.id).limit(1)).first() is not None
+        self._marker_trusted = not self._ever_had_keys
         return self._ever_had_keys
 
     def authenticate(self, token: str) -> KeyRecord:

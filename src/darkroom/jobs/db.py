@@ -36,9 +36,9 @@ def _sqlite_engine(url: str) -> sa.Engine:
     # Request threads (40 by default) each hold a connection while they work. SQLAlchemy's default pool keeps 5 and
     # closes what it lent beyond them, so under load most requests opened a fresh connection and ran the pragmas
     # below again (measured: 2% of an API process's CPU at 16 clients). Idle SQLite connections cost a file handle.
-    engine = sa.create_engine(
-        url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=48, max_overflow=16
-    )
+    database = sa.engine.make_url(url).database
+    pool = {"pool_size": 48, "max_overflow": 16} if database and database != ":memory:" else {}  # a file, pooled
+    engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **pool)
 
     @sa.event.listens_for(engine, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:

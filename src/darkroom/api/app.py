@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from darkroom import __version__
 from darkroom.auth import invalidation
 from darkroom.auth.failures import LoginFailures
+from darkroom.observability.health import Sweeper
 from darkroom.schemas import WEBHOOK_EVENTS
 from darkroom.service import Services
 from darkroom.storage.retention import start_for as start_retention
@@ -53,9 +54,11 @@ def create_app(services: Services, workers: int = 0, worker_processes: bool = Fa
         dispatcher = start_webhooks(services.settings, services.store)
         unwake = _wake_on_events(services, dispatcher)
         retention = start_retention(services.settings, services)
+        sweeper = Sweeper(services.settings, services.store).start()  # lost workers, stuck jobs, disk
         try:
             yield
         finally:
+            sweeper.stop()
             retention.stop()
             unwake()
             if dispatcher is not None:

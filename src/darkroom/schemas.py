@@ -218,6 +218,11 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(None, description="-1 or absent: a random seed is picked and recorded")
     n: int = Field(1, ge=1, description="number of images; image i uses seed + i")
     model: str | None = Field(None, description="model id from /v1/models; absent: the default model")
+    model_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="set by the server: the approved version (sha256) of the model the job runs on",
+    )
     init_image: str | None = Field(
         None, min_length=1, description="img2img source: base64 image (API) or blob:<sha256> (stored)"
     )
@@ -404,18 +409,32 @@ def check_target(size: tuple[int, int], limits: Limits, field: str, what: str) -
         raise InvalidRequest(f"{what} {width}x{height} is more than {limits.max_pixels} pixels", field=field)
 
 
+class ModelDefaults(BaseModel):
+    """A model's own parameters for what a request leaves out (an SDXL model wants 1024x1024, a turbo model 4 steps
+    and no guidance): set in its `darkroom.json` / `NAME.json` as `"defaults": {...}`, shown in the listings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int | None = Field(None, ge=8)
+    height: int | None = Field(None, ge=8)
+    steps: int | None = Field(None, ge=1)
+    sampler: str | None = Field(None, min_length=1, max_length=100)
+    guidance_scale: float | None = Field(None, ge=0.0)
+    negative_prompt: str | None = None
+
+
 class ModelInfo(BaseModel):
     """An approved model as the registry knows it. No torch here: the API reads this too."""
 
     id: str
     name: str
     format: Literal["diffusers", "single_file"]
-    arch: str = Field(description="sd1 | sd2 | sdxl | unknown")
     path: str
     sha256: str
     size_bytes: int
     smoke_test: bool = Field(False, description="random weights made by darkroom: for checking the plumbing only")
     description: str = ""
+    defaults: ModelDefaults = Field(default_factory=ModelDefaults, description="applied to what a request leaves out")
 
 
 class PublicModelInfo(BaseModel):
@@ -429,6 +448,7 @@ class PublicModelInfo(BaseModel):
     size_bytes: int
     smoke_test: bool = False
     description: str = ""
+    defaults: ModelDefaults = Field(default_factory=ModelDefaults, description="applied to what a request leaves out")
 
 
 class ImageView(BaseModel):

@@ -35,6 +35,7 @@ def create_app(services: Services, workers: int = 0, worker_processes: bool = Fa
     services.keys.configure_cache(server.auth_cache_seconds)
     services.tenants.configure_cache(server.auth_cache_seconds)
     services.registry.rescan_seconds = 1.0  # a submit reads the models folder at most once a second (see `scan`)
+    services.approve_models()  # versions of what the folder holds now (first-seen names approved, per settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

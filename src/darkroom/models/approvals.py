@@ -273,7 +273,7 @@ class Approvals:
                 raise NotFound(f"no versions recorded for model {key!r}", field="model")
             record = change(found or legacy or ModelVersions(key=key))
             _write(conn, record, found is not None)
-        _SERVABLE.forget(key)
+        _SERVABLE.forget_all()  # rare operator actions: drop every remembered decision
         return record
 
     # --- kept copies --------------------------------------------------------------------------------------------

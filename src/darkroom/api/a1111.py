@@ -49,14 +49,13 @@ from darkroom.jobs.db import read_tx
 from darkroom.jobs.store import JobRecord
 from darkroom.jobs.tables import job_events, jobs
 from darkroom.kv import DEFAULT_MODEL
-from darkroom.models import access as model_access
 from darkroom.models.registry import safetensors_header
 from darkroom.safety.provenance import lora_hashes, prompt_with_tags, read_png
-from darkroom.schemas import AdapterInfo, GenerationRequest, HiresSpec, JobState, UpscaleSpec, check_limits
+from darkroom.schemas import GenerationRequest, HiresSpec, JobState, UpscaleSpec, check_limits
 from darkroom.service import Services
 
 from . import compat
-from .auth import principal, require, sees_job, tenant_policy
+from .auth import principal, require, sees_job
 from .uploads import decode_base64_image, image_size, load_image, load_mask, open_image, png_bytes
 from .v1 import UPSCALE_PROMPT, services, upscale_source_size
 
@@ -569,7 +568,7 @@ def sd_models(request: Request) -> list[dict[str, Any]]:
             "filename": os.path.basename(m.path),
             "config": None,
         }
-        for m in model_access.visible_checkpoints(services(request).registry, tenant_policy(request))
+        for m in services(request).registry.scan()
     ]
 
 
@@ -634,12 +633,8 @@ def schedulers() -> list[dict[str, Any]]:
 def loras(request: Request) -> list[dict[str, Any]]:
     return [
         {"name": a.name, "alias": a.alias, "path": a.relpath, "metadata": a.metadata}
-        for a in model_access.visible(tenant_policy(request), "lora", services(request).registry.loras(), _name)
+        for a in services(request).registry.loras()
     ]
-
-
-def _name(adapter: AdapterInfo) -> str:
-    return adapter.name
 
 
 @router.post("/refresh-loras", summary="Rescan models/loras/ (darkroom rescans on every request anyway)")
@@ -659,7 +654,7 @@ def embeddings(request: Request) -> dict[str, Any]:
     svc = services(request)
     loaded: dict[str, Any] = {}
     skipped: dict[str, Any] = {}
-    for info in model_access.visible(tenant_policy(request), "embedding", svc.registry.embeddings(), _name):
+    for info in svc.registry.embeddings():
         try:
             vectors, shape = embedding_shape(info.path)
         except Exception:  # no tensors, or a header that lies: not an embedding
@@ -808,9 +803,7 @@ async def run_extras(request: Request, bodies: list[GenerationRequest], field: s
 
 @router.get("/upscalers", summary="Upscalers for hr_upscaler and the extras: built-in, then models/upscalers/")
 def list_upscalers(request: Request) -> list[dict[str, Any]]:
-    policy = tenant_policy(request)
-    listed = upscalers.listing(services(request).registry)
-    return [u for u in listed if u["model_name"] is None or model_access.may_use(policy, "upscaler", u["name"])]
+    return upscalers.listing(services(request).registry)
 
 
 @router.get("/latent-upscale-modes", summary="Latent upscale modes (hr_upscaler only)")

@@ -52,7 +52,6 @@ from darkroom.engines.samplers import SamplerSpec, make_scheduler, resolve_sampl
 from darkroom.errors import DarkroomError, EngineOutOfMemory, FatalEngineError, InvalidRequest, ModelLoadError
 from darkroom.models.offline import enforce_offline
 from darkroom.models.registry import PICKLE_HINT, PICKLE_SUFFIXES, SIDECAR_CONFIG_SUFFIX, ModelRegistry
-from darkroom.models.verify import check_pinned_version
 from darkroom.observability import metrics
 from darkroom.schemas import GenerationRequest, ModelInfo
 from darkroom.worker.cache import LRUCache, release_memory
@@ -186,7 +185,6 @@ class DiffusersEngine:
     ) -> EngineResult:
         started = time.perf_counter()
         info = self.registry.get(request.model) if request.model else self.registry.default()
-        check_pinned_version(info, request)
         spec = resolve_sampler(request.sampler)
         if request.seed is None:  # the API resolves seeds when it creates the job; direct callers may not have
             request = request.model_copy(update={"seed": random_seed()})
@@ -282,8 +280,6 @@ class DiffusersEngine:
         started = time.perf_counter()
         first = items[0].request
         info = self.registry.get(first.model) if first.model else self.registry.default()
-        for item in items:
-            check_pinned_version(info, item.request)
         spec = resolve_sampler(first.sampler)
         seeds = [seed for item in items for seed in item.request.seeds()]
         fan = _FanOut(items, total_steps(first), arch=info.arch)

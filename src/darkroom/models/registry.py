@@ -43,7 +43,7 @@ from typing import Any
 
 from darkroom.config import Settings
 from darkroom.errors import Conflict, InvalidRequest, ServiceUnavailable
-from darkroom.schemas import AdapterInfo, EmbeddingSpec, LoraSpec, ModelDefaults, ModelInfo
+from darkroom.schemas import AdapterInfo, EmbeddingSpec, LoraSpec, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,6 @@ class ModelRegistry:
             size_bytes=size,
             smoke_test=bool(meta.get("smoke_test", False)),
             description=str(meta.get("description", "")),
-            defaults=_defaults(meta, entry),
         )
 
     # --- hashing -----------------------------------------------------------------------------------------------------
@@ -626,15 +625,6 @@ def _unique_id(info: ModelInfo, taken: set[str]) -> ModelInfo:
         n += 1
     log.warning("model id %s is taken; listing %s as %s-%d", info.id, info.path, info.id, n)
     return info.model_copy(update={"id": f"{info.id}-{n}"})
-
-
-def _defaults(meta: dict[str, Any], entry: Path) -> ModelDefaults:
-    """The metadata's `defaults`; a bad one is logged and ignored rather than hiding the model."""
-    try:
-        return ModelDefaults.model_validate(meta.get("defaults") or {})
-    except ValueError as exc:
-        log.warning("%s: ignoring its defaults: %s", entry, exc)
-        return ModelDefaults()
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

@@ -349,24 +349,87 @@ def models_add(path: Path, name: str | None = None, models_dir: ModelsDir = None
 
 @models_app.command("approve")
 def models_approve(
+    model_id: str,
+    version: str | None = typer.Argument(None, help="sha256 (or a prefix) of a recorded version; default: the file"),
+    data_dir: DataDir = None,
+    database_url: DbUrl = None,
+    models_dir: ModelsDir = None,
+) -> None:
+    """Approve a model version (default: this node's file) and make it the one served; others stop being served.
+    MODEL_ID is a checkpoint id, or lora:NAME, embedding:NAME, upscaler:NAME."""
+    _model_action("approve", model_id, version, data_dir, database_url, models_dir)
+
+
+@models_app.command("disable")
+def models_disable(model_id: str, data_dir: DataDir = None, database_url: DbUrl = None) -> None:
+    """Stop serving a model (every version) until it is enabled again."""
+    _model_action("disable", model_id, None, data_dir, database_url, None)
+
+
+@models_app.command("enable")
+def models_enable(model_id: str, data_dir: DataDir = None, database_url: DbUrl = None) -> None:
+    """Serve a disabled model again (its current approved version)."""
+    _model_action("enable", model_id, None, data_dir, database_url, None)
+
+
+@models_app.command("rollback")
+def models_rollback(
+    model_id: str, version: str, data_dir: DataDir = None, database_url: DbUrl = None, models_dir: ModelsDir = None
+) -> None:
+    """Make an earlier approved VERSION (sha256 or a prefix) current, its file restored from the kept copy."""
+    _model_action("rollback", model_id, version, data_dir, database_url, models_dir)
+
+
+@models_app.command("versions")
+def models_versions(
     model_id: str, data_dir: DataDir = None, database_url: DbUrl = None, models_dir: ModelsDir = None
 ) -> None:
-    """Approve this node's copy of a model (its sha256) for every worker; other versions stop being served."""
+    """A model's versions: sha256, who added and approved each and when, which is current, what is on disk."""
     from darkroom.errors import DarkroomError
-    from darkroom.kv import SettingsKV
-    from darkroom.models.approvals import approve
+    from darkroom.models.lifecycle import versions
     from darkroom.service import Services
 
     services = Services.open(settings_from(data_dir=data_dir, database_url=database_url, models_dir=models_dir))
     try:
-        digest = approve(SettingsKV(services.store.engine), services.registry, model_id)
+        found = versions(services, model_id)
     except DarkroomError as exc:
         console.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(1) from None
-    from darkroom.auth.principal import Principal
+    table = Table("sha256", "added", "by", "approved", "by", "state")
+    for v in found["versions"]:
+        state = (
+            "current" if v["sha256"] == found["current"] else "approved" if v["approved_at"] is not None else "pending"
+        )
+        state += " (on disk)" if v["sha256"] == found["on_disk"] else ""
+        table.add_row(
+            v["sha256"][:12], v["added_at"], v["added_by"], v["approved_at"] or "", v["approved_by"] or "", state
+        )
+    Console().print(table)
+    if found["disabled"]:
+        console.print(f"{model_id} is disabled")
 
-    services.audit.record(Principal.cli(), "model.approve", model_id, {"sha256": digest})
-    typer.echo(f"approved {model_id} sha256 {digest}")
+
+def _model_action(
+    action: str,
+    model_id: str,
+    version: str | None,
+    data_dir: Path | None,
+    database_url: str | None,
+    models_dir: Path | None,
+) -> None:
+    from darkroom.auth.principal import Principal
+    from darkroom.errors import DarkroomError
+    from darkroom.models.lifecycle import act
+    from darkroom.service import Services
+
+    services = Services.open(settings_from(data_dir=data_dir, database_url=database_url, models_dir=models_dir))
+    try:
+        record = act(services, Principal.cli(), action, model_id, version)  # type: ignore[arg-type]
+    except DarkroomError as exc:
+        console.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(1) from None
+    state = "disabled" if record.disabled else "enabled"
+    typer.echo(f"{action}: {model_id} current sha256 {record.current or 'none'} ({state})")
 
 
 @retention_app.command("sweep")

@@ -199,6 +199,20 @@ class SecuritySettings(BaseModel):
         default=False,
         description="load pickled checkpoints (.ckpt/.pt/.bin), which can run code; only an admin turns this on",
     )
+    auto_approve_models: bool = Field(
+        default=False,
+        description="serve a model file that changed (or, with approve_first_seen_models off, appeared) at once, "
+        "recording it as a new approved version, instead of holding it until an operator approves it",
+    )
+    approve_first_seen_models: bool = Field(
+        default=True,
+        description="a model name never seen before is approved with the first file found for it (a fresh data dir "
+        "serves its models without manual steps); off: every new model waits for approval",
+    )
+    keep_model_versions: bool = Field(
+        default=True,
+        description="copy each approved version into <data_dir>/model-versions/ so `models rollback` can restore it",
+    )
 
     @field_validator("bootstrap_admin_key", "bootstrap_metrics_key", mode="before")
     @classmethod

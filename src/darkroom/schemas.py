@@ -81,20 +81,6 @@ class AdapterInfo(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict, description="the safetensors header's metadata")
 
 
-class WorkflowSpec(BaseModel):
-    """The ComfyUI workflow a job was compiled from (api/comfyui): kept verbatim for provenance and the PNG's
-    `prompt` text chunk, with what the ComfyUI API needs to answer for the job (its queue, history and WebSocket
-    messages name nodes). Workers do not read it: the job's other fields say everything that runs."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: dict[str, Any] = Field(description="the API-format workflow as submitted")
-    client_id: str | None = Field(None, max_length=200, description="ComfyUI's `client_id`: whose /ws hears of it")
-    outputs: list[str] = Field(default_factory=list, description="ids of the output nodes (SaveImage, PreviewImage)")
-    sampler_node: str | None = Field(None, description="the node progress is reported for (the last KSampler)")
-    extra_data: dict[str, Any] = Field(default_factory=dict, description="ComfyUI's `extra_data` (extra_pnginfo)")
-
-
 MAX_HIRES_SCALE = 8.0  # A1111's slider stops at 4; 8 leaves room, and the pixel limits bound the target anyway
 
 
@@ -232,6 +218,11 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(None, description="-1 or absent: a random seed is picked and recorded")
     n: int = Field(1, ge=1, description="number of images; image i uses seed + i")
     model: str | None = Field(None, description="model id from /v1/models; absent: the default model")
+    model_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="set by the server: the approved version (sha256) of the model the job runs on",
+    )
     init_image: str | None = Field(
         None, min_length=1, description="img2img source: base64 image (API) or blob:<sha256> (stored)"
     )
@@ -261,9 +252,6 @@ class GenerationRequest(BaseModel):
     )
     timeout_seconds: float | None = Field(None, gt=0, description="fail the job if it runs longer than this")
     preview: bool = Field(False, description="attach low-resolution previews to progress events (SSE, WebSocket)")
-    workflow: WorkflowSpec | None = Field(
-        None, description="set by the ComfyUI API: the workflow this job was compiled from (provenance)"
-    )
     loras: list[LoraSpec] = Field(
         default_factory=list,
         max_length=MAX_LORAS,
@@ -381,6 +369,8 @@ def check_limits(req: GenerationRequest, limits: Limits) -> None:
         check_hires_limits(req, req.hires, limits)
     if req.refiner is not None and (req.mode != "txt2img" or req.hires is not None):
         raise InvalidRequest("the refiner runs on txt2img requests without hires fix", field="refiner")
+    if req.controlnet and (req.hires is not None or req.refiner is not None):
+        raise InvalidRequest("ControlNet units cannot be combined with hires fix or a refiner", field="controlnet")
 
 
 def check_hires_limits(req: GenerationRequest, hires: HiresSpec, limits: Limits) -> None:
@@ -421,18 +411,33 @@ def check_target(size: tuple[int, int], limits: Limits, field: str, what: str) -
         raise InvalidRequest(f"{what} {width}x{height} is more than {limits.max_pixels} pixels", field=field)
 
 
+class ModelDefaults(BaseModel):
+    """A model's own parameters for what a request leaves out (an SDXL model wants 1024x1024, a turbo model 4 steps
+    and no guidance): set in its `darkroom.json` / `NAME.json` as `"defaults": {...}`, shown in the listings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int | None = Field(None, ge=8)
+    height: int | None = Field(None, ge=8)
+    steps: int | None = Field(None, ge=1)
+    sampler: str | None = Field(None, min_length=1, max_length=100)
+    guidance_scale: float | None = Field(None, ge=0.0)
+    negative_prompt: str | None = None
+
+
 class ModelInfo(BaseModel):
     """An approved model as the registry knows it. No torch here: the API reads this too."""
 
     id: str
     name: str
     format: Literal["diffusers", "single_file"]
-    arch: str = Field(description="sd1 | sd2 | sdxl | unknown")
+    arch: str = Field(description="sd1 | sd2 | sdxl | sdxl-refiner | unknown")
     path: str
     sha256: str
     size_bytes: int
     smoke_test: bool = Field(False, description="random weights made by darkroom: for checking the plumbing only")
     description: str = ""
+    defaults: ModelDefaults = Field(default_factory=ModelDefaults, description="applied to what a request leaves out")
 
 
 class PublicModelInfo(BaseModel):
@@ -446,6 +451,7 @@ class PublicModelInfo(BaseModel):
     size_bytes: int
     smoke_test: bool = False
     description: str = ""
+    defaults: ModelDefaults = Field(default_factory=ModelDefaults, description="applied to what a request leaves out")
 
 
 class ImageView(BaseModel):

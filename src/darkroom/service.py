@@ -84,18 +84,22 @@ class Services:
         )
 
     def approve_models(self) -> dict[str, str]:
-        """An API node approves the models it holds (first version seen); workers elsewhere verify against it."""
+        """An API node records the models its folder holds when it starts: a name never seen before is approved
+        with this first version (`security.approve_first_seen_models`); a changed file waits for an operator
+        (`darkroom.models.approvals`). Returns checkpoint id → the approved sha256 workers serve."""
         from darkroom.auth.principal import DEFAULT_TENANT, Principal, Role
-        from darkroom.kv import SettingsKV
-        from darkroom.models.approvals import approve_new, approved
+        from darkroom.models.approvals import Approvals
 
-        kv = SettingsKV(self.store.engine)
-        before = approved(kv)
-        current = approve_new(kv, self.registry.scan())
+        approvals = Approvals.for_services(self)
+        found = [("checkpoint", m.id, m.sha256, m.path) for m in self.registry.scan()]
         system = Principal(actor="system:startup", role=Role.admin, tenant=DEFAULT_TENANT)
-        for model_id in sorted(set(current) - set(before)):
-            self.audit.record(system, "model.approve", model_id, {"sha256": current[model_id], "first_seen": True})
-        return current
+        recorded = approvals.observe(found)
+        records = approvals.all()
+        for key in recorded:
+            newest = records[key].versions[-1]
+            details = {"sha256": newest.sha256, "first_seen": True, "approved": newest.approved}
+            self.audit.record(system, "model.approve" if newest.approved else "model.version", key, details)
+        return approvals.approved_map()
 
     def make_engine(self) -> Engine:
         require_worker()

@@ -349,3 +349,92 @@ def make_esrgan_upscaler(directory: Path, name: str = "tiny-esrgan-2x", scale: i
     path = directory / f"{name}.safetensors"
     save_file({key: value.detach().contiguous() for key, value in model.state_dict().items()}, str(path))
     return path
+
+
+# --- ControlNet and the SDXL refiner ---------------------------------------------------------------------------------
+
+
+def make_controlnet(directory: Path, name: str, *, pipe: Any = None, fmt: str = "diffusers", seed: int = 13) -> Path:
+    """A ControlNet for the tiny pipeline (or `pipe`, e.g. the tiny SDXL one): its UNet's encoder copied, as training
+    starts, and the zero convolutions (which a fresh ControlNet has at zero, changing nothing) and the hint encoder
+    given random weights, so a unit visibly steers the picture. `fmt`: `diffusers` (a folder with config.json) or
+    `single_file` (`name.safetensors` with diffusers' keys, how SDXL ControlNets often ship)."""
+    import torch
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    from darkroom.engines.diffusers_engine import _LOAD_LOCK
+
+    pipe = pipe if pipe is not None else build_tiny_pipeline(seed=0)
+    with _LOAD_LOCK:  # a pipeline loading on a worker thread would put these weights on the meta device
+        model = ControlNetModel.from_unet(pipe.unet)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for prefix in ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out"):
+                for key, param in model.named_parameters():
+                    if key.startswith(prefix):
+                        param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if fmt == "diffusers":
+        model.save_pretrained(directory / name, safe_serialization=True)
+        return directory / name
+    path = directory / f"{name}.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def make_sdxl_refiner(directory: Path, name: str = "tiny-xl-refiner", seed: int = 1) -> Path:
+    """An SDXL refiner in miniature: no first text encoder, the second one's states alone as context, and an
+    aesthetic score beside the size conditioning (five time ids, not six). Same VAE as the tiny SDXL model, so it
+    reads that model's latents."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from darkroom.models.smoke import SD15_SCHEDULER_CONFIG, build_tiny_tokenizer, tiny_vae
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=5 * 8 + 32,  # five ids (size, crop, aesthetic score) + pooled text
+        cross_attention_dim=32,
+    )
+    torch.manual_seed(seed + 3)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        projection_dim=32,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=tiny_vae(0),
+        text_encoder=None,
+        text_encoder_2=CLIPTextModelWithProjection(config).eval(),
+        tokenizer=None,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+    folder = Path(directory) / name
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -255,12 +255,10 @@ def test_previews_ride_on_progress_events_when_asked(services, worker):
 
 
 def test_worker_claims_only_models_it_holds_in_the_approved_version(services):
-    from darkroom.kv import SettingsKV
-    from darkroom.models.approvals import approved
+    from darkroom.models.approvals import Approvals
 
-    kv = SettingsKV(services.store.engine)
     assert set(services.approve_models()) == {"tiny-diffusers", "tiny-single"}
-    kv.set("approved_models", {**approved(kv), "tiny-diffusers": "0" * 64})  # the approved bytes differ from ours
+    Approvals.for_services(services).approve("tiny-diffusers", "0" * 64, "", "test")  # approved bytes differ from ours
     worker = Worker(
         services.settings, services.store, services.blobs, services.make_engine, "w9", registry=services.registry
     )

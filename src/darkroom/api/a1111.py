@@ -16,10 +16,13 @@ becomes the request's `hires`; a second-pass checkpoint, sampler or prompt that 
 naming the field, never ignored. `/upscalers` and `/latent-upscale-modes` list what `hr_upscaler` and the extras take;
 `/extra-single-image` and `/extra-batch-images` queue upscale jobs (one per image) and wait for them.
 
+ControlNet: the extension's `alwayson_scripts.controlnet.args` units and its `/controlnet/*` routes (api/controlnet.py);
+`refiner_checkpoint` and `refiner_switch_at` become the request's `refiner` (an SDXL model or refiner).
+
 Accepted and ignored (darkroom has no equivalent): `restore_faces`, `tiling`, `styles`, subseeds, scripts
-(`script_name`, `alwayson_scripts`), `eta`/`s_*` sampler tweaks, refiner, `resize_mode` (the source is always resized
-to the requested size), `save_images`. `skip` stops the current job like `interrupt`: darkroom runs a job's images as
-one unit.
+(`script_name`, `alwayson_scripts` other than ControlNet), `eta`/`s_*` sampler tweaks, `resize_mode` (the source is
+always resized to the requested size), `save_images`. `skip` stops the current job like `interrupt`: darkroom runs a
+job's images as one unit.
 """
 
 from __future__ import annotations
@@ -43,19 +46,22 @@ from darkroom import __version__
 from darkroom.auth import audit
 from darkroom.auth.principal import Permission, Principal
 from darkroom.engines import hires, upscalers
+from darkroom.engines.controlnet import infotext_fields as controlnet_fields
+from darkroom.engines.refiner import infotext_fields as refiner_fields
 from darkroom.engines.samplers import SAMPLERS, resolve_sampler
 from darkroom.errors import Conflict, InvalidRequest
 from darkroom.jobs.db import read_tx
 from darkroom.jobs.store import JobRecord
 from darkroom.jobs.tables import job_events, jobs
 from darkroom.kv import DEFAULT_MODEL
+from darkroom.models import access as model_access
 from darkroom.models.registry import safetensors_header
 from darkroom.safety.provenance import lora_hashes, prompt_with_tags, read_png
-from darkroom.schemas import GenerationRequest, HiresSpec, JobState, UpscaleSpec, check_limits
+from darkroom.schemas import AdapterInfo, GenerationRequest, HiresSpec, JobState, UpscaleSpec, check_limits
 from darkroom.service import Services
 
-from . import compat
-from .auth import principal, require, sees_job
+from . import compat, controlnet
+from .auth import principal, require, sees_job, tenant_policy
 from .uploads import decode_base64_image, image_size, load_image, load_mask, open_image, png_bytes
 from .v1 import UPSCALE_PROMPT, services, upscale_source_size
 
@@ -78,6 +84,7 @@ FIELD_NAMES = {
     "hires.denoising_strength": "denoising_strength",
     "hires.resize_x": "hr_resize_x",
     "hires.resize_y": "hr_resize_y",
+    **controlnet.a1111_field_names(),
 }
 HIRES_FIELDS = {  # HiresSpec field → A1111's
     "scale": "hr_scale",
@@ -267,6 +274,8 @@ def to_generation(svc: Services, req: Processing, **extra: Any) -> GenerationReq
         "preview": True,  # A1111 clients poll /progress for `current_image`
         **extra,
     }
+    extensions = (req.alwayson_scripts, req.refiner_checkpoint, req.refiner_switch_at)  # ControlNet units, refiner
+    fields.update(controlnet.a1111_fields(svc, *extensions, fields["model"]))
     body = compat.generation_request(fields, FIELD_NAMES)
     try:
         check_limits(body, svc.settings.limits)
@@ -425,6 +434,7 @@ def extra_params(request: dict[str, Any]) -> dict[str, Any]:
         extra["Lora hashes"] = lora_hashes(request["loras"])
     if request.get("embeddings"):
         extra["TI hashes"] = lora_hashes(request["embeddings"])
+    extra.update(refiner_fields(request) + controlnet_fields(request))
     return extra
 
 
@@ -568,7 +578,7 @@ def sd_models(request: Request) -> list[dict[str, Any]]:
             "filename": os.path.basename(m.path),
             "config": None,
         }
-        for m in services(request).registry.scan()
+        for m in model_access.visible_checkpoints(services(request).registry, tenant_policy(request))
     ]
 
 
@@ -633,8 +643,12 @@ def schedulers() -> list[dict[str, Any]]:
 def loras(request: Request) -> list[dict[str, Any]]:
     return [
         {"name": a.name, "alias": a.alias, "path": a.relpath, "metadata": a.metadata}
-        for a in services(request).registry.loras()
+        for a in model_access.visible(tenant_policy(request), "lora", services(request).registry.loras(), _name)
     ]
+
+
+def _name(adapter: AdapterInfo) -> str:
+    return adapter.name
 
 
 @router.post("/refresh-loras", summary="Rescan models/loras/ (darkroom rescans on every request anyway)")
@@ -654,7 +668,7 @@ def embeddings(request: Request) -> dict[str, Any]:
     svc = services(request)
     loaded: dict[str, Any] = {}
     skipped: dict[str, Any] = {}
-    for info in svc.registry.embeddings():
+    for info in model_access.visible(tenant_policy(request), "embedding", svc.registry.embeddings(), _name):
         try:
             vectors, shape = embedding_shape(info.path)
         except Exception:  # no tensors, or a header that lies: not an embedding
@@ -803,7 +817,9 @@ async def run_extras(request: Request, bodies: list[GenerationRequest], field: s
 
 @router.get("/upscalers", summary="Upscalers for hr_upscaler and the extras: built-in, then models/upscalers/")
 def list_upscalers(request: Request) -> list[dict[str, Any]]:
-    return upscalers.listing(services(request).registry)
+    policy = tenant_policy(request)
+    listed = upscalers.listing(services(request).registry)
+    return [u for u in listed if u["model_name"] is None or model_access.may_use(policy, "upscaler", u["name"])]
 
 
 @router.get("/latent-upscale-modes", summary="Latent upscale modes (hr_upscaler only)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -16,8 +17,7 @@ from darkroom.auth.principal import DEFAULT_TENANT, Permission, Principal, Role
 from darkroom.auth.tenants import TenantPolicy
 from darkroom.errors import InvalidRequest
 from darkroom.jobs.workers import WorkerRegistry, WorkerState, stale_after
-from darkroom.kv import SettingsKV
-from darkroom.models.approvals import approve
+from darkroom.models import lifecycle
 from darkroom.service import Services
 
 from .auth import require
@@ -157,9 +157,34 @@ def list_audit(
 # --- models (operators) ---------------------------------------------------------------------------------------------
 
 
-@router.post("/models/{model_id}/approve", tags=["admin"], summary="Approve this node's copy of a model (operator)")
-def approve_model(request: Request, model_id: str, who: Principal = Depends(require(Permission.models))) -> dict:
-    svc = _services(request)
-    digest = approve(SettingsKV(svc.store.engine), svc.registry, model_id)
-    svc.audit.record(who, "model.approve", model_id, {"sha256": digest})
-    return {"model": model_id, "sha256": digest}
+class VersionAction(BaseModel):
+    version: str | None = Field(None, min_length=4, max_length=64, description="sha256 or a prefix of one")
+
+
+ModelsPerm = Depends(require(Permission.models))
+
+
+@router.post("/models/{model_id}/approve", tags=["admin"], summary="Approve a model version (operator)")
+def approve_model(
+    request: Request, model_id: str, body: VersionAction | None = None, who: Principal = ModelsPerm
+) -> dict:
+    """Without a body: this node's file. `model_id`: a checkpoint id, or lora:NAME, embedding:NAME, upscaler:NAME."""
+    record = lifecycle.act(_services(request), who, "approve", model_id, body.version if body else None)
+    return {"model": model_id, "sha256": record.current, **record.model_dump(mode="json")}
+
+
+@router.post("/models/{model_id}/{action}", tags=["admin"], summary="Disable, enable or roll back a model (operator)")
+def model_action(
+    request: Request,
+    model_id: str,
+    action: Literal["disable", "enable", "rollback"],
+    body: VersionAction | None = None,
+    who: Principal = ModelsPerm,
+) -> dict:
+    record = lifecycle.act(_services(request), who, action, model_id, body.version if body else None)
+    return record.model_dump(mode="json")
+
+
+@router.get("/models/{model_id}/versions", tags=["admin"], summary="A model's versions (operator)")
+def model_versions(request: Request, model_id: str, who: Principal = ModelsPerm) -> dict:
+    return lifecycle.versions(_services(request), model_id)

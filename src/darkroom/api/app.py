@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from darkroom import __version__
 from darkroom.auth import invalidation
 from darkroom.auth.failures import LoginFailures
+from darkroom.observability.health import Sweeper
 from darkroom.schemas import WEBHOOK_EVENTS
 from darkroom.service import Services
 from darkroom.storage.retention import start_for as start_retention
@@ -20,7 +21,7 @@ from darkroom.webhooks.deliveries import COMPLETED
 from darkroom.webhooks.dispatcher import WebhookDispatcher
 from darkroom.webhooks.dispatcher import start_for as start_webhooks
 
-from . import a1111, admin, comfyui, errors, health, landing, openai_compat, openapi, review, v1, webhooks
+from . import a1111, admin, controlnet, errors, health, landing, openai_compat, openapi, review, v1, webhooks
 from .auth import admit_before_body
 from .edge import Edge, InFlight
 
@@ -34,6 +35,7 @@ def create_app(services: Services, workers: int = 0, worker_processes: bool = Fa
     services.keys.configure_cache(server.auth_cache_seconds)
     services.tenants.configure_cache(server.auth_cache_seconds)
     services.registry.rescan_seconds = 1.0  # a submit reads the models folder at most once a second (see `scan`)
+    services.approve_models()  # versions of what the folder holds now (first-seen names approved, per settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -53,9 +55,11 @@ def create_app(services: Services, workers: int = 0, worker_processes: bool = Fa
         dispatcher = start_webhooks(services.settings, services.store)
         unwake = _wake_on_events(services, dispatcher)
         retention = start_retention(services.settings, services)
+        sweeper = Sweeper(services.settings, services.store).start()  # lost workers, stuck jobs, disk
         try:
             yield
         finally:
+            sweeper.stop()
             retention.stop()
             unwake()
             if dispatcher is not None:
@@ -91,10 +95,8 @@ def create_app(services: Services, workers: int = 0, worker_processes: bool = Fa
     app.include_router(health.router)
     app.include_router(admin.router)
     app.include_router(a1111.router)
+    app.include_router(controlnet.router)  # A1111's ControlNet extension: /controlnet/*
     app.include_router(openai_compat.router)
-    for prefix in ("", "/api"):  # ComfyUI serves its routes at both (its front end uses /api/...)
-        app.include_router(comfyui.router, prefix=prefix)
-        app.include_router(comfyui.socket_router, prefix=prefix)
     app.include_router(webhooks.router)
     app.include_router(review.router)
     app.include_router(landing.router)

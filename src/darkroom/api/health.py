@@ -1,4 +1,5 @@
-"""Liveness and readiness (open, for probes; they reveal nothing), and metrics (operators and `metrics` keys).
+"""Liveness and readiness (open, for probes; they reveal nothing), metrics (operators and `metrics` keys), and the
+fleet's health for operators (`GET /v1/admin/health`: lost workers, stuck jobs, disk; see observability/health.py).
 
 Probes must answer while the service is busy, or an orchestrator restarts a healthy but loaded node. So `/healthz`
 is a coroutine (it never waits for a request thread), the edge middleware lets both probes past its in-flight limit,
@@ -12,11 +13,14 @@ import asyncio
 import anyio
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from darkroom import clock
 from darkroom.auth.principal import Permission
+from darkroom.jobs.workers import WorkerRegistry, WorkerState, stale_after
+from darkroom.observability.health import sweep
 from darkroom.observability.metrics import exposition, scrape_registry
 from darkroom.service import Services
 from darkroom.storage import storage_health
@@ -61,6 +65,8 @@ class Readiness:
         checks["models"] = "ok" if self.svc.registry.scan() else "error: no models"
         checks["workers"] = str(self.svc.worker_health()["status"])
         checks["storage"] = storage_health(self.svc.blobs)
+        if self.svc.settings.observability.expect_workers:
+            checks["fleet"] = _fleet(self.svc)
         return checks
 
 
@@ -92,3 +98,27 @@ def metrics(request: Request) -> Response:
     """The node's metrics (`darkroom.observability.metrics`): with `darkroom serve`'s worker processes, theirs too."""
     registry = scrape_registry(request.app.state.services.store.engine)
     return Response(exposition(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _fleet(svc: Services) -> str:
+    """`ok` while at least one worker anywhere heartbeats (`observability.expect_workers`: API nodes whose workers
+    run elsewhere are not ready without one)."""
+    registry = WorkerRegistry(svc.store.engine)
+    registry.mark_lost(stale_after(svc.settings.lease_seconds, svc.settings.heartbeat_seconds))
+    live = [w for w in registry.list() if w.state in (WorkerState.active, WorkerState.draining)]
+    return "ok" if live else "error: no live worker"
+
+
+@router.get(
+    "/v1/admin/health",
+    tags=["admin"],
+    summary="The fleet's health: lost workers, requeued and stuck jobs, data disk (operators; acts on what it finds)",
+    dependencies=[Depends(require(Permission.queue))],
+)
+async def fleet_health(request: Request) -> dict:
+    """Sweeps now (the same sweep the API runs every `observability.health_sweep_seconds`) and reports it, with the
+    readiness checks beside it."""
+    svc: Services = request.app.state.services
+    report = await run_in_threadpool(sweep, svc.settings, svc.store)
+    checks = await request.app.state.readiness.checks()
+    return {**report.to_dict(), "checks": checks}

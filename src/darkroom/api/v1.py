@@ -22,6 +22,9 @@ from darkroom.engines import upscalers
 from darkroom.engines.samplers import SAMPLERS, resolve_sampler
 from darkroom.errors import Conflict, DarkroomError, HeldForReview, InvalidRequest, NotFound
 from darkroom.jobs.store import JobRecord, JobStatus, request_hash
+from darkroom.models import access as model_access
+from darkroom.models import defaults as model_defaults
+from darkroom.models.approvals import Approvals
 from darkroom.observability import metrics
 from darkroom.observability.logging import bind as bind_log_context
 from darkroom.safety.policy import check_prompt
@@ -35,6 +38,7 @@ from darkroom.schemas import (
     JobProgress,
     JobState,
     JobView,
+    ModelInfo,
     Priority,
     PublicModelInfo,
     UpscaleSpec,
@@ -45,6 +49,7 @@ from darkroom.storage.base import content_key
 
 from . import waiting
 from .auth import principal, require, sees_job, tenant_policy, visible_image, visible_job, websocket_principal
+from .controlnet import prepare as prepare_controlnet
 from .uploads import decode_base64_image, image_size, load_image, load_mask
 
 TERMINAL_EVENTS = {"succeeded", "failed", "cancelled", "dead"}
@@ -126,22 +131,29 @@ def check_idempotency_key(key: str | None) -> None:
 
 
 def submit_status(
-    request: Request, body: GenerationRequest, idempotency_key: str | None, stored: dict[str, str] | None = None
+    request: Request,
+    body: GenerationRequest,
+    idempotency_key: str | None,
+    stored: dict[str, str] | None = None,
+    sent: set[str] | None = None,
 ) -> tuple[JobStatus, bool]:
-    """`submit`, answering with the job's status (queue position, ETA) read in the same, single write transaction."""
+    """`submit`, answering with the job's status (queue position, ETA) read in the same, single write transaction.
+    `sent`: the request fields the client gave (default: those set on `body`); the model's defaults fill the rest."""
     svc = services(request)
     who = principal(request)
     check_idempotency_key(idempotency_key)
     limits = svc.settings.limits
     if body.upscale is not None:  # an upscale job's size is its source's: read from the upload's header
         body = upscale_source_size(body, limits)
-    check_limits(body, limits)
     policy = tenant_policy(request)
-    check_prompt(svc.settings, policy, who.tenant, body.prompt, body.negative_prompt)
     body_hash = request_hash(body.model_dump(mode="json"))
-    model = svc.registry.get(body.model) if body.model else svc.registry.default()
+    model = model_access.resolve_checkpoint(svc.registry, policy, body.model)  # unknown → 422, not allowed → 403
+    body = model_defaults.apply(body, model, sent)
+    check_limits(body, limits)
+    check_prompt(svc.settings, policy, who.tenant, body.prompt, body.negative_prompt)
     updates: dict = {
         "model": model.id,
+        "model_sha256": model.sha256,
         "sampler": resolve_sampler(body.sampler).name,
         "seed": body.seed if body.seed is not None else clock.random_seed(),
         **(stored or {}),
@@ -153,6 +165,9 @@ def submit_status(
     if body.webhook_url and not svc.settings.webhooks.secret:
         raise InvalidRequest("webhooks are not configured (DARKROOM_WEBHOOKS__SECRET)", field="webhook_url")
     uploads: list[bytes] = []  # decoded and checked now; stored only once the job is admitted (see `admit`)
+    control, control_images = prepare_controlnet(svc.registry, body, model, limits)  # units and refiner: 422s first
+    updates.update(control)
+    uploads += control_images
     if body.init_image:
         raw = decode_base64_image(body.init_image, limits, "init_image")
         uploads.append(load_image(raw, limits, "init_image", size=(body.width, body.height)))
@@ -164,11 +179,16 @@ def submit_status(
         uploads.append(load_mask(raw, limits, "mask_image", (body.width, body.height)))
         updates["mask_image"] = f"blob:{content_key(uploads[-1])[1]}"
     resolved = body.model_copy(update=updates)
+    model_access.check_request(policy, resolved)  # any model, adapter or upscaler the tenant may not use → 403
+    versions = _versions_used(svc, model, resolved)
+    approvals = Approvals.for_services(svc)
 
     def admit(conn: sa.Connection, images_today: int) -> None:
-        """Quotas first, then the uploads: a refused request stores nothing. The bytes are written inside the submit
-        transaction so no worker can claim the job before its source exists (a few KB to a few MB: on SQLite this
-        holds the write lock for the time of one file write, and only for img2img and inpainting)."""
+        """Model versions (approved and enabled, else refused at once), quotas, then the uploads: a refused request
+        stores nothing. The bytes are written inside the submit transaction so no worker can claim the job before
+        its source exists (a few KB to a few MB: on SQLite this holds the write lock for the time of one file
+        write, and only for img2img and inpainting)."""
+        approvals.check_in(conn, versions)
         check_quotas(conn, who.tenant, policy, resolved.n, images_today)
         for data in uploads:
             svc.blobs.put(data, "image/png")
@@ -190,6 +210,19 @@ def submit_status(
         metrics.job_submitted(request.scope["path"], resolved.priority)
     bind_log_context(job_id=status.job.id)  # the request's access line names its job
     return status, created
+
+
+def _versions_used(svc: Services, model: ModelInfo, request: GenerationRequest) -> list[tuple[str, str, str, str]]:
+    """(kind, name, sha256, path) of the checkpoint and adapters a resolved request runs on: what the approvals
+    check. Adapter infos come from the registry's cache (the pins above just read them)."""
+    used = [("checkpoint", model.id, model.sha256, model.path)]
+    for lora in request.loras:
+        info = svc.registry.lora(lora.name)
+        used.append(("lora", info.name, info.sha256, info.path))
+    for embedding in request.embeddings or []:
+        info = svc.registry.embedding(embedding.name)
+        used.append(("embedding", info.name, info.sha256, info.path))
+    return used
 
 
 def upscale_source_size(body: GenerationRequest, limits: Limits) -> GenerationRequest:
@@ -375,7 +408,9 @@ def get_image(request: Request, image_id: str, who: Principal = Generate) -> Res
 
 @router.get("/models", response_model=list[PublicModelInfo], summary="Approved models")
 def list_models(request: Request, who: Principal = Generate) -> list[PublicModelInfo]:
-    return [PublicModelInfo.model_validate(m.model_dump()) for m in services(request).registry.scan()]
+    """The checkpoints this tenant may use (`models.access`), with their default parameters."""
+    models = model_access.visible_checkpoints(services(request).registry, tenant_policy(request))
+    return [PublicModelInfo.model_validate(m.model_dump()) for m in models]
 
 
 @router.get("/samplers", summary="Sampler names (AUTOMATIC1111's) and the diffusers scheduler each maps to")

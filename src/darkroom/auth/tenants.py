@@ -6,11 +6,12 @@ this process and, on PostgreSQL, in every other one through a `darkroom_cache` n
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Literal
 
 import sqlalchemy as sa
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from darkroom import clock
 from darkroom.auth import audit, invalidation
@@ -18,13 +19,16 @@ from darkroom.auth.cache import TTLCache
 from darkroom.auth.principal import Principal
 from darkroom.auth.tables import tenants
 from darkroom.jobs.db import read_tx, write_tx
+from darkroom.models.access import ModelKind, check_pattern
 
+log = logging.getLogger(__name__)
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 class PromptRule(BaseModel):
     """A blocked term (whole words, case-insensitive) or regular expression, with the reason callers are told."""
 
+    model_config = ConfigDict(extra="forbid")
     pattern: str = Field(min_length=1, max_length=500)
     kind: Literal["term", "regex"] = "term"
     reason: str = Field(min_length=1, max_length=500)
@@ -39,6 +43,10 @@ class PromptRule(BaseModel):
 
 
 class TenantPolicy(BaseModel):
+    """Unknown fields are refused (422 naming them): a misspelt limit that were silently ignored would be no limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
     requests_per_minute: int | None = Field(default=None, ge=1, description="API requests, all keys together")
     images_per_day: int | None = Field(default=None, ge=1, description="images asked for since 00:00 UTC")
     gpu_seconds_per_month: float | None = Field(default=None, gt=0, description="worker time since the 1st, UTC")
@@ -46,6 +54,32 @@ class TenantPolicy(BaseModel):
     require_review: bool = Field(default=False, description="hold every output until an operator approves it")
     image_ttl_days: float | None = Field(default=None, gt=0, description="delete images (and uploads) after")
     prompt_ttl_days: float | None = Field(default=None, gt=0, description="redact prompt text after")
+    allowed_models: list[str] | None = Field(
+        default=None,
+        max_length=1000,
+        description="models this tenant may list and use: `NAME` or `KIND:NAME` (kind: checkpoint, lora, embedding, "
+        "controlnet, upscaler), `*` and `?` match; absent: every model",
+    )
+    allowed_kinds: list[ModelKind] | None = Field(default=None, description="kinds of model allowed; absent: all")
+    result_cache: bool = Field(
+        default=False,
+        description="answer an identical request with an explicit seed from the images it already made (no GPU)",
+    )
+
+    @field_validator("allowed_models")
+    @classmethod
+    def _patterns(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [check_pattern(p) for p in v]
+
+    @classmethod
+    def from_stored(cls, data: dict) -> TenantPolicy:
+        """A stored policy may predate a field's removal (or hold `allowed_models` from when it was ignored, in
+        another shape): keys this version does not know are dropped with a warning instead of failing every request
+        of the tenant; what the API accepts from now on is checked strictly."""
+        known = {k: v for k, v in data.items() if k in cls.model_fields}
+        if len(known) != len(data):
+            log.warning("tenant policy: ignoring unknown stored fields %s", sorted(set(data) - set(known)))
+        return cls.model_validate(known)
 
 
 def valid_tenant(tenant: str) -> str:
@@ -77,13 +111,13 @@ class TenantStore:
             return cached
         with read_tx(self.engine) as conn:
             row = conn.execute(sa.select(tenants.c.policy).where(tenants.c.id == tenant)).first()
-        policy = TenantPolicy.model_validate(row.policy) if row else TenantPolicy()
+        policy = TenantPolicy.from_stored(row.policy) if row else TenantPolicy()
         return self._policies.put(tenant, policy, generation)
 
     def all(self) -> dict[str, TenantPolicy]:
         with read_tx(self.engine) as conn:
             rows = conn.execute(sa.select(tenants.c.id, tenants.c.policy).order_by(tenants.c.id)).all()
-        return {r.id: TenantPolicy.model_validate(r.policy) for r in rows}
+        return {r.id: TenantPolicy.from_stored(r.policy) for r in rows}
 
     def put(self, tenant: str, policy: TenantPolicy, who: Principal) -> TenantPolicy:
         """Replace the tenant's policy; the change and its audit record commit together."""

@@ -63,6 +63,7 @@ class BatchItem:
     progress: ProgressFn
     init_image: Image.Image | None = None
     mask_image: Image.Image | None = None
+    control_images: list[Image.Image] | None = None  # one per ControlNet unit of the request, in order
 
 
 BatchOutcome = EngineResult | Exception

@@ -46,12 +46,15 @@ from darkroom.clock import random_seed
 from darkroom.engines.adapters import activate as activate_adapters
 from darkroom.engines.base import BatchItem, BatchOutcome, EngineImage, EngineResult, ProgressFn
 from darkroom.engines.classify import classify
+from darkroom.engines.controlnet import Control, ControlNets
 from darkroom.engines.hires import run_hires
 from darkroom.engines.preview import latents_to_jpeg
+from darkroom.engines.refiner import run_refined
 from darkroom.engines.samplers import SamplerSpec, make_scheduler, resolve_sampler, seed_scheduler_noise
 from darkroom.errors import DarkroomError, EngineOutOfMemory, FatalEngineError, InvalidRequest, ModelLoadError
 from darkroom.models.offline import enforce_offline
 from darkroom.models.registry import PICKLE_HINT, PICKLE_SUFFIXES, SIDECAR_CONFIG_SUFFIX, ModelRegistry
+from darkroom.models.verify import check_pinned_version
 from darkroom.observability import metrics
 from darkroom.schemas import GenerationRequest, ModelInfo
 from darkroom.worker.cache import LRUCache, release_memory
@@ -173,6 +176,7 @@ class DiffusersEngine:
         self._run_lock = threading.Lock()  # a pipeline is not re-entrant
         # (model, width, height) → most images one tensor batch may hold, learnt from running out of memory
         self._batch_limits: dict[tuple[str, int, int], int] = {}
+        self.controlnets = ControlNets(registry, self.device, self.dtype, _LOAD_LOCK)
 
     # --- Engine protocol ---------------------------------------------------------------------------------------------
 
@@ -182,9 +186,12 @@ class DiffusersEngine:
         init_image: Image.Image | None,
         progress: ProgressFn,
         mask_image: Image.Image | None = None,
+        control_images: list[Image.Image] | None = None,
     ) -> EngineResult:
+        """`control_images`: each ControlNet unit's image, in the order of `request.controlnet`."""
         started = time.perf_counter()
         info = self.registry.get(request.model) if request.model else self.registry.default()
+        check_pinned_version(info, request)
         spec = resolve_sampler(request.sampler)
         if request.seed is None:  # the API resolves seeds when it creates the job; direct callers may not have
             request = request.model_copy(update={"seed": random_seed()})
@@ -194,12 +201,15 @@ class DiffusersEngine:
         with self._run_lock:
             loaded, load_s = self._pipelines(info)
             pipe = loaded.pipeline(request.mode)
+            control = self.controlnets.prepare(request, control_images, info, pipe.unet)  # units: models and maps
             ran = time.perf_counter()
             with activate_adapters(pipe, self.registry, [request], lock=_LOAD_LOCK):  # LoRAs/embeddings: this pass only
                 if request.hires is not None:  # engines/hires.py: first pass, upscale, img2img second pass
                     images, scheduler_name = run_hires(self, loaded, spec, request, seeds, progress)
+                elif request.refiner is not None:  # engines/refiner.py: the base's steps, then the refiner's
+                    images, scheduler_name = run_refined(self, pipe, loaded, spec, request, seeds, progress)
                 else:
-                    images, scheduler_name = self._run(pipe, loaded, spec, request, sources, seeds, progress)
+                    images, scheduler_name = self._run(pipe, loaded, spec, request, sources, seeds, progress, control)
         done = time.perf_counter()
         return EngineResult(
             images=[EngineImage(image=img, seed=seed) for img, seed in zip(images, seeds, strict=True)],
@@ -215,7 +225,9 @@ class DiffusersEngine:
     def batchable(self, requests: list[GenerationRequest]) -> bool:
         """Several txt2img requests, unless `batch_invariant` asks for every image alone. img2img and inpainting
         run job after job for now (their source images would have to be stacked)."""
-        plain = all(r.mode == "txt2img" and r.hires is None for r in requests)  # hires runs image by image
+        plain = all(  # hires and the refiner run image by image; ControlNet units with their own maps, job by job
+            r.mode == "txt2img" and r.hires is None and r.refiner is None and not r.controlnet for r in requests
+        )
         return not self.batch_invariant and len(requests) > 1 and plain
 
     def generate_batch(self, items: list[BatchItem]) -> list[BatchOutcome]:
@@ -268,7 +280,9 @@ class DiffusersEngine:
         return outcomes
 
     def _alone(self, item: BatchItem) -> BatchOutcome:
-        extra = {"mask_image": item.mask_image} if item.mask_image is not None else {}
+        extra: dict[str, Any] = {"mask_image": item.mask_image} if item.mask_image is not None else {}
+        if item.control_images:
+            extra["control_images"] = item.control_images
         try:
             return self.generate(item.request, item.init_image, item.progress, **extra)
         except FatalEngineError:
@@ -280,6 +294,8 @@ class DiffusersEngine:
         started = time.perf_counter()
         first = items[0].request
         info = self.registry.get(first.model) if first.model else self.registry.default()
+        for item in items:
+            check_pinned_version(info, item.request)
         spec = resolve_sampler(first.sampler)
         seeds = [seed for item in items for seed in item.request.seeds()]
         fan = _FanOut(items, total_steps(first), arch=info.arch)
@@ -339,6 +355,7 @@ class DiffusersEngine:
 
     def close(self) -> None:
         self._cache.clear()
+        self.controlnets.clear()
 
     def check(self) -> None:
         """A device self-test the worker runs before claiming again after a device failure: a little arithmetic on
@@ -367,7 +384,12 @@ class DiffusersEngine:
         sources: Sources,
         seeds: list[int],
         progress: ProgressFn,
+        control: Control | None = None,
     ) -> tuple[list[Image.Image], str]:
+        """Every image of the request, in passes of one (batch_invariant) or all; `control`: its ControlNet units,
+        run on the ControlNet twin of `pipe`."""
+        if control is not None:
+            pipe = control.pipeline(pipe)
         # Progress counts image-steps, so it rises steadily however the images are grouped into passes.
         per_pass = total_steps(request)
         grand_total = per_pass * len(seeds)
@@ -389,8 +411,11 @@ class DiffusersEngine:
             seed_scheduler_noise(scheduler, pass_seeds)
             scheduler_name = type(scheduler).__name__
             kwargs = pipeline_kwargs(request, sources, pass_seeds, callback)
+            if control is not None:
+                kwargs.update(control.call_kwargs(request.mode))
             try:
-                images.extend(sources.paste_back(self._call(pipe, scheduler, kwargs)))
+                with control.modes(pipe) if control is not None else contextlib.nullcontext():
+                    images.extend(sources.paste_back(self._call(pipe, scheduler, kwargs)))
             except EngineOutOfMemory:
                 if len(pass_seeds) == 1:
                     raise EngineOutOfMemory(
@@ -705,6 +730,8 @@ def load_diffusers_folder(folder: Path, arch: str, dtype: torch.dtype) -> Any:
     if arch == "sdxl":
         # Watermarking belongs to darkroom's safety stage, not to whether invisible-watermark happens to be installed.
         return diffusers.StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False, **kwargs)
+    if arch == "sdxl-refiner":  # img2img only: it refines the base model's latents (engines/refiner.py)
+        return diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(folder, add_watermarker=False, **kwargs)
     return diffusers.AutoPipelineForText2Image.from_pretrained(folder, **kwargs)
 
 
@@ -717,6 +744,9 @@ def load_single_file(checkpoint: Path, arch: str, dtype: torch.dtype, donors: li
     kwargs.update(_tokenizers(checkpoint, arch, config, donors))
     if arch == "sdxl":
         return diffusers.StableDiffusionXLPipeline.from_single_file(str(checkpoint), add_watermarker=False, **kwargs)
+    if arch == "sdxl-refiner":
+        pipeline = diffusers.StableDiffusionXLImg2ImgPipeline
+        return pipeline.from_single_file(str(checkpoint), add_watermarker=False, **kwargs)
     kwargs.update(safety_checker=None, requires_safety_checker=False)
     return diffusers.StableDiffusionPipeline.from_single_file(str(checkpoint), **kwargs)
 
@@ -735,7 +765,7 @@ def single_file_config(checkpoint: Path, arch: str) -> Path:
 
 
 def _tokenizer_names(arch: str) -> list[str]:
-    return ["tokenizer", "tokenizer_2"] if arch == "sdxl" else ["tokenizer"]
+    return {"sdxl": ["tokenizer", "tokenizer_2"], "sdxl-refiner": ["tokenizer_2"]}.get(arch, ["tokenizer"])
 
 
 def _tokenizers(checkpoint: Path, arch: str, config: Path, donors: list[Path]) -> dict[str, Any]:

@@ -840,47 +840,77 @@ class JobStore:
         """Jobs whose worker stopped heartbeating go back to the queue (or end, if out of attempts / cancelled).
         Only a job that had started was charged an attempt (by `start`); its batch-mates go back as they were."""
         now = clock.utcnow()
-        touched, requeued, ended = [], 0, []
         expired = (
-            sa.select(jobs.c.id, jobs.c.attempts, jobs.c.max_attempts, jobs.c.cancel_requested, jobs.c.lease_owner)
-            .add_columns(jobs.c.started_at.is_not(None).label("started"))
+            sa.select(*_RECLAIM)
             .where(jobs.c.state == JobState.running.value, jobs.c.lease_expires_at < now)
             .with_for_update(skip_locked=True)
         )
         with write_tx(self.engine) as conn:
-            for row in conn.execute(expired).all():
-                lost = {"worker": row.lease_owner, "attempt": row.attempts, "started": bool(row.started)}
-                common = {"owner": row.lease_owner, "returning": _ENDING, "lease_owner": None, "lease_expires_at": None}
-                values: dict[str, Any]
-                if row.cancel_requested:
-                    to, values, kind = JobState.cancelled, {"finished_at": now}, "cancelled"
-                    data: dict[str, Any] = {"while": "lease expired"}
-                elif row.attempts >= row.max_attempts:
-                    error = {"code": "lease_expired", "message": f"worker lost {row.attempts} times", "field": None}
-                    to, values, kind, data = (
-                        JobState.dead,
-                        {"finished_at": now, "error": error},
-                        "dead",
-                        {"error": error, **lost},
-                    )
-                else:
-                    to, values, kind = JobState.queued, {"available_at": now, "started_at": None}, "requeued"
-                    data = {"reason": "lease expired", **lost}
-                moved = self._move(conn, row.id, JobState.running, to, now, **common, **values)
-                if moved is None:
-                    continue
-                touched.append(row.id)
-                requeued += to is JobState.queued
-                ended += [] if to is JobState.queued else [(to.value, moved.model)]
-                self._ended(conn, moved, now)
-                self._event(conn, row.id, kind, data, now)
-            if requeued:
-                _shift_queued(conn, requeued, "requeue")
-        for _ in touched:
-            metrics.job_error("lease_lost")
-        for state, model in ended:
-            metrics.job_ended(state, model)
-        return touched
+            moved = self._reclaim(conn, conn.execute(expired).all(), "lease expired", now)
+        return self._reclaimed(moved, "lease_lost")
+
+    def requeue_stuck(self, grace_seconds: float, default_timeout: float | None) -> builtins.list[str]:
+        """Jobs whose worker still heartbeats but whose run is `grace_seconds` past its time limit: the step callback
+        would have ended it at the next step, so no step has come (a hung kernel, a deadlocked thread). They go back
+        to the queue like a lost worker's, or end when out of attempts, and the worker's lease is taken away (its
+        late writes are refused). Reads the running jobs (one per busy worker slot, through the state index)."""
+        now = clock.utcnow()
+        running = (
+            sa.select(*_RECLAIM, jobs.c.timeout_seconds)
+            .where(jobs.c.state == JobState.running.value, jobs.c.started_at.is_not(None))
+            .with_for_update(skip_locked=True)
+        )
+        with write_tx(self.engine) as conn:
+            stuck = []
+            for row in conn.execute(running).all():
+                limit = row.timeout_seconds or default_timeout
+                started = clock.aware(row.started_at)
+                if limit is not None and (now - started).total_seconds() > limit + grace_seconds:
+                    stuck.append(row)
+            moved = self._reclaim(conn, stuck, "stuck", now) if stuck else []
+        return self._reclaimed(moved, "stuck")
+
+    def _reclaim(
+        self, conn: sa.Connection, rows: Sequence[sa.Row], reason: str, now: dt.datetime
+    ) -> builtins.list[tuple[str, str, str | None]]:
+        """Take running jobs away from their worker, each by the one guarded move (state and lease owner as read):
+        back to the queue while attempts remain, else `dead`; a job with a cancel request ends `cancelled`. Returns
+        (job id, new state, model) of each job moved."""
+        moved_jobs, requeued = [], 0
+        for row in rows:
+            lost = {"worker": row.lease_owner, "attempt": row.attempts, "started": row.started_at is not None}
+            common = {"owner": row.lease_owner, "returning": _ENDING, "lease_owner": None, "lease_expires_at": None}
+            values: dict[str, Any]
+            if row.cancel_requested:
+                to, values, kind = JobState.cancelled, {"finished_at": now}, "cancelled"
+                data: dict[str, Any] = {"while": reason}
+            elif row.attempts >= row.max_attempts:
+                code, what = ("lease_expired", "worker lost") if reason == "lease expired" else ("stuck", "stuck")
+                error = {"code": code, "message": f"{what} {row.attempts} times", "field": None}
+                to, values, kind = JobState.dead, {"finished_at": now, "error": error}, "dead"
+                data = {"error": error, **lost}
+            else:
+                to, values, kind = JobState.queued, {"available_at": now, "started_at": None}, "requeued"
+                data = {"reason": reason, **lost}
+            moved = self._move(conn, row.id, JobState.running, to, now, **common, **values)
+            if moved is None:
+                continue
+            moved_jobs.append((row.id, to.value, moved.model))
+            requeued += to is JobState.queued
+            self._ended(conn, moved, now)
+            self._event(conn, row.id, kind, data, now)
+        if requeued:
+            _shift_queued(conn, requeued, "requeue")
+        return moved_jobs
+
+    @staticmethod
+    def _reclaimed(moved: Sequence[tuple[str, str, str | None]], kind: str) -> builtins.list[str]:
+        """After the commit: each reclaimed job counts as a failed attempt of `kind`; those that ended, as ended."""
+        for _, state, model in moved:
+            metrics.job_error(kind)
+            if state != JobState.queued.value:
+                metrics.job_ended(state, model)
+        return [job_id for job_id, _, _ in moved]
 
     # --- helpers --------------------------------------------------------------------------------------------------
 
@@ -930,6 +960,15 @@ class JobStore:
         announce(conn)
 
 
+# What taking a job away from its worker reads of it (`_reclaim`).
+_RECLAIM = (
+    jobs.c.id,
+    jobs.c.attempts,
+    jobs.c.max_attempts,
+    jobs.c.cancel_requested,
+    jobs.c.lease_owner,
+    jobs.c.started_at,
+)
 _ENDING = (jobs.c.state, jobs.c.attempts, jobs.c.tenant, jobs.c.created_at, jobs.c.images_requested, jobs.c.model)
 
 

@@ -43,7 +43,9 @@ from typing import Any
 
 from darkroom.config import Settings
 from darkroom.errors import Conflict, InvalidRequest, ServiceUnavailable
-from darkroom.schemas import AdapterInfo, EmbeddingSpec, LoraSpec, ModelInfo
+from darkroom.models import controlnets
+from darkroom.models.controlnets import CONTROLNET_DIR, ControlNetInfo
+from darkroom.schemas import AdapterInfo, EmbeddingSpec, LoraSpec, ModelDefaults, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ LDM_UNET_PREFIX = "model.diffusion_model."
 # Key prefixes that tell the Stable Diffusion families apart in an original (LDM / sgm) single-file checkpoint.
 SINGLE_FILE_ARCH_MARKERS: tuple[tuple[str, str], ...] = (
     ("conditioner.embedders.1", "sdxl"),
+    ("conditioner.embedders.0.model.", "sdxl-refiner"),  # the refiner has only OpenCLIP-G, as embedder 0
     ("cond_stage_model.model.", "sd2"),
     ("cond_stage_model.transformer.", "sd1"),
 )
@@ -97,6 +100,7 @@ class ModelRegistry:
         self._hashes: dict[str, dict[str, Any]] | None = None
         self._hashes_dirty = False
         self._adapter_infos: dict[tuple[str, int, int], AdapterInfo] = {}  # (path, size, mtime_ns) → listing
+        self._controlnet_infos: dict[tuple[str, int, int], ControlNetInfo] = {}  # the same for ControlNets
 
     @classmethod
     def for_settings(cls, settings: Settings) -> ModelRegistry:
@@ -145,7 +149,7 @@ class ModelRegistry:
         models = self.scan()
         if not models:
             raise ServiceUnavailable(f"no models in {self.models_dir}; add one with `darkroom models add PATH`")
-        real = [m for m in models if not m.smoke_test]
+        real = [m for m in models if not m.smoke_test and m.arch != "sdxl-refiner"]  # a refiner cannot start a picture
         return min(real or models, key=lambda m: (m.name.lower(), m.id))
 
     @staticmethod
@@ -278,6 +282,75 @@ class ModelRegistry:
         self._adapter_infos[key] = info
         return info
 
+    # --- ControlNet -------------------------------------------------------------------------------------------------
+
+    def controlnets(self) -> list[ControlNetInfo]:
+        """ControlNet models in `models/controlnet/` (see models/controlnets.py), by name; unreadable ones skipped."""
+        out: list[ControlNetInfo] = []
+        with self._lock:
+            for name, (path, fmt) in controlnets.candidates(self.models_dir / CONTROLNET_DIR).items():
+                try:
+                    info = self._controlnet_info(name, path, fmt)
+                except Exception as exc:  # a truncated download must not hide the others
+                    log.warning("skipping ControlNet %s: %s", path, exc)
+                    continue
+                if info is not None:
+                    out.append(info)
+            self._save_hash_cache()
+        return sorted(out, key=lambda c: c.name.casefold())
+
+    def controlnet(self, name: str) -> ControlNetInfo:
+        """A ControlNet by name: exact, then A1111's `name [hash8]` title, then a unique case-insensitive match. Only
+        this one is hashed."""
+        found = controlnets.candidates(self.models_dir / CONTROLNET_DIR)
+        bare = re.sub(r"\s*\[[0-9a-f]{8,}\]$", "", name.strip())
+        key = bare if bare in found else None
+        if key is None:
+            folded = [known for known in found if known.casefold() == bare.casefold()]
+            key = folded[0] if len(folded) == 1 else None
+        info = None
+        if key is not None:
+            with self._lock:
+                try:
+                    info = self._controlnet_info(key, *found[key])
+                except Exception as exc:
+                    raise InvalidRequest(f"ControlNet {name!r} is not readable: {exc}", field="controlnet") from exc
+                self._save_hash_cache()
+        if info is None:
+            known = ", ".join(sorted(found, key=str.casefold)) or "none"
+            raise InvalidRequest(
+                f"unknown ControlNet model {name!r} (available in {CONTROLNET_DIR}/: {known})", field="controlnet"
+            )
+        return info
+
+    def _controlnet_info(self, name: str, path: Path, fmt: str) -> ControlNetInfo | None:
+        files = controlnets.folder_files(path) if fmt == "diffusers" else [path]
+        stats = [(f, f.stat()) for f in files]
+        key = (str(path), sum(st.st_size for _, st in stats), max((st.st_mtime_ns for _, st in stats), default=0))
+        hit = self._controlnet_infos.get(key)
+        if hit is not None:
+            return hit
+        if fmt == "diffusers":
+            arch: str | None = controlnets.folder_arch(path)
+            sha = self._folder_sha256(path, files)
+        else:
+            arch = controlnets.single_file_arch(safetensors_header(path))
+            if arch is None:
+                log.info("skipping %s: not a ControlNet (no conditioning-image encoder in its keys)", path)
+                return None
+            sha = self._file_sha256(path)
+        info = ControlNetInfo(
+            name=name,
+            format="diffusers" if fmt == "diffusers" else "single_file",
+            arch=arch or "unknown",
+            path=str(path.resolve()),
+            relpath=path.relative_to(self.models_dir / CONTROLNET_DIR).as_posix(),
+            sha256=sha,
+            size_bytes=key[1],
+        )
+        self._controlnet_infos[key] = info
+        return info
+
     # --- adding ------------------------------------------------------------------------------------------------------
 
     def add(self, path: Path, name: str | None = None) -> ModelInfo:
@@ -378,6 +451,7 @@ class ModelRegistry:
             size_bytes=size,
             smoke_test=bool(meta.get("smoke_test", False)),
             description=str(meta.get("description", "")),
+            defaults=_defaults(meta, entry),
         )
 
     # --- hashing -----------------------------------------------------------------------------------------------------
@@ -495,8 +569,8 @@ def diffusers_arch(folder: Path) -> str:
     """SD 2 differs from SD 1 only in sizes: a 1024-wide cross-attention (OpenCLIP-H) and linear projections."""
     index = json.loads((folder / "model_index.json").read_text())
     cls = str(index.get("_class_name", ""))
-    if cls.startswith("StableDiffusionXL"):
-        return "sdxl"
+    if cls.startswith("StableDiffusionXL"):  # the refiner: no first text encoder, only OpenCLIP-G
+        return "sdxl-refiner" if (index.get("text_encoder") or [None])[0] is None else "sdxl"
     if not cls.startswith("StableDiffusion"):
         return "unknown"
     unet = _read_json(folder / "unet" / "config.json")
@@ -625,6 +699,15 @@ def _unique_id(info: ModelInfo, taken: set[str]) -> ModelInfo:
         n += 1
     log.warning("model id %s is taken; listing %s as %s-%d", info.id, info.path, info.id, n)
     return info.model_copy(update={"id": f"{info.id}-{n}"})
+
+
+def _defaults(meta: dict[str, Any], entry: Path) -> ModelDefaults:
+    """The metadata's `defaults`; a bad one is logged and ignored rather than hiding the model."""
+    try:
+        return ModelDefaults.model_validate(meta.get("defaults") or {})
+    except ValueError as exc:
+        log.warning("%s: ignoring its defaults: %s", entry, exc)
+        return ModelDefaults()
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

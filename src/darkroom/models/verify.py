@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+from darkroom.errors import ModelLoadError
 from darkroom.models.registry import ModelRegistry
+from darkroom.schemas import GenerationRequest, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -36,3 +38,15 @@ def verify_local_models(registry: ModelRegistry, approved: Mapping[str, str] | N
     if missing:
         log.info("approved models not present on this worker: %s", ", ".join(sorted(missing)))
     return servable
+
+
+def check_pinned_version(info: ModelInfo, request: GenerationRequest) -> None:
+    """The job runs on the version it was admitted with, or fails at once (for good): a model file replaced after
+    submit must not render under the old version's name in the provenance."""
+    if request.model_sha256 and request.model_sha256 != info.sha256:
+        raise ModelLoadError(
+            f"model {info.id!r} changed since the job was queued (now {info.sha256[:12]}, queued with "
+            f"{request.model_sha256[:12]}); approve the new version or restore the file, then submit again",
+            field="model",
+            code="model_changed",
+        )

@@ -86,6 +86,17 @@ DEVICE_SECONDS = Counter(
 WEBHOOKS = Counter(
     "darkroom_webhook_deliveries_total", "Webhook delivery attempts, by outcome (delivered, retry, failed)", ["outcome"]
 )
+STUCK_JOBS = Counter(
+    "darkroom_jobs_stuck_total", "Running jobs found past their time limit without a step, taken from their worker"
+)
+DISK_FREE = Gauge(
+    "darkroom_data_disk_free_bytes", "Free bytes on the data dir's file system", multiprocess_mode="livemax"
+)
+DISK_LOW = Gauge(
+    "darkroom_data_disk_low",
+    "1 while the data dir's free bytes are below observability.disk_low_bytes",
+    multiprocess_mode="livemax",
+)
 
 ERROR_KINDS = {
     "out_of_memory": "oom",
@@ -95,6 +106,7 @@ ERROR_KINDS = {
     "forbidden": "policy",
     "lease_lost": "lease_lost",
     "lease_expired": "lease_lost",
+    "stuck": "timeout",
 }
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 WEBHOOK_OUTCOMES = {"delivered": "delivered", "pending": "retry", "failed": "failed", "refused": "failed"}
@@ -169,6 +181,18 @@ def job_succeeded(
 def job_error(code: str | None) -> None:
     """A failed attempt, by kind: codes the engine and policy raise map to a few kinds; the rest are `engine`."""
     JOB_ERRORS.labels(ERROR_KINDS.get(code or "", "engine")).inc()
+
+
+@_quietly
+def jobs_stuck(count: int) -> None:
+    if count:
+        STUCK_JOBS.inc(count)
+
+
+@_quietly
+def data_disk(free_bytes: int, low: bool) -> None:
+    DISK_FREE.set(free_bytes)
+    DISK_LOW.set(1 if low else 0)
 
 
 @_quietly
@@ -309,7 +333,7 @@ def multiprocess(root: Path) -> Path:
     from prometheus_client import values
 
     values.ValueClass = values.get_value_class()  # metrics created before this would keep per-process values
-    for metric in (BATCH_SIZE, MODEL_CACHE_BYTES, IMAGES):  # the unlabelled ones hold their value already
+    for metric in (BATCH_SIZE, MODEL_CACHE_BYTES, IMAGES, STUCK_JOBS, DISK_FREE, DISK_LOW):  # unlabelled: made already
         metric._metric_init()
     return directory
 

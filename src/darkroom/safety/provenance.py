@@ -26,7 +26,7 @@ PARAMETERS_KEY = "parameters"
 
 
 def a1111_parameters(prov: dict[str, Any]) -> str:
-    from darkroom.engines import hires, upscalers  # torch-free; imported here to keep safety/ free of engines/
+    from darkroom.engines import controlnet, hires, refiner, upscalers  # torch-free; kept out of safety/'s imports
 
     req = prov["request"]
     if req.get("upscale"):  # an upscale job: A1111's extras write only the postprocessing fields
@@ -50,6 +50,7 @@ def a1111_parameters(prov: dict[str, Any]) -> str:
         fields.append(("Lora hashes", lora_hashes(req["loras"])))
     if req.get("embeddings"):
         fields.append(("TI hashes", lora_hashes(req["embeddings"])))
+    fields += refiner.infotext_fields(req) + controlnet.infotext_fields(req)
     fields.append(("Version", f"darkroom {prov['versions'].get('darkroom', '')}"))
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
     return "\n".join(lines)
@@ -80,26 +81,11 @@ def encode_png(
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, a1111_parameters(provenance))
     info.add_itxt(PROVENANCE_KEY, json.dumps(provenance, sort_keys=True), zip=True)
-    for key, value in comfyui_chunks(provenance["request"]).items():
-        info.add_text(key, value)
     out = io.BytesIO()
     image.save(out, format="PNG", pnginfo=info, compress_level=6)
     if c2pa_dir is None or not c2pa_manifest.available():
         return out.getvalue()
     return _sign(out.getvalue(), provenance, c2pa_dir)
-
-
-def comfyui_chunks(request: dict[str, Any]) -> dict[str, str]:
-    """A job compiled from a ComfyUI workflow carries it as ComfyUI's own PNGs do: the API-format graph in `prompt`
-    and, when the client sent one, the UI graph in `workflow`, so dropping the image on ComfyUI loads the workflow."""
-    spec = request.get("workflow")
-    if not spec:
-        return {}
-    chunks = {"prompt": json.dumps(spec["prompt"])}
-    ui = (spec.get("extra_data") or {}).get("extra_pnginfo", {})
-    if isinstance(ui, dict) and ui.get("workflow") is not None:
-        chunks["workflow"] = json.dumps(ui["workflow"])
-    return chunks
 
 
 def pixel_digest(image: Image.Image) -> str:

@@ -30,7 +30,9 @@ from darkroom import __version__, clock
 from darkroom.auth.tenants import TenantStore
 from darkroom.config import Settings
 from darkroom.engines.base import BatchItem, Engine, EngineResult
+from darkroom.engines.controlnet import units_record as controlnet_units
 from darkroom.engines.hires import passes as hires_passes
+from darkroom.engines.refiner import passes as refiner_passes
 from darkroom.engines.upscalers import run_upscale
 from darkroom.errors import (
     DarkroomError,
@@ -469,7 +471,8 @@ class Worker:
         request = request or job.generation_request()
         init = self._load_image(request.init_image)
         mask = self._load_image(request.mask_image)
-        return BatchItem(request=request, progress=run, init_image=init, mask_image=mask)
+        controls = [self._load_image(unit.image) for unit in request.controlnet] or None  # ControlNet units' images
+        return BatchItem(request=request, progress=run, init_image=init, mask_image=mask, control_images=controls)
 
     def _start(self, job: JobRecord, leases: _Leases) -> tuple[JobRecord, _Run] | None:
         """Charge the attempt (it counts from here, not from the claim) and set up the job's step callback; None
@@ -503,7 +506,9 @@ class Worker:
             device = getattr(self.engine, "device", "cpu")
             result = run_upscale(item.request, item.init_image, registry, device, run)
         else:
-            extra = {"mask_image": item.mask_image} if item.mask_image is not None else {}
+            extra: dict[str, Any] = {"mask_image": item.mask_image} if item.mask_image is not None else {}
+            if item.control_images:
+                extra["control_images"] = item.control_images
             result = self.engine.generate(item.request, item.init_image, run, **extra)
         self._hand_off(job, result, run.started, leases)
 
@@ -611,6 +616,10 @@ class Worker:
         }
         if request.get("hires"):
             common["hires_passes"] = hires_passes(request)  # both passes: sizes, steps, the upscaler between
+        if request.get("controlnet"):  # each unit: model and hash, module, weight, range, control image sha256
+            common["controlnet"] = controlnet_units(request)
+        if request.get("refiner"):
+            common["refiner_passes"] = refiner_passes(request, result.model.sha256)  # which model ran which steps
         policy = self._tenants.get(job.tenant)  # cached for `server.auth_cache_seconds`, like the API's reads
         new_images = []
         for index, item in enumerate(result.images):

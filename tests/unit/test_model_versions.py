@@ -1,0 +1,86 @@
+"""Model versions through the real app and CLI functions on a real SQLite store: a changed model file is refused
+until an operator approves it, then served; rollback restores the old version's bytes and makes it the one used;
+disable stops a model; a job records the version it was admitted with."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+from fastapi.testclient import TestClient
+
+from darkroom.api.app import create_app
+from darkroom.auth.principal import Principal
+from darkroom.config import Settings
+from darkroom.models import lifecycle
+from darkroom.service import Services
+
+BASE = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 1, "model": "tiny-single"}
+CLI = Principal.cli()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, models_dir):
+    root = tmp_path_factory.mktemp("versioned-models")
+    shutil.copy2(models_dir / "tiny-single.safetensors", root / "tiny-single.safetensors")
+    svc = Services.open(Settings(data_dir=tmp_path_factory.mktemp("versions-data"), models_dir=root))
+    with TestClient(create_app(svc, workers=0)) as client:
+        yield client, svc, root / "tiny-single.safetensors"
+    svc.close()
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_changed_file_is_refused_until_approved_then_served_and_rollback_restores_the_old(setup):
+    api, svc, weights = setup
+    first = sha(weights)
+    job = api.post("/v1/jobs", json=BASE)
+    assert job.status_code == 202 and job.json()["request"]["model_sha256"] == first  # first seen: approved
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, other weights: what a botched copy or a silent update looks like
+    weights.write_bytes(bytes(data))
+    second = sha(weights)
+    svc.registry.rescan()
+    refused = api.post("/v1/jobs", json=BASE)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["code"] == "model_not_approved" and second[:12] in refused.json()["error"]["message"]
+
+    approved = api.post("/v1/models/tiny-single/approve")
+    assert approved.status_code == 200 and approved.json()["current"] == second
+    served = api.post("/v1/jobs", json=BASE)
+    assert served.status_code == 202 and served.json()["request"]["model_sha256"] == second
+
+    listed = api.get("/v1/models/tiny-single/versions").json()
+    assert [v["sha256"] for v in listed["versions"]] == [first, second] and listed["on_disk"] == second
+    assert listed["versions"][0]["added_by"] == "system:first-seen" and listed["versions"][1]["approved_by"]
+
+    record = lifecycle.act(svc, CLI, "rollback", "tiny-single", first[:12])  # what `darkroom models rollback` runs
+    assert record.current == first and sha(weights) == first  # the kept copy is back in the models folder
+    svc.registry.rescan()
+    again = api.post("/v1/jobs", json=BASE)
+    assert again.status_code == 202 and again.json()["request"]["model_sha256"] == first
+
+
+def test_disable_refuses_the_model_and_enable_serves_it_again(setup):
+    api, svc, _ = setup
+    assert api.post("/v1/models/tiny-single/disable").json()["disabled"] is True
+    refused = api.post("/v1/jobs", json=BASE)
+    assert refused.status_code == 409 and "disabled" in refused.json()["error"]["message"]
+    assert api.post("/v1/models/tiny-single/enable").json()["disabled"] is False
+    assert api.post("/v1/jobs", json=BASE).status_code == 202
+
+
+def test_the_engine_fails_a_job_whose_model_changed_since_submit(setup):
+    from darkroom.errors import ModelLoadError
+    from darkroom.models.verify import check_pinned_version
+    from darkroom.schemas import GenerationRequest
+
+    _, svc, _ = setup
+    info = svc.registry.get("tiny-single")
+    stale = GenerationRequest(prompt="x", model="tiny-single", model_sha256="0" * 64)
+    with pytest.raises(ModelLoadError, match="changed since the job was queued"):
+        check_pinned_version(info, stale)
+    check_pinned_version(info, stale.model_copy(update={"model_sha256": info.sha256}))

@@ -81,6 +81,20 @@ class AdapterInfo(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict, description="the safetensors header's metadata")
 
 
+class WorkflowSpec(BaseModel):
+    """The ComfyUI workflow a job was compiled from (api/comfyui): kept verbatim for provenance and the PNG's
+    `prompt` text chunk, with what the ComfyUI API needs to answer for the job (its queue, history and WebSocket
+    messages name nodes). Workers do not read it: the job's other fields say everything that runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: dict[str, Any] = Field(description="the API-format workflow as submitted")
+    client_id: str | None = Field(None, max_length=200, description="ComfyUI's `client_id`: whose /ws hears of it")
+    outputs: list[str] = Field(default_factory=list, description="ids of the output nodes (SaveImage, PreviewImage)")
+    sampler_node: str | None = Field(None, description="the node progress is reported for (the last KSampler)")
+    extra_data: dict[str, Any] = Field(default_factory=dict, description="ComfyUI's `extra_data` (extra_pnginfo)")
+
+
 MAX_HIRES_SCALE = 8.0  # A1111's slider stops at 4; 8 leaves room, and the pixel limits bound the target anyway
 
 
@@ -252,6 +266,9 @@ class GenerationRequest(BaseModel):
     )
     timeout_seconds: float | None = Field(None, gt=0, description="fail the job if it runs longer than this")
     preview: bool = Field(False, description="attach low-resolution previews to progress events (SSE, WebSocket)")
+    workflow: WorkflowSpec | None = Field(
+        None, description="set by the ComfyUI API: the workflow this job was compiled from (provenance)"
+    )
     loras: list[LoraSpec] = Field(
         default_factory=list,
         max_length=MAX_LORAS,

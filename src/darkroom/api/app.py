@@ -21,7 +21,7 @@ from darkroom.webhooks.deliveries import COMPLETED
 from darkroom.webhooks.dispatcher import WebhookDispatcher
 from darkroom.webhooks.dispatcher import start_for as start_webhooks
 
-from . import a1111, admin, controlnet, errors, health, landing, openai_compat, openapi, review, v1, webhooks
+from . import a1111, admin, comfyui, controlnet, errors, health, landing, openai_compat, openapi, review, v1, webhooks
 from .auth import admit_before_body
 from .edge import Edge, InFlight
 
@@ -97,6 +97,9 @@ def create_app(services: Services, workers: int = 0, worker_processes: bool = Fa
     app.include_router(a1111.router)
     app.include_router(controlnet.router)  # A1111's ControlNet extension: /controlnet/*
     app.include_router(openai_compat.router)
+    for prefix in ("", "/api"):  # ComfyUI serves its routes at both (its front end uses /api/...)
+        app.include_router(comfyui.router, prefix=prefix)
+        app.include_router(comfyui.socket_router, prefix=prefix)
     app.include_router(webhooks.router)
     app.include_router(review.router)
     app.include_router(landing.router)

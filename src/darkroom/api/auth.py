@@ -11,6 +11,8 @@ error leaves in the route's own shape (OpenAI routes answer in OpenAI's)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 from collections.abc import Callable
 
@@ -101,7 +103,7 @@ def require(permission: Permission) -> Callable[..., object]:
         if who is None:
             svc: Services = request.app.state.services
             ip = request.client.host if request.client else None
-            token = creds.credentials if creds else None
+            token = bearer_token(request)  # Bearer (what `creds` documents) or Basic
             rid = getattr(request.state, "request_id", None)
             failures = getattr(request.app.state, "login_failures", None)
             who, request.state.tenant_policy = await run_in_threadpool(_admit, svc, failures, token, ip, rid)
@@ -118,8 +120,7 @@ async def websocket_principal(websocket: WebSocket, permission: Permission) -> P
     """WebSockets: the key from the Authorization header, or `?api_key=` (browsers cannot set headers there).
     None (after closing the socket with 4401/4403) when the caller may not."""
     svc: Services = websocket.app.state.services
-    header = websocket.headers.get("authorization", "")
-    token = header[7:] if header.lower().startswith("bearer ") else websocket.query_params.get("api_key")
+    token = credential(websocket.headers.get("authorization", "")) or websocket.query_params.get("api_key")
     ip = websocket.client.host if websocket.client else None
     failures = getattr(websocket.app.state, "login_failures", None)
     try:
@@ -133,10 +134,26 @@ async def websocket_principal(websocket: WebSocket, permission: Permission) -> P
     return who
 
 
+def credential(authorization: str) -> str | None:
+    """The API key an `Authorization` header carries: `Bearer <key>`, or `Basic base64(user:key)` as A1111's
+    `--api-auth` clients and ComfyUI clients send it (the user name is ignored: the key says who calls). The one
+    place both schemes are read, for every route and WebSocket."""
+    scheme, _, credentials = authorization.partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() == "bearer":
+        return credentials or None
+    if scheme.lower() != "basic" or not credentials:
+        return None
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return decoded.partition(":")[2] or None
+
+
 def bearer_token(request: Request) -> str | None:
-    """The token of `Authorization: Bearer …`, read as `HTTPBearer` reads it."""
-    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    return credentials.strip() or None if scheme.lower() == "bearer" else None
+    """The request's API key (`credential`), from a Bearer or Basic `Authorization` header."""
+    return credential(request.headers.get("authorization", ""))
 
 
 async def admit_before_body(request: Request) -> None:

@@ -81,11 +81,26 @@ def encode_png(
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, a1111_parameters(provenance))
     info.add_itxt(PROVENANCE_KEY, json.dumps(provenance, sort_keys=True), zip=True)
+    for key, value in comfyui_chunks(provenance["request"]).items():
+        info.add_text(key, value)
     out = io.BytesIO()
     image.save(out, format="PNG", pnginfo=info, compress_level=6)
     if c2pa_dir is None or not c2pa_manifest.available():
         return out.getvalue()
     return _sign(out.getvalue(), provenance, c2pa_dir)
+
+
+def comfyui_chunks(request: dict[str, Any]) -> dict[str, str]:
+    """A job compiled from a ComfyUI workflow carries it as ComfyUI's own PNGs do: the API-format graph in `prompt`
+    and, when the client sent one, the UI graph in `workflow`, so dropping the image on ComfyUI loads the workflow."""
+    spec = request.get("workflow")
+    if not spec:
+        return {}
+    chunks = {"prompt": json.dumps(spec["prompt"])}
+    ui = (spec.get("extra_data") or {}).get("extra_pnginfo", {})
+    if isinstance(ui, dict) and ui.get("workflow") is not None:
+        chunks["workflow"] = json.dumps(ui["workflow"])
+    return chunks
 
 
 def pixel_digest(image: Image.Image) -> str:

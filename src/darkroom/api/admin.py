@@ -10,14 +10,17 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
+from darkroom import clock
 from darkroom.auth.audit import AuditRecord
 from darkroom.auth.keys import KeyRecord
 from darkroom.auth.limits import effective, usage
 from darkroom.auth.principal import DEFAULT_TENANT, Permission, Principal, Role
 from darkroom.auth.tenants import TenantPolicy
-from darkroom.errors import InvalidRequest
+from darkroom.errors import Forbidden, InvalidRequest
 from darkroom.jobs.workers import WorkerRegistry, WorkerState, stale_after
 from darkroom.models import lifecycle
+from darkroom.observability import cost
+from darkroom.observability.cost import GroupBy
 from darkroom.service import Services
 
 from .auth import require
@@ -127,11 +130,37 @@ def put_tenant(request: Request, tenant: str, policy: TenantPolicy, who: Princip
         raise InvalidRequest(str(exc), field="tenant") from None
 
 
-@router.get("/usage", tags=["v1"], summary="Your tenant's usage against its quotas")
-def get_usage(request: Request, who: Principal = Depends(require(Permission.generate))) -> dict:
+@router.get(
+    "/usage",
+    tags=["v1"],
+    summary="Your tenant's usage against its quotas; with from / to / group_by, a cost report (admins: every tenant)",
+)
+def get_usage(
+    request: Request,
+    start: dt.datetime | None = Query(None, alias="from", description="report: jobs finished at or after (UTC)"),
+    end: dt.datetime | None = Query(None, alias="to", description="report: jobs finished before (default: now)"),
+    group_by: GroupBy | None = Query(None, description="report rows by day, model or tenant"),
+    tenant: str | None = Query(None, max_length=64, description="report: one tenant (admins; others see their own)"),
+    who: Principal = Depends(require(Permission.generate)),
+) -> dict:
     svc = _services(request)
-    policy = effective(svc.tenants.get(who.tenant), svc.settings.security)
-    return {"tenant": who.tenant, **usage(svc.store.engine, who.tenant, policy)}
+    if start is None and end is None and group_by is None:  # the quota view, as before
+        policy = effective(svc.tenants.get(who.tenant), svc.settings.security)
+        return {"tenant": who.tenant, **usage(svc.store.engine, who.tenant, policy)}
+    end = _utc(end, "to") if end is not None else clock.utcnow()
+    start = _utc(start, "from") if start is not None else end - dt.timedelta(days=30)
+    if start >= end:
+        raise InvalidRequest("`from` must be before `to`", field="from")
+    if not who.can(Permission.admin):
+        if tenant not in (None, who.tenant):
+            raise Forbidden("only admins report on another tenant")
+        tenant = who.tenant
+    return cost.report(svc.settings, svc.store.engine, start, end, group_by or "day", tenant)
+
+
+def _utc(value: dt.datetime, field: str) -> dt.datetime:
+    """A report bound as an aware UTC time; a naive one is taken as UTC."""
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 # --- audit log (admin) ------------------------------------------------------------------------------------------------

@@ -694,10 +694,15 @@ class JobStore:
         return LeaseAck(owned=True, cancel_requested=bool(moved.cancel_requested))
 
     def complete(
-        self, job_id: str, worker_id: str, new_images: builtins.list[NewImage], result: dict[str, Any]
+        self,
+        job_id: str,
+        worker_id: str,
+        new_images: builtins.list[NewImage],
+        result: dict[str, Any],
+        cost: float | None = None,
     ) -> bool:
-        """Record success, its images, the tenant's GPU-seconds and the model's step rate in one transaction; False
-        (and nothing written) if we lost the lease."""
+        """Record success, its images, its cost (`darkroom.observability.cost`), the tenant's GPU-seconds and the
+        model's step rate in one transaction; False (and nothing written) if we lost the lease."""
         now = clock.utcnow()
         gpu_seconds = (result.get("timings") or {}).get("worker_total_s")
         with write_tx(self.engine) as conn:
@@ -719,6 +724,7 @@ class JobStore:
                 lease_expires_at=None,
                 result=result,
                 gpu_seconds=gpu_seconds,
+                cost=cost,
                 finished_at=now,
                 progress_step=jobs.c.progress_total,
                 error=None,

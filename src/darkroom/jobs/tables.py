@@ -50,6 +50,7 @@ jobs = sa.Table(
     sa.Column("images_requested", sa.Integer, nullable=False, server_default="1"),
     sa.Column("prompt_redacted_at", TS, nullable=True),
     sa.Column("gpu_seconds", sa.Float, nullable=True),  # worker time the job took (GPU-seconds quota)
+    sa.Column("cost", sa.Float, nullable=True),  # gpu_seconds at its worker class's device-hour price (0009)
     # `idempotency_key` holds a digest of the caller's key id and the Idempotency-Key (since migration 0006), so a
     # key is scoped to the API key that used it: another user of the tenant can neither replay nor probe it.
     sa.UniqueConstraint("tenant", "idempotency_key"),

@@ -51,6 +51,7 @@ from darkroom.models.approvals import approved
 from darkroom.models.registry import ModelRegistry
 from darkroom.models.verify import verify_local_models
 from darkroom.observability import metrics
+from darkroom.observability.cost import device_cost
 from darkroom.observability.logging import context as log_context
 from darkroom.safety.checker import OutputChecker, load_checker, review_decision
 from darkroom.safety.provenance import encode_png
@@ -646,7 +647,8 @@ class Worker:
                 )
             )
         seeds = [i.seed for i in result.images]
-        if self.store.complete(job.id, self.id, new_images, {**common, "seeds": seeds}):
+        cost = device_cost(self.settings, result.device, timings["worker_total_s"])
+        if self.store.complete(job.id, self.id, new_images, {**common, "seeds": seeds}, cost=cost):
             with self._in_flight_lock:  # post-processing threads finish jobs concurrently
                 self.jobs_done += 1
             self._solo = False

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs what the test suite runs against when the machine lacks it: PostgreSQL server binaries (the suite starts
-# its own throwaway cluster from them) and promtool (Debian's prometheus package). Needs root and apt-get; otherwise
+# its own throwaway cluster from them), promtool (Debian's prometheus package) and chromium (the UI's browser tests
+# drive it through Playwright). Needs root and apt-get; otherwise
 # it only reports what is missing.
 set -euo pipefail
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)  # promtool checks deploy/prometheus.yml
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # tests/integration/test_ui_browser.py
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing: ${missing[*]}"

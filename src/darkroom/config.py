@@ -261,6 +261,9 @@ class ServerSettings(BaseModel):
     ready_cache_seconds: float = Field(default=1.0, ge=0, description="how long /readyz reuses its last check")
     ready_timeout_seconds: float = Field(default=2.0, gt=0, description="/readyz gives up on the database after")
     database_retry_after: int = Field(default=5, ge=1, description="Retry-After (s) while the database is down")
+    ui_session_hours: float = Field(
+        default=12.0, gt=0, le=24 * 90, description="a web UI sign-in lasts this long (absolute, from sign-in)"
+    )
 
 
 class RecoverySettings(BaseModel):

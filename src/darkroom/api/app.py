@@ -17,12 +17,13 @@ from darkroom.observability.health import Sweeper
 from darkroom.schemas import WEBHOOK_EVENTS
 from darkroom.service import Services
 from darkroom.storage.retention import start_for as start_retention
+from darkroom.web import mount as web_ui
+from darkroom.web.session_auth import admit_before_body
 from darkroom.webhooks.deliveries import COMPLETED
 from darkroom.webhooks.dispatcher import WebhookDispatcher
 from darkroom.webhooks.dispatcher import start_for as start_webhooks
 
 from . import a1111, admin, comfyui, controlnet, errors, health, landing, openai_compat, openapi, review, v1, webhooks
-from .auth import admit_before_body
 from .edge import Edge, InFlight
 
 log = logging.getLogger("darkroom.api")
@@ -74,6 +75,8 @@ def create_app(services: Services, workers: int = 0, worker_processes: bool = Fa
         version=__version__,
         description="Self-hosted image generation: durable jobs, GPU workers, full provenance.",
         lifespan=lifespan,
+        docs_url=None,  # served by darkroom.web.docs from vendored assets (FastAPI's load from a CDN)
+        redoc_url=None,
     )
     app.state.services = services
     app.state.login_failures = LoginFailures(
@@ -103,6 +106,7 @@ def create_app(services: Services, workers: int = 0, worker_processes: bool = Fa
     app.include_router(webhooks.router)
     app.include_router(review.router)
     app.include_router(landing.router)
+    web_ui.install(app)
 
     app.openapi = lambda: openapi.build(app)  # type: ignore[method-assign]
 

@@ -21,6 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from darkroom.auth.failures import LoginFailures
+from darkroom.auth.keys import KeyRecord
 from darkroom.auth.limits import RateLimiter, effective
 from darkroom.auth.principal import Permission, Principal
 from darkroom.auth.tenants import TenantPolicy
@@ -66,15 +67,7 @@ def authenticate(
             else:
                 svc.audit.denied_login(claimed, ip, request_id, exc.message)
             raise
-        return Principal(
-            actor=key.id,
-            role=key.role,
-            tenant=key.tenant,
-            key_id=key.id,
-            ip=ip,
-            request_id=request_id,
-            requests_per_minute=key.requests_per_minute,
-        )
+        return key_principal(key, ip, request_id)
     if svc.keys.any_keys():
         raise Unauthorized("an API key is required: Authorization: Bearer dk_…")
     if not open_without_keys(svc):
@@ -82,11 +75,29 @@ def authenticate(
     return Principal.local(ip, request_id)
 
 
+def key_principal(key: KeyRecord, ip: str | None, request_id: str | None) -> Principal:
+    """The caller a valid key makes: the one mapping from key to principal, for the API and the web UI's sessions."""
+    return Principal(
+        actor=key.id,
+        role=key.role,
+        tenant=key.tenant,
+        key_id=key.id,
+        ip=ip,
+        request_id=request_id,
+        requests_per_minute=key.requests_per_minute,
+    )
+
+
 def _admit(
     svc: Services, failures: LoginFailures | None, token: str | None, ip: str | None, request_id: str | None
 ) -> tuple[Principal, TenantPolicy]:
     """The caller and its tenant's effective policy (read once per request: submit checks it again), rate-limited."""
-    who = authenticate(svc, token, ip, request_id, failures)
+    return admit_principal(svc, authenticate(svc, token, ip, request_id, failures))
+
+
+def admit_principal(svc: Services, who: Principal) -> tuple[Principal, TenantPolicy]:
+    """What follows authentication, however the caller proved who it is (a key here, a web UI session in
+    `darkroom.web.session_auth`): its tenant's effective policy, and the rate limit."""
     bind_log_context(tenant=who.tenant)  # the request's later log lines (and its access line) name the tenant
     policy = effective(svc.tenants.get(who.tenant), svc.settings.security)
     RateLimiter(svc.store.engine).hit(who, policy.requests_per_minute)

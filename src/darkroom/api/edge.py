@@ -129,8 +129,8 @@ class Edge:
 
 
 def _is_event_stream(path: str) -> bool:
-    """`/v1/jobs/{id}/events`: a GET that follows one job for as long as it runs."""
-    return path.startswith("/v1/jobs/") and path.endswith("/events") and path.count("/") == 4
+    """`/v1/jobs/{id}/events` (and the web UI's `/ui/jobs/{id}/events`): a GET that follows one job while it runs."""
+    return path.startswith(("/v1/jobs/", "/ui/jobs/")) and path.endswith("/events") and path.count("/") == 4
 
 
 @dataclass

@@ -1,0 +1,77 @@
+"""The queue: the caller's queued and running jobs (as `GET /v1/jobs` scopes them) with place, ETA and cancel; for
+operators the worker fleet (`GET /v1/workers`); for admins every tenant's queue, highest priority first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from darkroom.api import admin, v1
+from darkroom.auth.principal import Permission, Principal
+from darkroom.jobs.store import JobStatus
+from darkroom.schemas import PRIORITY_VALUE, JobState, JobView
+
+from .render import page
+from .session_auth import ui_principal
+
+router = APIRouter(prefix="/ui", include_in_schema=False)
+LIMIT = 200
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    tenant: str | None
+    state: str
+    priority: str
+    position: int | None
+    eta: float | None
+    prompt: str
+    model: str | None
+    progress: str
+
+
+def _row(view: JobView, tenant: str | None = None) -> Row:
+    return Row(
+        id=view.id,
+        tenant=tenant,
+        state=view.state.value,
+        priority=view.priority,
+        position=view.queue_position,
+        eta=view.eta_seconds,
+        prompt=str(view.request.get("prompt", ""))[:120],
+        model=view.request.get("model"),
+        progress=f"{view.progress.step}/{view.progress.total}" if view.progress.total else "",
+    )
+
+
+def _ordered(rows: list[Row]) -> list[Row]:
+    """Running first, then the claim order: priority, place in the queue."""
+    return sorted(rows, key=lambda r: (r.state != "running", -PRIORITY_VALUE[r.priority], r.position or 0))
+
+
+def _queue(request: Request, who: Principal) -> dict:
+    mine = [
+        _row(view) for state in (JobState.running, JobState.queued) for view in v1.list_jobs(request, state, LIMIT, who)
+    ]
+    context: dict = {"mine": _ordered(mine), "fleet": None, "everyone": None}
+    if who.can(Permission.queue):
+        context["fleet"] = admin._list(request, None)
+    if who.can(Permission.admin):  # admins see every tenant, as they do in the audit log and review
+        store = request.app.state.services.store
+        listed: list[JobStatus] = [
+            s for state in (JobState.running, JobState.queued) for s in store.list_status(state=state, limit=LIMIT)
+        ]
+        context["everyone"] = _ordered([_row(v1.job_view(request, s), s.job.tenant) for s in listed])
+    return context
+
+
+@router.get("/queue")
+async def queue(request: Request) -> Response:
+    who = await ui_principal(request)
+    context = await run_in_threadpool(_queue, request, who)
+    template = "queue_body.html" if request.headers.get("hx-request") else "queue.html"
+    return page(request, template, **context)

@@ -33,6 +33,7 @@ from darkroom.auth import usage
 from darkroom.errors import Conflict, DarkroomError, NotFound
 from darkroom.jobs import blob_refs
 from darkroom.jobs.db import create_engine, read_tx, write_tx
+from darkroom.jobs.group_commit import GroupCommit
 from darkroom.jobs.notify import announce
 from darkroom.jobs.tables import CLAIM_ORDER, QUEUE_SHARDS, images, job_events, jobs, queue_counters, step_rates
 from darkroom.jobs.workers_table import workers
@@ -216,6 +217,7 @@ class JobStore:
     ) -> None:
         self.url = url
         self.engine = create_engine(url)
+        self._submits = GroupCommit(self.engine)  # SQLite: concurrent submits share one transaction
         self.max_queue_depth = max_queue_depth
         self.max_tenant_queue_depth = max_tenant_queue_depth
         self._admit_snapshots: dict[int | None, sa.Select] = {}  # by tenant limit (`_admit_to_queue`)
@@ -245,7 +247,8 @@ class JobStore:
         record: Callable[[sa.Connection, str], None] | None = None,
         with_status: bool = True,
     ) -> tuple[JobStatus, bool]:
-        """Insert a queued job in ONE write transaction and answer from what was written (no read-back). With an
+        """Insert a queued job in ONE write transaction (on SQLite shared with concurrent submits, each in a
+        savepoint of its own: `group_commit`) and answer from what was written (no read-back). With an
         Idempotency-Key this caller already used, return that job instead (created=False), or 409 if the key was
         used for a different request body; the lookup runs inside the same transaction.
 
@@ -259,23 +262,25 @@ class JobStore:
         now = clock.utcnow()
         priority = PRIORITY_VALUE[request.priority]
         row = self._new_row(request, tenant, priority, now, scoped_key, body_hash, request_id, max_attempts, key_id)
+        def insert(conn: sa.Connection) -> tuple[JobStatus, bool]:
+            if scoped_key and (existing := self._by_idempotency_key(conn, tenant, scoped_key)):
+                job = self._same_request(existing, body_hash)
+                return (self._statuses(conn, [job])[0] if with_status else JobStatus(job)), False
+            row["fair_tag"] = self._admit_to_queue(conn, tenant, priority, request.n)
+            images_today = usage.charge_images(conn, tenant, now, request.n)
+            if admit is not None:
+                admit(conn, images_today)
+            conn.execute(jobs.insert().values(**row))
+            blob_refs.insert_uploads(conn, row["id"], row["request"])  # only jobs with uploads: one INSERT
+            self._event(conn, row["id"], "queued", {"priority": request.priority}, now)
+            if record is not None:
+                record(conn, row["id"])
+            _shift_queued(conn, 1, row["id"])
+            job = _job(row)
+            return (self._statuses(conn, [job])[0] if with_status else JobStatus(job)), True
+
         try:
-            with write_tx(self.engine) as conn:
-                if scoped_key and (existing := self._by_idempotency_key(conn, tenant, scoped_key)):
-                    job = self._same_request(existing, body_hash)
-                    return (self._statuses(conn, [job])[0] if with_status else JobStatus(job)), False
-                row["fair_tag"] = self._admit_to_queue(conn, tenant, priority, request.n)
-                images_today = usage.charge_images(conn, tenant, now, request.n)
-                if admit is not None:
-                    admit(conn, images_today)
-                conn.execute(jobs.insert().values(**row))
-                blob_refs.insert_uploads(conn, row["id"], row["request"])  # only jobs with uploads: one INSERT
-                self._event(conn, row["id"], "queued", {"priority": request.priority}, now)
-                if record is not None:
-                    record(conn, row["id"])
-                _shift_queued(conn, 1, row["id"])
-                job = _job(row)
-                return (self._statuses(conn, [job])[0] if with_status else JobStatus(job)), True
+            return self._submits.run(insert)
         except sa.exc.IntegrityError:
             if scoped_key is None:
                 raise

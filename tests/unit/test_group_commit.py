@@ -1,0 +1,109 @@
+"""Group commit on SQLite (`jobs.group_commit`), through the real store: submits that arrive while a transaction is
+under way share the next one; a refused submit rolls back alone; an Idempotency-Key used twice in one group makes
+one job."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from darkroom.errors import DarkroomError
+from darkroom.jobs import db
+from darkroom.jobs.db import migrate
+from darkroom.jobs.store import JobStore
+from darkroom.jobs.tables import jobs
+from darkroom.schemas import GenerationRequest
+from tests.integration.harness import wait_until
+
+
+class Refused(DarkroomError):
+    status = 429
+    code = "quota_exceeded"
+
+
+@pytest.fixture
+def store(tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    migrate(url, lock_dir=tmp_path)
+    s = JobStore(url, max_queue_depth=1000)
+    yield s
+    s.engine.dispose()
+
+
+def queued(store: JobStore) -> int:
+    """The maintained queue counter, checked against the rows themselves."""
+    with store.engine.connect() as conn:
+        counted = conn.execute(sa.text("SELECT coalesce(sum(queued), 0) FROM queue_counters")).scalar()
+    assert counted == store.counts().get("queued", 0)
+    return int(counted)
+
+
+def req(i: int) -> GenerationRequest:
+    return GenerationRequest(prompt=f"p{i}", width=64, height=64, steps=2, seed=i)
+
+
+def grouped(store: JobStore, submits: list[Callable[[], Any]]) -> tuple[list[Any], int]:
+    """Run the submits in threads while this thread holds the process's SQLite writer lock, so the first submit
+    leads a group of itself and blocks, and the others all wait for the next group. Returns each submit's outcome
+    (result or exception) and the number of write transactions the store began."""
+    began: list[int] = []
+    sa.event.listen(store.engine, "begin", lambda conn: began.append(1))
+    outcomes: list[Any] = [None] * len(submits)
+
+    def run(i: int) -> None:
+        try:
+            outcomes[i] = submits[i]()
+        except Exception as exc:
+            outcomes[i] = exc
+
+    lock = db._writer_locks.setdefault(store.engine, threading.RLock())
+    with lock:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(submits))]
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(store._submits._waiting) == len(submits) - 1, timeout=10, what="the submits to queue")
+    for t in threads:
+        t.join(timeout=30)
+    return outcomes, len(began)
+
+
+def test_submits_that_arrive_during_a_transaction_share_the_next_one(store):
+    outcomes, transactions = grouped(store, [lambda i=i: store.create(req(i), tenant="t") for i in range(24)])
+    assert all(not isinstance(o, Exception) for o in outcomes), outcomes
+    ids = {job.id for job, created in outcomes}
+    assert len(ids) == 24
+    assert transactions == 2  # the leader alone, then the 23 that queued behind it
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(jobs)).scalar() == 24
+    assert queued(store) == 24
+
+
+def test_a_refused_submit_rolls_back_alone_and_raises_in_its_own_thread(store):
+    def admit_even(i: int) -> Callable[[sa.Connection, int], None]:
+        def admit(conn: sa.Connection, images_today: int) -> None:
+            if i % 2:
+                raise Refused(f"no {i}")
+
+        return admit
+
+    outcomes, _ = grouped(store, [lambda i=i: store.create(req(i), tenant="t", admit=admit_even(i)) for i in range(10)])
+    refused = [i for i, o in enumerate(outcomes) if isinstance(o, Refused)]
+    assert refused == [1, 3, 5, 7, 9]
+    with store.engine.connect() as conn:
+        prompts = sorted(r.request["prompt"] for r in conn.execute(sa.select(jobs.c.request)))
+        images = conn.execute(sa.text("SELECT sum(images) FROM usage_counters WHERE tenant = 't'")).scalar()
+    assert prompts == ["p0", "p2", "p4", "p6", "p8"]
+    assert images == 5  # the refused submits' image charges rolled back with them
+    assert queued(store) == 5
+
+
+def test_one_idempotency_key_twice_in_a_group_makes_one_job(store):
+    submit = lambda: store.create(req(1), tenant="t", idempotency_key="k", key_id="key1")  # noqa: E731
+    outcomes, _ = grouped(store, [lambda i=i: store.create(req(10 + i), tenant="t") for i in range(3)] + [submit] * 2)
+    (first, created_first), (second, created_second) = outcomes[3], outcomes[4]
+    assert first.id == second.id and sorted([created_first, created_second]) == [False, True]
+    assert queued(store) == 4

@@ -7,7 +7,7 @@ import enum
 import hashlib
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from darkroom.config import Limits
 from darkroom.errors import InvalidRequest
@@ -42,6 +42,7 @@ class JobState(enum.StrEnum):
 
 
 TERMINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled, JobState.dead})
+TEMPLATE_PROMPT = "(template)"  # the prompt of a request whose template has not been rendered yet
 MAX_LORAS = 16  # A1111 users stack a handful; each one is loaded per pass, so the count is bounded
 
 
@@ -291,6 +292,28 @@ class GenerationRequest(BaseModel):
     )
     refiner: RefinerSpec | None = Field(None, description="SDXL refiner: a second model for the last steps")
 
+    template: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="a prompt template of the tenant: NAME (newest version) or NAME@VERSION; the job records "
+        "NAME@VERSION, and the prompt may be left out (the template makes it)",
+    )
+    variables: dict[str, str | int | float | bool] | None = Field(
+        None, max_length=100, description="the template's variables by name (typed: see the template)"
+    )
+    asset_type: str | None = Field(
+        None, min_length=1, max_length=200, description="an asset type of the tenant (size, model, n): NAME[@VERSION]"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _template_prompt(cls, data: Any) -> Any:
+        """A template makes the prompt: a request naming one may leave it out (`TEMPLATE_PROMPT` until rendered)."""
+        if isinstance(data, dict) and data.get("template") and not data.get("prompt"):
+            return {**data, "prompt": TEMPLATE_PROMPT}
+        return data
+
     @field_validator("webhook_url")
     @classmethod
     def _webhook_url(cls, v: str | None) -> str | None:
@@ -513,6 +536,7 @@ class JobView(BaseModel):
     request: dict[str, Any]
     images: list[ImageView] = Field(default_factory=list)
     provenance: dict[str, Any] | None = None
+    cache_hit: bool = Field(False, description="answered from the result cache: an identical seeded request's images")
     error: JobError | None = None
     request_id: str | None = None
 

@@ -95,10 +95,11 @@ class Services:
         system = Principal(actor="system:startup", role=Role.admin, tenant=DEFAULT_TENANT)
         recorded = approvals.observe(found)
         records = approvals.all()
-        for key in recorded:
-            newest = records[key].versions[-1]
-            details = {"sha256": newest.sha256, "first_seen": True, "approved": newest.approved}
-            self.audit.record(system, "model.approve" if newest.approved else "model.version", key, details)
+        for key in recorded:  # a first-seen name's record says who and when itself; a changed file is audited
+            if len(records[key].versions) > 1:
+                newest = records[key].versions[-1]
+                details = {"sha256": newest.sha256, "approved": newest.approved}
+                self.audit.record(system, "model.version", key, details)
         return approvals.approved_map()
 
     def make_engine(self) -> Engine:

@@ -34,7 +34,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Request
@@ -55,6 +55,7 @@ from darkroom.jobs.store import JobRecord
 from darkroom.jobs.tables import job_events, jobs
 from darkroom.kv import DEFAULT_MODEL
 from darkroom.models import access as model_access
+from darkroom.models import templates
 from darkroom.models.registry import safetensors_header
 from darkroom.safety.provenance import lora_hashes, prompt_with_tags, read_png
 from darkroom.schemas import AdapterInfo, GenerationRequest, HiresSpec, JobState, UpscaleSpec, check_limits
@@ -202,6 +203,9 @@ class ImagesResponse(BaseModel):
     images: list[str] | None = Field(None, description="base64 PNGs (with their A1111 `parameters` text chunk)")
     parameters: dict[str, Any]
     info: str = Field(description="JSON string: seeds, infotexts, model, darkroom's job id …")
+
+
+P = TypeVar("P", bound=Processing)
 
 
 # --- translation ------------------------------------------------------------------------------------------------------
@@ -449,9 +453,21 @@ def echo(req: Processing, include_images: bool = False) -> dict[str, Any]:
 # --- generation -----------------------------------------------------------------------------------------------------
 
 
+def styled(request: Request, req: P) -> P:
+    """`styles` are the tenant's prompt templates (`darkroom.models.templates`), applied as A1111 applies styles."""
+    if not req.styles:
+        return req
+    store = templates.TemplateStore(services(request).store.engine)
+    prompt, negative = templates.apply_styles(
+        store, principal(request).tenant, req.styles, req.prompt, req.negative_prompt or ""
+    )
+    return req.model_copy(update={"prompt": prompt, "negative_prompt": negative})
+
+
 @router.post("/txt2img", response_model=ImagesResponse, summary="A1111 txt2img: waits and returns base64 PNGs")
 async def txt2img(request: Request, req: Txt2ImgRequest) -> ImagesResponse:
     svc = services(request)
+    req = await run_in_threadpool(styled, request, req)
     body = await run_in_threadpool(lambda: to_generation(svc, req, hires=hires_fix(req)))
     job = await compat.submit_and_wait(request, body, {}, FIELD_NAMES)
     return await run_in_threadpool(images_response, svc, job, req, echo(req))
@@ -460,6 +476,7 @@ async def txt2img(request: Request, req: Txt2ImgRequest) -> ImagesResponse:
 @router.post("/img2img", response_model=ImagesResponse, summary="A1111 img2img and inpainting (with `mask`)")
 async def img2img(request: Request, req: Img2ImgRequest) -> ImagesResponse:
     svc = services(request)
+    req = await run_in_threadpool(styled, request, req)
     body = await run_in_threadpool(prepare_img2img, svc, req)
     job = await compat.submit_and_wait(request, body, {}, FIELD_NAMES)
     return await run_in_threadpool(images_response, svc, job, req, echo(req, req.include_init_images))
@@ -649,6 +666,12 @@ def loras(request: Request) -> list[dict[str, Any]]:
 
 def _name(adapter: AdapterInfo) -> str:
     return adapter.name
+
+
+@router.get("/prompt-styles", summary="Styles: the tenant's prompt templates (see /v1/templates)")
+def prompt_styles(request: Request) -> list[dict[str, str]]:
+    store = templates.TemplateStore(services(request).store.engine)
+    return [templates.as_style(named) for named in store.list("template", principal(request).tenant)]
 
 
 @router.post("/refresh-loras", summary="Rescan models/loras/ (darkroom rescans on every request anyway)")

@@ -25,6 +25,7 @@ from darkroom.webhooks.dispatcher import start_for as start_webhooks
 
 from . import a1111, admin, comfyui, controlnet, errors, health, landing, openai_compat, openapi, review, v1, webhooks
 from .edge import Edge, InFlight
+from .templates import router as templates_router
 
 log = logging.getLogger("darkroom.api")
 
@@ -105,6 +106,7 @@ def create_app(services: Services, workers: int = 0, worker_processes: bool = Fa
         app.include_router(comfyui.socket_router, prefix=prefix)
     app.include_router(webhooks.router)
     app.include_router(review.router)
+    app.include_router(templates_router)  # prompt templates and asset types (darkroom.models.templates)
     app.include_router(landing.router)
     web_ui.install(app)
 

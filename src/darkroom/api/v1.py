@@ -21,9 +21,11 @@ from darkroom.config import Limits
 from darkroom.engines import upscalers
 from darkroom.engines.samplers import SAMPLERS, resolve_sampler
 from darkroom.errors import Conflict, DarkroomError, HeldForReview, InvalidRequest, NotFound
+from darkroom.jobs import result_cache
 from darkroom.jobs.store import JobRecord, JobStatus, request_hash
 from darkroom.models import access as model_access
 from darkroom.models import defaults as model_defaults
+from darkroom.models import templates
 from darkroom.models.approvals import Approvals
 from darkroom.observability import metrics
 from darkroom.observability.logging import bind as bind_log_context
@@ -104,6 +106,7 @@ def job_view(request: Request, job: JobRecord | JobStatus) -> JobView:
         request=job.request,
         images=images,
         provenance=job.result,
+        cache_hit=bool((job.result or {}).get("cache_hit")),
         error=JobError(**job.error) if job.error else None,
         request_id=job.request_id,
     )
@@ -147,6 +150,9 @@ def submit_status(
         body = upscale_source_size(body, limits)
     policy = tenant_policy(request)
     body_hash = request_hash(body.model_dump(mode="json"))
+    sent = set(body.model_fields_set if sent is None else sent)
+    if body.template or body.asset_type or body.variables:  # rendered first: every check below sees the result
+        body, sent = templates.apply(templates.TemplateStore(svc.store.engine), who.tenant, body, sent)
     model = model_access.resolve_checkpoint(svc.registry, policy, body.model)  # unknown → 422, not allowed → 403
     body = model_defaults.apply(body, model, sent)
     check_limits(body, limits)
@@ -182,6 +188,8 @@ def submit_status(
     model_access.check_request(policy, resolved)  # any model, adapter or upscaler the tenant may not use → 403
     versions = _versions_used(svc, model, resolved)
     approvals = Approvals.for_services(svc)
+    seeded = policy.result_cache and body.seed is not None  # a random seed asks for a new picture: never cached
+    cache_key = result_cache.cache_key(who.tenant, resolved) if seeded else None
 
     def admit(conn: sa.Connection, images_today: int) -> None:
         """Model versions (approved and enabled, else refused at once), quotas, then the uploads: a refused request
@@ -203,6 +211,7 @@ def submit_status(
         max_attempts=svc.settings.max_attempts,
         admit=admit,
         record=lambda conn, job_id: audit.record(conn, who, "job.submit", job_id, _audit_details(resolved)),
+        cache_key=cache_key,
     )
     if not created and not sees_job(who, status.job):  # keys are scoped to the caller; never hand a replay across
         raise Conflict("this Idempotency-Key belongs to another caller", field="Idempotency-Key")

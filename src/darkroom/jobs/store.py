@@ -31,7 +31,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from darkroom import clock
 from darkroom.auth import usage
 from darkroom.errors import Conflict, DarkroomError, NotFound
-from darkroom.jobs import blob_refs
+from darkroom.jobs import blob_refs, result_cache
 from darkroom.jobs.db import create_engine, read_tx, write_tx
 from darkroom.jobs.group_commit import GroupCommit
 from darkroom.jobs.notify import announce
@@ -246,6 +246,7 @@ class JobStore:
         admit: Callable[[sa.Connection, int], None] | None = None,
         record: Callable[[sa.Connection, str], None] | None = None,
         with_status: bool = True,
+        cache_key: str | None = None,
     ) -> tuple[JobStatus, bool]:
         """Insert a queued job in ONE write transaction (on SQLite shared with concurrent submits, each in a
         savepoint of its own: `group_commit`) and answer from what was written (no read-back). With an
@@ -254,7 +255,9 @@ class JobStore:
 
         Inside the transaction the job's images are charged to the tenant's day (`darkroom.auth.usage`); then
         `admit(conn, images_today)` may refuse the job (quotas: raise, and the charge rolls back with it), and
-        `record(conn, job_id)` writes what must commit with it (the audit record)."""
+        `record(conn, job_id)` writes what must commit with it (the audit record). With a `cache_key`
+        (`darkroom.jobs.result_cache`) an earlier job's images answer the request when there are any: the job is
+        inserted already succeeded, in the same transaction, and never queued."""
         if request.seed is None:
             raise ValueError("resolve the seed before creating the job")
         body_hash = body_hash or request_hash(request.model_dump(mode="json"))
@@ -262,10 +265,15 @@ class JobStore:
         now = clock.utcnow()
         priority = PRIORITY_VALUE[request.priority]
         row = self._new_row(request, tenant, priority, now, scoped_key, body_hash, request_id, max_attempts, key_id)
+
         def insert(conn: sa.Connection) -> tuple[JobStatus, bool]:
             if scoped_key and (existing := self._by_idempotency_key(conn, tenant, scoped_key)):
                 job = self._same_request(existing, body_hash)
                 return (self._statuses(conn, [job])[0] if with_status else JobStatus(job)), False
+            if cache_key is not None:
+                row["cache_key"] = cache_key
+                if (hit := result_cache.lookup(conn, cache_key, request.n)) is not None:
+                    return self._from_cache(conn, row, hit, now, admit, record, with_status), True
             row["fair_tag"] = self._admit_to_queue(conn, tenant, priority, request.n)
             images_today = usage.charge_images(conn, tenant, now, request.n)
             if admit is not None:
@@ -291,6 +299,27 @@ class JobStore:
                     raise
                 job = self._same_request(existing, body_hash)
                 return (self._statuses(conn, [job])[0] if with_status else JobStatus(job)), False
+
+    def _from_cache(
+        self,
+        conn: sa.Connection,
+        row: dict[str, Any],
+        hit: result_cache.Hit,
+        now: dt.datetime,
+        admit: Callable[[sa.Connection, int], None] | None,
+        record: Callable[[sa.Connection, str], None] | None,
+        with_status: bool,
+    ) -> JobStatus:
+        """A cache hit: quotas and checks as for any job (the images count toward the day), then the job inserted
+        succeeded with the hit's images (`result_cache.answer`), audited like any submit."""
+        images_today = usage.charge_images(conn, row["tenant"], now, row["images_requested"])
+        if admit is not None:
+            admit(conn, images_today)
+        job = _job(result_cache.answer(conn, row, hit, now, self._event))
+        if record is not None:
+            record(conn, row["id"])
+        metrics.result_cache_hit()
+        return self._statuses(conn, [job])[0] if with_status else JobStatus(job)
 
     @staticmethod
     def _new_row(

@@ -46,6 +46,9 @@ JOBS_SUBMITTED = Counter(
     ["api", "priority"],
 )
 JOBS_ENDED = Counter("darkroom_jobs_total", "Jobs that reached a final state, by state and model", ["state", "model"])
+RESULT_CACHE_HITS = Counter(
+    "darkroom_result_cache_hits_total", "Seeded requests answered from an identical earlier job's images (no GPU work)"
+)
 QUEUE_WAIT = Histogram(
     "darkroom_job_queue_wait_seconds",
     "From submit to a worker starting the job, by priority",
@@ -146,6 +149,11 @@ def api_of(path: str) -> str:
 @_quietly
 def job_submitted(path: str, priority: str) -> None:
     JOBS_SUBMITTED.labels(api_of(path), priority).inc()
+
+
+@_quietly
+def result_cache_hit() -> None:
+    RESULT_CACHE_HITS.inc()
 
 
 @_quietly

@@ -76,6 +76,13 @@ class NotFound(DarkroomError):
     code = "not_found"
 
 
+class NotAcceptable(DarkroomError):
+    """The response the caller's `Accept` asks for cannot be given for this request (e.g. one PNG for n > 1)."""
+
+    status = 406
+    code = "not_acceptable"
+
+
 class Conflict(DarkroomError):
     status = 409
     code = "conflict"

@@ -172,6 +172,22 @@ def test_generate_waits_and_returns_images_with_provenance(api_with_worker):
     assert prov["model"]["sha256"] and prov["scheduler"] and prov["versions"]["diffusers"]
 
 
+def test_generate_with_accept_png_answers_with_the_picture_itself(api_with_worker):
+    """One round trip: the same bytes `GET /v1/images/{id}` serves, with the job and seed in headers."""
+    png = {"Accept": "image/png"}
+    response = api_with_worker.post("/v1/generate", json={**BASE, "seed": 11}, headers=png)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert response.headers["x-seed"] == "11" and response.headers["location"].endswith(response.headers["x-job-id"])
+    job = api_with_worker.get(response.headers["location"]).json()
+    assert api_with_worker.get(job["images"][0]["url"]).content == response.content
+    refused = api_with_worker.post("/v1/generate", json={**BASE, "n": 2}, headers=png)  # before any work
+    assert refused.status_code == 406 and refused.json()["error"]["field"] == "Accept"
+    jobs_before = len(api_with_worker.get("/v1/jobs").json())
+    assert api_with_worker.post("/v1/generate", json={**BASE, "seed": 11}, headers={"Accept": "*/*"}).json()["id"]
+    assert len(api_with_worker.get("/v1/jobs").json()) == jobs_before + 1  # the refused one made no job
+
+
 def test_img2img_over_api(api_with_worker):
     body = {**BASE, "seed": 3, "init_image": png_b64(size=(100, 80)), "strength": 0.5, "steps": 4}
     job = api_with_worker.post("/v1/generate", json=body).json()

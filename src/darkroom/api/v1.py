@@ -20,7 +20,7 @@ from darkroom.auth.principal import Permission, Principal
 from darkroom.config import Limits
 from darkroom.engines import upscalers
 from darkroom.engines.samplers import SAMPLERS, resolve_sampler
-from darkroom.errors import Conflict, DarkroomError, HeldForReview, InvalidRequest, NotFound
+from darkroom.errors import Conflict, DarkroomError, HeldForReview, InvalidRequest, NotAcceptable, NotFound
 from darkroom.jobs import result_cache
 from darkroom.jobs.store import JobRecord, JobStatus, request_hash
 from darkroom.models import access as model_access
@@ -282,7 +282,11 @@ def create_job(
     "/generate",
     response_model=JobView,
     summary="Queue a job and wait for it to finish",
-    responses={202: {"model": JobView, "description": "Not finished within the wait: the job goes on; poll it"}},
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The job; with `Accept: image/png`, its picture"},
+        202: {"model": JobView, "description": "Not finished within the wait: the job goes on; poll it"},
+        406: {"description": "`Accept: image/png` with n > 1"},
+    },
 )
 async def generate(
     request: Request,
@@ -298,13 +302,38 @@ async def submit_and_wait(
     request: Request, body: GenerationRequest, idempotency_key: str | None, timeout: float | None
 ) -> JSONResponse:
     """Queue the job and wait for it, woken by the change feed (not a poll), at most `sync_timeout_seconds`. Not
-    finished in time: the job goes on, and the answer is a 202 like POST /v1/jobs, so the client can poll."""
+    finished in time: the job goes on, and the answer is a 202 like POST /v1/jobs, so the client can poll.
+
+    With `Accept: image/png` (and n = 1) a succeeded job answers with the picture itself, its job and seed in headers:
+    the client wanted the image, and fetching it was a second round trip. Anything else (not finished in time, failed,
+    held for review) answers with the job as JSON, as without the header."""
     svc = services(request)
+    png = wants_png(request)
+    if png and body.n != 1:
+        raise NotAcceptable("Accept: image/png answers with one image: ask for n = 1, or accept JSON", field="Accept")
     job, _ = await run_in_threadpool(submit, request, body, idempotency_key)
     limit = min(timeout or svc.settings.sync_timeout_seconds, svc.settings.sync_timeout_seconds)
     job = await waiting.wait_for_job(svc, job, limit, request)
+    if png and job.state is JobState.succeeded and (picture := await run_in_threadpool(png_response, svc, job)):
+        return picture
     view = await run_in_threadpool(job_view, request, job)
     return JSONResponse(view.model_dump(mode="json"), status_code=200 if job.state.terminal else 202)
+
+
+def wants_png(request: Request) -> bool:
+    """The caller's Accept names image/png before any JSON type (`*/*` and no header mean JSON, as before)."""
+    kinds = [part.split(";")[0].strip().lower() for part in request.headers.get("accept", "").split(",")]
+    return "image/png" in kinds and all(k not in ("application/json", "*/*") for k in kinds[: kinds.index("image/png")])
+
+
+def png_response(svc: Services, job: JobRecord) -> Response | None:
+    """The job's one released image as the response body (one read transaction, one blob read), or None."""
+    images = svc.store.status_of(job).images
+    if len(images) != 1 or not images[0].released:
+        return None
+    image = images[0]
+    headers = {"X-Job-ID": job.id, "X-Image-ID": image.id, "X-Seed": str(image.seed), "Location": f"/v1/jobs/{job.id}"}
+    return Response(svc.blobs.get(image.blob_key), media_type=image.content_type, headers=headers)
 
 
 @router.get("/jobs", response_model=list[JobView], summary="Recent jobs")

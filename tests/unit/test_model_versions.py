@@ -84,3 +84,24 @@ def test_the_engine_fails_a_job_whose_model_changed_since_submit(setup):
     with pytest.raises(ModelLoadError, match="changed since the job was queued"):
         check_pinned_version(info, stale)
     check_pinned_version(info, stale.model_copy(update={"model_sha256": info.sha256}))
+
+
+def test_a_changed_file_waits_for_approval_on_postgresql(pg_url, tmp_path, models_dir):
+    """The same rules on PostgreSQL: records written inside the submit transaction, a racing first insert tolerated."""
+    root = tmp_path / "models"
+    root.mkdir()
+    weights = root / "tiny-single.safetensors"
+    shutil.copy2(models_dir / "tiny-single.safetensors", weights)
+    svc = Services.open(Settings(data_dir=tmp_path / "data", models_dir=root, database_url=pg_url))
+    try:
+        with TestClient(create_app(svc, workers=0)) as api:
+            assert api.post("/v1/jobs", json=BASE).status_code == 202
+            data = bytearray(weights.read_bytes())
+            data[-1] ^= 0xFF
+            weights.write_bytes(bytes(data))
+            svc.registry.rescan()
+            assert api.post("/v1/jobs", json=BASE).json()["error"]["code"] == "model_not_approved"
+            assert api.post("/v1/models/tiny-single/approve").json()["current"] == sha(weights)
+            assert api.post("/v1/jobs", json=BASE).status_code == 202
+    finally:
+        svc.close()

@@ -78,3 +78,24 @@ def test_an_identical_seeded_request_is_answered_without_the_worker_and_never_ac
         response = api.post("/v1/jobs", json=body, headers=headers[who]).json()
         assert response["state"] == "queued" and response["cache_hit"] is False, (who, body)
     assert REGISTRY.get_sample_value(HITS) == hits + 1
+
+
+def test_a_hit_on_postgresql_in_the_submit_transaction(pg_url, tmp_path, models_dir):
+    """The lookup and the copied job on PostgreSQL; the first job is completed by the store as a worker would."""
+    from darkroom.jobs.store import NewImage
+
+    svc = Services.open(Settings(data_dir=tmp_path / "data", models_dir=models_dir, database_url=pg_url))
+    svc.tenants.put("default", TenantPolicy(result_cache=True), CLI)
+    try:
+        with TestClient(create_app(svc, workers=0)) as api:
+            first = api.post("/v1/jobs", json=SEEDED).json()
+            job = svc.store.claim("w", 30)
+            assert job is not None and job.id == first["id"]
+            svc.store.start(job.id, "w")
+            image = NewImage(0, 42, 64, 64, "ab" * 32, "k", "image/png", 1)
+            assert svc.store.complete(job.id, "w", [image], {"timings": {}})
+            hit = api.post("/v1/jobs", json=SEEDED).json()
+            assert hit["state"] == "succeeded" and hit["cache_hit"] is True
+            assert [i["sha256"] for i in hit["images"]] == ["ab" * 32]
+    finally:
+        svc.close()

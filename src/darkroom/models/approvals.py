@@ -30,6 +30,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from pydantic import BaseModel, Field
+from sqlalchemy.dialects import postgresql, sqlite
 
 from darkroom import clock
 from darkroom.auth.cache import TTLCache
@@ -104,8 +105,10 @@ def _write(conn: sa.Connection, record: ModelVersions, exists: bool) -> None:
     row = {"value": value, "updated_at": clock.utcnow()}
     if exists:
         conn.execute(settings_kv.update().where(settings_kv.c.key == PREFIX + record.key).values(**row))
-    else:
-        conn.execute(settings_kv.insert().values(key=PREFIX + record.key, **row))
+        return
+    # Two first submits for a new model may race on PostgreSQL: the other's record (the same first version) stands.
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(settings_kv)
+    conn.execute(insert.values(key=PREFIX + record.key, **row).on_conflict_do_nothing(index_elements=["key"]))
 
 
 class Approvals:

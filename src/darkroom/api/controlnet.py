@@ -25,12 +25,14 @@ from darkroom.engines import preprocessors
 from darkroom.engines.controlnet import check_family, pin_units
 from darkroom.engines.refiner import check_refiner
 from darkroom.errors import InvalidRequest
+from darkroom.models import access as model_access
+from darkroom.models.controlnets import ControlNetInfo
 from darkroom.models.registry import ModelRegistry
 from darkroom.schemas import ControlNetUnit, GenerationRequest, ModelInfo, RefinerSpec
 from darkroom.service import Services
 from darkroom.storage.base import content_key
 
-from .auth import require
+from .auth import require, tenant_policy
 from .uploads import decode_base64_image, load_image
 
 EXTENSION_VERSION = 2  # the extension's API version its clients check (`/controlnet/version`)
@@ -183,8 +185,14 @@ def version() -> dict[str, Any]:
 
 @router.get("/model_list", summary="ControlNet models in models/controlnet/, as `name [hash8]`")
 def model_list(request: Request, update: bool = True) -> dict[str, Any]:
+    """The tenant's view: ControlNets its policy does not allow are left out, as in every listing."""
     registry: ModelRegistry = request.app.state.services.registry
-    return {"model_list": [info.title() for info in registry.controlnets()]}
+    listed = model_access.visible(tenant_policy(request), "controlnet", registry.controlnets(), _name)
+    return {"model_list": [info.title() for info in listed]}
+
+
+def _name(info: ControlNetInfo) -> str:
+    return info.name
 
 
 @router.get("/module_list", summary="Built-in preprocessors (none need downloaded weights)")

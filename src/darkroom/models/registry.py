@@ -570,7 +570,8 @@ def diffusers_arch(folder: Path) -> str:
     index = json.loads((folder / "model_index.json").read_text())
     cls = str(index.get("_class_name", ""))
     if cls.startswith("StableDiffusionXL"):  # the refiner: no first text encoder, only OpenCLIP-G
-        return "sdxl-refiner" if (index.get("text_encoder") or [None])[0] is None else "sdxl"
+        refiner = "text_encoder" in index and (index["text_encoder"] or [None])[0] is None  # saved as [null, null]
+        return "sdxl-refiner" if refiner else "sdxl"
     if not cls.startswith("StableDiffusion"):
         return "unknown"
     unet = _read_json(folder / "unet" / "config.json")

@@ -20,6 +20,7 @@ from darkroom.cli_cost import register as register_cost_commands
 from darkroom.client_cli import register as register_client_commands
 from darkroom.config import ConfigFileError, Settings, command_settings, data_dir_origin, record_data_dir
 from darkroom.extras import MissingExtra
+from darkroom.observability import tracing
 from darkroom.observability.logging import FORMAT_ENV
 from darkroom.observability.logging import setup as setup_logging
 
@@ -90,6 +91,7 @@ def serve(
     )
     if log_format is None and settings.log_format != os.environ.get(FORMAT_ENV):  # set in darkroom.toml
         setup_logging(log_level, "serve", settings.log_format)
+    tracing.configure(settings, "api")  # OTLP spans when observability.otlp_endpoint is set (`tracing` extra)
     from darkroom.observability import metrics
 
     metrics.multiprocess(settings.data_dir / "metrics")  # one /metrics for this server and its worker processes
@@ -240,6 +242,7 @@ def worker(
     settings = settings_from(data_dir=data_dir, database_url=database_url, models_dir=models_dir, worker_id=worker_id)
     if log_format is None and settings.log_format != os.environ.get(FORMAT_ENV):  # set in darkroom.toml
         setup_logging(log_level, "worker", settings.log_format)
+    tracing.configure(settings, "worker")
     _validate_hooks(settings, output_checker=True)
     services = Services.open(settings)
     services.ensure_default_model()

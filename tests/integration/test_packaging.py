@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src" / "darkroom"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 ML_STACK = ("torch", "diffusers", "transformers", "accelerate", "peft", "scipy", "torchsde", "safetensors", "numpy")
-_RUNTIME_EXTRAS = ("worker", "verify", "postgres", "s3", "c2pa")
+_RUNTIME_EXTRAS = ("worker", "verify", "postgres", "s3", "c2pa", "tracing")
 
 
 def normalise(name: str) -> str:

@@ -16,7 +16,8 @@ In order, for each HTTP request:
 6. its duration goes to `darkroom_http_request_duration_seconds` by route *template* (Starlette's router leaves the
    matched route in `scope["route"]`; a request no route matched counts as `unmatched`), method and status class;
 7. its log lines carry its request id (and tenant, once known), and an access line is written to `darkroom.access`
-   (on by default in JSON log mode, see `darkroom.observability.logging`).
+   (on by default in JSON log mode, see `darkroom.observability.logging`); with tracing on, a `request` span in the
+   request id's trace (`darkroom.observability.tracing`).
 
 Pure ASGI rather than `BaseHTTPMiddleware`: no extra task per request, and `receive` can be wrapped or withheld.
 Starlette's own body limit is not used: it answers in plain text, replacing the API's error shape."""
@@ -33,7 +34,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from darkroom import clock
-from darkroom.observability import metrics
+from darkroom.observability import metrics, tracing
 from darkroom.observability.logging import ACCESS_LOGGER
 from darkroom.observability.logging import context as log_context
 
@@ -86,7 +87,10 @@ class Edge:
         body = _Body(unread="transfer-encoding" in headers or declared not in ("", "0"))
         send = _response_headers(send, rid, body)
         started = clock.monotonic()
-        with log_context(request_id=rid):  # every log line of this request carries its id (observability.logging)
+        with (
+            log_context(request_id=rid),  # every log line of this request carries its id (observability.logging)
+            tracing.span("request", tracing.request_context(rid), method=scope["method"]) as span,
+        ):
             try:
                 await self._handle(scope, receive, send, declared, body)
             finally:
@@ -94,6 +98,7 @@ class Edge:
                 seconds = clock.monotonic() - started
                 metrics.http_request(route, scope["method"], body.status, seconds)
                 _access(scope, route, body.status, seconds)
+                tracing.set_attributes(span, route=route, status=body.status)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, declared: str, body: _Body) -> None:
         if scope["path"] in PROBES:

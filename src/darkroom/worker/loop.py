@@ -50,7 +50,7 @@ from darkroom.kv import SettingsKV
 from darkroom.models.approvals import approved
 from darkroom.models.registry import ModelRegistry
 from darkroom.models.verify import verify_local_models
-from darkroom.observability import metrics
+from darkroom.observability import metrics, tracing
 from darkroom.observability.cost import device_cost
 from darkroom.observability.logging import context as log_context
 from darkroom.safety.checker import OutputChecker, load_checker, review_decision
@@ -215,6 +215,8 @@ class Worker:
         self._in_flight: set[Future[None]] = set()
         self._in_flight_lock = threading.Lock()
         self.health = WorkerHealth(settings.recovery)  # device failures and storage outages pause the worker
+        self._claimed_ns = (0, 0)  # when the last claim began and ended (time.time_ns), for the jobs' traces
+        self._traces: dict[str, Any] = {}  # job id -> its `job` span's context, for post-processing (tracing on)
 
     @property
     def engine(self) -> Engine:
@@ -364,6 +366,7 @@ class Worker:
         `batch_window_seconds` to fill a partial one; an idle worker starts a lone job at once, and jobs that queued
         while the device was busy are claimed together anyway."""
         s = self.settings
+        began = time.time_ns()
         batch = self.store.claim_batch(
             self.id,
             s.lease_seconds,
@@ -371,6 +374,7 @@ class Worker:
             held_models=self.held_models(),
             servable_models=self.servable_models(),
         )
+        self._claimed_ns = (began, time.time_ns())  # each job's trace gets a `claim` span (`_start`)
         deadline = time.monotonic() + (s.batch_window_seconds if busy else 0.0)
         while batch and len(batch) < s.max_batch and time.monotonic() < deadline:
             time.sleep(min(0.02, s.batch_window_seconds))
@@ -483,6 +487,8 @@ class Worker:
             log.warning("worker %s lost the lease on %s before it started", self.id, job.id)
             return None
         job = dataclasses.replace(job, attempts=attempt, started_at=clock.utcnow())  # as `start` wrote it, ±ms
+        if self._claimed_ns[0]:
+            tracing.record("claim", *self._claimed_ns, tracing.request_context(job.request_id), worker=self.id)
         return job, _Run(self, leases, job)
 
     def _process(self, job: JobRecord, leases: _Leases) -> None:
@@ -501,6 +507,19 @@ class Worker:
 
     def _denoise(self, job: JobRecord, leases: _Leases, run: _Run) -> None:
         """Device thread: the engine's part of the job. The images then go to post-processing (`_hand_off`)."""
+        attrs = {"job_id": job.id, "tenant": job.tenant, "model": job.model, "worker": self.id}
+        with tracing.span("job", tracing.request_context(job.request_id), **attrs) as job_span:
+            context = tracing.context_of(job_span)
+            if context is not None:
+                self._traces[job.id] = context  # post-processing's spans go under this job's
+            began = time.time_ns()
+            with tracing.span("denoise"):
+                result = self._generate(job, run)
+            if load_s := float(result.timings.get("load_s") or 0.0):
+                tracing.record("load", began, began + int(load_s * 1e9), context)
+            self._hand_off(job, result, run.started, leases)
+
+    def _generate(self, job: JobRecord, run: _Run) -> EngineResult:
         item = self._batch_item(job, run)
         if item.request.mode == "upscale":  # no diffusion pipeline: engines/upscalers.py on the engine's device
             registry = self.registry or ModelRegistry.for_settings(self.settings)
@@ -511,7 +530,7 @@ class Worker:
             if item.control_images:
                 extra["control_images"] = item.control_images
             result = self.engine.generate(item.request, item.init_image, run, **extra)
-        self._hand_off(job, result, run.started, leases)
+        return result
 
     def _settle(self, job: JobRecord, work: Callable[[], None]) -> None:
         """Run `work` for `job` and turn what it raises into the job's next state. The device thread and the
@@ -623,14 +642,17 @@ class Worker:
             common["refiner_passes"] = refiner_passes(request, result.model.sha256)  # which model ran which steps
         policy = self._tenants.get(job.tenant)  # cached for `server.auth_cache_seconds`, like the API's reads
         new_images = []
+        trace = self._traces.pop(job.id, None) or tracing.request_context(job.request_id)
         for index, item in enumerate(result.images):
-            png = encode_png(
-                item.image,
-                {**common, "seed": item.seed, "image_index": index},
-                watermark=self.settings.security.watermark,
-                c2pa_dir=self.settings.data_dir / "c2pa" if self.settings.security.c2pa else None,
-            )
-            digest, key = self.blobs.put(png, "image/png")
+            with tracing.span("encode", trace, image_index=index):
+                png = encode_png(
+                    item.image,
+                    {**common, "seed": item.seed, "image_index": index},
+                    watermark=self.settings.security.watermark,
+                    c2pa_dir=self.settings.data_dir / "c2pa" if self.settings.security.c2pa else None,
+                )
+            with tracing.span("store", trace, image_index=index):
+                digest, key = self.blobs.put(png, "image/png")
             review_state, review_reason = review_decision(self.output_checker, policy, item.image, request, job.tenant)
             new_images.append(
                 NewImage(
@@ -648,7 +670,9 @@ class Worker:
             )
         seeds = [i.seed for i in result.images]
         cost = device_cost(self.settings, result.device, timings["worker_total_s"])
-        if self.store.complete(job.id, self.id, new_images, {**common, "seeds": seeds}, cost=cost):
+        with tracing.span("store", trace, job_id=job.id):
+            completed = self.store.complete(job.id, self.id, new_images, {**common, "seeds": seeds}, cost=cost)
+        if completed:
             with self._in_flight_lock:  # post-processing threads finish jobs concurrently
                 self.jobs_done += 1
             self._solo = False

@@ -231,6 +231,16 @@ def _versions_used(svc: Services, model: ModelInfo, request: GenerationRequest) 
     for embedding in request.embeddings or []:
         info = svc.registry.embedding(embedding.name)
         used.append(("embedding", info.name, info.sha256, info.path))
+    for unit in request.controlnet:
+        control = svc.registry.controlnet(unit.model)
+        used.append(("controlnet", control.name, control.sha256, control.path))
+    if request.refiner is not None:
+        refiner = svc.registry.get(request.refiner.model)
+        used.append(("checkpoint", refiner.id, refiner.sha256, refiner.path))
+    for spec in (request.hires, request.upscale):  # model upscalers only: built-in ones carry no sha256
+        if spec is not None and spec.sha256:
+            path = svc.registry.upscaler_files()[spec.upscaler]
+            used.append(("upscaler", spec.upscaler, spec.sha256, str(path.resolve())))
     return used
 
 

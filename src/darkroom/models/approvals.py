@@ -340,6 +340,9 @@ def on_disk(registry: ModelRegistry, key: str) -> tuple[str, str]:
         adapter = registry.lora(name)
     elif kind == "embedding":
         adapter = registry.embedding(name)
+    elif kind == "controlnet":
+        control = registry.controlnet(name)
+        return control.sha256, control.path
     elif kind == "upscaler" and name in registry.upscaler_files():
         path = registry.upscaler_files()[name]
         return registry.file_sha256(path), str(path.resolve())

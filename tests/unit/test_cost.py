@@ -21,7 +21,11 @@ from darkroom.api.app import create_app
 from darkroom.auth.principal import Principal, Role
 from darkroom.cli import app as cli
 from darkroom.config import ObservabilitySettings, Settings
+from darkroom.jobs.db import migrate
+from darkroom.jobs.store import JobStore
 from darkroom.jobs.tables import images, jobs
+from darkroom.observability.cost import usage_report
+from darkroom.schemas import GenerationRequest
 from darkroom.service import Services
 
 PRICE = 36.0  # per cpu device-hour: a hundredth per second, so costs are easy to read
@@ -127,3 +131,40 @@ def test_cost_estimate_compares_self_hosted_with_a_per_image_price():
     assert got["cloud_per_month"] == pytest.approx(1217.6)
     assert got["gpus_needed"] == 1
     assert got["savings_per_month"] == pytest.approx(1141.5)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+def test_the_reports_sql_groups_by_utc_day_model_and_tenant_on_both_databases(db_url, tmp_path):
+    """The report's GROUP BY (a UTC day is spelled differently by each database) over jobs the store completed."""
+    migrate(db_url, lock_dir=tmp_path)
+    store = JobStore(db_url)
+    try:
+        finished = []
+        for tenant, model, day, seconds in (("a", "m1", 1, 2.0), ("a", "m2", 1, 3.0), ("b", "m1", 2, 5.0)):
+            at = dt.datetime(2026, 11, day, 23, 30, tzinfo=dt.UTC)
+            with clock.frozen(at):
+                request = GenerationRequest(prompt="p", seed=1, width=64, height=64, steps=1, model=model)
+                job, _ = store.create(request, tenant=tenant)
+                (claimed,) = store.claim_batch("w", 30.0)
+                store.start(claimed.id, "w")
+                result = {"timings": {"worker_total_s": seconds}}
+                assert store.complete(claimed.id, "w", [], result, cost=seconds / 100)
+            finished.append(job.id)
+        start, end = dt.datetime(2026, 11, 1, tzinfo=dt.UTC), dt.datetime(2026, 11, 3, tzinfo=dt.UTC)
+        days = usage_report(store.engine, start, end, "day", None)
+        assert [(r.key, r.jobs, r.device_seconds, r.cost) for r in days] == [
+            ("2026-11-01", 2, 5.0, 0.05),
+            ("2026-11-02", 1, 5.0, 0.05),
+        ]
+        models = usage_report(store.engine, start, end, "model", "a")
+        assert [(r.key, r.jobs, r.images) for r in models] == [("m1", 1, 1), ("m2", 1, 1)]
+        tenants = usage_report(store.engine, start, dt.datetime(2026, 11, 2, tzinfo=dt.UTC), "tenant", None)
+        assert [(r.key, r.jobs) for r in tenants] == [("a", 2)]  # `to` is exclusive
+    finally:
+        store.close()

@@ -28,12 +28,13 @@ def settings_for(tmp_path, **observability) -> Settings:
     return Settings(data_dir=tmp_path / "data", lease_seconds=30, job_timeout_seconds=None, observability=obs)
 
 
-@pytest.fixture
-def store(tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
     settings = settings_for(tmp_path)
     settings.data_dir.mkdir(parents=True)
-    migrate(settings.resolved_database_url, lock_dir=tmp_path)
-    s = JobStore(settings.resolved_database_url)
+    url = settings.resolved_database_url if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    migrate(url, lock_dir=tmp_path)
+    s = JobStore(url)
     yield s
     s.close()
 

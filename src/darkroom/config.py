@@ -245,6 +245,11 @@ class ServerSettings(BaseModel):
         ge=1,
         description="requests handled at once; beyond it an immediate 429 `overloaded` (health probes exempt)",
     )
+    admission_target_ms: float = Field(
+        default=100.0,
+        gt=0,
+        description="while admitted requests take longer than this (median), fewer are let in (darkroom.api.admission)",
+    )
     overloaded_retry_after: int = Field(default=1, ge=1, description="Retry-After (s) of an `overloaded` 429")
     max_body_bytes: int | None = Field(
         default=None, ge=1, description="request body cap, counted as it streams; default: the upload limit in base64"

@@ -248,6 +248,21 @@ def test_a_clients_event_stream_neither_counts_toward_nor_is_refused_by_the_in_f
             assert any("cancelled" in line for line in first.iter_lines())  # and the stream still works
 
 
+def test_a_sync_route_waiting_for_its_job_leaves_its_admission_slot(tmp_path, models_dir):
+    """`POST /v1/generate` holds a slot while it validates and queues, not while it waits on the change feed: counted
+    while waiting, as many clients waiting for their pictures as the limit locked everyone else out."""
+    services = open_services(tmp_path, models=models_dir, max_in_flight=1)  # no worker: the job waits in the queue
+    with live(services) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        in_flight = server.app.state.in_flight
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(http.post, "/v1/generate?timeout=20", json={"prompt": "x", "width": 64, "height": 64})
+            wait_until(lambda: services.store.counts().get("queued") == 1, timeout=20, what="the job to be queued")
+            wait_until(lambda: in_flight.count == 0, timeout=5, what="the waiting request to leave its slot")
+            job = http.get("/v1/jobs").json()[0]
+            assert http.delete(f"/v1/jobs/{job['id']}").status_code == 200  # the one slot is free for others
+            assert waiting.result(timeout=30).json()["state"] == "cancelled"
+
+
 def test_with_warm_caches_a_request_issues_no_key_or_policy_statements(tmp_path, models_dir):
     services = open_services(tmp_path, models=models_dir)
     token = token_for(services)

@@ -24,7 +24,8 @@ from darkroom.webhooks.dispatcher import WebhookDispatcher
 from darkroom.webhooks.dispatcher import start_for as start_webhooks
 
 from . import a1111, admin, comfyui, controlnet, errors, health, landing, openai_compat, openapi, review, v1, webhooks
-from .edge import Edge, InFlight
+from .admission import InFlight
+from .edge import Edge
 from .templates import router as templates_router
 
 log = logging.getLogger("darkroom.api")
@@ -86,7 +87,7 @@ def create_app(services: Services, workers: int = 0, worker_processes: bool = Fa
         audited_per_minute=server.audited_failures_per_minute,
     )
     app.state.readiness = health.Readiness(services, server.ready_cache_seconds, server.ready_timeout_seconds)
-    app.state.in_flight = InFlight(server.max_in_flight)
+    app.state.in_flight = InFlight(server.max_in_flight, target_seconds=server.admission_target_ms / 1000)
     errors.install(app, database_retry_after=server.database_retry_after)
     app.add_middleware(
         Edge,

@@ -3,9 +3,10 @@
 In order, for each HTTP request:
 1. a request id (the caller's `X-Request-ID`, or a new one), echoed on the response;
 2. health probes (`/healthz`, `/readyz`) pass straight through: they must answer while everything else is busy;
-3. backpressure: past `max_in_flight` requests in this process, an immediate 429 `overloaded` with Retry-After.
-   Latency under overload grows without bound when requests queue for threads; a fast refusal lets clients back
-   off and keeps the accepted ones fast (the store's queue-depth 429 is the other half). A job's event stream
+3. backpressure: past the admission limit (`darkroom.api.admission`: it follows the process's latency, up to
+   `max_in_flight`), an immediate 429 `overloaded` with Retry-After. Latency under overload grows without bound
+   when requests queue for threads; a fast refusal lets clients back off and keeps the accepted ones fast (the
+   store's queue-depth 429 is the other half). A job's event stream
    (`/v1/jobs/{id}/events`, SSE) neither counts nor is refused: it is an async wait on the change feed that costs
    nothing while nothing happens, and counted it let 64 clients that follow their jobs lock every other caller out;
 4. the body cap: a declared Content-Length past it is refused at once; otherwise bytes are counted as they stream
@@ -38,18 +39,11 @@ from darkroom.observability import metrics, tracing
 from darkroom.observability.logging import ACCESS_LOGGER
 from darkroom.observability.logging import context as log_context
 
+from .admission import InFlight, Slot
 from .errors import problem
 
 PROBES = frozenset({"/healthz", "/readyz"})
 access_log = logging.getLogger(ACCESS_LOGGER)
-
-
-class InFlight:
-    """Requests this process is handling now. Touched only on the event loop's thread, so a plain counter."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.count = 0
 
 
 class BodyTooLarge(HTTPException):
@@ -107,11 +101,11 @@ class Edge:
         if _is_event_stream(scope["path"]):
             await self.app(scope, _counted(receive, self.max_body, body), send)
             return
-        if self.in_flight.count >= self.in_flight.limit:
+        if self.in_flight.full():
             refusal = problem(
                 429,
                 "overloaded",
-                f"the server is handling {self.in_flight.limit} requests; retry after {self.retry_after}s",
+                f"the server is handling {self.in_flight.count} requests; retry after {self.retry_after}s",
                 headers={"Retry-After": str(self.retry_after)},
             )
             await refusal(scope, receive, send)
@@ -120,9 +114,9 @@ class Edge:
             too_large = problem(413, "payload_too_large", f"request body is larger than {self.max_body} bytes", "body")
             await too_large(scope, receive, send)
             return
-        self.in_flight.count += 1
+        slot = scope["state"]["in_flight"] = self.in_flight.enter()  # a route that waits for a job leaves it early
         try:
-            receive = _counted(receive, self.max_body, body)
+            receive = _counted(receive, self.max_body, body, slot)
             if body.unread:
                 request = Request(scope)  # no receive: admission cannot read the body
                 await self.admit(request)
@@ -130,7 +124,7 @@ class Edge:
                     receive = _no_body()
             await self.app(scope, receive, send)
         finally:
-            self.in_flight.count -= 1
+            slot.leave()
 
 
 def _is_event_stream(path: str) -> bool:
@@ -148,7 +142,7 @@ class _Body:
     status: int = 500  # the response's status once it starts (an exception that escapes the app answers 500)
 
 
-def _counted(receive: Receive, cap: int, body: _Body) -> Receive:
+def _counted(receive: Receive, cap: int, body: _Body, slot: Slot | None = None) -> Receive:
     total = 0
 
     async def counting() -> Message:
@@ -160,6 +154,8 @@ def _counted(receive: Receive, cap: int, body: _Body) -> Receive:
                 raise BodyTooLarge(cap)
             if not message.get("more_body", False):
                 body.unread = False
+                if slot is not None:
+                    slot.work_starts()
         return message
 
     return counting

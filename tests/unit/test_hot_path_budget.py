@@ -157,11 +157,16 @@ def test_request_budgets_through_the_api(services):
             (total, auth), first = bill("POST", "/v1/jobs", json=BASE)
             submit = total - auth
             assert submit[1] == 1, total.statements  # ONE transaction: depth, fair tag, quota, job, event, audit
-            # depth + fair tag, quota charge, job, event, (NOTIFY on PostgreSQL), audit, queue counter, position + ETA
-            assert submit[0] <= 8, total.statements
+            # depth + fair tag, quota charge, job, event, (NOTIFY on PostgreSQL), audit, queue counter, position + ETA,
+            # and while the model-version cache is cold (the cache listener empties it when it connects) one read of
+            # the model's approved version by primary key (models.approvals; none once remembered, checked below)
+            assert submit[0] <= 9, total.statements
+            assert sum("settings_kv" in st for st in total.statements) <= 1, total.statements
             assert first["queue_position"] == 1
+            (again, auth), _ = bill("POST", "/v1/jobs", json=BASE)
+            assert not [st for st in again.statements if "settings_kv" in st]  # the approved version is remembered
 
-            for i in range(49):
+            for i in range(48):  # 50 jobs in all, with the two above
                 api.post("/v1/jobs", json={**BASE, "seed": i}, headers=headers)
             done = [_run_next(services.store) for _ in range(10)]
             assert done[0] == first["id"]

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from darkroom import __version__
 from darkroom.auth import invalidation
 from darkroom.auth.failures import LoginFailures
+from darkroom.models import approvals
 from darkroom.observability.health import Sweeper
 from darkroom.schemas import WEBHOOK_EVENTS
 from darkroom.service import Services
@@ -47,7 +48,8 @@ def create_app(services: Services, workers: int = 0, worker_processes: bool = Fa
         limiter.total_tokens = server.request_threads
         app.state.request_limiter = limiter
         listener = invalidation.listen(
-            services.settings.resolved_database_url, {"key": services.keys, "tenant": services.tenants}
+            services.settings.resolved_database_url,
+            {"key": services.keys, "tenant": services.tenants, "model": approvals.SERVABLE_CACHE},
         )
         app.state.cache_listener = listener
         if worker_processes:

@@ -33,6 +33,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.dialects import postgresql, sqlite
 
 from darkroom import clock
+from darkroom.auth import invalidation
 from darkroom.auth.cache import TTLCache
 from darkroom.config import SecuritySettings
 from darkroom.errors import Conflict, InvalidRequest, NotFound
@@ -43,8 +44,24 @@ from darkroom.webhooks.tables import settings_kv
 log = logging.getLogger(__name__)
 
 PREFIX = "model_version:"
-SERVABLE_SECONDS = 5.0  # how stale another process's disable or approval may look here (like tenant policies)
+# How long a version found servable is remembered. On PostgreSQL an operator's decision reaches every API process at
+# once (a `model:` notice on the auth caches' channel); on SQLite, or when a notice is lost, this is how stale a
+# disable or approval made by another process may look here.
+SERVABLE_SECONDS = 30.0
 _SERVABLE: TTLCache[tuple[int, str, str], bool] = TTLCache(SERVABLE_SECONDS)
+
+
+class _ServableCache:
+    """What `auth.invalidation.Listener` drops on a `model:KEY` notice: every remembered decision (they are few)."""
+
+    def forget(self, ident: str) -> None:
+        _SERVABLE.forget_all()
+
+    def forget_all(self) -> None:
+        _SERVABLE.forget_all()
+
+
+SERVABLE_CACHE = _ServableCache()
 LEGACY_KEY = "approved_models"  # model id → sha256, what earlier releases kept: read once as approved versions
 
 
@@ -158,8 +175,8 @@ class Approvals:
         """(kind, name, sha256, path) for every model a request uses, checked in the caller's write transaction: a
         first-seen model is recorded (and approved, per settings), a changed file recorded as pending, and (with
         `refuse`) the request refused unless every file is the current approved version of an enabled model.
-        Returns the keys whose record was written. A version found servable is remembered for a few seconds
-        (`SERVABLE_SECONDS`), so a steady stream of submits reads nothing here."""
+        Returns the keys whose record was written. A version found servable is remembered (`SERVABLE_SECONDS`), so
+        a steady stream of submits reads nothing here; an API node's start (`observe`) remembers what it found."""
         generation = _SERVABLE.generation
         todo = [w for w in wanted if not (refuse and _SERVABLE.get((id(self.engine), model_key(w[0], w[1]), w[2])))]
         if not todo:
@@ -178,6 +195,7 @@ class Approvals:
                     self._archive(sha, Path(path))
             if refuse:
                 self._refuse_unless_servable(record, kind, name, sha)
+            if record.servable(sha):  # remembered: a submit of it reads nothing here for a while
                 _SERVABLE.put((id(self.engine), key, sha), True, generation)
         return written
 
@@ -276,6 +294,7 @@ class Approvals:
                 raise NotFound(f"no versions recorded for model {key!r}", field="model")
             record = change(found or legacy or ModelVersions(key=key))
             _write(conn, record, found is not None)
+            invalidation.announce(conn, "model", key)  # other API processes forget on commit (PostgreSQL)
         _SERVABLE.forget_all()  # rare operator actions: drop every remembered decision
         return record
 

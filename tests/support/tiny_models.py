@@ -358,7 +358,8 @@ def make_controlnet(directory: Path, name: str, *, pipe: Any = None, fmt: str = 
     """A ControlNet for the tiny pipeline (or `pipe`, e.g. the tiny SDXL one): its UNet's encoder copied, as training
     starts, and the zero convolutions (which a fresh ControlNet has at zero, changing nothing) and the hint encoder
     given random weights, so a unit visibly steers the picture. `fmt`: `diffusers` (a folder with config.json) or
-    `single_file` (`name.safetensors` with diffusers' keys, how SDXL ControlNets often ship)."""
+    `single_file` (`name.safetensors` with diffusers' keys, how SDXL ControlNets often ship) or `original` (the
+    original `control_model.*` layout of lllyasviel's SD 1.5 files), all three of one seed holding one model."""
     import torch
     from diffusers import ControlNetModel
     from safetensors.torch import save_file
@@ -380,8 +381,32 @@ def make_controlnet(directory: Path, name: str, *, pipe: Any = None, fmt: str = 
         model.save_pretrained(directory / name, safe_serialization=True)
         return directory / name
     path = directory / f"{name}.safetensors"
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+    state = controlnet_to_ldm(model) if fmt == "original" else model.state_dict()
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
     return path
+
+
+def controlnet_to_ldm(model: Any) -> dict[str, Any]:
+    """A ControlNet's weights under the original names: its UNet-encoder copy numbered like the UNet's input blocks,
+    the hint encoder as `input_hint_block.N` (convolutions at even indices), the zero convolutions as `zero_convs`."""
+    config = dict(model.config)
+    out: dict[str, Any] = {}
+    for key, tensor in model.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "controlnet_cond_embedding":
+            last = len(model.controlnet_cond_embedding.blocks) + 1
+            index = {"conv_in": 0, "conv_out": 2 * last}.get(parts[1])
+            ldm = f"input_hint_block.{index if index is not None else 2 * (int(parts[2]) + 1)}.{parts[-1]}"
+        elif parts[0] == "controlnet_down_blocks":
+            ldm = f"zero_convs.{parts[1]}.0.{parts[-1]}"
+        elif parts[0] == "controlnet_mid_block":
+            ldm = f"middle_block_out.0.{parts[-1]}"
+        elif parts[0] == "add_embedding":
+            ldm = f"label_emb.0.{0 if parts[1] == 'linear_1' else 2}.{parts[-1]}"
+        else:
+            ldm = unet_key_to_ldm(key, config)
+        out[f"control_model.{ldm}"] = tensor
+    return out
 
 
 def make_sdxl_refiner(directory: Path, name: str = "tiny-xl-refiner", seed: int = 1) -> Path:

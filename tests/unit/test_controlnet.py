@@ -59,6 +59,7 @@ def cn_models_dir(tmp_path_factory, tiny_diffusers_model, tiny_sdxl_model) -> Pa
     make_sdxl_refiner(root, REFINER)
     folder = root / "controlnet"
     make_controlnet(folder, "edges")  # a diffusers folder
+    make_controlnet(folder, "edges-original", fmt="original")  # the same weights, lllyasviel's key layout
     make_controlnet(folder, "lines", fmt="single_file", seed=14)
     make_controlnet(folder, "xl-edges", pipe=build_tiny_xl_pipeline(seed=0), fmt="single_file")
     from safetensors.numpy import save_file
@@ -100,7 +101,7 @@ def base(engine, registry) -> np.ndarray:
 
 def test_registry_lists_controlnets_with_family_and_sha256(registry, cn_models_dir):
     listed = {info.name: info for info in registry.controlnets()}
-    assert set(listed) == {"edges", "lines", "xl-edges"}  # not-a-controlnet is skipped
+    assert set(listed) == {"edges", "edges-original", "lines", "xl-edges"}  # not-a-controlnet is skipped
     assert (listed["edges"].format, listed["edges"].arch) == ("diffusers", "sd1")
     assert (listed["lines"].format, listed["lines"].arch, listed["xl-edges"].arch) == ("single_file", "sd1", "sdxl")
     lines = cn_models_dir / "controlnet" / "lines.safetensors"
@@ -151,13 +152,15 @@ def test_a_unit_steers_the_picture_weight_zero_leaves_it_and_the_base_comes_back
     assert np.array_equal(render(engine, registry), base)  # the cached pipeline was never changed
 
 
-def test_single_file_two_units_and_control_modes(engine, registry, base):
+def test_single_files_in_both_layouts_two_units_and_control_modes(engine, registry, base):
     lines = render(engine, registry, units=({"model": "lines", "module": "invert"},))
     assert np.abs(lines - base).max() > 10
     edges = {"model": "edges", "module": "canny"}
     both = render(engine, registry, units=(edges, {"model": "lines", "module": "invert"}))
     assert not np.array_equal(both, lines)
     balanced = render(engine, registry, units=(edges,))
+    original = render(engine, registry, units=({**edges, "model": "edges-original"},))
+    assert np.array_equal(original, balanced)  # the original layout converts to exactly the same model
     for mode in ("prompt", "control"):
         assert not np.array_equal(render(engine, registry, units=({**edges, "control_mode": mode},)), balanced)
     late = render(engine, registry, units=({**edges, "guidance_start": 0.5},))

@@ -129,14 +129,13 @@ def wait_for_job(site: Site, job_id: str, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-def test_sign_in_page_and_api_docs_work_offline(page, site):
+def test_sign_in_page_and_swagger_work_offline(page, site):
     page.goto("/")
     check_accessibility(page)
     shot(page, "sign-in")
     page.goto("/docs")
     page.wait_for_selector(".swagger-ui .info .title")  # rendered by the vendored bundle: no network needed
-    page.goto("/redoc")
-    page.wait_for_selector("h1:has-text('darkroom')")  # ReDoc rendered the schema
+    # /redoc is left to the unit test (its vendored bundle answers): parsing its 1 MB here costs 3-15 s a run.
 
 
 def test_a_post_without_its_csrf_token_is_refused(page, site):

@@ -317,3 +317,31 @@ def test_api_docs_load_only_vendored_assets(ui, path):
     assert assets and not [a for a in assets if a.startswith("http")], assets
     for asset in assets:
         assert client.get(asset).status_code == 200, asset
+
+
+def test_sign_in_goes_only_to_this_servers_ui_pages(ui):
+    for target in ("https://evil.example/", "//evil.example/ui/x", "/ui/..//evil", "/v1/jobs"):
+        client = TestClient(ui[1])
+        token = csrf_of(client.get("/").text)
+        r = client.post(
+            "/ui/login",
+            data={"api_key": ui[2]["user"], "csrf_token": token, "next": target},
+            follow_redirects=False,
+        )
+        assert r.status_code == 303 and r.headers["location"] == "/ui/generate", target
+
+
+def test_without_any_key_a_loopback_server_lets_its_owner_in_with_an_empty_key(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", models_dir=tmp_path / "models", create_default_model=False)
+    svc = Services.open(settings)
+    try:
+        client = TestClient(create_app(svc, workers=0))
+        page = client.get("/")
+        assert "not needed: no keys exist yet" in page.text
+        r = client.post("/ui/login", data={"api_key": "", "csrf_token": csrf_of(page.text)}, follow_redirects=False)
+        assert r.status_code == 303
+        assert "default · admin" in client.get("/ui/keys").text  # the machine's owner, an admin, as on the API
+        svc.keys.create(Principal.cli(), name="first", role=Role.user, tenant="acme")
+        assert client.get("/ui/keys", follow_redirects=False).status_code == 303  # keys exist now: sign in with one
+    finally:
+        svc.close()

@@ -30,7 +30,8 @@ def api(tmp_path_factory, tiny_diffusers_model):
     (root / "tuned" / "darkroom.json").write_text(json.dumps({"defaults": DEFAULTS}))
     shutil.copytree(tiny_diffusers_model, root / "broken")
     (root / "broken" / "darkroom.json").write_text(json.dumps({"defaults": {"steps": "many"}}))
-    svc = Services.open(Settings(data_dir=tmp_path_factory.mktemp("defaults-data"), models_dir=root))
+    data = tmp_path_factory.mktemp("defaults-data")
+    svc = Services.open(Settings(data_dir=data, models_dir=root, sync_timeout_seconds=0.5))  # no worker: A1111 504s
     with TestClient(create_app(svc, workers=0)) as client:
         yield client
     svc.close()
@@ -52,3 +53,13 @@ def test_defaults_are_listed_and_fill_only_what_the_request_leaves_out(api):
     assert (sent["steps"], sent["width"], sent["height"], sent["negative_prompt"]) == (1, 64, 64, "")
     plain = api.post("/v1/jobs", json={"prompt": "a cat", "model": "broken", "width": 64, "height": 64}).json()
     assert plain["request"]["steps"] == 20  # the service-wide default
+
+
+def test_an_a1111_request_gets_the_defaults_for_what_it_leaves_out(api):
+    tuned = {"sd_model_checkpoint": "tuned"}
+    for body in ({"prompt": "a dog"}, {"prompt": "a fox", "steps": 5, "cfg_scale": 7}):
+        assert api.post("/sdapi/v1/txt2img", json={**body, "override_settings": tuned}).status_code == 504
+    jobs = {j["request"]["prompt"]: j["request"] for j in api.get("/v1/jobs").json()}
+    dog, fox = jobs["a dog"], jobs["a fox"]
+    assert (dog["steps"], dog["width"], dog["guidance_scale"], dog["sampler"]) == (3, 128, 2.5, "Euler")
+    assert (fox["steps"], fox["guidance_scale"], fox["width"]) == (5, 7.0, 128)  # sent fields win

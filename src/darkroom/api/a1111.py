@@ -55,6 +55,7 @@ from darkroom.jobs.store import JobRecord
 from darkroom.jobs.tables import job_events, jobs
 from darkroom.kv import DEFAULT_MODEL
 from darkroom.models import access as model_access
+from darkroom.models import defaults as model_defaults
 from darkroom.models import templates
 from darkroom.models.registry import safetensors_header
 from darkroom.safety.provenance import lora_hashes, prompt_with_tags, read_png
@@ -278,6 +279,7 @@ def to_generation(svc: Services, req: Processing, **extra: Any) -> GenerationReq
         "preview": True,  # A1111 clients poll /progress for `current_image`
         **extra,
     }
+    fields.update(model_defaults.for_a1111(svc.registry.get(fields["model"]), req.model_fields_set))
     extensions = (req.alwayson_scripts, req.refiner_checkpoint, req.refiner_switch_at)  # ControlNet units, refiner
     fields.update(controlnet.a1111_fields(svc, *extensions, fields["model"]))
     body = compat.generation_request(fields, FIELD_NAMES)

@@ -19,3 +19,21 @@ def apply(body: GenerationRequest, model: ModelInfo, sent: Iterable[str] | None 
         field: value for field, value in model.defaults.model_dump(exclude_none=True).items() if field not in given
     }
     return body.model_copy(update=updates) if updates else body
+
+
+# A1111 field → ours: what an A1111 client leaves out gets the model's default where it has one, else A1111's own.
+A1111_FIELDS = {
+    "width": ("width",),
+    "height": ("height",),
+    "steps": ("steps",),
+    "guidance_scale": ("cfg_scale",),
+    "negative_prompt": ("negative_prompt",),
+    "sampler": ("sampler_name", "sampler_index", "scheduler"),
+}
+
+
+def for_a1111(model: ModelInfo, sent: Iterable[str]) -> dict[str, object]:
+    """The model's defaults for the fields an A1111 request did not send (A1111's names in `sent`)."""
+    given = set(sent)
+    defaults = model.defaults.model_dump(exclude_none=True)
+    return {ours: value for ours, value in defaults.items() if not given & set(A1111_FIELDS.get(ours, (ours,)))}

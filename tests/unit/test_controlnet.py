@@ -142,6 +142,33 @@ def test_batch_key_holds_the_units_but_not_their_images():
     assert refined != plain
 
 
+def test_jobs_with_different_units_are_never_claimed_as_one_batch(tmp_path):
+    """The store's claim groups by batch key: equal units (other images) share a batch, any other unit set not."""
+    from darkroom.jobs.db import migrate
+    from darkroom.jobs.store import JobStore
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    migrate(url, lock_dir=tmp_path)
+    store = JobStore(url)
+    unit = {"model": "edges", "module": "canny", "image": "blob:" + "a" * 64}
+    sets = [
+        [unit],
+        [{**unit, "weight": 0.5}],
+        [{**unit, "image": "blob:" + "b" * 64}],
+        [],
+        [{**unit, "model": "lines"}],
+    ]
+    try:
+        for i, units in enumerate(sets):
+            store.enqueue(GenerationRequest(prompt=f"job {i}", controlnet=units, **SMALL), with_status=False)
+        batches = []
+        while claimed := store.claim_batch("w1", 60, max_batch=8):
+            batches.append(sorted(job.request["prompt"] for job in claimed))
+        assert sorted(batches) == [["job 0", "job 2"], ["job 1"], ["job 3"], ["job 4"]]
+    finally:
+        store.close()
+
+
 # --- engine ---------------------------------------------------------------------------------------------------------
 
 

@@ -350,7 +350,8 @@ class Client:
         return paths
 
     def models(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/v1/models").json()
+        """The models this key may use (`data` of OpenAI's list envelope, which `GET /v1/models` answers in)."""
+        return self.request("GET", "/v1/models").json()["data"]
 
 
 # --- the async client -----------------------------------------------------------------------------------------------
@@ -487,4 +488,4 @@ class AsyncClient:
         return paths
 
     async def models(self) -> list[dict[str, Any]]:
-        return (await self.request("GET", "/v1/models")).json()
+        return (await self.request("GET", "/v1/models")).json()["data"]

@@ -295,8 +295,9 @@ def test_png_info_reads_the_parameters_back(api):
 # --- progress, interrupt, skip ------------------------------------------------------------------------------------
 
 
-def running_job(store: JobStore, steps: int = 10) -> str:
+def running_job(store: JobStore, steps: int = 10, preview: bool = False) -> str:
     req = GenerationRequest(prompt="p", width=64, height=64, steps=steps, seed=1, model="tiny-diffusers")
+    req = req.model_copy(update={"preview": preview})
     job, _ = store.create(req)
     claimed = store.claim("w1", 30)
     assert claimed is not None and claimed.id == job.id
@@ -327,11 +328,30 @@ def test_skip_stops_the_current_job_and_is_a_no_op_when_idle(api_no_worker, serv
 
 
 def test_progress_shows_a_preview_the_worker_recorded(api_no_worker, services):
-    job_id = running_job(services.store)
-    preview = b64png(Image.new("RGB", (8, 8), (1, 2, 3)))
-    services.store.progress(job_id, "w1", 1, 10, 30, preview=f"data:image/jpeg;base64,{preview}")  # as a worker does
-    assert api_no_worker.get("/sdapi/v1/progress").json()["current_image"] == preview
+    job_id = running_job(services.store, preview=True)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(jpeg, format="JPEG")
+    recorded = base64.b64encode(jpeg.getvalue()).decode()
+    services.store.progress(job_id, "w1", 1, 10, 30, preview=f"data:image/jpeg;base64,{recorded}")  # as a worker does
+    shown = api_no_worker.get("/sdapi/v1/progress").json()["current_image"]
+    image = Image.open(io.BytesIO(base64.b64decode(shown)))
+    assert image.format == "PNG" and image.size == (8, 8)  # A1111 documents a PNG
     assert api_no_worker.get("/sdapi/v1/progress?skip_current_image=true").json()["current_image"] is None
+
+
+def test_progress_shows_no_preview_for_a_job_that_did_not_ask(api_no_worker, services):
+    job_id = running_job(services.store)
+    recorded = b64png(Image.new("RGB", (8, 8)))
+    services.store.progress(job_id, "w1", 1, 10, 30, preview=f"data:image/png;base64,{recorded}")
+    assert api_no_worker.get("/sdapi/v1/progress").json()["current_image"] is None
+
+
+def test_a1111_jobs_ask_for_previews_as_the_live_preview_options_say(api_no_worker, services):
+    assert a1111.live_previews(services)  # A1111's defaults
+    api_no_worker.post("/sdapi/v1/options", json={"show_progress_every_n_steps": -1})
+    assert not a1111.live_previews(services)
+    api_no_worker.post("/sdapi/v1/options", json={"show_progress_every_n_steps": 5, "live_previews_enable": False})
+    assert not a1111.live_previews(services)
 
 
 # --- limits before work ---------------------------------------------------------------------------------------------

@@ -125,7 +125,10 @@ def test_cancel_queued_job_and_conflict_after(api):
 
 
 def test_models_and_samplers_and_health(api):
-    models = api.get("/v1/models").json()
+    listing = api.get("/v1/models").json()
+    assert listing["object"] == "list"  # OpenAI's envelope; the items keep darkroom's fields
+    models = listing["data"]
+    assert all(m["object"] == "model" and m["owned_by"] == "darkroom" for m in models)
     assert {m["format"] for m in models} == {"diffusers", "single_file"}
     assert all(len(m["sha256"]) == 64 and "path" not in m for m in models)
     samplers = api.get("/v1/samplers").json()

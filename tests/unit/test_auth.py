@@ -355,7 +355,7 @@ def test_every_admin_action_is_in_the_audit_log(api, services):
     made = api.post("/v1/keys", json={"name": "svc", "role": "service", "tenant": "acme"}, headers=admin).json()
     api.delete(f"/v1/keys/{made['id']}", headers=admin)
     api.put("/v1/tenants/acme", json={"images_per_day": 100, "require_review": True}, headers=admin)
-    model = api.get("/v1/models", headers=admin).json()[0]["id"]
+    model = api.get("/v1/models", headers=admin).json()["data"][0]["id"]
     assert api.post(f"/v1/models/{model}/approve", headers=admin).status_code == 200
     assert api.post("/sdapi/v1/options", json={"sd_model_checkpoint": model}, headers=admin).status_code == 200
     job = submit(api, admin)

@@ -361,3 +361,31 @@ def test_a_tenant_sees_only_its_own_queue_history_and_files(api, keys):
     r = api.post("/history", json={"clear": True})
     assert r.status_code == 200 and prompt_id not in api.get("/history").json()
     assert api.get("/prompt").json() == {"exec_info": {"queue_remaining": 0}}
+
+
+# --- the A1111 and OpenAI gaps on the same app -------------------------------------------------------------------
+
+
+def test_a1111_informational_routes_answer_in_a1111_shapes(api):
+    for path, expected in (
+        ("/sdapi/v1/hypernetworks", []),
+        ("/sdapi/v1/face-restorers", []),
+        ("/sdapi/v1/scripts", {"txt2img": [], "img2img": []}),
+        ("/sdapi/v1/script-info", []),
+        ("/sdapi/v1/extensions", []),
+    ):
+        assert api.get(path).json() == expected, path
+    memory = api.get("/sdapi/v1/memory").json()
+    assert memory["ram"]["total"] >= memory["ram"]["free"] > 0 and "error" in memory["cuda"]
+    flags = api.get("/sdapi/v1/cmd-flags").json()
+    assert flags["api"] is True and flags["api_auth"] is True and flags["data_dir"] is None
+    r = api.post("/sdapi/v1/interrogate", json={"image": "", "model": "clip"})
+    assert r.status_code == 501 and r.json()["error"]["code"] == "not_implemented"
+
+
+def test_v1_models_is_openais_list_with_darkrooms_fields(api):
+    listing = api.get("/v1/models").json()
+    assert listing["object"] == "list"
+    [model] = listing["data"]
+    assert model["id"] == "tiny-diffusers" and model["object"] == "model" and model["created"] > 0
+    assert model["sha256"] and "path" not in model

@@ -47,8 +47,8 @@ def api(tmp_path_factory, models_dir):
 
 def test_listings_show_a_tenant_only_what_it_may_use(api):
     a, b = api.headers_for["a"], api.headers_for["b"]
-    assert {m["id"] for m in api.get("/v1/models", headers=a).json()} == {"tiny-diffusers", "tiny-single"}
-    assert [m["id"] for m in api.get("/v1/models", headers=b).json()] == ["tiny-single"]
+    assert {m["id"] for m in api.get("/v1/models", headers=a).json()["data"]} == {"tiny-diffusers", "tiny-single"}
+    assert [m["id"] for m in api.get("/v1/models", headers=b).json()["data"]] == ["tiny-single"]
     assert [m["model_name"] for m in api.get("/sdapi/v1/sd-models", headers=b).json()] == ["tiny-single"]
     assert {x["name"] for x in api.get("/sdapi/v1/loras", headers=a).json()} == {"brand-a-style", "shared-style"}
     assert [x["name"] for x in api.get("/sdapi/v1/loras", headers=b).json()] == ["shared-style"]

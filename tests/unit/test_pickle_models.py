@@ -161,7 +161,7 @@ def test_allowed_ckpt_generates_through_the_api(tmp_path: Path, models: Path) ->
     services = Services.open(settings)
     try:
         with TestClient(create_app(services, workers=1)) as api:
-            assert CKPT_ID in [m["id"] for m in api.get("/v1/models").json()]
+            assert CKPT_ID in [m["id"] for m in api.get("/v1/models").json()["data"]]
             response = api.post("/v1/generate", json={**req(model=CKPT_ID).model_dump(), "seed": 7})
             assert response.status_code == 200, response.text
             job = response.json()

@@ -27,6 +27,7 @@ job's images as one unit.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import io
@@ -107,7 +108,7 @@ BASE_OPTIONS: dict[str, Any] = {
     "CLIP_stop_at_last_layers": 1,
     "eta_noise_seed_delta": 0,
     "live_previews_enable": True,
-    "show_progress_every_n_steps": -1,
+    "show_progress_every_n_steps": 10,  # A1111's default: live previews on
     "img2img_fix_steps": False,
 }
 SCHEDULERS = [
@@ -276,7 +277,7 @@ def to_generation(svc: Services, req: Processing, **extra: Any) -> GenerationReq
         "seed": req.seed,
         "n": req.batch_size * req.n_iter,
         "model": request_model(svc, req),
-        "preview": True,  # A1111 clients poll /progress for `current_image`
+        "preview": live_previews(svc),  # A1111's live-preview options: whether /progress shows `current_image`
         **extra,
     }
     fields.update(model_defaults.for_a1111(svc.registry.get(fields["model"]), req.model_fields_set))
@@ -532,7 +533,8 @@ def progress_view(svc: Services, who: Principal, skip_current_image: bool) -> di
         sampling_step=job.progress_step,
         sampling_steps=job.progress_total,
     )
-    preview = None if skip_current_image else latest_preview(svc, job)
+    asked = bool(job.request.get("preview"))  # only a job that asked for previews shows one, as A1111 does
+    preview = latest_preview(svc, job) if asked and not skip_current_image else None
     return {
         "progress": round(fraction, 4),
         "eta_relative": round(max(eta, 0.0), 2),
@@ -542,9 +544,20 @@ def progress_view(svc: Services, who: Principal, skip_current_image: bool) -> di
     }
 
 
+def live_previews(svc: Services) -> bool:
+    """Whether A1111 jobs ask for previews: A1111 records them when `live_previews_enable` is on and
+    `show_progress_every_n_steps` is positive (options set with POST /options; on by default, as in A1111)."""
+    options = {**BASE_OPTIONS, **(compat.kv(svc).get(OPTIONS_KEY, {}) or {})}
+    try:
+        every = int(options.get("show_progress_every_n_steps") or 0)
+    except (TypeError, ValueError):
+        every = 0
+    return bool(options.get("live_previews_enable")) and every > 0
+
+
 def latest_preview(svc: Services, job: JobRecord) -> str | None:
     """The preview a worker recorded in a recent progress event (`preview`: base64 PNG or JPEG, or a data URL),
-    as A1111 sends it: bare base64. None when there is none."""
+    as A1111 sends it: bare base64 of a PNG (workers record JPEGs; A1111 documents a PNG). None when there is none."""
     query = (
         sa.select(job_events.c.data)
         .where(job_events.c.job_id == job.id, job_events.c.type == "progress")
@@ -554,8 +567,16 @@ def latest_preview(svc: Services, job: JobRecord) -> str | None:
     with read_tx(svc.store.engine) as conn:
         for (data,) in conn.execute(query):
             if data and data.get("preview"):
-                return str(data["preview"]).split(",", 1)[-1]
+                return _as_png(str(data["preview"]).split(",", 1)[-1])
     return None
+
+
+def _as_png(b64: str) -> str | None:
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(b64))) as image:
+            return compat.b64(png_bytes(image.convert("RGB")))
+    except (ValueError, OSError):
+        return None
 
 
 @router.get("/progress", summary="Progress of the current job (the most recently started running one)")

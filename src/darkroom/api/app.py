@@ -25,6 +25,7 @@ from darkroom.webhooks.dispatcher import WebhookDispatcher
 from darkroom.webhooks.dispatcher import start_for as start_webhooks
 
 from . import a1111, admin, comfyui, controlnet, errors, health, landing, openai_compat, openapi, review, v1, webhooks
+from .a1111_info import router as a1111_info_router
 from .admission import InFlight
 from .edge import Edge
 from .templates import router as templates_router
@@ -102,6 +103,7 @@ def create_app(services: Services, workers: int = 0, worker_processes: bool = Fa
     app.include_router(health.router)
     app.include_router(admin.router)
     app.include_router(a1111.router)
+    app.include_router(a1111_info_router)  # /sdapi/v1 informational routes
     app.include_router(controlnet.router)  # A1111's ControlNet extension: /controlnet/*
     app.include_router(openai_compat.router)
     for prefix in ("", "/api"):  # ComfyUI serves its routes at both (its front end uses /api/...)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Literal
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Header, Query, Request, WebSocket, WebSocketDisconnect
@@ -454,11 +456,34 @@ def get_image(request: Request, image_id: str, who: Principal = Generate) -> Res
     )
 
 
-@router.get("/models", response_model=list[PublicModelInfo], summary="Approved models")
-def list_models(request: Request, who: Principal = Generate) -> list[PublicModelInfo]:
+class ListedModel(PublicModelInfo):
+    """A model in `GET /v1/models`: darkroom's fields and OpenAI's (`object`, `created`, `owned_by`)."""
+
+    object: Literal["model"] = "model"
+    created: int = Field(description="unix time the model's files were last changed")
+    owned_by: str = "darkroom"
+
+
+class ModelList(BaseModel):
+    """OpenAI's list envelope, so the official `openai` package's `models.list()` reads it; darkroom's own clients
+    read the same `data` (the SDK's `models()` returns it)."""
+
+    object: Literal["list"] = "list"
+    data: list[ListedModel]
+
+
+@router.get("/models", response_model=ModelList, summary="Approved models (OpenAI's list shape)")
+def list_models(request: Request, who: Principal = Generate) -> ModelList:
     """The checkpoints this tenant may use (`models.access`), with their default parameters."""
     models = model_access.visible_checkpoints(services(request).registry, tenant_policy(request))
-    return [PublicModelInfo.model_validate(m.model_dump()) for m in models]
+    return ModelList(data=[ListedModel(**m.model_dump(), created=_changed_at(m.path)) for m in models])
+
+
+def _changed_at(path: str) -> int:
+    try:
+        return int(os.stat(path).st_mtime)
+    except OSError:
+        return 0
 
 
 @router.get("/samplers", summary="Sampler names (AUTOMATIC1111's) and the diffusers scheduler each maps to")

@@ -66,6 +66,10 @@ def serve(
     database_url: DbUrl = None,
     models_dir: ModelsDir = None,
     workers: Annotated[int | None, typer.Option(help="in-process workers; 0 for an API-only node")] = None,
+    devices: Annotated[
+        str | None,
+        typer.Option(help="a worker process per device: cuda:0,cuda:1 or all (more --workers become its threads)"),
+    ] = None,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="without API keys, answer unauthenticated requests off loopback too")
     ] = False,
@@ -95,6 +99,8 @@ def serve(
     from darkroom.observability import metrics
 
     metrics.multiprocess(settings.data_dir / "metrics")  # one /metrics for this server and its worker processes
+    if devices is not None:
+        _pin_devices(settings, devices, workers_given=workers is not None)
     if insecure:
         settings.security.insecure = True
     if threads is not None:
@@ -137,6 +143,16 @@ def _logging(level: str, role: str, fmt: str | None) -> None:
     except ValueError as exc:
         console.print(f"[red]--log-format: {exc}[/red]", highlight=False)
         raise typer.Exit(2) from None
+
+
+def _pin_devices(settings: Settings, devices: str, *, workers_given: bool) -> None:
+    """`serve --devices`: a worker process per device (`all`: every GPU); without --workers, one worker each."""
+    from darkroom.worker.processes import resolve_devices
+
+    settings.devices = resolve_devices([d.strip() for d in devices.split(",") if d.strip()])
+    if not workers_given:
+        settings.workers = len(settings.devices)
+    settings.worker_processes = True
 
 
 def _serve_settings(**flags: Any) -> Settings:
@@ -226,6 +242,8 @@ def worker(
     metrics_host: Annotated[str, typer.Option(help="address for --metrics-port (no auth: keep it private)")] = (
         "127.0.0.1"
     ),
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, mps (default: the settings' device)")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="worker loops sharing this process's engine")] = 1,
     log_level: str = "info",
     log_format: LogFormatOption = None,
 ) -> None:
@@ -240,17 +258,22 @@ def worker(
     if os.environ.get("DARKROOM_WORKER_PARENT"):  # a child of `darkroom serve` (worker.processes.PARENT_ENV),
         logging.getLogger("darkroom.models.registry").setLevel(logging.WARNING)  # which listed the models already
     settings = settings_from(data_dir=data_dir, database_url=database_url, models_dir=models_dir, worker_id=worker_id)
+    if device is not None:
+        settings.device = device
     if log_format is None and settings.log_format != os.environ.get(FORMAT_ENV):  # set in darkroom.toml
         setup_logging(log_level, "worker", settings.log_format)
     tracing.configure(settings, "worker")
     _validate_hooks(settings, output_checker=True)
     services = Services.open(settings)
     services.ensure_default_model()
-    loop = Worker(settings, services.store, services.blobs, services.make_engine, registry=services.registry)
     if metrics_port is not None:
         from darkroom.observability import metrics
 
         metrics.serve_worker_endpoint(metrics_port, metrics_host)
+    if threads > 1:
+        _worker_threads(services, threads)
+        return
+    loop = Worker(settings, services.store, services.blobs, services.make_engine, registry=services.registry)
 
     def _drain(signum: int, _frame: object) -> None:
         console.print(f"worker: signal {signum}: draining (the current job gets {settings.drain_seconds} s to finish)")
@@ -260,6 +283,24 @@ def worker(
     signal.signal(signal.SIGINT, _drain)
     loop.run()
     services.store.close()
+
+
+def _worker_threads(services: Any, threads: int) -> None:
+    """`darkroom worker --threads N`: N supervised worker loops sharing one engine, drained on SIGTERM/SIGINT."""
+    import threading
+
+    stop = threading.Event()
+
+    def _drain(signum: int, _frame: object) -> None:
+        console.print(f"worker: signal {signum}: draining (running jobs get {services.settings.drain_seconds} s)")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _drain)
+    signal.signal(signal.SIGINT, _drain)
+    services.start_workers(threads)
+    while not stop.wait(1.0):
+        pass
+    services.close()
 
 
 @app.command()

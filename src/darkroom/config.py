@@ -334,6 +334,12 @@ class Settings(BaseSettings):
     workers: int = 1
     worker_id: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    devices: list[str] = Field(
+        default_factory=list,
+        description="`serve`: one worker process per device (`cuda:0`, `cuda:1`, or `all` for every GPU); more "
+        "workers than devices run as threads of those processes, sharing the device's engine. Empty: `workers` "
+        "processes on `device`",
+    )
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     pipeline_cache_size: int = Field(2, description="most pipelines a worker keeps loaded")
     pipeline_cache_bytes: int | None = Field(None, description="memory budget for them; default 80% VRAM / 50% RAM")

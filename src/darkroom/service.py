@@ -11,6 +11,7 @@ from darkroom.auth.keys import KeyStore
 from darkroom.auth.tenants import TenantStore
 from darkroom.config import Settings
 from darkroom.engines.base import Engine
+from darkroom.engines.shared import EnginePool
 from darkroom.extras import require, require_worker
 from darkroom.jobs.db import migrate
 from darkroom.jobs.notify import ChangeFeed
@@ -40,6 +41,10 @@ class Services:
     _supervisor: Supervisor | None = None
     _processes: WorkerProcesses | None = None  # `serve`'s worker processes (darkroom.worker.processes)
     feed: ChangeFeed | None = None  # the process's one change feed (waiters, idle workers); starts on first use
+    _engines: EnginePool = field(init=False)  # the device's one engine, shared by this process's workers
+
+    def __post_init__(self) -> None:
+        self._engines = EnginePool(self._new_engine)
 
     @classmethod
     def open(cls, settings: Settings) -> Services:
@@ -103,6 +108,10 @@ class Services:
         return approvals.approved_map()
 
     def make_engine(self) -> Engine:
+        """A share of this process's engine (`engines.shared`): its worker threads hold one copy of each model."""
+        return self._engines.share()
+
+    def _new_engine(self) -> Engine:
         require_worker()
         from darkroom.engines.diffusers_engine import DiffusersEngine  # torch stays out of API-only processes
 

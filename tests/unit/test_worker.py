@@ -336,6 +336,24 @@ def test_two_worker_threads_both_register_and_claim_and_a_crashed_one_restarts(s
     assert health["status"] == "ok" and health["workers"] == 2
     assert [s["crashes"] for s in health["slots"]] == [0, 1] and "torch" in health["slots"][1]["last_error"]
     assert "crashed" in caplog.text
+    # One engine for the device (engines.shared): both threads ran on it, and it holds the model once.
+    shared = {id(w.engine.shared) for w in services.workers}
+    assert len(shared) == 1
+    assert [m for m, _ in services.workers[0].engine.loaded_models()] == ["tiny-diffusers"]
+
+
+def test_an_engine_share_closes_only_its_own_and_the_last_one_closes_the_engine(services):
+    first, second = services.make_engine(), services.make_engine()
+    assert first.shared is second.shared and services._engines.shares == 2
+    first.close()
+    first.close()  # once
+    assert services._engines.shares == 1
+    second.preload("tiny-diffusers")  # the engine is still open for the other share
+    assert second.loaded_models()
+    second.close()
+    third = services.make_engine()
+    assert third.shared is not second.shared and third.loaded_models() == []  # a fresh engine after the last close
+    third.close()
 
 
 class GatedBlobs(LocalBlobStore):

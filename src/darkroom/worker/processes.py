@@ -42,6 +42,8 @@ _PR_SET_PDEATHSIG = 1
 class ProcessSlot:
     index: int
     worker_id: str
+    device: str | None = None  # pinned to this device (`serve --devices`); None: the settings' device
+    threads: int = 1  # worker loops in the process, sharing its engine (`darkroom worker --threads`)
     proc: subprocess.Popen[bytes] | None = None
     state: str = "starting"  # starting | running | restarting | stopped
     crashes: int = 0
@@ -64,8 +66,8 @@ class WorkerProcesses:
         self._lock = threading.Lock()
 
     def start(self, count: int, base_id: str) -> None:
-        for _ in range(count):
-            slot = ProcessSlot(index=len(self.slots), worker_id=f"{base_id}-{len(self.slots)}")
+        for device, threads in placement(count, self.settings.devices):
+            slot = ProcessSlot(len(self.slots), f"{base_id}-{len(self.slots)}", device=device, threads=threads)
             with self._lock:
                 self.slots.append(slot)
             # The thread that starts a child must outlive it: PR_SET_PDEATHSIG fires when that *thread* ends.
@@ -78,6 +80,10 @@ class WorkerProcesses:
         args = [sys.executable, "-m", "darkroom.cli", "worker", "--worker-id", slot.worker_id]
         args += ["--data-dir", str(s.data_dir.resolve()), "--database-url", s.resolved_database_url]
         args += ["--models-dir", str(s.resolved_models_dir), "--log-level", self.log_level]
+        if slot.device is not None:
+            args += ["--device", slot.device]
+        if slot.threads > 1:
+            args += ["--threads", str(slot.threads)]
         return args
 
     def _keep(self, slot: ProcessSlot) -> None:
@@ -144,6 +150,28 @@ class WorkerProcesses:
             for s in slots
         ]
         return fleet_health(views, healthy=sum(s.healthy for s in slots))
+
+
+def placement(workers: int, devices: list[str]) -> list[tuple[str | None, int]]:
+    """(device, worker threads) for each process to start. Without devices, a process per worker on the settings'
+    device (on a CPU, processes are what run side by side). With devices, a process per device holding one engine,
+    and the workers dealt out to them as threads: a device never holds a model twice."""
+    if workers <= 0:
+        return []
+    if not devices:
+        return [(None, 1)] * workers
+    used = devices[:workers]
+    return [(device, len(range(i, workers, len(used)))) for i, device in enumerate(used)]
+
+
+def resolve_devices(devices: list[str]) -> list[str]:
+    """`all` is every CUDA device of this machine (the CPU when there is none); other names pass as given."""
+    if devices != ["all"]:
+        return devices
+    import torch  # the worker extra: only a node that runs workers asks
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [f"cuda:{i}" for i in range(count)] or ["cpu"]
 
 
 def die_with_parent() -> None:

@@ -20,7 +20,7 @@ from darkroom.api.app import create_app
 from darkroom.api.controlnet import a1111_refiner
 from darkroom.config import Limits, Settings, WebhookSettings
 from darkroom.engines import preprocessors
-from darkroom.engines.controlnet import pin_units
+from darkroom.engines.controlnet import ControlNetError, pin_units
 from darkroom.engines.diffusers_engine import DiffusersEngine
 from darkroom.errors import InvalidRequest
 from darkroom.models.registry import ModelRegistry
@@ -192,6 +192,18 @@ def test_single_files_in_both_layouts_two_units_and_control_modes(engine, regist
         assert not np.array_equal(render(engine, registry, units=({**edges, "control_mode": mode},)), balanced)
     late = render(engine, registry, units=({**edges, "guidance_start": 0.5},))
     assert not np.array_equal(late, balanced)
+
+
+def test_the_worker_refuses_a_controlnet_changed_or_removed_since_submit(engine, registry):
+    pinned = pin_units(registry, [ControlNetUnit(image="x", model="edges")], registry.get(SD1))
+    for unit, needle in (
+        (pinned[0].model_copy(update={"sha256": "0" * 64}), "changed since the job was queued"),
+        (pinned[0].model_copy(update={"model": "gone"}), "no longer available"),
+    ):
+        request = GenerationRequest(prompt="a cat", model=SD1, controlnet=[unit], **SMALL)
+        with pytest.raises(ControlNetError, match=needle) as caught:
+            engine.generate(request, None, lambda step, total: None, control_images=[square()])
+        assert caught.value.permanent and caught.value.code == "controlnet_incompatible"
 
 
 # --- through the APIs -----------------------------------------------------------------------------------------------

@@ -441,15 +441,14 @@ def models_versions(
     except DarkroomError as exc:
         console.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(1) from None
-    table = Table("sha256", "added", "by", "approved", "by", "state")
+    table = Table("sha256", "added (UTC)", "by", "approved by", "state")
+    table.columns[0].min_width = 12  # a sha256 prefix cut short is no use to copy into `rollback`
     for v in found["versions"]:
         state = (
             "current" if v["sha256"] == found["current"] else "approved" if v["approved_at"] is not None else "pending"
         )
-        state += " (on disk)" if v["sha256"] == found["on_disk"] else ""
-        table.add_row(
-            v["sha256"][:12], v["added_at"], v["added_by"], v["approved_at"] or "", v["approved_by"] or "", state
-        )
+        state += ", on disk" if v["sha256"] == found["on_disk"] else ""
+        table.add_row(v["sha256"][:12], v["added_at"][:16], v["added_by"], v["approved_by"] or "", state)
     Console().print(table)
     if found["disabled"]:
         console.print(f"{model_id} is disabled")

@@ -105,3 +105,23 @@ def test_a_changed_file_waits_for_approval_on_postgresql(pg_url, tmp_path, model
             assert api.post("/v1/jobs", json=BASE).status_code == 202
     finally:
         svc.close()
+
+
+def test_the_cli_lists_disables_and_enables(setup):
+    from typer.testing import CliRunner
+
+    from darkroom.cli import app
+
+    api, svc, weights = setup
+    where = ["--data-dir", str(svc.settings.data_dir), "--models-dir", str(weights.parent)]
+    runner = CliRunner()
+    listed = runner.invoke(app, ["models", "versions", "tiny-single", *where])
+    assert listed.exit_code == 0 and sha(weights)[:12] in listed.output and "current" in listed.output, listed.output
+    off = runner.invoke(app, ["models", "disable", "tiny-single", "--data-dir", str(svc.settings.data_dir)])
+    assert off.exit_code == 0 and "disabled" in off.output, off.output
+    assert api.post("/v1/jobs", json=BASE).status_code == 409  # the same process forgot what it remembered
+    assert (
+        runner.invoke(app, ["models", "enable", "tiny-single", "--data-dir", str(svc.settings.data_dir)]).exit_code == 0
+    )
+    unknown = runner.invoke(app, ["models", "rollback", "tiny-single", "deadbeef", *where])
+    assert unknown.exit_code == 1 and "no version" in unknown.output

@@ -345,3 +345,22 @@ def test_without_any_key_a_loopback_server_lets_its_owner_in_with_an_empty_key(t
         assert client.get("/ui/keys", follow_redirects=False).status_code == 303  # keys exist now: sign in with one
     finally:
         svc.close()
+
+
+def test_operator_disables_and_enables_a_model_and_reads_the_cost_report(ui):
+    svc, _, _, _ = ui
+    user, _ = client_for(ui, "user")
+    assert "Disable" not in user.get("/ui/models").text  # users see the models, not the controls
+    assert 'id="cost"' in user.get("/ui/usage").text
+    op, csrf = client_for(ui, "operator")
+    assert op.post("/ui/models/tiny-diffusers/disable", data={}).status_code == 403  # CSRF first
+    r = op.post("/ui/models/tiny-diffusers/disable", data={"csrf_token": csrf}, follow_redirects=False)
+    assert r.status_code == 303
+    page = op.get("/ui/models").text
+    assert "disabled" in page and 'action="/ui/models/tiny-diffusers/enable"' in page
+    assert any(r.target == "tiny-diffusers" for r in svc.audit.list(action="model.disable"))
+    op.post("/ui/models/tiny-diffusers/enable", data={"csrf_token": csrf})
+    assert 'action="/ui/models/tiny-diffusers/disable"' in op.get("/ui/models").text
+    assert op.post("/ui/models/tiny-diffusers/explode", data={"csrf_token": csrf}).status_code == 422
+    report = op.get("/ui/usage?days=7").text
+    assert "Cost, the last 7 days" in report and "<th>Day</th>" in report.replace(' scope="col"', "")

@@ -10,17 +10,22 @@ import io
 import json
 from collections.abc import Iterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 
-from darkroom.api import admin, v1
+from darkroom import clock
+from darkroom.api import admin
+from darkroom.api.auth import tenant_policy
 from darkroom.auth.audit import AuditRecord
 from darkroom.auth.limits import effective, usage
 from darkroom.auth.principal import DEFAULT_TENANT, Permission, Principal, Role
 from darkroom.auth.tenants import TenantPolicy
 from darkroom.errors import InvalidRequest
+from darkroom.models import access as model_access
+from darkroom.observability.cost import GroupBy
+from darkroom.schemas import ModelInfo
 
 from .render import page
 from .session_auth import check_csrf, ui_principal
@@ -37,19 +42,32 @@ def _invalid(exc: ValidationError) -> InvalidRequest:
 # --- models --------------------------------------------------------------------------------------------------------
 
 
+def _models(request: Request, who: Principal) -> tuple[list[ModelInfo], dict[str, dict]]:
+    """The models the caller may use (`GET /v1/models`'s rule: `models.access`) and, for operators, their versions."""
+    listed = model_access.visible_checkpoints(request.app.state.services.registry, tenant_policy(request))
+    versions = {m.id: admin.model_versions(request, m.id, who) for m in listed} if who.can(Permission.models) else {}
+    return listed, versions
+
+
 @router.get("/models")
 async def models(request: Request) -> Response:
     who = await ui_principal(request)
-    listed = await run_in_threadpool(v1.list_models, request, who)
-    return page(request, "models.html", models=listed)
+    listed, versions = await run_in_threadpool(_models, request, who)
+    return page(request, "models.html", models=listed, versions=versions)
 
 
-@router.post("/models/{model_id}/approve")
-async def approve_model(request: Request, model_id: str) -> Response:
+@router.post("/models/{model_id}/{action}")
+async def model_action(request: Request, model_id: str, action: str) -> Response:
+    """Approve this node's copy, disable or enable: `POST /v1/models/{id}/{action}` (audited there)."""
     who = await ui_principal(request, Permission.models)
     form = await request.form()
     check_csrf(request, str(form.get("csrf_token") or ""))
-    await run_in_threadpool(lambda: admin.approve_model(request, model_id, who=who))
+    if action == "approve":
+        await run_in_threadpool(admin.approve_model, request, model_id, None, who)
+    elif action in ("disable", "enable"):
+        await run_in_threadpool(admin.model_action, request, model_id, action, None, who)  # type: ignore[arg-type]
+    else:
+        raise InvalidRequest("action must be approve, disable or enable", field="action")
     return RedirectResponse("/ui/models", status_code=303)
 
 
@@ -68,11 +86,20 @@ def _usage(request: Request, who: Principal) -> list[dict]:
     ]
 
 
+def _cost(request: Request, who: Principal, days: int) -> dict:
+    """`GET /v1/usage?from=…&group_by=…`: the last `days` days' jobs, images, device time and cost, by tenant for
+    admins (every tenant) and by day for everyone else (their own)."""
+    end = clock.utcnow()
+    group: GroupBy = "tenant" if who.can(Permission.admin) else "day"
+    return admin.get_usage(request, end - dt.timedelta(days=days), end, group, None, who)
+
+
 @router.get("/usage")
-async def usage_page(request: Request) -> Response:
+async def usage_page(request: Request, days: int = Query(30, ge=1, le=366)) -> Response:
     who = await ui_principal(request)
     rows = await run_in_threadpool(_usage, request, who)
-    return page(request, "usage.html", rows=rows)
+    report = await run_in_threadpool(_cost, request, who, days)
+    return page(request, "usage.html", rows=rows, report=report, days=days)
 
 
 # --- keys (admin) --------------------------------------------------------------------------------------------------

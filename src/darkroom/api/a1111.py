@@ -19,7 +19,10 @@ naming the field, never ignored. `/upscalers` and `/latent-upscale-modes` list w
 ControlNet: the extension's `alwayson_scripts.controlnet.args` units and its `/controlnet/*` routes (api/controlnet.py);
 `refiner_checkpoint` and `refiner_switch_at` become the request's `refiner` (an SDXL model or refiner).
 
-Accepted and ignored (darkroom has no equivalent): `restore_faces`, `tiling`, `styles`, subseeds, scripts
+Styles: `styles` are the tenant's prompt templates (`darkroom.models.templates`), applied as A1111 applies styles;
+`/prompt-styles` lists them. Checkpoints, LoRAs, embeddings and upscalers are listed as the tenant's policy allows.
+
+Accepted and ignored (darkroom has no equivalent): `restore_faces`, `tiling`, subseeds, scripts
 (`script_name`, `alwayson_scripts` other than ControlNet), `eta`/`s_*` sampler tweaks, `resize_mode` (the source is
 always resized to the requested size), `save_images`. `skip` stops the current job like `interrupt`: darkroom runs a
 job's images as one unit.

@@ -510,13 +510,13 @@ class Worker:
         attrs = {"job_id": job.id, "tenant": job.tenant, "model": job.model, "worker": self.id}
         with tracing.span("job", tracing.request_context(job.request_id), **attrs) as job_span:
             context = tracing.context_of(job_span)
-            if context is not None:
-                self._traces[job.id] = context  # post-processing's spans go under this job's
             began = time.time_ns()
             with tracing.span("denoise"):
                 result = self._generate(job, run)
             if load_s := float(result.timings.get("load_s") or 0.0):
                 tracing.record("load", began, began + int(load_s * 1e9), context)
+            if context is not None:
+                self._traces[job.id] = context  # post-processing's spans go under this job's (`_finish` takes it)
             self._hand_off(job, result, run.started, leases)
 
     def _generate(self, job: JobRecord, run: _Run) -> EngineResult:

@@ -72,6 +72,9 @@ WAITS = frozenset(
         "/v1/images/edits",
     }
 )
+# Routes whose answer follows the caller's Accept (`POST /v1/generate` with `Accept: image/png`): 406 when the
+# request cannot be answered that way (one PNG, but n > 1).
+NEGOTIATES = frozenset({"/v1/generate"})
 # Answered by the edge (api/edge.py) or the app's handlers (errors.py) before or around an OpenAI route's own
 # handling, so in darkroom's shape there as well.
 EDGE_STATUSES = frozenset({413, 429, 503})
@@ -80,6 +83,7 @@ DESCRIPTIONS = {
     401: "Missing, unknown or revoked API key",
     403: "The key's role may not do this, or the image is held for review",
     404: "Nothing with this id (or not yours)",
+    406: "The `Accept` header asks for what this request cannot give (image/png for more than one image)",
     409: "Conflicts with the current state: a reused Idempotency-Key, a job or image already settled",
     413: "The request body, or an upload in it, is too large",
     422: "Invalid request: the `field` names what is wrong",
@@ -135,6 +139,8 @@ def error_statuses(route: RouteContext, method: str, has_body: bool) -> set[int]
         statuses.add(507)
     if route.path_format in WAITS:
         statuses |= {500, 504}
+    if route.path_format in NEGOTIATES:
+        statuses.add(406)
     if isinstance(route.original_route, OpenAIRoute) and 422 in statuses:
         statuses = (statuses - {422}) | {400}
     return statuses

@@ -297,7 +297,6 @@ def create_job(
     responses={
         200: {"content": {"image/png": {}}, "description": "The job; with `Accept: image/png`, its picture"},
         202: {"model": JobView, "description": "Not finished within the wait: the job goes on; poll it"},
-        406: {"description": "`Accept: image/png` with n > 1"},
     },
 )
 async def generate(
@@ -306,13 +305,13 @@ async def generate(
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200),
     timeout: float | None = Query(None, gt=0, description="seconds to wait; default from settings"),
     who: Principal = Generate,
-) -> JSONResponse:
+) -> Response:
     return await submit_and_wait(request, body, idempotency_key, timeout)
 
 
 async def submit_and_wait(
     request: Request, body: GenerationRequest, idempotency_key: str | None, timeout: float | None
-) -> JSONResponse:
+) -> Response:
     """Queue the job and wait for it, woken by the change feed (not a poll), at most `sync_timeout_seconds`. Not
     finished in time: the job goes on, and the answer is a 202 like POST /v1/jobs, so the client can poll.
 
@@ -541,6 +540,6 @@ async def upscale(
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200),
     timeout: float | None = Query(None, gt=0, description="seconds to wait; default from settings"),
     who: Principal = Generate,
-) -> JSONResponse:
+) -> Response:
     """Runs on the job queue like a generation (priority, quotas, audit, provenance), without a diffusion pass."""
     return await submit_and_wait(request, body.generation_request(), idempotency_key, timeout)

@@ -92,3 +92,16 @@ def test_a_policy_with_unknown_fields_or_a_bad_kind_is_refused(api):
     assert kind.status_code == 422 and "lorra:x" in kind.text
     kinds = api.put("/v1/tenants/c", json={"allowed_kinds": ["checkpoint"]}, headers=admin)
     assert kinds.status_code == 200 and kinds.json()["allowed_kinds"] == ["checkpoint"]
+
+
+def test_may_use_reads_kinds_then_patterns():
+    from darkroom.models.access import may_use
+
+    kinds = TenantPolicy(allowed_kinds=["checkpoint", "lora"])
+    assert may_use(kinds, "lora", "x") and not may_use(kinds, "embedding", "x")
+    patterns = TenantPolicy(allowed_models=["brand-?", "lora:acme-*"])
+    assert may_use(patterns, "checkpoint", "brand-1") and may_use(patterns, "embedding", "brand-2")
+    assert may_use(patterns, "lora", "acme-style") and not may_use(patterns, "checkpoint", "acme-style")
+    assert not may_use(patterns, "lora", "Brand-1")  # case-sensitive, as ids are
+    both = TenantPolicy(allowed_kinds=["checkpoint"], allowed_models=["lora:*", "*"])
+    assert may_use(both, "checkpoint", "any") and not may_use(both, "lora", "any")

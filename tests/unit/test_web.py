@@ -364,3 +364,15 @@ def test_operator_disables_and_enables_a_model_and_reads_the_cost_report(ui):
     assert op.post("/ui/models/tiny-diffusers/explode", data={"csrf_token": csrf}).status_code == 422
     report = op.get("/ui/usage?days=7").text
     assert "Cost, the last 7 days" in report and "<th>Day</th>" in report.replace(' scope="col"', "")
+
+
+def test_the_forms_offer_only_the_models_the_tenant_may_use(ui):
+    svc, _, _, _ = ui
+    svc.tenants.put("globex", TenantPolicy(allowed_models=["tiny-single"]), Principal.cli())
+    try:
+        client, _ = client_for(ui, "other")
+        for path in ("/ui/generate", "/ui/gallery", "/ui/models"):
+            text = client.get(path).text
+            assert "tiny-single" in text and "tiny-diffusers" not in text, path
+    finally:
+        svc.tenants.put("globex", TenantPolicy(), Principal.cli())

@@ -14,10 +14,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from darkroom.api.auth import visible_image
+from darkroom.api.auth import tenant_policy, visible_image
 from darkroom.auth.principal import Permission, Principal
 from darkroom.errors import HeldForReview
 from darkroom.extras import MissingExtra
+from darkroom.models import access as model_access
 from darkroom.safety.verify import UnreadableImage, verify
 from darkroom.schemas import JobState
 
@@ -80,7 +81,8 @@ async def gallery(
 ) -> Response:
     who = await ui_principal(request)
     tiles = await run_in_threadpool(search, request, who, q, model, since, until)
-    models = await run_in_threadpool(request.app.state.services.registry.scan)
+    registry = request.app.state.services.registry
+    models = await run_in_threadpool(model_access.visible_checkpoints, registry, tenant_policy(request))
     filters = {"q": q, "model": model, "since": since, "until": until}
     return page(request, "gallery.html", tiles=tiles, models=models, filters=filters, scan=SCAN)
 

@@ -9,9 +9,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from darkroom.api import v1
-from darkroom.api.auth import visible_job
+from darkroom.api.auth import tenant_policy, visible_job
 from darkroom.engines.samplers import SAMPLERS
 from darkroom.errors import DarkroomError
+from darkroom.models import access as model_access
 from darkroom.schemas import JobView
 from darkroom.service import Services
 
@@ -33,7 +34,7 @@ def _form_page(request: Request, values: dict, error: DarkroomError | None = Non
         "generate.html",
         status=error.status if error else 200,
         values=values,
-        models=svc.registry.scan(),
+        models=model_access.visible_checkpoints(svc.registry, tenant_policy(request)),  # as GET /v1/models
         samplers=[spec.name for spec in SAMPLERS],
         limits=svc.settings.limits,
         error=error,

@@ -24,7 +24,7 @@ from darkroom.config import ObservabilitySettings, Settings
 from darkroom.jobs.db import migrate
 from darkroom.jobs.store import JobStore
 from darkroom.jobs.tables import images, jobs
-from darkroom.observability.cost import usage_report
+from darkroom.observability.cost import batch_share, usage_report
 from darkroom.schemas import GenerationRequest
 from darkroom.service import Services
 
@@ -168,3 +168,10 @@ def test_the_reports_sql_groups_by_utc_day_model_and_tenant_on_both_databases(db
         assert [(r.key, r.jobs) for r in tenants] == [("a", 2)]  # `to` is exclusive
     finally:
         store.close()
+
+
+def test_jobs_of_one_tensor_batch_share_its_device_time_by_images():
+    assert batch_share({"batch_images": 8}, 2) == 0.25
+    assert batch_share({"batch_images": 1}, 1) == 1.0
+    assert batch_share({}, 3) == 1.0  # ran alone
+    assert batch_share({"batch_images": 2}, 4) == 1.0  # never more than the job's own time

@@ -1,11 +1,12 @@
 """Cost: what device time and storage cost at the operator's prices, per job and summed into usage reports.
 
-Each succeeded job records its device-seconds (`gpu_seconds`: the worker's wall time for it) and `cost`, priced at
-its worker's class (`observability.worker_class`, default `gpu` on a CUDA/MPS device, else `cpu`) from
-`observability.device_hour_prices`. The price is applied once, when the job completes (in the completion's own
-UPDATE), so a later price change does not rewrite history. Reports sum those rows (`usage_report`); stored bytes are
-priced per GB-month at report time (`storage_gb_month_price`), since they keep costing while they are kept.
-`estimate` is the TCO helper behind `darkroom cost estimate`."""
+Each succeeded job records its device-seconds (`gpu_seconds`: the worker's wall time for it) and `cost`: its share of
+that time (`batch_share`: a tensor batch's time is split by images) at its worker class's price per device-hour
+(`observability.worker_class`, default `gpu` on a CUDA/MPS device, else `cpu`; `observability.device_hour_prices`).
+The price is applied once, when the job completes (in the completion's own UPDATE), so a later price change does not
+rewrite history. Reports sum those rows (`usage_report`); stored bytes are priced per GB-month at report time
+(`storage_gb_month_price`), since they keep costing while they are kept. `estimate` is the TCO helper behind
+`darkroom cost estimate`."""
 
 from __future__ import annotations
 
@@ -34,6 +35,14 @@ def device_cost(settings: Settings, device: str | None, seconds: float) -> float
     """`seconds` of device time at the worker class's price per device-hour (0 for a class with no price)."""
     price = settings.observability.device_hour_prices.get(worker_class(settings, device), 0.0)
     return round(max(0.0, seconds) * price / 3600.0, 8)
+
+
+def batch_share(timings: dict[str, Any], images: int) -> float:
+    """The part of a run's device time that is this job's: its images over the tensor batch's (`batch_images`, set
+    by the engine when jobs ran as one batch). Jobs of one batch overlap in wall time, so charging each its whole
+    time would bill the device N times over."""
+    together = int(timings.get("batch_images") or 0)
+    return images / together if together > images > 0 else 1.0
 
 
 @dataclass(frozen=True)

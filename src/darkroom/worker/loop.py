@@ -51,7 +51,7 @@ from darkroom.models.approvals import approved
 from darkroom.models.registry import ModelRegistry
 from darkroom.models.verify import verify_local_models
 from darkroom.observability import metrics, tracing
-from darkroom.observability.cost import device_cost
+from darkroom.observability.cost import batch_share, device_cost
 from darkroom.observability.logging import context as log_context
 from darkroom.safety.checker import OutputChecker, load_checker, review_decision
 from darkroom.safety.provenance import encode_png
@@ -669,7 +669,8 @@ class Worker:
                 )
             )
         seeds = [i.seed for i in result.images]
-        cost = device_cost(self.settings, result.device, timings["worker_total_s"])
+        share = batch_share(result.timings, len(result.images))
+        cost = device_cost(self.settings, result.device, timings["worker_total_s"] * share)
         with tracing.span("store", trace, job_id=job.id):
             completed = self.store.complete(job.id, self.id, new_images, {**common, "seeds": seeds}, cost=cost)
         if completed:

@@ -30,6 +30,8 @@ def api(tmp_path_factory, models_dir):
     for name in ("brand-a-style", "shared-style"):  # the registry reads a LoRA's header and hash only
         (root / "loras").mkdir(exist_ok=True)
         save_file({"w": np.full((2, 2), len(name), dtype=np.float32)}, str(root / "loras" / f"{name}.safetensors"))
+    (root / "embeddings").mkdir()
+    save_file({"emb_params": np.ones((1, 32), dtype=np.float32)}, str(root / "embeddings" / "brandtoken.safetensors"))
     svc = Services.open(Settings(data_dir=tmp_path_factory.mktemp("access-data"), models_dir=root))
     svc.tenants.put("a", TenantPolicy(), CLI)
     svc.tenants.put("b", TenantPolicy(allowed_models=["checkpoint:tiny-single", "lora:shared-*"]), CLI)
@@ -92,6 +94,16 @@ def test_a_policy_with_unknown_fields_or_a_bad_kind_is_refused(api):
     assert kind.status_code == 422 and "lorra:x" in kind.text
     kinds = api.put("/v1/tenants/c", json={"allowed_kinds": ["checkpoint"]}, headers=admin)
     assert kinds.status_code == 200 and kinds.json()["allowed_kinds"] == ["checkpoint"]
+
+
+def test_an_embedding_the_tenant_may_not_use_is_neither_listed_nor_applied(api):
+    a, b = api.headers_for["a"], api.headers_for["b"]
+    assert "brandtoken" in api.get("/sdapi/v1/embeddings", headers=a).json()["loaded"]
+    assert api.get("/sdapi/v1/embeddings", headers=b).json()["loaded"] == {}
+    body = {**BASE, "prompt": "a brandtoken mug", "model": "tiny-single"}
+    mine = api.post("/v1/jobs", json=body, headers=a).json()["request"]["embeddings"]
+    theirs = api.post("/v1/jobs", json=body, headers=b).json()["request"]["embeddings"]
+    assert [e["name"] for e in mine] == ["brandtoken"] and theirs == []  # a plain word for b, and no 403 to leak it
 
 
 def test_may_use_reads_kinds_then_patterns():

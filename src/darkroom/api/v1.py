@@ -168,7 +168,10 @@ def submit_status(
     }
     if body.loras:  # unknown adapter → 422 naming it; the rest pinned to the file versions found
         updates["loras"] = svc.registry.pin_loras(body.loras)
-    updates["embeddings"] = svc.registry.pin_embeddings(body.prompt, body.negative_prompt)  # for provenance
+    # Embeddings are matched from the prompt's words, never asked for by name: one the tenant may not use is left
+    # out (its name stays a plain word) rather than refused, which would tell the tenant that it exists.
+    embeddings = svc.registry.pin_embeddings(body.prompt, body.negative_prompt)  # for provenance
+    updates["embeddings"] = model_access.visible(policy, "embedding", embeddings, lambda e: e.name)
     updates.update(upscalers.pin(svc.registry, body))  # unknown upscaler → 422 naming it; models pinned by sha256
     if body.webhook_url and not svc.settings.webhooks.secret:
         raise InvalidRequest("webhooks are not configured (DARKROOM_WEBHOOKS__SECRET)", field="webhook_url")

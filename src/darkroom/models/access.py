@@ -74,8 +74,9 @@ def visible(policy: AccessPolicy, kind: str, items: Iterable[T], name: Callable[
 
 
 def check_request(policy: AccessPolicy, request: GenerationRequest) -> None:
-    """Every model a resolved request names (checkpoint, LoRAs, embeddings, model upscalers), each checked; the
-    first one refused is the 403. Run after pinning, so names are canonical and model upscalers carry a sha256."""
+    """Every model a resolved request names (checkpoint, LoRAs, ControlNets, refiner, model upscalers; embeddings
+    are filtered at submit, see `api.v1`), each checked; the first one refused is the 403. Run after pinning, so
+    names are canonical and model upscalers carry a sha256."""
     if request.model:
         require(policy, "checkpoint", request.model, "model")
     for lora in request.loras:

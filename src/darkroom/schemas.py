@@ -270,6 +270,11 @@ class GenerationRequest(BaseModel):
     workflow: WorkflowSpec | None = Field(
         None, description="set by the ComfyUI API: the workflow this job was compiled from (provenance)"
     )
+    client_options: dict[str, str | int] | None = Field(
+        None,
+        description="set by the OpenAI API: what the client asked for that shapes the answer, not the pixels "
+        "(output_format, output_compression, background, quality's name), kept for provenance",
+    )
     loras: list[LoraSpec] = Field(
         default_factory=list,
         max_length=MAX_LORAS,

@@ -72,35 +72,44 @@ def api(svc, keys):
 # --- workflows, as ComfyUI's "Save (API format)" writes them ----------------------------------------------------
 
 
+def titled(workflow: dict[str, Any]) -> dict[str, Any]:
+    """Every node with its `_meta.title`, as ComfyUI's export writes it (clients find nodes by title)."""
+    for node in workflow.values():
+        node.setdefault("_meta", {"title": node["class_type"]})
+    return workflow
+
+
 def txt2img(seed: int = 7) -> dict[str, Any]:
-    return {
-        "3": {
-            "class_type": "KSampler",
-            "inputs": {
-                "seed": seed,
-                "steps": 2,
-                "cfg": 7.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-                "model": ["4", 0],
-                "positive": ["6", 0],
-                "negative": ["7", 0],
-                "latent_image": ["5", 0],
+    return titled(
+        {
+            "3": {
+                "class_type": "KSampler",
+                "inputs": {
+                    "seed": seed,
+                    "steps": 2,
+                    "cfg": 7.0,
+                    "sampler_name": "euler",
+                    "scheduler": "normal",
+                    "denoise": 1.0,
+                    "model": ["4", 0],
+                    "positive": ["6", 0],
+                    "negative": ["7", 0],
+                    "latent_image": ["5", 0],
+                },
+                "_meta": {"title": "KSampler"},
             },
-            "_meta": {"title": "KSampler"},
-        },
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-diffusers"}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk", "clip": ["4", 1]}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {
-            "class_type": "SaveImage",
-            "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]},
-            "_meta": {"title": "Save Image"},
-        },
-    }
+            "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-diffusers"}},
+            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk", "clip": ["4", 1]}},
+            "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+            "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+            "9": {
+                "class_type": "SaveImage",
+                "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]},
+                "_meta": {"title": "Save Image"},
+            },
+        }
+    )
 
 
 def img2img(name: str, denoise: float = 0.6) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""OpenAI-compatible Images API: `POST /v1/images/generations` and `POST /v1/images/edits`.
+"""OpenAI-compatible Images API: `POST /v1/images/generations`, `/edits` and `/variations` (`GET /v1/models`, in
+OpenAI's list shape, is the native listing: api/v1.py).
 
 The official `openai` package works with `base_url="http://darkroom:8000/v1"` and any API key (keys are checked once
 darkroom has them). Errors on these routes — and only these — use OpenAI's shape
@@ -7,7 +8,10 @@ darkroom has them). Errors on these routes — and only these — use OpenAI's s
 Translation: `model` is a darkroom model id, or an OpenAI model name (`dall-e-2`, `dall-e-3`, `gpt-image-*`), which
 means the default model. `size` is any `WxH` within darkroom's limits; absent or `auto` it is the model's native size
 (SD 1: 512, SD 2: 768, SDXL: 1024) for generations and the source image's size for edits. `quality` picks the step
-count; `style`, `background: opaque`, `moderation` and `user` are accepted and change nothing. darkroom extensions
+count; `style`, `background: opaque`, `moderation` and `user` are accepted and change nothing. `output_format`
+`jpeg` or `webp` (with `output_compression`, 0-100) re-encodes the stored PNG for `b64_json` answers (a `url` serves
+the PNG); these fields are kept with the job (`client_options`). Variations are img2img of the image (`strength`
+0.6, `prompt` "a variation of this image", both overridable as extensions). darkroom extensions
 (send them with the openai package's `extra_body`): `negative_prompt`, `seed`, `steps`, `guidance_scale`, `sampler`,
 `strength` (edits without a mask), `loras` (`[{"name", "weight"}]`, as in the native API). Edits follow OpenAI's mask
 convention: transparent pixels are repainted; without a mask, a source with transparency is repainted where it is
@@ -16,6 +20,7 @@ transparent, and an opaque source is re-imagined whole.
 
 from __future__ import annotations
 
+import io
 import re
 import time
 from collections.abc import Callable, Coroutine
@@ -26,6 +31,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -43,6 +49,8 @@ from .errors import invalid_json_message
 from .uploads import image_size, load_mask, open_image
 from .v1 import image_url, services
 
+VARIATION_PROMPT = "a variation of this image"
+RECORDED = ("quality", "background", "output_format", "output_compression", "style", "moderation", "input_fidelity")
 OPENAI_MODELS = re.compile(r"^(dall-e-[23]|gpt-image.*|chatgpt-image.*)$")
 NATIVE_SIDE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 QUALITY_STEPS = {"low": 12, "standard": 20, "auto": 20, "medium": 25, "hd": 40, "high": 40, "xhigh": 50, "max": 60}
@@ -110,7 +118,8 @@ class Options(BaseModel):
     size: str | None = None
     response_format: Literal["url", "b64_json"] | None = None
     quality: str | None = None
-    output_format: str | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg and webp: quality 0-100")
     background: str | None = None
     stream: bool | None = None
     user: str | None = None
@@ -130,6 +139,14 @@ class GenerationsRequest(Options):
 class EditsRequest(Options):
     strength: float = Field(0.75, gt=0, le=1)
     input_fidelity: str | None = None
+
+
+class VariationsRequest(Options):
+    """OpenAI's variations take no prompt; darkroom runs img2img of the image with `prompt` (a darkroom extension,
+    default VARIATION_PROMPT) at `strength` (extension, default 0.6)."""
+
+    prompt: str = Field(VARIATION_PROMPT, min_length=1)
+    strength: float = Field(0.6, gt=0, le=1)
 
 
 # --- translation ------------------------------------------------------------------------------------------------------
@@ -153,8 +170,8 @@ def parse_size(size: str | None, auto: tuple[int, int]) -> tuple[int, int]:
 def check_unsupported(opts: Options) -> None:
     if opts.stream:
         raise InvalidRequest("streaming is not supported; leave stream unset", field="stream")
-    if opts.output_format not in (None, "png"):
-        raise InvalidRequest("darkroom returns PNG only; use output_format png", field="output_format")
+    if opts.output_compression is not None and opts.output_format in (None, "png"):
+        raise InvalidRequest("output_compression is for jpeg and webp output", field="output_compression")
     if opts.background == "transparent":
         raise InvalidRequest("transparent backgrounds are not supported", field="background")
 
@@ -176,6 +193,7 @@ def to_generation(
         "model": model.id,
         "seed": opts.seed,
         "loras": opts.loras,
+        "client_options": recorded(opts),
         **extra,
     }
     if opts.guidance_scale is not None:
@@ -190,6 +208,24 @@ def to_generation(
     return body
 
 
+def recorded(opts: Options) -> dict[str, Any] | None:
+    """What OpenAI's fields asked for that shapes the answer, not the pixels (output format and compression,
+    background, quality's name, style), kept with the job for provenance."""
+    kept = {name: getattr(opts, name, None) for name in RECORDED}
+    return {name: value for name, value in kept.items() if value is not None} or None
+
+
+def encoded(png: bytes, opts: Options) -> bytes:
+    """The stored PNG in the asked `output_format`: jpeg or webp at `output_compression` (OpenAI's default 100)."""
+    if opts.output_format in (None, "png"):
+        return png
+    quality = opts.output_compression if opts.output_compression is not None else 100
+    with Image.open(io.BytesIO(png)) as image:
+        out = io.BytesIO()
+        image.convert("RGB").save(out, format=opts.output_format.upper(), quality=quality)
+    return out.getvalue()
+
+
 def response_format(opts: Options) -> str:
     """OpenAI's defaults: URLs for DALL·E names, base64 for GPT image models (and for darkroom's own names)."""
     if opts.response_format:
@@ -201,7 +237,7 @@ def images_body(request: Request, svc: Services, job: JobRecord, opts: Options) 
     compat.raise_for_job(job, FIELD_NAMES)
     fmt = response_format(opts)
     data = [
-        {"url": image_url(request, image.id)} if fmt == "url" else {"b64_json": compat.b64(png)}
+        {"url": image_url(request, image.id)} if fmt == "url" else {"b64_json": compat.b64(encoded(png, opts))}
         for image, png in compat.job_images(svc, job)
     ]
     req = job.request
@@ -209,7 +245,8 @@ def images_body(request: Request, svc: Services, job: JobRecord, opts: Options) 
         "created": int(time.time()),
         "data": data,
         "background": "opaque",
-        "output_format": "png",
+        "output_format": opts.output_format or "png" if fmt == "b64_json" else "png",
+        "quality": opts.quality or "auto",
         "size": f"{req['width']}x{req['height']}",
     }
 
@@ -235,7 +272,9 @@ async def generations(request: Request, opts: GenerationsRequest) -> dict[str, A
 # --- edits ------------------------------------------------------------------------------------------------------------
 
 
-async def read_edit_form(request: Request) -> tuple[EditsRequest, bytes, bytes | None]:
+async def read_edit_form(
+    request: Request, form_model: type[EditsRequest] | type[VariationsRequest] = EditsRequest
+) -> tuple[Any, bytes, bytes | None]:
     """multipart/form-data as the openai package sends it: `image` (or `image[]`, first used), optional `mask`."""
     try:
         form = await request.form()
@@ -247,7 +286,7 @@ async def read_edit_form(request: Request) -> tuple[EditsRequest, bytes, bytes |
     mask = form.get("mask")
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
     try:
-        opts = EditsRequest.model_validate(fields)
+        opts = form_model.model_validate(fields)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = str(first["loc"][0]) if first["loc"] else None
@@ -291,9 +330,9 @@ def _has_transparency(image: Any) -> bool:
     return False
 
 
-def _edit_form_schema() -> dict[str, Any]:
+def _edit_form_schema(form_model: type[Options] = EditsRequest) -> dict[str, Any]:
     """The multipart form `read_edit_form` parses, for the OpenAPI document: the options plus the files."""
-    schema = EditsRequest.model_json_schema()
+    schema = form_model.model_json_schema()
     binary = {"type": "string", "format": "binary"}
     schema["properties"] = {"image": binary, "mask": binary, **schema["properties"]}
     schema["required"] = ["image", *schema.get("required", [])]
@@ -309,5 +348,31 @@ async def edits(request: Request) -> dict[str, Any]:
     svc = services(request)
     opts, image, mask = await read_edit_form(request)
     body = await run_in_threadpool(prepare_edit, svc, opts, image, mask)
+    job = await compat.submit_and_wait(request, body, {}, FIELD_NAMES)
+    return await run_in_threadpool(images_body, request, svc, job, opts)
+
+
+# --- variations -------------------------------------------------------------------------------------------------------
+
+
+def prepare_variation(svc: Services, opts: VariationsRequest, image: bytes) -> GenerationRequest:
+    """img2img of the image at its own size (or `size`), every limit checked before anything is decoded further."""
+    check_unsupported(opts)
+    limits = svc.settings.limits
+    width, height = image_size(image, limits, "image")
+    size = parse_size(opts.size, (max(64, width // 8 * 8), max(64, height // 8 * 8)))
+    model = resolve_model(svc, opts.model)
+    return to_generation(opts, model, size, limits, init_image=compat.b64(image), strength=opts.strength)
+
+
+@router.post(
+    "/variations",
+    summary="OpenAI Images: variations of an image (img2img), multipart",
+    openapi_extra=_edit_form_schema(VariationsRequest),
+)
+async def variations(request: Request) -> dict[str, Any]:
+    svc = services(request)
+    opts, image, _ = await read_edit_form(request, VariationsRequest)
+    body = await run_in_threadpool(prepare_variation, svc, opts, image)
     job = await compat.submit_and_wait(request, body, {}, FIELD_NAMES)
     return await run_in_threadpool(images_body, request, svc, job, opts)

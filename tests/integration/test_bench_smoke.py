@@ -98,3 +98,18 @@ def test_load_reports_latencies_errors_and_memory(bench_models: Path) -> None:
     assert {"count_429", "retry_after_missing", "statuses"} <= set(out)
     samples = out["server"]["samples"]
     assert len(samples) >= 2 and all(s["rss_mb"] > 0 for s in samples)
+
+
+def test_gpu_throughput_on_the_cpu_reports_every_mode_and_ratio() -> None:
+    """The GPU benchmark's CPU smoke run: darkroom's tiny model through the engine and the plain-pipeline baseline
+    (the service mode is the full service path the other benchmarks cover; it runs on a GPU machine)."""
+    out = run_bench(
+        "gpu_throughput.py",
+        *("--arch", "tiny", "--size", "64", "--steps", "2", "--batches", "1,2", "--repeat", "1"),
+        *("--modes", "engine,baseline"),
+    )
+    assert out["benchmark"] == "gpu_throughput" and out["device"] == "cpu"
+    assert set(out["results"]["engine"]) == {"1", "2"} and set(out["results"]["baseline"]) == {"1"}
+    for row in (*out["results"]["engine"].values(), out["results"]["baseline"]["1"]):
+        assert is_positive(row["images_per_s"]) and is_positive(row["unet_it_per_s"]) and row["tflops"] >= 0
+    assert is_positive(out["unet_gflop_per_image"]) and is_positive(out["baseline_over_engine_batch1"])

@@ -133,6 +133,9 @@ def test_sign_in_page_and_swagger_work_offline(page, site):
     page.goto("/")
     check_accessibility(page)
     shot(page, "sign-in")
+    page.emulate_media(color_scheme="dark")  # the dark theme's colours pass the contrast checks too
+    check_accessibility(page)
+    shot(page, "sign-in-dark")
     page.goto("/docs")
     page.wait_for_selector(".swagger-ui .info .title")  # rendered by the vendored bundle: no network needed
     # /redoc is left to the unit test (its vendored bundle answers): parsing its 1 MB here costs 3-15 s a run.

@@ -109,6 +109,23 @@ def test_sign_in_sets_an_httponly_lax_session_and_lands_on_next(ui):
     assert client.get("/", follow_redirects=False).headers["location"] == "/ui/generate"
 
 
+def test_cookies_are_secure_when_the_public_url_is_https(ui):
+    svc, app, tokens, _ = ui
+    svc.settings.public_url = "https://darkroom.example"
+    try:
+        client = TestClient(app)
+        page = client.get("/")
+        assert "secure" in page.headers["set-cookie"].lower()
+        client.cookies.set("darkroom_login_csrf", page.cookies.get("darkroom_login_csrf") or "", path="/ui/login")
+        r = client.post(
+            "/ui/login", data={"api_key": tokens["user"], "csrf_token": csrf_of(page.text)}, follow_redirects=False
+        )
+        cookie = next(c for c in r.headers.get_list("set-cookie") if c.startswith("darkroom_session="))
+        assert "secure" in cookie.lower()
+    finally:
+        svc.settings.public_url = None
+
+
 def test_sign_in_refuses_a_missing_csrf_token_a_bad_key_and_machine_keys(ui):
     client = TestClient(ui[1])
     client.get("/")

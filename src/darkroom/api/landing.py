@@ -57,7 +57,7 @@ def sign_in_page(request: Request, next: str | None, error: str | None, status: 
         keyless=session_auth.keyless(svc),
         hours=f"{svc.settings.server.ui_session_hours:g}",
     )
-    secure = request.url.scheme == "https"
+    secure = session_auth.secure_cookies(request)
     response.set_cookie(
         session_auth.LOGIN_CSRF_COOKIE, token, httponly=True, samesite="lax", secure=secure, path="/ui/login"
     )

@@ -55,7 +55,7 @@ async def login(request: Request) -> Response:
         session_id,
         max_age=int(svc.settings.server.ui_session_hours * 3600),
         httponly=True,
-        secure=request.url.scheme == "https",
+        secure=session_auth.secure_cookies(request),
         samesite="lax",
         path="/",
     )

@@ -39,6 +39,13 @@ class CsrfRefused(Forbidden):
     code = "csrf"
 
 
+def secure_cookies(request: Request) -> bool:
+    """Mark cookies Secure when the browser reaches us over https: directly, through a proxy uvicorn trusts
+    (`--forwarded-allow-ips`), or as the configured `public_url` says."""
+    public = request.app.state.services.settings.public_url or ""
+    return request.url.scheme == "https" or public.startswith("https://")
+
+
 def session_store(svc: Services) -> SessionStore:
     return SessionStore(svc.store.engine, dt.timedelta(hours=svc.settings.server.ui_session_hours))
 

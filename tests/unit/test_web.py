@@ -393,3 +393,22 @@ def test_the_forms_offer_only_the_models_the_tenant_may_use(ui):
             assert "tiny-single" in text and "tiny-diffusers" not in text, path
     finally:
         svc.tenants.put("globex", TenantPolicy(), Principal.cli())
+
+
+def test_operators_see_the_fleet_with_each_workers_current_job(ui):
+    from darkroom.jobs.workers import WorkerInfo, WorkerRegistry
+
+    svc, _, _, _ = ui
+    WorkerRegistry(svc.store.engine).register(WorkerInfo(id="w-fleet", host="gpu-7", pid=42, device="cuda:0"))
+    job, _ = svc.store.create(GenerationRequest(**{**SMALL, "prompt": "on the fleet"}), tenant="acme")
+    claimed = svc.store.claim("w-fleet", 60)
+    assert claimed is not None and claimed.id == job.id
+    try:
+        op, _ = client_for(ui, "operator")
+        page = op.get("/ui/queue").text
+        assert "gpu-7" in page and "cuda:0" in page and f'href="/ui/jobs/{job.id}"' in page
+        user, _ = client_for(ui, "user")
+        assert "gpu-7" not in user.get("/ui/queue").text  # the fleet is for operators
+    finally:
+        svc.store.release(job.id, "w-fleet")
+        svc.store.cancel(job.id)

@@ -57,9 +57,10 @@ def _queue(request: Request, who: Principal) -> dict:
     mine = [
         _row(view) for state in (JobState.running, JobState.queued) for view in v1.list_jobs(request, state, LIMIT, who)
     ]
-    context: dict = {"mine": _ordered(mine), "fleet": None, "everyone": None}
+    context: dict = {"mine": _ordered(mine), "fleet": None, "everyone": None, "current": {}}
     if who.can(Permission.queue):
         context["fleet"] = admin._list(request, None)
+        context["current"] = _current_jobs(request, who)
     if who.can(Permission.admin):  # admins see every tenant, as they do in the audit log and review
         store = request.app.state.services.store
         listed: list[JobStatus] = [
@@ -67,6 +68,18 @@ def _queue(request: Request, who: Principal) -> dict:
         ]
         context["everyone"] = _ordered([_row(v1.job_view(request, s), s.job.tenant) for s in listed])
     return context
+
+
+def _current_jobs(request: Request, who: Principal) -> dict[str, str | None]:
+    """Worker id → the running job it holds: the id when the caller may see the job (its tenant; admins any), else
+    None (busy with another tenant's job, whose id is not the caller's to know)."""
+    store = request.app.state.services.store
+    running = store.list(state=JobState.running, limit=LIMIT)
+    return {
+        job.lease_owner: job.id if who.can(Permission.admin) or job.tenant == who.tenant else None
+        for job in running
+        if job.lease_owner
+    }
 
 
 @router.get("/queue")

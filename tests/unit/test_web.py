@@ -3,17 +3,21 @@ every form, what each role and tenant sees, and that each page acts through the 
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import io
 import re
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from darkroom import clock
 from darkroom.api.app import create_app
 from darkroom.auth.principal import Principal, Role
 from darkroom.auth.tenants import TenantPolicy
 from darkroom.config import Settings
+from darkroom.jobs.workers import WorkerInfo, WorkerRegistry
 from darkroom.schemas import GenerationRequest, JobState
 from darkroom.service import Services
 from darkroom.worker.loop import Worker
@@ -396,8 +400,6 @@ def test_the_forms_offer_only_the_models_the_tenant_may_use(ui):
 
 
 def test_operators_see_the_fleet_with_each_workers_current_job(ui):
-    from darkroom.jobs.workers import WorkerInfo, WorkerRegistry
-
     svc, _, _, _ = ui
     WorkerRegistry(svc.store.engine).register(WorkerInfo(id="w-fleet", host="gpu-7", pid=42, device="cuda:0"))
     job, _ = svc.store.create(GenerationRequest(**{**SMALL, "prompt": "on the fleet"}), tenant="acme")
@@ -412,3 +414,32 @@ def test_operators_see_the_fleet_with_each_workers_current_job(ui):
     finally:
         svc.store.release(job.id, "w-fleet")
         svc.store.cancel(job.id)
+
+
+def test_img2img_source_and_painted_mask_become_an_inpainting_job(ui):
+    svc, _, _, _ = ui
+    client, csrf = client_for(ui, "user")
+
+    def png(color: str) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", (64, 64), color).save(out, "PNG")
+        return out.getvalue()
+
+    mask = "data:image/png;base64," + base64.b64encode(png("white")).decode()  # what the painter's canvas sends
+    r = client.post(
+        "/ui/generate",
+        data={**SMALL, "csrf_token": csrf, "strength": "0.5", "mask_image": mask},
+        files={"init_image": ("source.png", png("red"), "image/png")},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303, r.text
+    job = svc.store.require(r.headers["location"].rsplit("/", 1)[1])
+    assert job.request["init_image"].startswith("blob:") and job.request["mask_image"].startswith("blob:")
+    assert job.request["strength"] == 0.5
+    r = client.post(
+        "/ui/generate",
+        data={**SMALL, "csrf_token": csrf},
+        files={"init_image": ("source.png", b"not an image", "image/png")},
+    )
+    assert r.status_code == 422 and "<code>init_image</code>" in r.text
+    svc.store.cancel(job.id)

@@ -376,6 +376,8 @@ class GenerationRequest(BaseModel):
         parts += (strength,)
         if self.loras:  # requests without adapters keep the keys they always had
             parts += (tuple(sorted((spec.name, spec.weight, spec.sha256) for spec in self.loras)),)
+        if self.embeddings:  # a pass loads every embedding of its batch: another tenant's private token must never
+            parts += (("embeddings", *sorted((e.name, e.sha256) for e in self.embeddings)),)  # reach this prompt
         if self.hires is not None:  # one pass plan per batch (the engine runs hires jobs one by one anyway)
             parts += (("hires", *self.hires.model_dump().values()),)
         if self.upscale is not None:

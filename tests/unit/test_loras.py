@@ -259,6 +259,17 @@ def test_batch_key_holds_the_adapter_set(registry):
     )
 
 
+def test_batch_key_holds_the_embedding_set(registry):
+    """A pass loads the embeddings of every job in it: a job whose prompt happens to hold another tenant's private
+    token (one its own tenant may not use, so not pinned for it) must not share that pass."""
+    with_token = registry.pin_embeddings("a photo of mytoken")
+    assert [e.name for e in with_token] == ["mytoken"]
+    key = GenerationRequest(prompt="a photo of mytoken", model=MODEL, embeddings=with_token, **SMALL).batch_key()
+    unpinned = GenerationRequest(prompt="a photo of mytoken", model=MODEL, **SMALL).batch_key()
+    assert key != unpinned
+    assert key == GenerationRequest(prompt="other words", model=MODEL, embeddings=with_token, **SMALL).batch_key()
+
+
 def test_jobs_with_different_adapter_sets_are_never_claimed_as_one_batch(registry, tmp_path):
     from darkroom.jobs.db import migrate
     from darkroom.jobs.store import JobStore

@@ -4,6 +4,10 @@ The worker hands over a validated `GenerationRequest` (seed already resolved) an
 back PIL images with their seeds and what it used. The callback may raise `JobCancelled` or `LeaseLost` to stop the
 run at the next denoising step. Failures leave typed (`darkroom.errors`): `InvalidRequest` or a permanent `EngineError`
 when the request is at fault, `FatalEngineError` when the device is, a retryable `EngineError` otherwise.
+
+An engine says what it can run (`Capabilities`), what it holds and whether it is well (`held_models`, `health`), so the
+worker, `GET /v1/engines` and later the routing rules ask the engine instead of probing for attributes: a remote
+backend (another darkroom, engines/remote_darkroom.py) is one more implementation, not a special case.
 """
 
 from __future__ import annotations
@@ -19,6 +23,44 @@ if TYPE_CHECKING:
 
 ProgressFn = Callable[[int, int], None]
 """progress(step_done, total_steps); raises to interrupt."""
+
+ALL_MODES = frozenset({"txt2img", "img2img", "inpaint", "upscale"})
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can run. Empty `families` / `adapters` mean none are named (a remote that does not say);
+    `None` sizes mean no limit of the engine's own beyond the service's `limits`. `external`: the work leaves this
+    deployment's machines (another operator's server, a cloud API), which confidential work must never reach."""
+
+    modes: frozenset[str] = ALL_MODES
+    families: frozenset[str] = frozenset()
+    adapters: frozenset[str] = frozenset()
+    max_width: int | None = None
+    max_height: int | None = None
+    external: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "modes": sorted(self.modes),
+            "families": sorted(self.families),
+            "adapters": sorted(self.adapters),
+            "max_width": self.max_width,
+            "max_height": self.max_height,
+            "external": self.external,
+        }
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    """An engine's own view of whether it can take work now: the local device passes its self-check, a remote
+    answers its health probe. `detail` says why not, for operators."""
+
+    ok: bool
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {"ok": self.ok, "detail": self.detail}
 
 
 @dataclass
@@ -37,10 +79,13 @@ class EngineResult:
     dtype: str
     timings: dict[str, float] = field(default_factory=dict)  # seconds: load, inference, total
     versions: dict[str, str] = field(default_factory=dict)  # darkroom, diffusers, torch, transformers
+    remote: dict[str, str] | None = None  # a remote engine's host and job id, recorded in the provenance
 
 
 class Engine(Protocol):
     name: str
+    device: str  # where the pixels are computed: `cpu`, `cuda:0` … or a remote engine's base URL
+    capabilities: Capabilities
 
     def generate(
         self,
@@ -50,6 +95,18 @@ class Engine(Protocol):
         mask_image: Image.Image | None = None,
     ) -> EngineResult:
         """`mask_image` (with `request.mask_image`): inpainting; white repaints, black keeps."""
+        ...
+
+    def preload(self, model_id: str) -> None:
+        """Make `model_id` ready before the first job asks for it (a remote engine has nothing to do)."""
+        ...
+
+    def held_models(self) -> list[str]:
+        """Model ids ready to run without a load, for the scheduler's affinity and the worker's presence row."""
+        ...
+
+    def health(self) -> EngineHealth:
+        """Whether the engine can take work now; cheap enough for an operator's listing."""
         ...
 
     def close(self) -> None: ...

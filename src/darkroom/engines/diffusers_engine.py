@@ -44,7 +44,15 @@ import torch
 from darkroom import __version__
 from darkroom.clock import random_seed
 from darkroom.engines.adapters import activate as activate_adapters
-from darkroom.engines.base import BatchItem, BatchOutcome, EngineImage, EngineResult, ProgressFn
+from darkroom.engines.base import (
+    BatchItem,
+    BatchOutcome,
+    Capabilities,
+    EngineHealth,
+    EngineImage,
+    EngineResult,
+    ProgressFn,
+)
 from darkroom.engines.classify import classify
 from darkroom.engines.controlnet import Control, ControlNets
 from darkroom.engines.hires import run_hires
@@ -148,6 +156,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 class DiffusersEngine:
     name = "diffusers"
+    # Sizes are bounded by the service's `limits` and the device's memory (an image that cannot fit fails for good).
+    capabilities = Capabilities(
+        families=frozenset({"sd1", "sd2", "sdxl", "sdxl-refiner"}),
+        adapters=frozenset({"lora", "embedding", "controlnet", "hires", "refiner"}),
+    )
 
     def __init__(
         self,
@@ -372,6 +385,17 @@ class DiffusersEngine:
     def loaded_models(self) -> list[tuple[str, str]]:
         """(model id, sha256) pairs held in memory, least recently used first: what the scheduler's affinity needs."""
         return self._cache.keys()
+
+    def held_models(self) -> list[str]:
+        return [model_id for model_id, _ in self.loaded_models()]
+
+    def health(self) -> EngineHealth:
+        """The device self-check (`check`), as a value: an operator's listing must not raise."""
+        try:
+            self.check()
+        except FatalEngineError as exc:
+            return EngineHealth(ok=False, detail=exc.message)
+        return EngineHealth(ok=True, detail=self.device)
 
     # --- running -------------------------------------------------------------------------------------------------
 

@@ -230,8 +230,8 @@ class Worker:
         return load_checker(self.settings)
 
     def held_models(self) -> set[str]:
-        loaded = getattr(self._engine, "loaded_models", None)
-        return {model_id for model_id, _ in loaded()} if loaded else set()
+        """What the engine holds, once it is built (building it only to ask would load the device early)."""
+        return set(self._engine.held_models()) if self._engine is not None else set()
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Claim and run until `stop` (or `begin_drain`); then drain: finish the current job within
@@ -281,12 +281,9 @@ class Worker:
             return []
 
     def _preload(self) -> None:
-        models = self.preload_list()
-        preload: Callable[[str], object] | None = getattr(self.engine, "preload", None)
-        for model_id in models if preload is not None else ():
-            assert preload is not None  # narrowed for the type checker; the loop runs only then
+        for model_id in self.preload_list():
             try:
-                preload(model_id)
+                self.engine.preload(model_id)
                 log.info("worker %s preloaded %s", self.id, model_id)
             except Exception:  # a missing model must not keep the worker from serving the others
                 log.exception("worker %s could not preload %s", self.id, model_id)
@@ -521,15 +518,16 @@ class Worker:
 
     def _generate(self, job: JobRecord, run: _Run) -> EngineResult:
         item = self._batch_item(job, run)
-        if item.request.mode == "upscale":  # no diffusion pipeline: engines/upscalers.py on the engine's device
+        engine = self.engine
+        if item.request.mode == "upscale" and "upscale" in engine.capabilities.modes:
+            # no diffusion pipeline: engines/upscalers.py on the engine's device (an engine without the mode refuses)
             registry = self.registry or ModelRegistry.for_settings(self.settings)
-            device = getattr(self.engine, "device", "cpu")
-            result = run_upscale(item.request, item.init_image, registry, device, run)
+            result = run_upscale(item.request, item.init_image, registry, engine.device, run)
         else:
             extra: dict[str, Any] = {"mask_image": item.mask_image} if item.mask_image is not None else {}
             if item.control_images:
                 extra["control_images"] = item.control_images
-            result = self.engine.generate(item.request, item.init_image, run, **extra)
+            result = engine.generate(item.request, item.init_image, run, **extra)
         return result
 
     def _settle(self, job: JobRecord, work: Callable[[], None]) -> None:
@@ -634,6 +632,8 @@ class Worker:
             "timings": timings,
             "worker": self.id,
         }
+        if result.remote:
+            common["remote"] = result.remote  # which other darkroom computed the pixels, and its job
         if request.get("hires"):
             common["hires_passes"] = hires_passes(request)  # both passes: sizes, steps, the upscaler between
         if request.get("controlnet"):  # each unit: model and hash, module, weight, range, control image sha256

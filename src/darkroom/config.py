@@ -321,6 +321,26 @@ class ObservabilitySettings(BaseModel):
     )
 
 
+class RemoteEngineSettings(BaseModel):
+    """The backend a worker drives when `engine` is a remote one (darkroom/engines/remote_darkroom.py). The service
+    key comes from the environment or a file, read when the engine starts, and is never written to the database.
+    Env: `DARKROOM_REMOTE__URL`, `DARKROOM_REMOTE__API_KEY_ENV`, …"""
+
+    url: str | None = Field(default=None, description="the remote's base URL, e.g. `https://gpu-pool.internal:8000`")
+    api_key_env: str | None = Field(default=None, description="name of the environment variable holding its key")
+    api_key_file: Path | None = Field(default=None, description="a file holding its key (a mounted secret)")
+    external: bool = Field(
+        default=False,
+        description="the remote runs outside this deployment (another operator's): confidential work must not reach it",
+    )
+    timeout_seconds: float = Field(default=30.0, gt=0, description="connect and per-request limit of each call")
+    poll_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="how long the event stream may stay silent before cancel and time limits are checked again",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DARKROOM_", env_nested_delimiter="__", extra="ignore")
 
@@ -341,6 +361,12 @@ class Settings(BaseSettings):
         "processes on `device`",
     )
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    engine: Literal["diffusers", "darkroom"] = Field(
+        "diffusers",
+        description="what this process's workers run jobs on: `diffusers` (the local device) or `darkroom` (another "
+        "darkroom's API, configured under `remote`)",
+    )
+    remote: RemoteEngineSettings = Field(default_factory=RemoteEngineSettings)
     pipeline_cache_size: int = Field(2, description="most pipelines a worker keeps loaded")
     pipeline_cache_bytes: int | None = Field(None, description="memory budget for them; default 80% VRAM / 50% RAM")
     preload_models: list[str] = Field(default_factory=list, description="model ids a worker loads before claiming")

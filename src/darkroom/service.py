@@ -112,10 +112,15 @@ class Services:
         return self._engines.share()
 
     def _new_engine(self) -> Engine:
+        """The engine `settings.engine` names: the local device, or another darkroom driven over its API."""
+        s = self.settings
+        if s.engine == "darkroom":
+            from darkroom.engines.remote_darkroom import RemoteDarkroomEngine
+
+            return RemoteDarkroomEngine.from_settings(s.remote)
         require_worker()
         from darkroom.engines.diffusers_engine import DiffusersEngine  # torch stays out of API-only processes
 
-        s = self.settings
         return DiffusersEngine(
             self.registry,
             device=s.device,
@@ -129,7 +134,7 @@ class Services:
     def start_workers(self, count: int) -> None:
         """Start `count` supervised worker threads (see `darkroom.worker.supervisor`: a thread that crashes is logged,
         shown and restarted with backoff)."""
-        if count:
+        if count and self.settings.engine == "diffusers":
             require_worker()
             # torch (through the engine module) is imported here, once, before any worker thread: threads racing to
             # import it see a half-initialised module. API-only processes (count 0) never import it.

@@ -22,11 +22,12 @@ from darkroom.api.app import create_app
 from darkroom.auth.principal import Principal, Role
 from darkroom.config import Limits, Settings, WebhookSettings
 from darkroom.service import Services
-from tests.support.tiny_models import make_esrgan_upscaler, make_lora
+from tests.support.tiny_models import build_tiny_pipeline, make_controlnet, make_esrgan_upscaler, make_lora
 
 CLI = Principal.cli()
 ESRGAN = "tiny-esrgan-2x"
 LORA = "tiny-style"
+CONTROLNET = "edges"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,9 @@ def comfy_models(tmp_path_factory, tiny_diffusers_model) -> Path:
     root = tmp_path_factory.mktemp("comfy-models")
     shutil.copytree(tiny_diffusers_model, root / tiny_diffusers_model.name)
     make_esrgan_upscaler(root / "upscalers", ESRGAN, scale=2)
-    make_lora(root / "loras", LORA)
+    pipe = build_tiny_pipeline(seed=0)
+    make_controlnet(root / "controlnet", CONTROLNET, pipe=pipe)
+    make_lora(root / "loras", LORA, pipe=pipe)  # last: it puts adapters into `pipe`
     return root
 
 
@@ -45,6 +48,7 @@ def svc(tmp_path_factory, comfy_models):
         models_dir=comfy_models,
         poll_seconds=0.05,
         progress_interval=0,
+        preview_every_seconds=0,
         limits=Limits(max_upload_bytes=400_000),
         webhooks=WebhookSettings(enabled=False),
     )
@@ -161,6 +165,26 @@ def hires() -> dict[str, Any]:
     return wf
 
 
+def controlnet(name: str) -> dict[str, Any]:
+    wf = txt2img()
+    wf["15"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+    wf["16"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": CONTROLNET}}
+    wf["17"] = {
+        "class_type": "ControlNetApplyAdvanced",
+        "inputs": {
+            "positive": ["6", 0],
+            "negative": ["7", 0],
+            "control_net": ["16", 0],
+            "image": ["15", 0],
+            "strength": 0.8,
+            "start_percent": 0.0,
+            "end_percent": 0.5,
+        },
+    }
+    wf["3"]["inputs"].update(positive=["17", 0], negative=["17", 1])
+    return titled(wf)
+
+
 def upscale(name: str) -> dict[str, Any]:
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": name}},
@@ -260,6 +284,18 @@ def test_txt2img_runs_as_a_job_followed_over_ws_with_the_workflow_in_the_png(api
     assert api.get("/api/history").json()[prompt_id]["prompt"][1] == prompt_id  # the /api/ prefix too
 
 
+def test_previews_come_as_binary_frames_when_asked_for_and_prompt_id_is_idempotent(api):
+    prompt_id, messages = run(api, txt2img(seed=11), extra_data={"preview_method": "auto"})
+    frames = [m for m in messages if isinstance(m, bytes)]
+    assert frames and all(f[:4] == (1).to_bytes(4, "big") for f in frames)  # ComfyUI's PREVIEW_IMAGE event
+    assert Image.open(io.BytesIO(frames[-1][8:])).size[0] > 0
+    assert job(api, prompt_id)["request"]["preview"] is True
+
+    body = {"prompt": txt2img(seed=12), "prompt_id": "client-chosen-1"}
+    first = api.post("/prompt", json=body).json()["prompt_id"]
+    assert api.post("/prompt", json=body).json()["prompt_id"] == first  # the same job, queued once
+
+
 def test_img2img_and_inpaint_use_the_uploaded_image_and_its_alpha_mask(api):
     name = upload(api)
     prompt_id, _ = run(api, img2img(name, denoise=0.6))
@@ -277,7 +313,7 @@ def test_img2img_and_inpaint_use_the_uploaded_image_and_its_alpha_mask(api):
     assert np.abs(out[24:40, 24:40] - kept[24:40, 24:40]).mean() > 8  # inside it is repainted
 
 
-def test_lora_hires_and_upscale_workflows(api):
+def test_lora_hires_controlnet_and_upscale_workflows(api):
     prompt_id, _ = run(api, with_lora(0.8))
     assert job(api, prompt_id)["request"]["loras"][0]["name"] == LORA
     assert job(api, prompt_id)["request"]["loras"][0]["weight"] == pytest.approx(0.8)
@@ -288,6 +324,11 @@ def test_lora_hires_and_upscale_workflows(api):
     assert output_image(api, prompt_id)[0].size == (128, 128)
 
     name = upload(api, "small.png")
+    prompt_id, _ = run(api, controlnet(name))
+    [unit] = job(api, prompt_id)["request"]["controlnet"]
+    assert (unit["model"], unit["weight"], unit["guidance_end"]) == (CONTROLNET, 0.8, 0.5)
+    assert unit["sha256"] and output_image(api, prompt_id)[0].size == (64, 64)
+
     prompt_id, _ = run(api, upscale(name))
     assert job(api, prompt_id)["request"]["upscale"]["upscaler"] == ESRGAN
     assert output_image(api, prompt_id, node="4")[0].size == (128, 128)
@@ -346,6 +387,7 @@ def test_object_info_models_and_system_stats(api):
     assert list(api.get("/object_info/LoraLoader").json()) == ["LoraLoader"]
     assert api.get("/models/loras").json() == [f"{LORA}.safetensors"]
     assert api.get("/models/upscale_models").json() == [f"{ESRGAN}.safetensors"]
+    assert api.get("/models/controlnet").json() == [CONTROLNET]
     assert api.get("/models/nope").status_code == 404
     assert api.get("/system_stats").json()["system"]["comfyui_version"].startswith("darkroom")
     assert api.get("/api/embeddings").status_code == 200

@@ -384,7 +384,7 @@ def folder_listing(svc: Services, who: Principal) -> dict[str, list[str]]:
         "checkpoints": [m.id for m in registry.scan()],
         "loras": [f"{a.relpath}" for a in registry.loras()],
         "vae": [],
-        "controlnet": sorted(p.name for p in (registry.models_dir / "controlnet").glob("*") if p.name[:1] != "."),
+        "controlnet": [c.relpath for c in registry.controlnets()],
         "upscale_models": sorted(p.name for p in registry.upscaler_files().values()),
         "embeddings": [a.name for a in registry.embeddings()],
         "input": sorted(Inputs(svc, who.tenant).names()),

@@ -282,6 +282,10 @@ def test_txt2img_runs_as_a_job_followed_over_ws_with_the_workflow_in_the_png(api
     assert request["sampler"] == "Euler" and request["steps"] == 2 and request["seed"] == 7
     assert request["prompt"] == "a lighthouse at dusk" and request["negative_prompt"] == "blurry"
     assert api.get("/api/history").json()[prompt_id]["prompt"][1] == prompt_id  # the /api/ prefix too
+    scraped = api.get("/metrics").text
+    assert any(
+        line.startswith("darkroom_jobs_submitted_total{") and 'api="comfyui"' in line for line in scraped.split("\n")
+    )
 
 
 def test_previews_come_as_binary_frames_when_asked_for_and_prompt_id_is_idempotent(api):
@@ -294,6 +298,22 @@ def test_previews_come_as_binary_frames_when_asked_for_and_prompt_id_is_idempote
     body = {"prompt": txt2img(seed=12), "prompt_id": "client-chosen-1"}
     first = api.post("/prompt", json=body).json()["prompt_id"]
     assert api.post("/prompt", json=body).json()["prompt_id"] == first  # the same job, queued once
+
+
+def test_upload_mask_puts_the_masks_alpha_into_the_original(api):
+    name = upload(api, "to-mask.png")
+    mask = np.zeros((64, 64, 4), dtype=np.uint8)
+    mask[..., 3] = 255
+    mask[:32, :, 3] = 0  # the top half: transparent, so masked
+    files = {"image": ("to-mask.png", png(Image.fromarray(mask, mode="RGBA")), "image/png")}
+    ref = json.dumps({"filename": name, "subfolder": "", "type": "input"})
+    r = api.post("/upload/mask", files=files, data={"original_ref": ref, "overwrite": "true"})
+    assert r.status_code == 200, r.text
+    merged = Image.open(io.BytesIO(api.get("/view", params={"filename": r.json()["name"], "type": "input"}).content))
+    alpha = np.asarray(merged.getchannel("A"))
+    assert alpha[:32].max() == 0 and alpha[32:].min() == 255
+    bad = api.post("/upload/mask", files=files, data={"original_ref": '{"filename": "missing.png"}'})
+    assert bad.status_code == 400 and bad.json()["error"]["details"] == "original_ref"
 
 
 def test_img2img_and_inpaint_use_the_uploaded_image_and_its_alpha_mask(api):

@@ -140,3 +140,25 @@ def test_remote_failures_are_classified_like_the_local_engines(pair):
         with pytest.raises(TransientEngineError):
             engine.generate(request, None, lambda step, total: None)
         assert not engine.health().ok
+
+
+def test_engines_lists_the_configured_engine_with_capabilities_and_health(pair, tmp_path, models_dir):
+    (remote,) = pair.front.get("/v1/engines").json()
+    assert remote["name"] == "darkroom-remote" and remote["target"] == f"127.0.0.1:{pair.remote.port}"
+    assert remote["health"]["ok"] is True and remote["capabilities"]["external"] is False
+    assert "upscale" not in remote["capabilities"]["modes"]
+
+    down = RemoteEngineSettings(url=f"http://127.0.0.1:{free_port()}", api_key_env="DARKROOM_TEST_UNSET_KEY")
+    local = Settings(data_dir=tmp_path / "local", models_dir=models_dir, webhooks=WebhookSettings(enabled=False))
+    for settings, ok, words in (
+        (local, True, "workers of this process healthy"),
+        (local.model_copy(update={"engine": "darkroom", "remote": down}), False, "DARKROOM_TEST_UNSET_KEY"),
+    ):
+        services = Services.open(settings)
+        try:
+            with TestClient(create_app(services, workers=0)) as client:
+                (engine,) = client.get("/v1/engines").json()
+            assert engine["health"]["ok"] is ok and words in engine["health"]["detail"], engine
+        finally:
+            services.close()
+    assert engine["name"] == "darkroom-remote" and engine["capabilities"]["modes"] == []

@@ -16,6 +16,8 @@ from darkroom.auth.keys import KeyRecord
 from darkroom.auth.limits import effective, usage
 from darkroom.auth.principal import DEFAULT_TENANT, Permission, Principal, Role
 from darkroom.auth.tenants import TenantPolicy
+from darkroom.engines.base import EngineHealth
+from darkroom.engines.catalog import configured_engines
 from darkroom.errors import Forbidden, InvalidRequest
 from darkroom.jobs.workers import WorkerRegistry, WorkerState, stale_after
 from darkroom.models import lifecycle
@@ -64,6 +66,21 @@ async def list_workers(
     request: Request, state: WorkerState | None = None, who: Principal = Depends(require(Permission.queue))
 ) -> list[WorkerView]:
     return await run_in_threadpool(_list, request, state)
+
+
+def _engines(request: Request) -> list[dict[str, object]]:
+    svc = _services(request)
+    workers = svc.worker_health()
+    detail = f"{workers.get('healthy', 0)} of {workers.get('workers', 0)} workers of this process healthy"
+    local = EngineHealth(ok=workers.get("status") == "ok", detail=detail)
+    return [engine.as_dict() for engine in configured_engines(svc.settings, local)]
+
+
+@router.get("/engines", summary="The engine this process's workers run on: capabilities and health (operator)")
+async def list_engines(
+    request: Request, who: Principal = Depends(require(Permission.queue))
+) -> list[dict[str, object]]:
+    return await run_in_threadpool(_engines, request)
 
 
 # --- API keys (admin) ------------------------------------------------------------------------------------------------

@@ -47,12 +47,12 @@ from darkroom.engines.adapters import activate as activate_adapters
 from darkroom.engines.base import (
     BatchItem,
     BatchOutcome,
-    Capabilities,
     EngineHealth,
     EngineImage,
     EngineResult,
     ProgressFn,
 )
+from darkroom.engines.catalog import DIFFUSERS_CAPABILITIES
 from darkroom.engines.classify import classify
 from darkroom.engines.controlnet import Control, ControlNets
 from darkroom.engines.hires import run_hires
@@ -156,11 +156,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 class DiffusersEngine:
     name = "diffusers"
-    # Sizes are bounded by the service's `limits` and the device's memory (an image that cannot fit fails for good).
-    capabilities = Capabilities(
-        families=frozenset({"sd1", "sd2", "sdxl", "sdxl-refiner"}),
-        adapters=frozenset({"lora", "embedding", "controlnet", "hires", "refiner"}),
-    )
+    capabilities = DIFFUSERS_CAPABILITIES  # declared without torch, for API processes (engines/catalog.py)
 
     def __init__(
         self,

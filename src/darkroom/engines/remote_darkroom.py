@@ -164,25 +164,30 @@ class RemoteDarkroomEngine:
     # --- the remote job --------------------------------------------------------------------------------------------
 
     def _follow(self, job_id: str, steps: int, progress: ProgressFn) -> dict[str, Any]:
-        """Relay the remote job's progress until it ends; `progress` runs at least every `poll_seconds`."""
-        events: queue.Queue[object] = queue.Queue()
-        reader = threading.Thread(target=self._read, args=(job_id, events), name=f"remote-{job_id}", daemon=True)
-        reader.start()
+        """Relay the remote job's progress until it ends; `progress` runs at least every `poll_seconds`. A stream
+        that ends before the job did (a proxy's idle cut) is followed again rather than taken for the end."""
         step, total = 0, steps
         while True:
+            events: queue.Queue[object] = queue.Queue()
+            reader = threading.Thread(target=self._read, args=(job_id, events), name=f"remote-{job_id}", daemon=True)
+            reader.start()
+            while (event := self._next(events, progress, step, total)) is not _END:
+                if isinstance(event, BaseException):
+                    raise _classified(event, self.host)
+                if isinstance(event, dict) and event.get("type") == "progress":
+                    step, total = int(event.get("step") or step), int(event.get("total") or total)
+                    progress(step, total)
+            job: dict[str, Any] = _call(lambda: self._client.job(job_id), self.host)
+            if job["state"] in TERMINAL:
+                return job
+
+    def _next(self, events: queue.Queue[object], progress: ProgressFn, step: int, total: int) -> object:
+        """The reader's next event; while there is none, `progress` every `poll_seconds`: still the chance to stop."""
+        while True:
             try:
-                event = events.get(timeout=self.poll_seconds)
+                return events.get(timeout=self.poll_seconds)
             except queue.Empty:
-                progress(step, total)  # nothing new: still the chance to stop
-                continue
-            if event is _END:
-                break
-            if isinstance(event, BaseException):
-                raise _classified(event, self.host)
-            if isinstance(event, dict) and event.get("type") == "progress":
-                step, total = int(event.get("step") or step), int(event.get("total") or total)
                 progress(step, total)
-        return _call(lambda: self._client.job(job_id), self.host)
 
     def _read(self, job_id: str, events: queue.Queue[object]) -> None:
         try:

@@ -35,6 +35,11 @@ def comfy_models(tmp_path_factory, tiny_diffusers_model) -> Path:
     root = tmp_path_factory.mktemp("comfy-models")
     shutil.copytree(tiny_diffusers_model, root / tiny_diffusers_model.name)
     make_esrgan_upscaler(root / "upscalers", ESRGAN, scale=2)
+    from safetensors.numpy import save_file
+
+    save_file(
+        {"foo.weight": np.ones((3, 3), dtype=np.float32)}, str(root / "upscalers" / "not-an-upscaler.safetensors")
+    )
     pipe = build_tiny_pipeline(seed=0)
     make_controlnet(root / "controlnet", CONTROLNET, pipe=pipe)
     make_lora(root / "loras", LORA, pipe=pipe)  # last: it puts adapters into `pipe`
@@ -185,10 +190,10 @@ def controlnet(name: str) -> dict[str, Any]:
     return titled(wf)
 
 
-def upscale(name: str) -> dict[str, Any]:
+def upscale(name: str, model: str = ESRGAN) -> dict[str, Any]:
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": name}},
-        "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": f"{ESRGAN}.safetensors"}},
+        "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": f"{model}.safetensors"}},
         "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
         "4": {"class_type": "SaveImage", "inputs": {"filename_prefix": "up", "images": ["3", 0]}},
     }
@@ -357,6 +362,14 @@ def test_lora_hires_controlnet_and_upscale_workflows(api):
 # --- refusals --------------------------------------------------------------------------------------------------------
 
 
+def test_a_job_that_fails_on_the_worker_reports_execution_error(api):
+    prompt_id, messages = run(api, upscale(upload(api, "fails.png"), model="not-an-upscaler"))
+    [error] = [m["data"] for m in messages if isinstance(m, dict) and m["type"] == "execution_error"]
+    assert error["prompt_id"] == prompt_id and error["node_id"] == "4" and error["exception_message"]
+    status = api.get(f"/history/{prompt_id}").json()[prompt_id]["status"]
+    assert status["status_str"] == "error" and not status["completed"]
+
+
 def test_an_unsupported_node_is_a_400_naming_it_and_nothing_runs(api):
     before = len(api.get("/v1/jobs").json())
     wf = txt2img()
@@ -394,6 +407,8 @@ def test_malformed_json_and_missing_prompt(api):
     assert r.status_code == 400 and "line 2 column" in r.json()["error"]["message"]
     r = api.post("/prompt", json={"client_id": "x"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "no_prompt"
+    r = api.post("/prompt", json={"prompt": txt2img(), "extra_data": {"priority": "urgent"}})
+    assert r.status_code == 400 and r.json()["error"]["details"] == "priority" and r.json()["node_errors"] == {}
 
 
 # --- the catalogue ----------------------------------------------------------------------------------------------------
@@ -406,7 +421,7 @@ def test_object_info_models_and_system_stats(api):
     assert "euler_ancestral" in info["KSampler"]["input"]["required"]["sampler_name"][0]
     assert list(api.get("/object_info/LoraLoader").json()) == ["LoraLoader"]
     assert api.get("/models/loras").json() == [f"{LORA}.safetensors"]
-    assert api.get("/models/upscale_models").json() == [f"{ESRGAN}.safetensors"]
+    assert api.get("/models/upscale_models").json() == ["not-an-upscaler.safetensors", f"{ESRGAN}.safetensors"]
     assert api.get("/models/controlnet").json() == [CONTROLNET]
     assert api.get("/models/nope").status_code == 404
     assert api.get("/system_stats").json()["system"]["comfyui_version"].startswith("darkroom")

@@ -128,7 +128,7 @@ def refusal(exc: WorkflowInvalid, graph: Any) -> JSONResponse:
 def field_refusal(exc: DarkroomError, compiled: Compiled) -> JSONResponse:
     """A field the job refused (a limit, an unknown LoRA or checkpoint), named as the node it came from."""
     field = (exc.field or "").split(".")[0]
-    node = compiled.origin.get(field) or compiled.origin.get("model")
+    node = compiled.origin.get(field)  # a field no node set (priority from extra_data): a plain 400 naming it
     if exc.status != InvalidRequest.status or node is None:
         raise exc
     problem = {"type": "value_not_valid", "message": exc.message, "details": exc.message, "extra_info": {}}

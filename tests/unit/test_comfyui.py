@@ -402,6 +402,16 @@ def test_bad_values_name_their_node(api, patch, node, needle):
     assert needle in json.dumps(r.json()["node_errors"][node])
 
 
+def test_cycles_and_malformed_nodes_are_400s(api):
+    wf = txt2img()
+    wf["3"]["inputs"]["latent_image"] = ["3", 0]
+    r = api.post("/prompt", json={"prompt": wf})
+    assert r.status_code == 400 and "cycle" in r.json()["error"]["message"]
+    wf = txt2img()
+    wf["5"]["inputs"] = ["not", "an", "object"]
+    assert api.post("/prompt", json={"prompt": wf}).json()["error"]["type"] == "invalid_prompt"
+
+
 def test_malformed_json_and_missing_prompt(api):
     r = api.post("/prompt", content=b'{"prompt": {\n  "3": }', headers={"content-type": "application/json"})
     assert r.status_code == 400 and "line 2 column" in r.json()["error"]["message"]

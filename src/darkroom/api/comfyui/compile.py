@@ -430,6 +430,8 @@ def compile_workflow(graph: Any, read_input: ReadInput, model_scale: ModelScale)
     for node_id, node in graph.items():
         if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
             raise WorkflowInvalid(f"node {node_id!r} has no class_type", kind="invalid_prompt")
+        if not isinstance(node.get("inputs", {}), dict):
+            raise WorkflowInvalid(f"node {node_id!r}: inputs must be an object", kind="invalid_prompt")
         if node["class_type"] not in SUPPORTED_NODES:
             message = f"node class {node['class_type']!r} is not supported by darkroom (see GET /object_info)"
             problems.append(NodeProblem(str(node_id), node["class_type"], message, "node_not_supported"))
@@ -446,6 +448,8 @@ def compile_workflow(graph: Any, read_input: ReadInput, model_scale: ModelScale)
         except _Problem as exc:
             problems.append(exc.problem)
             continue
+        except RecursionError:  # a link cycle: ComfyUI refuses those too
+            raise WorkflowInvalid("the workflow's links form a cycle", kind="invalid_prompt") from None
         if compiled is None:
             compiled = Compiled(fields, [output], sampler_node, compiler.origin)
         elif fields != compiled.fields:

@@ -9,6 +9,9 @@ binary preview frames when previews were asked for), `executed` with the output 
 later follows the caller's queued and running jobs of its client id the same way.
 
 Messages for a client with no open socket are dropped, as ComfyUI drops them: clients read `/history` for results.
+With several API processes behind one address, a socket hears of the jobs its own process queued and of those already
+queued or running when it connected; a job queued through another process after that is not announced on it (its
+`/history` entry is there all the same).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ WAITS = {
 }
 PROBLEM = "#/components/schemas/Problem"
 OPENAI_ERROR = "#/components/schemas/OpenAIError"
+COMFYUI_ERROR = "#/components/schemas/ComfyUIError"
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_the_document_is_valid_openapi_and_never_mentions_fastapis_error_shape(s
 
 
 def test_every_route_documents_its_error_statuses(spec: dict[str, Any]) -> None:
-    """Invalid input (422; 400 on OpenAI routes), and behind a key 401/403/429; the edge's 429 and the database's
+    """Invalid input (422; 400 on OpenAI and ComfyUI routes), and behind a key 401/403/429; the edge's 429 and the database's
     503 everywhere but the probes; 404 where a path names something; 413 where there is a body; 500 and 504 where
     the route waits for its job."""
     missing = []
@@ -71,7 +72,7 @@ def test_every_route_documents_its_error_statuses(spec: dict[str, Any]) -> None:
         if path not in PROBES:
             expected |= {429, 503}
             if op.get("parameters") or "requestBody" in op:
-                expected.add(400 if is_openai(path) else 422)
+                expected.add(400 if is_openai(path) or "comfyui" in op.get("tags", ()) else 422)
             if op.get("security"):
                 expected |= {401, 403, 429}
             if any(p["in"] == "path" for p in op.get("parameters", [])):
@@ -92,8 +93,8 @@ def test_every_authenticated_route_is_behind_a_key(spec: dict[str, Any]) -> None
 
 
 def test_documented_error_bodies_reference_the_problem_schema(spec: dict[str, Any]) -> None:
-    """darkroom's routes answer errors as Problem; OpenAI's as OpenAIError, or Problem where the edge or the
-    database handler answered before the route (413, 429, 503)."""
+    """darkroom's routes answer errors as Problem; OpenAI's as OpenAIError and ComfyUI's as ComfyUIError, or
+    Problem where the edge or the database handler answered before the route (413, 429, 503)."""
     wrong = []
     for method, path, op in operations(spec):
         for status, response in op["responses"].items():
@@ -101,8 +102,9 @@ def test_documented_error_bodies_reference_the_problem_schema(spec: dict[str, An
                 continue
             schema = response.get("content", {}).get("application/json", {}).get("schema", {})
             refs = {s["$ref"] for s in schema.get("anyOf", [schema]) if "$ref" in s}
-            allowed = {OPENAI_ERROR, PROBLEM} if is_openai(path) else {PROBLEM}
-            if not refs or not refs <= allowed or (is_openai(path) and OPENAI_ERROR not in refs):
+            own = OPENAI_ERROR if is_openai(path) else COMFYUI_ERROR if "comfyui" in op.get("tags", ()) else None
+            allowed = {own, PROBLEM} if own else {PROBLEM}
+            if not refs or not refs <= allowed or (own and own not in refs):
                 wrong.append(f"{method} {path} {status}: {schema}")
     assert not wrong, "\n".join(wrong)
     problem = spec["components"]["schemas"]["Problem"]["properties"]["error"]

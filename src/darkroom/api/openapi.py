@@ -20,6 +20,7 @@ from fastapi.routing import APIRoute, RouteContext
 from darkroom.auth.principal import Permission
 
 from .auth import require
+from .comfyui.routes import ComfyRoute
 from .edge import PROBES
 from .openai_compat import OpenAIRoute
 
@@ -56,8 +57,27 @@ OPENAI_ERROR_SCHEMA: dict[str, Any] = {
         }
     },
 }
+COMFYUI_ERROR_SCHEMA: dict[str, Any] = {
+    "title": "ComfyUIError",
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {
+                "type": {"type": "string"},
+                "message": {"type": "string"},
+                "details": {"type": "string"},
+                "extra_info": {"type": "object"},
+            },
+        },
+        "node_errors": {"type": "object", "description": "per node id: what is wrong with that node"},
+    },
+}
 PROBLEM = "#/components/schemas/Problem"
 OPENAI_ERROR = "#/components/schemas/OpenAIError"
+COMFYUI_ERROR = "#/components/schemas/ComfyUIError"
 
 # The compatibility routes wait for their job: with no worker finishing in time they answer 504 `timeout` (their
 # clients know no job to poll), and a job that failed as the error it ended with (compat.raise_for_job: 500).
@@ -105,6 +125,7 @@ def build(app: FastAPI) -> dict[str, Any]:
         components.pop("ValidationError", None)
         components["Problem"] = PROBLEM_SCHEMA
         components["OpenAIError"] = OPENAI_ERROR_SCHEMA
+        components["ComfyUIError"] = COMFYUI_ERROR_SCHEMA
         for context in routing.iter_route_contexts(app.routes):  # routers included in the app, flattened
             route = context.original_route
             if isinstance(route, APIRoute) and context.include_in_schema:
@@ -141,19 +162,28 @@ def error_statuses(route: RouteContext, method: str, has_body: bool) -> set[int]
         statuses |= {500, 504}
     if route.path_format in NEGOTIATES:
         statuses.add(406)
-    if isinstance(route.original_route, OpenAIRoute) and 422 in statuses:
+    if _own_shape(route) is not None and 422 in statuses:  # OpenAI and ComfyUI call a bad request a 400
         statuses = (statuses - {422}) | {400}
     return statuses
 
 
+def _own_shape(route: RouteContext) -> str | None:
+    """The error schema of a compatibility route that answers in its ecosystem's shape (None: darkroom's)."""
+    if isinstance(route.original_route, OpenAIRoute):
+        return OPENAI_ERROR
+    if isinstance(route.original_route, ComfyRoute):
+        return COMFYUI_ERROR
+    return None
+
+
 def _with_errors(route: RouteContext, method: str, operation: dict[str, Any]) -> dict[str, Any]:
     responses = {k: v for k, v in operation.get("responses", {}).items() if k != "422"}  # FastAPI's shape
-    openai = isinstance(route.original_route, OpenAIRoute)
+    own = _own_shape(route)
     for status in sorted(error_statuses(route, method, "requestBody" in operation)):
-        if openai and status in EDGE_STATUSES:
-            schema: dict[str, Any] = {"anyOf": [{"$ref": OPENAI_ERROR}, {"$ref": PROBLEM}]}
+        if own is not None and status in EDGE_STATUSES:
+            schema: dict[str, Any] = {"anyOf": [{"$ref": own}, {"$ref": PROBLEM}]}
         else:
-            schema = {"$ref": OPENAI_ERROR if openai else PROBLEM}
+            schema = {"$ref": own or PROBLEM}
         response: dict[str, Any] = {
             "description": DESCRIPTIONS[status],
             "content": {"application/json": {"schema": schema}},

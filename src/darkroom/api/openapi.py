@@ -164,6 +164,8 @@ def error_statuses(route: RouteContext, method: str, has_body: bool) -> set[int]
         statuses.add(406)
     if _own_shape(route) is not None and 422 in statuses:  # OpenAI and ComfyUI call a bad request a 400
         statuses = (statuses - {422}) | {400}
+    if isinstance(route.original_route, ComfyRoute):  # they read bodies and names themselves (no schema to show)
+        statuses |= {400, 404}
     return statuses
 
 

@@ -212,7 +212,12 @@ def cancel(svc: Services, who: Principal, job: JobRecord) -> None:
         svc.store.cancel(job.id, record=lambda conn, state: audit.record(conn, who, "job.cancel", job.id, state))
 
 
-@router.post("/queue", summary="ComfyUI: delete pending prompts (`delete`: ids) or clear the caller's own (`clear`)")
+@router.post(
+    "/queue",
+    summary="ComfyUI: delete pending prompts (`delete`: ids) or clear the caller's own (`clear`)",
+    response_class=Response,
+    responses={200: {"description": "Done: an empty body, as ComfyUI answers"}},
+)
 async def post_queue(request: Request) -> Response:
     svc, who = services(request), principal(request)
     body = await read_json(request)
@@ -225,7 +230,12 @@ async def post_queue(request: Request) -> Response:
     return Response(status_code=200)
 
 
-@router.post("/interrupt", summary="ComfyUI: stop the caller's running prompt (or the one `prompt_id` names)")
+@router.post(
+    "/interrupt",
+    summary="ComfyUI: stop the caller's running prompt (or the one `prompt_id` names)",
+    response_class=Response,
+    responses={200: {"description": "Done: an empty body, as ComfyUI answers"}},
+)
 async def interrupt(request: Request) -> Response:
     svc, who = services(request), principal(request)
     body = await read_json(request)
@@ -276,7 +286,12 @@ def get_history_item(request: Request, prompt_id: str) -> dict[str, Any]:
     return history(services(request), principal(request), 1, only=prompt_id)
 
 
-@router.post("/history", summary="ComfyUI: clear the caller's history (`clear`) or hide prompts (`delete`)")
+@router.post(
+    "/history",
+    summary="ComfyUI: clear the caller's history (`clear`) or hide prompts (`delete`)",
+    response_class=Response,
+    responses={200: {"description": "Done: an empty body, as ComfyUI answers"}},
+)
 async def post_history(request: Request) -> Response:
     svc, who = services(request), principal(request)
     body = await read_json(request)

@@ -359,6 +359,30 @@ def test_lora_hires_controlnet_and_upscale_workflows(api):
     assert output_image(api, prompt_id, node="4")[0].size == (128, 128)
 
 
+def test_interrupt_stops_the_running_prompt_and_ws_says_execution_interrupted(api):
+    """`POST /interrupt` with the prompt's id: the job is cancelled at its next step, and the socket hears
+    `execution_interrupted` naming the sampler node, then the end of the prompt."""
+    workflow = txt2img(seed=13)
+    workflow["3"]["inputs"]["steps"] = 150  # the most allowed: long enough to be caught running
+    client_id = uuid.uuid4().hex
+    token = api.headers["Authorization"].split(" ", 1)[1]
+    with api.websocket_connect(f"/ws?clientId={client_id}&api_key={token}") as ws:
+        assert ws.receive_json()["type"] == "status"
+        prompt_id = api.post("/prompt", json={"prompt": workflow, "client_id": client_id}).json()["prompt_id"]
+        seen: list[dict] = []
+        while not any(m["type"] == "progress" for m in seen):  # running now
+            seen.append(ws.receive_json())
+        assert api.post("/interrupt", json={"prompt_id": prompt_id}).status_code == 200
+        while not (seen[-1]["type"] == "executing" and seen[-1]["data"]["node"] is None):
+            message = ws.receive()
+            if message.get("text"):
+                seen.append(json.loads(message["text"]))
+    [interrupted] = [m["data"] for m in seen if m["type"] == "execution_interrupted"]
+    assert interrupted["prompt_id"] == prompt_id and interrupted["node_type"] == "KSampler"
+    assert "execution_success" not in types(seen) and "execution_error" not in types(seen)
+    assert job(api, prompt_id)["state"] == "cancelled"
+
+
 # --- refusals --------------------------------------------------------------------------------------------------------
 
 

@@ -142,7 +142,9 @@ class Hub:
                 "execution_interrupted", prompt_id=pid, node_id=node, node_type=kind, executed=[], timestamp=now
             )
             return [interrupted, _msg("executing", node=None, prompt_id=pid)]
-        return [{"type": "execution_error", "data": views.error(job)}, _msg("executing", node=None, prompt_id=pid)]
+        if event.type in waiting.TERMINAL_EVENTS:  # failed, dead
+            return [{"type": "execution_error", "data": views.error(job)}, _msg("executing", node=None, prompt_id=pid)]
+        return []  # a cancel asked for, a retry queued, …: nothing ComfyUI shows (it ended no prompt)
 
     async def status(self, socket: Socket, sid: bool = False) -> dict[str, Any]:
         """`status`: the caller's queued and running jobs (its own queue: never other tenants')."""

@@ -62,9 +62,9 @@ def test_the_document_is_valid_openapi_and_never_mentions_fastapis_error_shape(s
 
 
 def test_every_route_documents_its_error_statuses(spec: dict[str, Any]) -> None:
-    """Invalid input (422; 400 on OpenAI and ComfyUI routes), and behind a key 401/403/429; the edge's 429 and the database's
-    503 everywhere but the probes; 404 where a path names something; 413 where there is a body; 500 and 504 where
-    the route waits for its job."""
+    """Invalid input (422; 400 on OpenAI and ComfyUI routes), and behind a key 401/403/429; the edge's 429 and the
+    database's 503 everywhere but the probes; 404 where a path names something; 413 where there is a body; 500 and
+    504 where the route waits for its job."""
     missing = []
     for method, path, op in operations(spec):
         documented = {int(status) for status in op["responses"]}

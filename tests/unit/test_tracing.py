@@ -67,3 +67,31 @@ def test_tracing_off_records_nothing_and_costs_no_context():
         assert current is None
     tracing.record("claim", 1, 2)
     assert tracing.configure(Settings(), "api") is False  # no endpoint configured
+
+
+def test_jobs_run_as_one_tensor_batch_each_get_their_job_and_denoise_spans(tmp_path, models_dir, spans):
+    """The batch path: every job of one pipeline call has its own `job` span in its own request's trace, a `denoise`
+    span for the pass they shared (with the batch's size), and its post-processing under its `job`."""
+    import time
+
+    from darkroom.schemas import GenerationRequest, JobState
+
+    settings = Settings(data_dir=tmp_path / "data", models_dir=models_dir, max_batch=4, batch_window_seconds=0)
+    svc = Services.open(settings)
+    svc.approve_models()  # as `serve` does at start: workers serve approved model versions only
+    try:
+        made = [GenerationRequest(**BASE, model="tiny-diffusers", seed=i) for i in range(3)]
+        ids = [svc.store.create(r, request_id=f"req-batch-{i}")[0].id for i, r in enumerate(made)]
+        svc.start_workers(1)
+        deadline = time.monotonic() + 120
+        while not all(svc.store.get(i).state is JobState.succeeded for i in ids):
+            assert time.monotonic() < deadline, [(j.state, j.error) for j in map(svc.store.get, ids)]
+            time.sleep(0.05)
+    finally:
+        svc.close()
+    for i, job_id in enumerate(ids):
+        mine = [s for s in spans.get_finished_spans() if s.context.trace_id == tracing.trace_id_for(f"req-batch-{i}")]
+        [job] = [s for s in mine if s.name == "job"]
+        assert job.attributes["darkroom.job_id"] == job_id and job.attributes["darkroom.batch_size"] == 3
+        for stage in ("denoise", "encode", "store"):
+            assert any(s.parent.span_id == job.context.span_id for s in mine if s.name == stage), stage

@@ -446,25 +446,39 @@ class Worker:
         if not items:
             return
         log.info("worker %s runs %d jobs as one batch: %s", self.id, len(items), " ".join(j.id for j, _ in started))
-        try:
-            outcomes = self.engine.generate_batch(items)  # type: ignore[attr-defined]
-        except FatalEngineError as exc:
-            (first, _), rest = started[0], started[1:]
-            self._settle(first, functools.partial(_raise, exc))
-            for job, _ in rest:
-                self.store.release(job.id, self.id, reason="a batch partner's run failed the device")
-            self._solo = True
-            for job, _ in started:
-                leases.settle(job.id)
-            return
-        for (job, run), outcome in zip(started, outcomes, strict=True):
+        with contextlib.ExitStack() as spans:  # each job's `job` span, in its own request's trace (tracing on)
+            contexts = [self._job_span(spans, job, batch_size=len(items)) for job, _ in started]
+            began = time.time_ns()
             try:
-                if isinstance(outcome, Exception):
-                    self._settle(job, functools.partial(_raise, outcome))
-                else:
-                    self._settle(job, functools.partial(self._hand_off, job, outcome, run.started, leases))
-            finally:
-                leases.settle(job.id)
+                outcomes = self.engine.generate_batch(items)  # type: ignore[attr-defined]
+            except FatalEngineError as exc:
+                (first, _), rest = started[0], started[1:]
+                self._settle(first, functools.partial(_raise, exc))
+                for job, _ in rest:
+                    self.store.release(job.id, self.id, reason="a batch partner's run failed the device")
+                self._solo = True
+                for job, _ in started:
+                    leases.settle(job.id)
+                return
+            ended = time.time_ns()
+            for (job, run), outcome, context in zip(started, outcomes, contexts, strict=True):
+                tracing.record("denoise", began, ended, context, batch_size=len(items))  # the one pass they shared
+                if context is not None:
+                    self._traces[job.id] = context
+                try:
+                    if isinstance(outcome, Exception):
+                        self._settle(job, functools.partial(_raise, outcome))
+                    else:
+                        self._settle(job, functools.partial(self._hand_off, job, outcome, run.started, leases))
+                finally:
+                    leases.settle(job.id)
+
+    def _job_span(self, spans: contextlib.ExitStack, job: JobRecord, **attrs: Any) -> Any:
+        """Open `job`'s span on `spans` (closed when the batch is handed off) and return its context."""
+        attrs |= {"job_id": job.id, "tenant": job.tenant, "model": job.model, "worker": self.id}
+        return tracing.context_of(
+            spans.enter_context(tracing.span("job", tracing.request_context(job.request_id), **attrs))
+        )
 
     def _batch_item(self, job: JobRecord, run: _Run, request: GenerationRequest | None = None) -> BatchItem:
         """What the engine needs of a job: its request (parsed here unless given) and source images (the mask, for

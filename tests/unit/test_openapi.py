@@ -25,6 +25,7 @@ WAITS = {
     "/sdapi/v1/extra-batch-images",
     "/v1/images/generations",
     "/v1/images/edits",
+    "/v1/images/variations",
 }
 PROBLEM = "#/components/schemas/Problem"
 OPENAI_ERROR = "#/components/schemas/OpenAIError"

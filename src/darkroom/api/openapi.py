@@ -90,8 +90,11 @@ WAITS = frozenset(
         "/sdapi/v1/extra-batch-images",
         "/v1/images/generations",
         "/v1/images/edits",
+        "/v1/images/variations",
     }
 )
+# A1111 routes darkroom answers on purpose with 501 `not_implemented` (api/a1111_info.py), never a made-up result.
+NOT_IMPLEMENTED = frozenset({"/sdapi/v1/interrogate"})
 # Routes whose answer follows the caller's Accept (`POST /v1/generate` with `Accept: image/png`): 406 when the
 # request cannot be answered that way (one PNG, but n > 1).
 NEGOTIATES = frozenset({"/v1/generate"})
@@ -110,6 +113,7 @@ DESCRIPTIONS = {
     429: "Rate limit or quota reached, the tenant's queue is full, or the server is `overloaded`; see Retry-After",
     500: "The job failed on the worker; `code` is the error it ended with",
     503: "The database (`database_unavailable`) or storage is unavailable; see Retry-After",
+    501: "Not available in darkroom (`not_implemented`)",
     504: "No worker finished the job within the wait (`timeout`); the job stays queued",
     507: "The blob store is full (`storage_full`)",
 }
@@ -162,6 +166,8 @@ def error_statuses(route: RouteContext, method: str, has_body: bool) -> set[int]
         statuses |= {500, 504}
     if route.path_format in NEGOTIATES:
         statuses.add(406)
+    if route.path_format in NOT_IMPLEMENTED:
+        statuses.add(501)
     if _own_shape(route) is not None and 422 in statuses:  # OpenAI and ComfyUI call a bad request a 400
         statuses = (statuses - {422}) | {400}
     if isinstance(route.original_route, ComfyRoute):  # they read bodies and names themselves (no schema to show)

@@ -4,10 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 ARGS   ?=
 PYTEST_ARGS ?=
-# The suite runs in this many processes (pytest-xdist). Half of a serial run was spent waiting on the servers,
-# databases and workers the tests start; two processes keep both cores busy. Tests are dealt out one by one
-# (`--dist load`), not a module to a process: a module of long tests on one shared server (the schema fuzz) then
-# runs on two, at the price of building that module's fixtures in each process.
+# The suite runs in this many processes (pytest-xdist), a test module to a process so its fixtures are built once.
+# Half of a serial run was spent waiting on the servers, databases and workers the tests start; two processes keep
+# both cores busy.
 TEST_PROCESSES ?= 2
 
 .PHONY: install install-test run test lint bench clean
@@ -39,7 +38,7 @@ test: install-test
 	bash scripts/test-services.sh && \
 	$(VENV)/bin/ruff check . && \
 	$(PY) -m mypy && \
-	$(PY) -m pytest -n $(TEST_PROCESSES) --dist load $(PYTEST_ARGS); \
+	$(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS); \
 	rc=$$?; elapsed=$$(( $$(date +%s) - start )); \
 	echo "make test: $$(( elapsed / 60 ))m $$(( elapsed % 60 ))s wall (services, ruff, mypy, pytest), exit $$rc"; \
 	exit $$rc

@@ -195,6 +195,7 @@ def test_generate_from_the_form_and_watch_progress(page, site):
     page.wait_for_selector("#job-state-value:text('succeeded')")
     image = page.locator("#result img").first
     image.wait_for()
+    page.wait_for_function("document.querySelector('#result img').complete")  # shown is not yet loaded
     assert page.evaluate("document.querySelector('#result img').naturalWidth") == 64
     # The progress bar and the live preview were fed by the event stream (the page itself was rendered while
     # the job was queued or running, with no preview).
@@ -232,6 +233,8 @@ def test_operator_approves_a_held_image(page, site):
     page.click("nav[aria-label=Main] >> text=Review")
     card = page.locator(f"#review-{image_id}")
     card.wait_for()
+    loaded = f"document.querySelector('#review-{image_id} img').complete"  # the card can show before its image loads
+    page.wait_for_function(f"{loaded} && document.querySelector('#review-{image_id} img').naturalWidth > 0")
     assert page.evaluate(f"document.querySelector('#review-{image_id} img').naturalWidth") == 64
     check_accessibility(page)
     shot(page, "review")

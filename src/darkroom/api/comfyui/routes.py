@@ -84,6 +84,11 @@ class ComfyRoute(APIRoute):
         return route
 
 
+# POST /queue, /interrupt and /history answer 200 with an empty body, as ComfyUI does: documented so, not as JSON.
+EMPTY_ANSWER: dict[str, Any] = {
+    "response_class": Response,
+    "responses": {200: {"description": "Done: an empty body, as ComfyUI answers"}},
+}
 router = APIRouter(tags=["comfyui"], route_class=ComfyRoute, dependencies=[Depends(require(Permission.generate))])
 socket_router = APIRouter(tags=["comfyui"])
 
@@ -215,8 +220,7 @@ def cancel(svc: Services, who: Principal, job: JobRecord) -> None:
 @router.post(
     "/queue",
     summary="ComfyUI: delete pending prompts (`delete`: ids) or clear the caller's own (`clear`)",
-    response_class=Response,
-    responses={200: {"description": "Done: an empty body, as ComfyUI answers"}},
+    **EMPTY_ANSWER,
 )
 async def post_queue(request: Request) -> Response:
     svc, who = services(request), principal(request)
@@ -233,8 +237,7 @@ async def post_queue(request: Request) -> Response:
 @router.post(
     "/interrupt",
     summary="ComfyUI: stop the caller's running prompt (or the one `prompt_id` names)",
-    response_class=Response,
-    responses={200: {"description": "Done: an empty body, as ComfyUI answers"}},
+    **EMPTY_ANSWER,
 )
 async def interrupt(request: Request) -> Response:
     svc, who = services(request), principal(request)
@@ -289,8 +292,7 @@ def get_history_item(request: Request, prompt_id: str) -> dict[str, Any]:
 @router.post(
     "/history",
     summary="ComfyUI: clear the caller's history (`clear`) or hide prompts (`delete`)",
-    response_class=Response,
-    responses={200: {"description": "Done: an empty body, as ComfyUI answers"}},
+    **EMPTY_ANSWER,
 )
 async def post_history(request: Request) -> Response:
     svc, who = services(request), principal(request)

@@ -89,12 +89,10 @@ class GroupCommit:
                 pending.done.set()
 
     @staticmethod
-    def _run(conn: sa.Connection, pending: _Pending[Any], savepoint: bool) -> None:
+    def _in_savepoint(conn: sa.Connection, pending: _Pending[Any]) -> None:
+        """One submit of a larger group: a failure rolls back its own writes and is kept for its thread."""
         try:
-            if savepoint:
-                with conn.begin_nested():
-                    pending.result = pending.work(conn)
-            else:
+            with conn.begin_nested():
                 pending.result = pending.work(conn)
         except Exception as exc:
             pending.error = exc
@@ -111,7 +109,7 @@ class GroupCommit:
         try:
             with write_tx(self.engine) as conn:
                 for pending in group:
-                    self._run(conn, pending, savepoint=True)
+                    self._in_savepoint(conn, pending)
         except Exception as exc:  # the COMMIT (or BEGIN) failed: nothing of the group was written
             for pending in group:
                 if pending.error is None:

@@ -322,13 +322,20 @@ class ObservabilitySettings(BaseModel):
 
 
 class RemoteEngineSettings(BaseModel):
-    """The backend a worker drives when `engine` is a remote one (darkroom/engines/remote_darkroom.py). The service
-    key comes from the environment or a file, read when the engine starts, and is never written to the database.
-    Env: `DARKROOM_REMOTE__URL`, `DARKROOM_REMOTE__API_KEY_ENV`, …"""
+    """The backend a worker drives when `engine` is a remote one (darkroom/engines/remote_*.py). The service key (or
+    password, or cloud secret) comes from the environment or a file, read when the engine starts, and is never written
+    to the database. Env: `DARKROOM_REMOTE__URL`, `DARKROOM_REMOTE__API_KEY_ENV`, …"""
 
-    url: str | None = Field(default=None, description="the remote's base URL, e.g. `https://gpu-pool.internal:8000`")
+    url: str | None = Field(
+        default=None,
+        description="the remote's base URL, e.g. `https://gpu-pool.internal:8000` (openai: `https://api.openai.com/v1`)",
+    )
     api_key_env: str | None = Field(default=None, description="name of the environment variable holding its key")
     api_key_file: Path | None = Field(default=None, description="a file holding its key (a mounted secret)")
+    username: str | None = Field(
+        default=None, description="a1111 and comfyui: Basic auth with this user name and the key as password"
+    )
+    model: str | None = Field(default=None, description="openai: the cloud's model name (default: the job's model)")
     external: bool = Field(
         default=False,
         description="the remote runs outside this deployment (another operator's): confidential work must not reach it",
@@ -361,10 +368,11 @@ class Settings(BaseSettings):
         "processes on `device`",
     )
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
-    engine: Literal["diffusers", "darkroom"] = Field(
+    engine: Literal["diffusers", "darkroom", "a1111", "comfyui", "openai"] = Field(
         "diffusers",
-        description="what this process's workers run jobs on: `diffusers` (the local device) or `darkroom` (another "
-        "darkroom's API, configured under `remote`)",
+        description="what this process's workers run jobs on: `diffusers` (the local device), or a remote configured "
+        "under `remote`: `darkroom` (another darkroom's API), `a1111`, `comfyui`, `openai` (an OpenAI-compatible "
+        "images API)",
     )
     remote: RemoteEngineSettings = Field(default_factory=RemoteEngineSettings)
     pipeline_cache_size: int = Field(2, description="most pipelines a worker keeps loaded")

@@ -112,12 +112,12 @@ class Services:
         return self._engines.share()
 
     def _new_engine(self) -> Engine:
-        """The engine `settings.engine` names: the local device, or another darkroom driven over its API."""
+        """The engine `settings.engine` names: the local device, or a remote backend driven over its API."""
         s = self.settings
-        if s.engine == "darkroom":
-            from darkroom.engines.remote_darkroom import RemoteDarkroomEngine
+        if s.engine != "diffusers":
+            from darkroom.engines.remote_http import build_remote
 
-            return RemoteDarkroomEngine.from_settings(s.remote)
+            return build_remote(s)
         require_worker()
         from darkroom.engines.diffusers_engine import DiffusersEngine  # torch stays out of API-only processes
 

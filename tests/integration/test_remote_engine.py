@@ -1,9 +1,11 @@
-"""Another darkroom as an engine (engines/remote_darkroom.py), with real servers on loopback.
+"""Remote engines (engines/remote_*.py), with real servers on loopback.
 
 The remote is a `darkroom serve` process with a worker thread serving the tiny model behind an admin key; the front
 is a darkroom app in the test's process whose worker thread runs `engine = darkroom` against it, its key read from a
-file. Both share one
-models folder, so the front accepts the model it sends on. The tests run in order on one pair of processes.
+file. Both share one models folder, so the front accepts the model it sends on. The same remote process stands in
+for an A1111 and a ComfyUI server (darkroom's compatible APIs); a small OpenAI-compatible server in this process
+(tests/support/openai_images.py) stands in for a cloud. The tests run in order on one pair of processes; the last one
+kills the remote mid-job.
 """
 
 from __future__ import annotations
@@ -20,11 +22,15 @@ from PIL import Image
 
 from darkroom.api.app import create_app
 from darkroom.auth.keys import new_token
-from darkroom.config import RemoteEngineSettings, SecuritySettings, Settings, WebhookSettings
+from darkroom.config import RecoverySettings, RemoteEngineSettings, SecuritySettings, Settings, WebhookSettings
+from darkroom.engines.remote_a1111 import A1111Engine
+from darkroom.engines.remote_comfyui import ComfyUIEngine
 from darkroom.engines.remote_darkroom import RemoteDarkroomEngine
-from darkroom.errors import EngineError, FatalEngineError, TransientEngineError
+from darkroom.engines.remote_openai import OpenAIImagesEngine
+from darkroom.errors import EngineError, FatalEngineError, JobCancelled
 from darkroom.schemas import GenerationRequest
 from darkroom.service import Services
+from tests.support.openai_images import COLOUR, OpenAIImagesServer
 
 from .harness import Cluster, free_port, wait_until
 
@@ -50,8 +56,9 @@ class Pair:
             engine="darkroom",
             remote=RemoteEngineSettings(url=self.remote.url, api_key_file=key_file, poll_seconds=0.2),
             progress_interval=0,
-            security=SecuritySettings(watermark=False),  # the front's pixels are then the remote's, unchanged
+            security=SecuritySettings(watermark=False, approve_first_seen_models=True),  # the front's pixels: remote's
             webhooks=WebhookSettings(enabled=False),
+            recovery=RecoverySettings(fatal_backoff_seconds=0.2, max_backoff_seconds=1.0),  # a dead remote: re-check
         )
         self.remote_http = httpx.Client(
             base_url=self.remote.url, timeout=60, headers={"Authorization": f"Bearer {self.token}"}
@@ -71,6 +78,7 @@ def pair(tmp_path_factory, models_dir):
     try:
         p.remote.start_server(workers=1)
         services = Services.open(p.settings)
+        p.services = services
         with TestClient(create_app(services, workers=1)) as front:
             p.front = front
             yield p
@@ -125,8 +133,8 @@ def _ended(front: TestClient, job_id: str) -> dict | None:
 
 
 def test_remote_failures_are_classified_like_the_local_engines(pair):
-    """A refused request fails for good naming its field; a rejected key is the engine's fault (the job goes back
-    uncharged); a remote that does not answer is retried."""
+    """A refused request fails for good naming its field; a rejected key or a remote that does not answer is the
+    engine's fault (the job goes back uncharged and the worker re-checks the remote before it claims again)."""
     request = GenerationRequest(prompt="x", model="no-such-model", width=64, height=64, steps=1, seed=1)
     with contextlib.closing(RemoteDarkroomEngine(pair.remote.url, pair.token)) as engine:
         with pytest.raises(EngineError) as refused:
@@ -137,7 +145,7 @@ def test_remote_failures_are_classified_like_the_local_engines(pair):
     with contextlib.closing(wrong_key), pytest.raises(FatalEngineError):
         wrong_key.generate(request.model_copy(update={"model": "tiny-diffusers"}), None, lambda s, t: None)
     with contextlib.closing(RemoteDarkroomEngine(f"http://127.0.0.1:{free_port()}", pair.token)) as engine:
-        with pytest.raises(TransientEngineError):
+        with pytest.raises(FatalEngineError):  # nobody answers: the engine's fault, the job goes back uncharged
             engine.generate(request, None, lambda step, total: None)
         assert not engine.health().ok
 
@@ -162,3 +170,123 @@ def test_engines_lists_the_configured_engine_with_capabilities_and_health(pair, 
         finally:
             services.close()
     assert engine["name"] == "darkroom-remote" and engine["capabilities"]["modes"] == []
+
+
+TINY = {"model": "tiny-diffusers", "width": 64, "height": 64, "steps": 2, "seed": 7}
+LONG = {"model": "tiny-diffusers", "width": 128, "height": 128, "steps": 150, "n": 2, "seed": 1}
+
+
+class Steps:
+    """A progress callback that records the steps it saw and, once `cancel_at` is reached, cancels the run."""
+
+    def __init__(self, cancel_at: int | None = None) -> None:
+        self.seen: list[tuple[int, int]] = []
+        self.cancel_at = cancel_at
+
+    def __call__(self, step: int, total: int) -> None:
+        self.seen.append((step, total))
+        if self.cancel_at is not None and step >= self.cancel_at:
+            raise JobCancelled("cancelled by request")
+
+
+def _remote_job(pair: Pair, prompt: str) -> dict | None:
+    jobs = pair.remote_http.get("/v1/jobs").json()
+    return next((j for j in jobs if j["request"]["prompt"] == prompt), None)
+
+
+def _cancels_the_remote_job(pair: Pair, engine: A1111Engine | ComfyUIEngine, prompt: str) -> None:
+    request = GenerationRequest(prompt=prompt, **LONG)
+    with pytest.raises(JobCancelled):
+        engine.generate(request, None, Steps(cancel_at=1))
+    pair.wait(lambda: (j := _remote_job(pair, prompt)) is not None and j["state"] == "cancelled", "remote cancelled")
+
+
+@pytest.mark.parametrize("kind", [A1111Engine, ComfyUIEngine])
+def test_a1111_and_comfyui_engines_run_jobs_on_those_apis_relay_progress_and_cancel(pair, kind):
+    """darkroom's own A1111 and ComfyUI APIs stand in for those servers (Basic auth: any user, the key)."""
+    with contextlib.closing(kind(pair.remote.url, pair.token, username="ops", poll_seconds=0.2)) as engine:
+        prompt = f"a harbour via {engine.kind}"
+        result = engine.generate(GenerationRequest(prompt=prompt, n=2, **TINY), None, Steps())
+        assert [i.seed for i in result.images] == [7, 8] and result.images[0].image.size == (64, 64)
+        assert result.engine == f"{engine.kind}-remote" and result.remote["host"] == f"127.0.0.1:{pair.remote.port}"
+        remote = _remote_job(pair, prompt)
+        assert remote is not None and remote["state"] == "succeeded" and remote["request"]["seed"] == 7
+
+        source = result.images[0].image
+        again = engine.generate(GenerationRequest(prompt=f"{prompt} again", strength=0.5, **TINY), source, Steps())
+        assert len(again.images) == 1
+        assert _remote_job(pair, f"{prompt} again")["request"]["init_image"]  # type: ignore[index]
+
+        with pytest.raises(EngineError) as refused:  # the server refuses the request: fails for good
+            engine.generate(GenerationRequest(prompt="x", **{**TINY, "model": "no-such-model"}), None, Steps())
+        assert refused.value.permanent
+        _cancels_the_remote_job(pair, engine, f"a long one via {engine.kind}")  # after its progress reached us
+    wrong = kind(pair.remote.url, "dk_wrong_key", poll_seconds=0.2)
+    with contextlib.closing(wrong), pytest.raises(FatalEngineError):
+        wrong.generate(GenerationRequest(prompt="x", **TINY), None, Steps())
+
+
+def test_openai_engine_generates_and_edits_with_a_key_from_the_environment(pair, tmp_path, models_dir, monkeypatch):
+    """Through a front worker: the secret comes from the environment and never reaches the database."""
+    secret = "sk-test-" + new_token()[1]
+    monkeypatch.setenv("DARKROOM_TEST_OPENAI_KEY", secret)
+    with OpenAIImagesServer(secret) as cloud:
+        remote = RemoteEngineSettings(url=cloud.url, api_key_env="DARKROOM_TEST_OPENAI_KEY", model="tiny-cloud")
+        settings = pair.settings.model_copy(update={"data_dir": tmp_path / "cloud-front", "engine": "openai"})
+        services = Services.open(settings.model_copy(update={"remote": remote}))
+        try:
+            with TestClient(create_app(services, workers=1)) as front:
+                (listed,) = front.get("/v1/engines").json()
+                assert listed["name"] == "openai-remote" and listed["capabilities"]["external"] is True
+                assert listed["health"]["ok"] is True
+                job_id = front.post("/v1/jobs", json={"prompt": "a cloud", "n": 2, **TINY}).json()["id"]
+                job = pair.wait(lambda: _ended(front, job_id), "the cloud job to end")
+                assert job["state"] == "succeeded", job
+                assert job["provenance"]["engine"] == "openai-remote" and len(job["images"]) == 2
+                png = front.get(f"/v1/images/{job['images'][0]['id']}").content
+                assert tuple(_pixels(png)[0, 0]) == COLOUR
+        finally:
+            services.close()
+        assert secret.encode() not in (settings.data_dir / "darkroom.db").read_bytes()
+        (call,) = [c for c in cloud.calls if c.path == "/v1/images/generations"]
+        assert call.fields == {
+            "prompt": "a cloud",
+            "n": 2,
+            "size": "64x64",
+            "model": "tiny-cloud",
+            "response_format": "b64_json",
+        }
+
+        engine = OpenAIImagesEngine(cloud.url, secret, poll_seconds=0.05)
+        with contextlib.closing(engine):
+            source = Image.new("RGB", (64, 64), (0, 0, 0))
+            mask = Image.new("L", (64, 64), 0)
+            mask.paste(255, (0, 0, 32, 64))  # repaint the left half
+            request = GenerationRequest(prompt="an edit", mask_image="blob:x", init_image="blob:y", **TINY)
+            assert len(engine.generate(request, source, Steps(), mask_image=mask).images) == 1
+            alpha = Image.open(io.BytesIO(cloud.calls[-1].files["mask"])).getchannel("A")
+            assert (alpha.getpixel((0, 0)), alpha.getpixel((63, 0))) == (0, 255)  # transparent: repainted
+            with pytest.raises(EngineError) as refused:
+                engine.generate(GenerationRequest(prompt="please refuse", **TINY), None, Steps())
+            assert refused.value.permanent and refused.value.field == "prompt"
+        with contextlib.closing(OpenAIImagesEngine(cloud.url, "sk-wrong")) as wrong, pytest.raises(FatalEngineError):
+            wrong.generate(GenerationRequest(prompt="x", **TINY), None, Steps())
+
+
+def test_a_remote_that_dies_mid_job_loses_no_job(pair):
+    """The remote process is killed while it runs the front's job: the job goes back to the front's queue uncharged,
+    the front's worker waits until the remote answers again, and the job then succeeds there. Runs last: it restarts
+    the module's remote."""
+    front = pair.front
+    body = {**TINY, "prompt": "through a crash", "steps": 60, "width": 128, "height": 128}
+    job_id = front.post("/v1/jobs", json=body).json()["id"]
+    pair.wait(lambda: front.get(f"/v1/jobs/{job_id}").json()["progress"]["step"] >= 1, "the remote's progress here")
+    pair.remote.server.kill()  # SIGKILL: no drain, no goodbye
+    pair.remote.server.popen.wait(10)
+    events = pair.services.store.events_since
+    pair.wait(lambda: any(e.type == "requeued" for e in events(job_id)), "the job back in the queue")
+    pair.remote.start_server(workers=1)
+    job = pair.wait(lambda: _ended(front, job_id), "the job to end after the restart", timeout=90)
+    assert job["state"] == "succeeded", job
+    assert job["attempts"] == 1  # the crash charged no attempt: the remote's fault, not the job's
+    assert job["provenance"]["remote"]["host"] == f"127.0.0.1:{pair.remote.port}"

@@ -42,23 +42,24 @@ class EngineDescription:
 
 def configured_engines(settings: Settings, local_health: EngineHealth) -> list[EngineDescription]:
     """`local_health`: how the process's own workers fare, the local engine's health as seen without touching it."""
-    if settings.engine == "darkroom":
+    if settings.engine != "diffusers":
         return [_remote(settings)]
     return [EngineDescription("diffusers", "diffusers", settings.device, DIFFUSERS_CAPABILITIES, local_health)]
 
 
 def _remote(settings: Settings) -> EngineDescription:
-    from .remote_darkroom import ENGINE_NAME, RemoteDarkroomEngine
+    from .remote_http import build_remote
 
     remote = settings.remote.model_copy(
         update={"timeout_seconds": min(settings.remote.timeout_seconds, HEALTH_PROBE_SECONDS)}
     )
     try:
-        engine = RemoteDarkroomEngine.from_settings(remote)
+        engine = build_remote(settings.model_copy(update={"remote": remote}))
     except ValueError as exc:  # no URL, or its key cannot be read: say so rather than fail the listing
         capabilities = Capabilities(modes=frozenset(), external=remote.external)
-        return EngineDescription(ENGINE_NAME, "darkroom", remote.url or "", capabilities, EngineHealth(False, str(exc)))
+        name = f"{settings.engine}-remote"
+        return EngineDescription(name, settings.engine, remote.url or "", capabilities, EngineHealth(False, str(exc)))
     try:
-        return EngineDescription(ENGINE_NAME, "darkroom", engine.host, engine.capabilities, engine.health())
+        return EngineDescription(engine.name, settings.engine, engine.device, engine.capabilities, engine.health())
     finally:
         engine.close()

@@ -8,17 +8,16 @@ end. A silent event stream still hands control back every `poll_seconds`, so a c
 the remote job waits in its queue.
 
 Failures are classified like the local engine's: a request the remote refuses (4xx) or a remote job that failed for
-good fails the job for good; a remote 5xx, a lost connection or a remote job that ran out of attempts is retried
-through this node's queue; a key the remote rejects (401/403) is the engine's fault, not the job's (`FatalEngineError`:
-the job goes back uncharged and the worker pauses, re-checking `check()` before it claims again).
+good fails the job for good; a remote 5xx, a dropped connection or a remote job that ran out of attempts is retried
+through this node's queue; a key the remote rejects (401/403) or a remote that no longer answers at all (it died
+mid-job) is the engine's fault, not the job's (`FatalEngineError`: the job goes back uncharged and the worker pauses,
+re-checking `check()` before it claims again). The rules are shared by every remote engine (engines/remote_http.py).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import io
-import os
 import queue
 import threading
 import time
@@ -31,6 +30,7 @@ import httpx
 
 from darkroom.client import ApiError, Client, RetryPolicy
 from darkroom.engines.base import Capabilities, EngineHealth, EngineImage, EngineResult, ProgressFn
+from darkroom.engines.remote_http import base64_png, service_key, status_error
 from darkroom.errors import EngineError, FatalEngineError, TransientEngineError
 from darkroom.schemas import GenerationRequest, ModelInfo
 
@@ -58,21 +58,6 @@ SERVER_FIELDS = frozenset(
 )
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "dead"})
 _END = object()  # the event reader's last word
-
-
-def service_key(settings: RemoteEngineSettings) -> str | None:
-    """The remote's API key, from the named environment variable or file; never from the database."""
-    if settings.api_key_env:
-        key = os.environ.get(settings.api_key_env, "").strip()
-        if not key:
-            raise ValueError(f"remote.api_key_env names {settings.api_key_env}, which is not set")
-        return key
-    if settings.api_key_file:
-        try:
-            return settings.api_key_file.read_text().strip() or None
-        except OSError as exc:
-            raise ValueError(f"remote.api_key_file {settings.api_key_file}: {exc}") from None
-    return None
 
 
 class RemoteDarkroomEngine:
@@ -150,7 +135,7 @@ class RemoteDarkroomEngine:
             raise EngineError(f"the remote engine {self.host} does not run {request.mode} jobs", field="mode")
         started = time.perf_counter()
         body = remote_body(request, init_image, mask_image, control_images)
-        job = _call(lambda: self._client.submit(body, idempotency_key=uuid.uuid4().hex), self.host)
+        job = self._call(lambda: self._client.submit(body, idempotency_key=uuid.uuid4().hex))
         try:
             final = self._follow(job["id"], request.steps, progress)
         except BaseException:
@@ -173,11 +158,11 @@ class RemoteDarkroomEngine:
             reader.start()
             while (event := self._next(events, progress, step, total)) is not _END:
                 if isinstance(event, BaseException):
-                    raise _classified(event, self.host)
+                    raise self._classified(event)
                 if isinstance(event, dict) and event.get("type") == "progress":
                     step, total = int(event.get("step") or step), int(event.get("total") or total)
                     progress(step, total)
-            job: dict[str, Any] = _call(lambda: self._client.job(job_id), self.host)
+            job: dict[str, Any] = self._call(lambda: self._client.job(job_id))
             if job["state"] in TERMINAL:
                 return job
 
@@ -201,10 +186,31 @@ class RemoteDarkroomEngine:
         with contextlib.suppress(httpx.HTTPError):  # best effort: the remote job then runs out, unread
             self._client.http.delete(f"/v1/jobs/{job_id}")
 
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except (ApiError, httpx.HTTPError) as exc:
+            raise self._classified(exc) from exc
+
+    def _classified(self, exc: BaseException) -> Exception:
+        """A failed call as the worker's error types (engines/remote_http.py): a refused request fails for good, a
+        rejected key or a remote that no longer answers is the engine's fault, anything else is retried."""
+        where = f"remote darkroom {self.host}: "
+        if isinstance(exc, ApiError):
+            error = exc.error
+            code = str(error.get("code") or "remote_rejected")
+            return status_error(exc.status, f"{where}{error.get('message') or exc}", error.get("field"), code)
+        if isinstance(exc, httpx.HTTPError):
+            message = f"{where}{type(exc).__name__}: {exc}"
+            if isinstance(exc, httpx.ConnectError) or not self.health().ok:
+                return FatalEngineError(f"{message} (the remote does not answer)")
+            return TransientEngineError(message)
+        return exc if isinstance(exc, Exception) else TransientEngineError(f"{where}{exc!r}")
+
     def _image(self, view: dict[str, Any]) -> EngineImage:
         from PIL import Image as PILImage
 
-        data = _call(lambda: self._client.image(str(view["id"])), self.host)
+        data = self._call(lambda: self._client.image(str(view["id"])))
         image = PILImage.open(io.BytesIO(data))
         return EngineImage(image=image.convert("RGB"), seed=int(view["seed"]))
 
@@ -245,41 +251,12 @@ def remote_body(
     """The request as a client would send it: stored source images (`blob:` refs of this node) inlined as base64."""
     body = request.model_dump(mode="json", exclude_none=True, exclude=set(SERVER_FIELDS))
     if init_image is not None:
-        body["init_image"] = _base64_png(init_image)
+        body["init_image"] = base64_png(init_image)
     if mask_image is not None:
-        body["mask_image"] = _base64_png(mask_image)
+        body["mask_image"] = base64_png(mask_image)
     for unit, image in zip(body.get("controlnet") or [], control_images or [], strict=False):
-        unit["image"] = _base64_png(image)
+        unit["image"] = base64_png(image)
     return body
-
-
-def _base64_png(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def _call(fn: Callable[[], Any], host: str) -> Any:
-    try:
-        return fn()
-    except (ApiError, httpx.HTTPError) as exc:
-        raise _classified(exc, host) from exc
-
-
-def _classified(exc: BaseException, host: str) -> Exception:
-    """A failed call as the worker's error types: see the module docstring."""
-    where = f"remote darkroom {host}: "
-    if isinstance(exc, ApiError):
-        error = exc.error
-        message = f"{where}{error.get('message') or exc}"
-        if exc.status in (401, 403):
-            return FatalEngineError(message)
-        if exc.status < 500 and exc.status != 429:
-            return EngineError(message, field=error.get("field"), code=str(error.get("code") or "remote_rejected"))
-        return TransientEngineError(message)
-    if isinstance(exc, httpx.HTTPError):
-        return TransientEngineError(f"{where}{type(exc).__name__}: {exc}")
-    return exc if isinstance(exc, Exception) else TransientEngineError(f"{where}{exc!r}")
 
 
 def _job_error(job: dict[str, Any], host: str) -> EngineError:

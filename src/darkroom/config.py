@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -348,6 +348,65 @@ class RemoteEngineSettings(BaseModel):
     )
 
 
+DTYPE_NAMES = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class GpuSettings(BaseModel):
+    """How the local engine runs its models on the device (darkroom/engines/acceleration.py). Every switch has a safe
+    default: what is on by default never changes a pixel beyond rounding, and compiling is off until asked for (it
+    costs minutes at load). The weight dtype is the top-level `dtype`. Env: `DARKROOM_GPU__COMPILE`, …"""
+
+    sdpa: bool = Field(True, description="attention through torch's scaled_dot_product_attention (AttnProcessor2_0)")
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto", description="UNet and VAE in channels-last memory layout; auto: on CUDA only"
+    )
+    compile: bool = Field(False, description="torch.compile the UNet and the VAE decoder, warmed up at load")
+    compile_mode: str = Field("default", description="torch.compile mode: " + ", ".join(COMPILE_MODES))
+    cuda_graphs: bool = Field(False, description="with compile: replay CUDA graphs (compile mode reduce-overhead)")
+    compile_sizes: list[str] = Field(
+        default_factory=lambda: ["512x512", "1024x1024"],
+        description="WIDTHxHEIGHT sizes that run compiled (warmed up at load); other sizes run eagerly",
+    )
+    compile_max_recompiles: int = Field(8, ge=1, description="shapes compiled per module before it runs eagerly")
+    compile_cache_dir: Path | None = Field(None, description="inductor's on-disk cache; default <data_dir>/inductor")
+    vae_slicing: bool = Field(True, description="decode a batch one image at a time (less memory, same pixels)")
+    vae_tiling_pixels: int | None = Field(
+        1536 * 1536, ge=1, description="decode in overlapping tiles above this many pixels per image; unset: never"
+    )
+    pinned_transfers: bool = Field(True, description="CUDA: copy finished images to the host through pinned memory")
+    memory_headroom: float = Field(
+        0.85, gt=0, le=1, description="share of free device memory a batch may fill (the batch limit per size)"
+    )
+
+    @field_validator("compile_mode")
+    @classmethod
+    def _mode(cls, value: str) -> str:
+        if value not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {value!r}: use one of {', '.join(COMPILE_MODES)}")
+        return value
+
+    @field_validator("compile_sizes")
+    @classmethod
+    def _sizes(cls, value: list[str]) -> list[str]:
+        for size in value:
+            width, _, height = size.lower().partition("x")
+            if not (width.isdigit() and height.isdigit() and int(width) % 8 == 0 and int(height) % 8 == 0):
+                raise ValueError(f"{size!r} is not WIDTHxHEIGHT in multiples of 8, e.g. 512x512")
+        return [size.lower() for size in value]
+
+    @model_validator(mode="after")
+    def _graphs_need_compile(self) -> GpuSettings:
+        if self.cuda_graphs and not self.compile:
+            raise ValueError("gpu.cuda_graphs needs gpu.compile (CUDA graphs are recorded by torch.compile)")
+        return self
+
+    def compile_size_set(self) -> frozenset[tuple[int, int]]:
+        """`compile_sizes` as (width, height) pairs."""
+        pairs = (size.split("x") for size in self.compile_sizes)
+        return frozenset((int(width), int(height)) for width, height in pairs)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DARKROOM_", env_nested_delimiter="__", extra="ignore")
 
@@ -367,7 +426,7 @@ class Settings(BaseSettings):
         "workers than devices run as threads of those processes, sharing the device's engine. Empty: `workers` "
         "processes on `device`",
     )
-    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    dtype: str = Field("auto", description="weights: auto (float16 on CUDA, else float32), float32, float16, bfloat16")
     engine: Literal["diffusers", "darkroom", "a1111", "comfyui", "openai"] = Field(
         "diffusers",
         description="what this process's workers run jobs on: `diffusers` (the local device), or a remote configured "
@@ -375,6 +434,7 @@ class Settings(BaseSettings):
         "images API)",
     )
     remote: RemoteEngineSettings = Field(default_factory=RemoteEngineSettings)
+    gpu: GpuSettings = Field(default_factory=GpuSettings)
     pipeline_cache_size: int = Field(2, description="most pipelines a worker keeps loaded")
     pipeline_cache_bytes: int | None = Field(None, description="memory budget for them; default 80% VRAM / 50% RAM")
     preload_models: list[str] = Field(default_factory=list, description="model ids a worker loads before claiming")
@@ -428,6 +488,18 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         default="text", description="text, or JSON lines with request_id, job_id, tenant, worker_id (log pipelines)"
     )
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        if value.lower() not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {value!r}: use auto, float32, float16 or bfloat16")
+        return value.lower()
+
+    @property
+    def inductor_cache_dir(self) -> Path:
+        """Where torch.compile keeps its artefacts, so a restarted worker reuses them instead of compiling again."""
+        return self.gpu.compile_cache_dir or self.data_dir / "inductor"
 
     @field_validator("data_dir", "models_dir", mode="after")
     @classmethod

@@ -119,16 +119,19 @@ class Services:
 
             return build_remote(s)
         require_worker()
-        from darkroom.engines.diffusers_engine import DiffusersEngine  # torch stays out of API-only processes
+        from darkroom.engines.acceleration import Acceleration  # torch stays out of API-only processes
+        from darkroom.engines.diffusers_engine import DiffusersEngine, resolve_device
 
+        device = resolve_device(s.device)
         return DiffusersEngine(
             self.registry,
-            device=s.device,
+            device=device,
             dtype=s.dtype,
             cache_size=s.pipeline_cache_size,
             batch_invariant=s.batch_invariant,
             cache_bytes=s.pipeline_cache_bytes,
             allow_pickle=s.security.allow_pickle_models,
+            acceleration=Acceleration.from_settings(s.gpu, device, s.inductor_cache_dir),
         )
 
     def start_workers(self, count: int) -> None:

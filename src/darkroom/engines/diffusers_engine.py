@@ -43,6 +43,7 @@ import torch
 
 from darkroom import __version__
 from darkroom.clock import random_seed
+from darkroom.engines.acceleration import Acceleration, Compiled, HostImages, pass_size
 from darkroom.engines.adapters import activate as activate_adapters
 from darkroom.engines.base import (
     BatchItem,
@@ -52,6 +53,7 @@ from darkroom.engines.base import (
     EngineResult,
     ProgressFn,
 )
+from darkroom.engines.batch_limits import BatchLimits, PeakMeter
 from darkroom.engines.catalog import DIFFUSERS_CAPABILITIES
 from darkroom.engines.classify import classify
 from darkroom.engines.controlnet import Control, ControlNets
@@ -86,6 +88,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+JOINT_MODES = frozenset({"txt2img", "img2img", "inpaint"})  # modes whose jobs can share one tensor batch
 TOKENIZER_SOURCES = {
     "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd2": "stabilityai/stable-diffusion-2-1",
@@ -105,6 +108,7 @@ class LoadedModel:
     load_s: float
     img2img: Any = None
     inpaint: Any = None
+    compiled: Compiled | None = None  # torch.compile'd UNet and VAE decoder (`gpu.compile`), for the listed sizes
 
     def pipeline(self, mode: str) -> Any:
         if mode == "txt2img":
@@ -167,10 +171,13 @@ class DiffusersEngine:
         batch_invariant: bool = True,
         cache_bytes: int | None = None,
         allow_pickle: bool = False,
+        acceleration: Acceleration | None = None,
     ) -> None:
         """`batch_invariant`: denoise the images of a request one at a time (see the module docstring).
         `allow_pickle`: load single-file pickled checkpoints (`security.allow_pickle_models`), checked here again
-        whatever the registry lists, and then only with `torch.load(weights_only=True)` (diffusers' loader)."""
+        whatever the registry lists, and then only with `torch.load(weights_only=True)` (diffusers' loader).
+        `acceleration`: how pipelines run on the device (`settings.gpu`, engines/acceleration.py); default: the
+        settings' defaults for this device."""
         enforce_offline()
         _quiet_progress_bars()
         self.registry = registry
@@ -178,13 +185,19 @@ class DiffusersEngine:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_invariant = batch_invariant
+        if acceleration is None:
+            from darkroom.config import GpuSettings
+
+            acceleration = Acceleration.from_settings(GpuSettings(), self.device)
+        self.acceleration = acceleration
+        self._host = HostImages(pinned=acceleration.pinned_transfers)
         budget = cache_bytes if cache_bytes is not None else default_cache_budget(self.device)
         self._cache: LRUCache[tuple[str, str], LoadedModel] = LRUCache(
             cache_size, on_evict=self._on_evict, budget_bytes=budget
         )
         self._run_lock = threading.Lock()  # a pipeline is not re-entrant
-        # (model, width, height) → most images one tensor batch may hold, learnt from running out of memory
-        self._batch_limits: dict[tuple[str, int, int], int] = {}
+        # (model, width, height) → most images one tensor batch may hold: from free memory, and halved by an OOM
+        self.batch_limits = BatchLimits(self.device, acceleration.memory_headroom)
         self.controlnets = ControlNets(registry, self.device, self.dtype, _LOAD_LOCK)
 
     # --- Engine protocol ---------------------------------------------------------------------------------------------
@@ -232,18 +245,23 @@ class DiffusersEngine:
         )
 
     def batchable(self, requests: list[GenerationRequest]) -> bool:
-        """Several txt2img requests, unless `batch_invariant` asks for every image alone. img2img and inpainting
-        run job after job for now (their source images would have to be stacked)."""
+        """Several requests of one mode (and one strength), unless `batch_invariant` asks for every image alone.
+        img2img and inpainting stack their jobs' source images (and masks). An inpainting job joins a batch only
+        with one image and no crop: its pipeline encodes one source for all of a job's images, so the draws from
+        each image's generator, and with them its noise, would differ from its solo run."""
         plain = all(  # hires and the refiner run image by image; ControlNet units with their own maps, job by job
-            r.mode == "txt2img" and r.hires is None and r.refiner is None and not r.controlnet for r in requests
+            r.hires is None and r.refiner is None and not r.controlnet and r.mode in JOINT_MODES for r in requests
         )
-        return not self.batch_invariant and len(requests) > 1 and plain
+        one_kind = len({(r.mode, r.strength if r.mode != "txt2img" else None) for r in requests}) == 1
+        inpaint_alone = any(r.mode == "inpaint" and (r.n > 1 or r.mask_crop_padding is not None) for r in requests)
+        return not self.batch_invariant and len(requests) > 1 and plain and one_kind and not inpaint_alone
 
     def generate_batch(self, items: list[BatchItem]) -> list[BatchOutcome]:
         """Compatible jobs (one batch key) as one tensor batch: every image of every job in one pipeline call.
 
-        Each image keeps its own generator, so its pixels match its solo run within rounding (see the module
-        docstring); `batch_invariant=True`, a lone job, or a mode other than txt2img runs the jobs one after another.
+        Each image keeps its own generator (and source image), so its pixels match its solo run within rounding
+        (see the module docstring); `batch_invariant=True`, a lone job, or jobs `batchable` refuses run one after
+        another.
         A job whose callback raises (cancelled, lease lost, timed out, draining) drops out of the outcome at that
         step while the others go on; the call stops early only when every job has stopped. A failure of the call
         itself that is not the device's is retried job by job, so one bad request cannot fail its batch partners."""
@@ -264,12 +282,13 @@ class DiffusersEngine:
         return [outcome for outcome in outcomes if outcome is not None]
 
     def _together(self, items: list[BatchItem]) -> list[BatchOutcome]:
-        """Run `items` in tensor batches of at most the remembered image limit for their model and size. Out of
-        memory halves that limit (remembered for the engine's life) and re-runs the chunk in smaller batches."""
+        """Run `items` in tensor batches of at most the image limit for their model and size (engines/batch_limits.py:
+        from free device memory, and never above what ran out of memory before). Out of memory halves that limit
+        (remembered for the engine's life) and re-runs the chunk in smaller batches."""
         first = items[0].request
         key = (first.model or "", first.width, first.height)
         outcomes: list[BatchOutcome] = []
-        for chunk in _chunks(items, self._batch_limits.get(key)):
+        for chunk in _chunks(items, self._batch_limit(first)):
             if len(chunk) == 1:
                 outcomes.append(self._alone(chunk[0]))
                 continue
@@ -279,14 +298,25 @@ class DiffusersEngine:
                 raise
             except EngineOutOfMemory:
                 images = sum(item.request.n for item in chunk)
-                self._batch_limits[key] = max(1, images // 2)
+                limit = self.batch_limits.after_oom(key, images)
                 release_memory()
-                log.warning("out of memory with %d images in one batch: at most %d from now on", images, images // 2)
+                log.warning("out of memory with %d images in one batch: at most %d from now on", images, limit)
                 outcomes += self._together(chunk)
             except DarkroomError as exc:  # not the device's fault, maybe one request's: isolate it
                 log.info("a batch of %d jobs failed (%s); running them one by one", len(chunk), exc.code)
                 outcomes += [self._alone(item) for item in chunk]
         return outcomes
+
+    def _batch_limit(self, request: GenerationRequest) -> int | None:
+        """The image limit for `request`'s model and size now; estimated from the model's shapes only once it is
+        loaded (a first batch relies on the halving after an out-of-memory error)."""
+        try:
+            info = self.registry.get(request.model) if request.model else self.registry.default()
+        except DarkroomError:
+            return None  # the joint run reports it, job by job
+        loaded = self._cache.get((info.id, info.sha256))
+        pipe = loaded.txt2img if loaded is not None else None
+        return self.batch_limits.limit((request.model or "", request.width, request.height), pipe, self.dtype)
 
     def _alone(self, item: BatchItem) -> BatchOutcome:
         extra: dict[str, Any] = {"mask_image": item.mask_image} if item.mask_image is not None else {}
@@ -307,30 +337,23 @@ class DiffusersEngine:
             check_pinned_version(info, item.request)
         spec = resolve_sampler(first.sampler)
         seeds = [seed for item in items for seed in item.request.seeds()]
+        sources = [Sources.fit(item.request, item.init_image, item.mask_image) for item in items]
         fan = _FanOut(items, total_steps(first), arch=info.arch)
+        key = (first.model or "", first.width, first.height)
         with self._run_lock:
             loaded, load_s = self._pipelines(info)
-            pipe = loaded.pipeline("txt2img")
+            pipe = loaded.pipeline(first.mode)
             ran = time.perf_counter()
             scheduler = make_scheduler(spec, loaded.scheduler_config)
             seed_scheduler_noise(scheduler, seeds)
-            kwargs = {
-                "prompt": [item.request.prompt for item in items for _ in range(item.request.n)],
-                "negative_prompt": [
-                    item.request.negative_prompt or "" for item in items for _ in range(item.request.n)
-                ],
-                "num_inference_steps": first.steps,
-                "guidance_scale": first.guidance_scale,
-                "num_images_per_prompt": 1,
-                "generator": [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
-                "callback_on_step_end": fan,
-                "output_type": "pil",
-                "width": first.width,
-                "height": first.height,
-            }
+            kwargs = joint_kwargs(items, sources, seeds, fan)
             try:
-                with activate_adapters(pipe, self.registry, [item.request for item in items], lock=_LOAD_LOCK):
-                    images = self._call(pipe, scheduler, kwargs)
+                with (
+                    activate_adapters(pipe, self.registry, [item.request for item in items], lock=_LOAD_LOCK),
+                    PeakMeter(self.device) as peak,
+                ):
+                    images = self._call(pipe, scheduler, kwargs, loaded.compiled)
+                self.batch_limits.measured(key, len(seeds), peak.extra)
             except DarkroomError:
                 if not fan.all_stopped():
                     raise
@@ -346,7 +369,8 @@ class DiffusersEngine:
             if stopped is not None:
                 outcomes.append(stopped)
             else:
-                mine = zip(images[offset : offset + count], item.request.seeds(), strict=True)
+                pasted = sources[index].paste_back(images[offset : offset + count])
+                mine = zip(pasted, item.request.seeds(), strict=True)
                 outcomes.append(
                     EngineResult(
                         images=[EngineImage(image=img, seed=seed) for img, seed in mine],
@@ -413,7 +437,8 @@ class DiffusersEngine:
         # Progress counts image-steps, so it rises steadily however the images are grouped into passes.
         per_pass = total_steps(request)
         grand_total = per_pass * len(seeds)
-        pending = [[seed] for seed in seeds] if self.batch_invariant else [seeds]
+        limit = 1 if self.batch_invariant else self._batch_limit(request) or len(seeds)
+        pending = [seeds[start : start + limit] for start in range(0, len(seeds), limit)]
         images: list[Image.Image] = []
         scheduler_name = ""
         while pending:
@@ -435,7 +460,7 @@ class DiffusersEngine:
                 kwargs.update(control.call_kwargs(request.mode))
             try:
                 with control.modes(pipe) if control is not None else contextlib.nullcontext():
-                    images.extend(sources.paste_back(self._call(pipe, scheduler, kwargs)))
+                    images.extend(sources.paste_back(self._call(pipe, scheduler, kwargs, loaded.compiled)))
             except EngineOutOfMemory:
                 if len(pass_seeds) == 1:
                     raise EngineOutOfMemory(
@@ -455,13 +480,22 @@ class DiffusersEngine:
                 pending[:0] = [pass_seeds[:half], pass_seeds[half:]]
         return images, scheduler_name
 
-    def _call(self, pipe: Any, scheduler: Any, kwargs: dict[str, Any]) -> list[Image.Image]:
-        """One pipeline call with a borrowed scheduler; whatever happens, the pipeline is left as it was found."""
+    def _call(
+        self, pipe: Any, scheduler: Any, kwargs: dict[str, Any], compiled: Compiled | None = None
+    ) -> list[Image.Image]:
+        """One pipeline call with a borrowed scheduler; whatever happens, the pipeline is left as it was found.
+        PIL output is made here from the pipeline's tensors (one pinned copy to the host on CUDA, the same rounding);
+        a crop-and-paste inpainting keeps the pipeline's own, which pastes PIL images. `compiled`: the model's
+        compiled modules, used at the sizes they were compiled for (engines/acceleration.py)."""
         original = pipe.scheduler
         pipe.scheduler = scheduler
+        own_pil = kwargs.get("output_type") == "pil" and kwargs.get("padding_mask_crop") is None
+        if own_pil:
+            kwargs = {**kwargs, "output_type": "pt"}
         try:
-            with torch.inference_mode():
-                return list(pipe(**kwargs).images)
+            with torch.inference_mode(), self.acceleration.pass_context(pipe, compiled, pass_size(kwargs)):
+                images = pipe(**kwargs).images
+                return self._host.to_pil(images) if own_pil else list(images)
         except DarkroomError:
             raise
         except torch.OutOfMemoryError as exc:
@@ -513,10 +547,17 @@ class DiffusersEngine:
                 f"could not load model {info.id} from {info.path}: {type(exc).__name__}: {exc}"
             ) from exc
         pipe.set_progress_bar_config(disable=True)
-        if hasattr(getattr(pipe, "vae", None), "enable_slicing"):
-            pipe.vae.enable_slicing()  # decode a batch one image at a time: less memory, same pixels as alone
+        compiled = self.acceleration.apply(pipe)  # SDPA, channels-last, VAE slicing, torch.compile (settings.gpu)
         config = pipe.scheduler.config
-        return LoadedModel(info=info, txt2img=pipe, scheduler_config=config, load_s=time.perf_counter() - started)
+        loaded = LoadedModel(info=info, txt2img=pipe, scheduler_config=config, load_s=0.0, compiled=compiled)
+        self.acceleration.warm_up(compiled, lambda width, height: self._warm(loaded, width, height))
+        loaded.load_s = time.perf_counter() - started
+        return loaded
+
+    def _warm(self, loaded: LoadedModel, width: int, height: int) -> None:
+        """One short pass at a compiled size, so compiling happens at load and not in a user's job."""
+        kwargs = {"prompt": "", "num_inference_steps": 2, "width": width, "height": height, "output_type": "pil"}
+        self._call(loaded.txt2img, loaded.txt2img.scheduler, kwargs, loaded.compiled)
 
     def _load_pipeline(self, info: ModelInfo) -> Any:
         if info.format == "diffusers":
@@ -623,6 +664,33 @@ def pipeline_kwargs(request: GenerationRequest, sources: Sources, seeds: list[in
         kwargs["width"], kwargs["height"] = request.width, request.height
         if sources.crop_padding is not None:
             kwargs["padding_mask_crop"] = sources.crop_padding
+    return kwargs
+
+
+def joint_kwargs(items: list[BatchItem], sources: list[Sources], seeds: list[int], callback: Any) -> dict[str, Any]:
+    """Arguments for one pipeline call producing every image of `items` (one batch key: same mode, size, steps,
+    strength): prompts, source images and masks repeated per image of each job, one generator per image."""
+    first = items[0].request
+    per_image = [
+        (item.request, source) for item, source in zip(items, sources, strict=True) for _ in range(item.request.n)
+    ]
+    kwargs: dict[str, Any] = {
+        "prompt": [request.prompt for request, _ in per_image],
+        "negative_prompt": [request.negative_prompt or "" for request, _ in per_image],
+        "num_inference_steps": first.steps,
+        "guidance_scale": first.guidance_scale,
+        "num_images_per_prompt": 1,
+        "generator": [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
+        "callback_on_step_end": callback,
+        "output_type": "pil",
+    }
+    if first.mode != "img2img":  # img2img takes its size from the source images (fitted to the request's size)
+        kwargs["width"], kwargs["height"] = first.width, first.height
+    if first.mode != "txt2img":
+        kwargs["image"] = [source.init for _, source in per_image]
+        kwargs["strength"] = first.strength
+    if first.mode == "inpaint":
+        kwargs["mask_image"] = [source.mask for _, source in per_image]
     return kwargs
 
 

@@ -1,0 +1,200 @@
+"""How the local engine runs a loaded pipeline close to the hardware: the switches of `settings.gpu`, applied at load.
+
+Kept out of the engine so the engine reads as what it runs, not how fast: attention through torch's fused
+`scaled_dot_product_attention` (diffusers' `AttnProcessor2_0`), channels-last convolutions, the VAE decoding a batch
+image by image (slicing) and, above a size, in overlapping tiles, `torch.compile` of the UNet and the VAE decoder
+(optionally replaying CUDA graphs), and finished images copied to the host through pinned memory.
+
+Compiling is bounded three ways so it can never stall a worker for long: only the sizes listed in
+`gpu.compile_sizes` run compiled (each warmed up at load, so the first job does not pay for it), every other size runs
+the same modules eagerly, and torch's own `recompile_limit` caps the shapes (batch sizes) compiled per module, past
+which torch runs that shape eagerly too. Inductor's artefacts live under the data dir (`TORCHINDUCTOR_CACHE_DIR`), so
+a restarted worker loads them instead of compiling again.
+
+The compiled call of a module is toggled, not swapped in: `nn.Module.compile` keeps the module object (and every
+pipeline twin that shares it) and only sets its `_compiled_call_impl`; here that is set for a pass at a compiled size
+and cleared afterwards, so a twin, an adapter or an odd size always finds the plain module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from darkroom.config import GpuSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """The resolved switches for one engine on one device (see `GpuSettings` for what each means)."""
+
+    sdpa: bool = True
+    channels_last: bool = False
+    compile: bool = False
+    compile_mode: str = "default"
+    compile_sizes: frozenset[tuple[int, int]] = frozenset()
+    compile_max_recompiles: int = 8
+    cache_dir: Path | None = None
+    vae_slicing: bool = True
+    vae_tiling_pixels: int | None = None
+    pinned_transfers: bool = False
+    memory_headroom: float = 0.85
+
+    @classmethod
+    def from_settings(cls, gpu: GpuSettings, device: str, cache_dir: Path | None = None) -> Acceleration:
+        """`auto` switches resolve here, per device: channels-last and pinned copies are CUDA's."""
+        cuda = device.startswith("cuda")
+        return cls(
+            sdpa=gpu.sdpa,
+            channels_last=gpu.channels_last == "on" or (gpu.channels_last == "auto" and cuda),
+            compile=gpu.compile,
+            compile_mode="reduce-overhead" if gpu.cuda_graphs else gpu.compile_mode,
+            compile_sizes=gpu.compile_size_set(),
+            compile_max_recompiles=gpu.compile_max_recompiles,
+            cache_dir=cache_dir,
+            vae_slicing=gpu.vae_slicing,
+            vae_tiling_pixels=gpu.vae_tiling_pixels,
+            pinned_transfers=gpu.pinned_transfers and cuda,
+            memory_headroom=gpu.memory_headroom,
+        )
+
+    def apply(self, pipe: Any) -> Compiled | None:
+        """Prepare a freshly loaded pipeline (on its device already); the compiled modules when compiling."""
+        if self.sdpa:
+            _use_sdpa(pipe)
+        vae: Any = getattr(pipe, "vae", None)
+        if self.channels_last:
+            for module in (getattr(pipe, "unet", None), vae):
+                if isinstance(module, torch.nn.Module):
+                    module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # a real keyword
+        if self.vae_slicing and hasattr(vae, "enable_slicing"):
+            vae.enable_slicing()  # decode a batch one image at a time: less memory, same pixels as alone
+        return self._compile(pipe) if self.compile else None
+
+    def _compile(self, pipe: Any) -> Compiled:
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.cache_dir))  # read when inductor first compiles
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = self.compile_max_recompiles
+        modules = [m for m in (getattr(pipe, "unet", None), getattr(getattr(pipe, "vae", None), "decoder", None)) if m]
+        compiled = Compiled(sizes=self.compile_sizes)
+        for module in modules:
+            module.compile(mode=self.compile_mode)
+            compiled.calls.append((module, module._compiled_call_impl))
+            module._compiled_call_impl = None  # plain until a pass at a compiled size switches it on
+        return compiled
+
+    @contextlib.contextmanager
+    def pass_context(self, pipe: Any, compiled: Compiled | None, size: tuple[int, int] | None) -> Iterator[None]:
+        """One pipeline call at `size` (width, height; None when unknown): compiled modules on at a compiled size,
+        VAE tiling on above the threshold; both off again afterwards, whatever happens."""
+        tiled = self.tiles(size) and hasattr(getattr(pipe, "vae", None), "enable_tiling")
+        if tiled:
+            pipe.vae.enable_tiling()
+        try:
+            if compiled is not None and size in compiled.sizes:
+                with compiled.active():
+                    yield
+            else:
+                yield
+        finally:
+            if tiled:
+                pipe.vae.disable_tiling()
+
+    def tiles(self, size: tuple[int, int] | None) -> bool:
+        return size is not None and self.vae_tiling_pixels is not None and size[0] * size[1] > self.vae_tiling_pixels
+
+    def warm_up(self, compiled: Compiled | None, run: Callable[[int, int], None]) -> None:
+        """Compile at load rather than in the first job: `run(width, height)` makes one short pass at each size."""
+        if compiled is None:
+            return
+        for width, height in sorted(compiled.sizes):
+            log.info("compiling for %dx%d (torch.compile, mode %s)", width, height, self.compile_mode)
+            run(width, height)
+
+
+@dataclass
+class Compiled:
+    """The compiled call implementations of a pipeline's UNet and VAE decoder, switched on for one pass at a time."""
+
+    sizes: frozenset[tuple[int, int]]
+    calls: list[tuple[torch.nn.Module, Any]] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        for module, call in self.calls:
+            module._compiled_call_impl = call
+        try:
+            yield
+        finally:
+            for module, _ in self.calls:
+                module._compiled_call_impl = None
+
+
+def _use_sdpa(pipe: Any) -> None:
+    """diffusers picks SDPA by default with torch 2; set it explicitly so a model that came with another processor
+    (or an older default) runs the fused kernel too."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for name in ("unet", "vae"):
+        module: Any = getattr(pipe, name, None)
+        if hasattr(module, "set_attn_processor") and getattr(module, "attn_processors", None):
+            module.set_attn_processor(AttnProcessor2_0())
+
+
+class HostImages:
+    """Finished images from the device to PIL: one copy of the whole batch into a reused pinned buffer (the copy
+    runs at full bus speed and needs no staging copy by the driver), then the same rounding as diffusers' `pil`
+    output, so the pixels are identical to it."""
+
+    def __init__(self, pinned: bool) -> None:
+        self.pinned = pinned
+        self._buffers: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
+
+    def to_pil(self, images: torch.Tensor) -> list[Image.Image]:
+        from diffusers.image_processor import VaeImageProcessor
+
+        host = self._to_host(images.detach())
+        return list(VaeImageProcessor.numpy_to_pil(host.permute(0, 2, 3, 1).float().numpy()))
+
+    def _to_host(self, images: torch.Tensor) -> torch.Tensor:
+        if not (self.pinned and images.is_cuda):
+            return images.cpu()
+        key = (tuple(images.shape), images.dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            if len(self._buffers) >= 4:  # a few batch shapes are in use at a time; pinned memory is scarce
+                self._buffers.clear()
+            buffer = self._buffers[key] = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+        buffer.copy_(images, non_blocking=True)
+        torch.cuda.current_stream(images.device).synchronize()
+        return buffer
+
+
+def pass_size(kwargs: dict[str, Any]) -> tuple[int, int] | None:
+    """The output size of one pipeline call, from its arguments: width and height, else the source image's size
+    (img2img), else the size a latent source decodes to (the refiner). None when none says."""
+    if kwargs.get("width") and kwargs.get("height"):
+        return int(kwargs["width"]), int(kwargs["height"])
+    image: Any = kwargs.get("image")
+    if isinstance(image, list) and image:
+        image = image[0]
+    if hasattr(image, "size") and isinstance(image.size, tuple):
+        return int(image.size[0]), int(image.size[1])  # PIL: (width, height)
+    if isinstance(image, torch.Tensor) and image.ndim >= 3 and image.shape[-3] == 4:
+        return int(image.shape[-1]) * 8, int(image.shape[-2]) * 8  # latents, at the VAE's factor of 8
+    return None

@@ -1,0 +1,279 @@
+"""The device path of the diffusers engine on the tiny real pipeline (CPU): the `gpu` settings and what each switch
+does where a CPU can show it (bf16 weights, channels-last, VAE tiling, the compiled-module toggle), batch limits from
+a memory figure, and img2img/inpainting jobs run as one tensor batch. torch.compile itself runs only on CUDA here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from darkroom.config import GpuSettings, Settings
+from darkroom.engines.acceleration import Acceleration, HostImages, pass_size
+from darkroom.engines.base import BatchItem
+from darkroom.engines.batch_limits import BatchLimits, estimate, limit_for
+from darkroom.engines.diffusers_engine import DiffusersEngine
+from darkroom.models.registry import ModelRegistry
+from darkroom.schemas import GenerationRequest
+
+MODEL = "tiny-diffusers"
+CUDA = torch.cuda.is_available()
+
+
+def nop(done: int, total: int) -> None:
+    pass
+
+
+def req(**kw) -> GenerationRequest:
+    base = {"prompt": "a red cat", "width": 64, "height": 64, "steps": 4, "seed": 1234, "model": MODEL}
+    return GenerationRequest(**{**base, **kw})
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image).astype(int)
+
+
+def make_engine(models_dir: Path, tmp: Path, device: str = "cpu", dtype: str = "auto", **gpu) -> DiffusersEngine:
+    accel = Acceleration.from_settings(GpuSettings(**gpu), device, tmp / "inductor")
+    registry = ModelRegistry(models_dir, tmp / "hashes.json")
+    return DiffusersEngine(registry, device=device, dtype=dtype, batch_invariant=False, acceleration=accel)
+
+
+@pytest.fixture(scope="module")
+def engine(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    eng = make_engine(models_dir, tmp_path_factory.mktemp("accel"))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def sources() -> list[Image.Image]:
+    """Two different source images: a horizontal and a vertical ramp."""
+    ramp = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1))
+    return [Image.fromarray(np.stack([a] * 3, axis=-1)) for a in (ramp, ramp.T.copy())]
+
+
+@pytest.fixture(scope="module")
+def mask() -> Image.Image:
+    m = np.zeros((64, 64), dtype=np.uint8)
+    m[16:48, 16:48] = 255
+    return Image.fromarray(m, mode="L")
+
+
+# --- settings ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [
+        ({"dtype": "float8"}, "dtype"),
+        ({"gpu": {"compile_mode": "fastest"}}, "gpu.compile_mode"),
+        ({"gpu": {"channels_last": "maybe"}}, "gpu.channels_last"),
+        ({"gpu": {"compile_sizes": ["512x500"]}}, "gpu.compile_sizes"),
+        ({"gpu": {"vae_tiling_pixels": 0}}, "gpu.vae_tiling_pixels"),
+        ({"gpu": {"memory_headroom": 1.5}}, "gpu.memory_headroom"),
+        ({"gpu": {"cuda_graphs": True}}, "gpu.cuda_graphs"),
+    ],
+)
+def test_bad_gpu_settings_name_the_setting(given: dict, named: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(**given)
+    assert named in str(caught.value)
+
+
+def test_bad_gpu_setting_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DARKROOM_GPU__COMPILE_MODE", "fastest")
+    with pytest.raises(ValidationError, match=r"gpu\.compile_mode"):
+        Settings()
+
+
+def test_auto_switches_resolve_per_device(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, dtype="BF16", gpu={"compile": True, "cuda_graphs": True})
+    assert settings.dtype == "bf16"
+    assert settings.inductor_cache_dir == tmp_path / "inductor"
+    cpu = Acceleration.from_settings(settings.gpu, "cpu")
+    cuda = Acceleration.from_settings(settings.gpu, "cuda:1", settings.inductor_cache_dir)
+    assert (cpu.channels_last, cpu.pinned_transfers) == (False, False)
+    assert (cuda.channels_last, cuda.pinned_transfers) == (True, True)
+    assert cuda.compile_mode == "reduce-overhead"  # CUDA graphs
+    assert cuda.compile_sizes == {(512, 512), (1024, 1024)}
+    assert cuda.cache_dir == tmp_path / "inductor"
+
+
+# --- what runs on a CPU -----------------------------------------------------------------------------------------------
+
+
+def test_bf16_channels_last_engine_generates_in_bf16(models_dir: Path, tmp_path: Path) -> None:
+    eng = make_engine(models_dir, tmp_path, dtype="bfloat16", channels_last="on")
+    try:
+        result = eng.generate(req(steps=2), None, nop)
+        loaded = eng._cache.get(eng.loaded_models()[0])
+        unet = loaded.txt2img.unet
+        assert result.dtype == "bfloat16" and unet.dtype == torch.bfloat16
+        assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        assert np.asarray(result.images[0].image).std() > 0  # a picture, not NaNs rounded to black
+    finally:
+        eng.close()
+
+
+def test_vae_decodes_in_tiles_above_the_threshold_only(models_dir: Path, tmp_path: Path) -> None:
+    eng = make_engine(models_dir, tmp_path, vae_tiling_pixels=64 * 64 - 1)
+    try:
+        eng.generate(req(steps=1, width=56, height=56), None, nop)  # loads; below the threshold
+        vae = eng._cache.get(eng.loaded_models()[0]).txt2img.vae
+        vae.tile_sample_min_size, vae.tile_latent_min_size = 32, 4  # tiles smaller than a 64² image's 8² latents
+        tiled: list[tuple[int, ...]] = []
+        original = vae.tiled_decode
+        vae.tiled_decode = lambda z, **kw: tiled.append(tuple(z.shape)) or original(z, **kw)
+        small = eng.generate(req(steps=1, width=56, height=56), None, nop)
+        assert tiled == [] and small.images[0].image.size == (56, 56)
+        large = eng.generate(req(steps=1), None, nop)
+        assert tiled == [(1, 4, 8, 8)] and large.images[0].image.size == (64, 64)
+        assert vae.use_tiling is False  # on for that pass only
+    finally:
+        eng.close()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
+def test_compiled_modules_are_on_only_for_a_pass_at_a_compiled_size(tiny_diffusers_model: Path) -> None:
+    """`nn.Module.compile` is lazy: nothing is compiled until a call, so the toggle can be checked on a CPU."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_diffusers_model, local_files_only=True)
+    accel = Acceleration.from_settings(GpuSettings(compile=True, compile_sizes=["64x64"]), "cpu")
+    compiled = accel.apply(pipe)
+    assert compiled is not None and len(compiled.calls) == 2  # the UNet and the VAE decoder
+    modules = [module for module, _ in compiled.calls]
+    assert all(m._compiled_call_impl is None for m in modules)
+    with accel.pass_context(pipe, compiled, (64, 64)):
+        assert all(m._compiled_call_impl is call for m, call in compiled.calls)
+    with accel.pass_context(pipe, compiled, (64, 72)):
+        assert all(m._compiled_call_impl is None for m in modules)
+    assert all(m._compiled_call_impl is None for m in modules)
+    assert torch._dynamo.config.recompile_limit == 8
+
+
+def test_host_images_match_the_pipelines_own_pil(tiny_diffusers_model: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_diffusers_model, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    run = {"prompt": "x", "num_inference_steps": 1, "width": 64, "height": 64}
+    own = pipe(**run, generator=torch.Generator().manual_seed(3), output_type="pil").images
+    tensors = pipe(**run, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    assert np.array_equal(np.asarray(HostImages(pinned=False).to_pil(tensors)[0]), np.asarray(own[0]))
+    assert pass_size({"image": [own[0]]}) == (64, 64)
+    assert pass_size({"image": torch.zeros(1, 4, 9, 8)}) == (64, 72)
+
+
+# --- batch limits -----------------------------------------------------------------------------------------------------
+
+
+def test_batch_limit_from_a_memory_figure_with_the_real_model(engine) -> None:
+    engine.generate(req(steps=1), None, nop)  # loaded
+    pipe = engine._cache.get(engine.loaded_models()[0]).txt2img
+    fp32 = estimate(pipe, 512, 512, torch.float32)
+    fp16 = estimate(pipe, 512, 512, torch.float16)
+    # tiny model: UNet's first level 32 channels, VAE's 8; 64x64 latents; guidance doubles the UNet's batch
+    assert fp32.per_image == 2 * 64 * 64 * 32 * 4 * 32 and fp32.fixed == 512 * 512 * 8 * 4 * 8
+    assert fp16.per_image * 2 == fp32.per_image
+    free = fp32.fixed + 10 * fp32.per_image
+    assert limit_for(fp32, free, headroom=1.0) == 10
+    assert limit_for(fp32, free, headroom=0.5) == (free // 2 - fp32.fixed) // fp32.per_image
+    assert limit_for(fp32, 1, headroom=1.0) == 1  # one image is always tried
+
+    limits = BatchLimits("cpu", headroom=1.0)
+    key = (MODEL, 512, 512)
+    assert limits.limit(key, pipe, torch.float32, free=free) == 10
+    limits.measured(key, images=4, peak_extra_bytes=4 * fp32.per_image * 2)  # twice the guess, measured
+    assert limits.limit(key, None, torch.float32, free=free) == free // (2 * fp32.per_image)
+    assert limits.after_oom(key, 6) == 3
+    assert limits.limit(key, pipe, torch.float32, free=10 * free) == 3  # an OOM's limit holds whatever memory says
+    assert limits.current() == {key: 3}
+    assert BatchLimits("cpu", 1.0).limit(key, None, torch.float32, free=free) is None  # nothing to estimate from
+
+
+def test_a_batch_runs_in_chunks_of_the_memory_limit(models_dir: Path, tmp_path: Path) -> None:
+    eng = make_engine(models_dir, tmp_path, memory_headroom=1e-12)  # no memory to spare: one image at a time
+    try:
+        eng.generate(req(steps=1), None, nop)
+        outcomes = eng.generate_batch([BatchItem(request=req(steps=1, seed=s), progress=nop) for s in (1, 2)])
+        assert all("batch_images" not in o.timings for o in outcomes)  # each ran alone
+        assert eng.batch_limits.current() == {(MODEL, 64, 64): 1}
+    finally:
+        eng.close()
+
+
+# --- img2img and inpainting batches -----------------------------------------------------------------------------------
+
+
+def assert_close(batched: Image.Image, alone: Image.Image) -> None:
+    """The documented tolerance of a batched image against its solo run (docs/architecture.md)."""
+    diff = np.abs(pixels(batched) - pixels(alone))
+    assert diff.max() <= 6 and diff.mean() < 1.0
+
+
+def test_img2img_jobs_run_as_one_batch_each_within_tolerance_of_its_solo_run(engine, sources) -> None:
+    requests = [
+        req(init_image="blob:a", strength=0.6, seed=5, n=2),
+        req(prompt="blue", init_image="blob:b", strength=0.6, seed=9),
+    ]
+    items = [BatchItem(request=r, progress=nop, init_image=img) for r, img in zip(requests, sources, strict=True)]
+    assert engine.batchable(requests)
+    outcomes = engine.generate_batch(items)
+    assert [o.timings["batch_images"] for o in outcomes] == [3, 3]
+    solo = [engine.generate(r, img, nop) for r, img in zip(requests, sources, strict=True)]
+    for outcome, alone in zip(outcomes, solo, strict=True):
+        assert [i.seed for i in outcome.images] == [i.seed for i in alone.images]
+        for batched, single in zip(outcome.images, alone.images, strict=True):
+            assert_close(batched.image, single.image)
+    assert np.abs(pixels(outcomes[0].images[0].image) - pixels(outcomes[1].images[0].image)).max() > 10
+
+
+def test_inpaint_jobs_run_as_one_batch_and_keep_their_sources_outside_the_mask(engine, sources, mask) -> None:
+    requests = [req(init_image="blob:a", mask_image="blob:m", strength=1.0, seed=s) for s in (11, 12)]
+    items = [
+        BatchItem(request=r, progress=nop, init_image=img, mask_image=mask)
+        for r, img in zip(requests, sources, strict=True)
+    ]
+    outcomes = engine.generate_batch(items)
+    assert [o.timings["batch_images"] for o in outcomes] == [2, 2]
+    keep = np.asarray(mask) == 0
+    for outcome, request, source in zip(outcomes, requests, sources, strict=True):
+        image = outcome.images[0].image
+        assert np.array_equal(np.asarray(image)[keep], np.asarray(source)[keep])  # pasted back exactly
+        assert_close(image, engine.generate(request, source, nop, mask_image=mask).images[0].image)
+
+
+def test_what_may_not_share_a_batch(engine) -> None:
+    inpaint = {"init_image": "blob:a", "mask_image": "blob:m"}
+    assert not engine.batchable([req(**inpaint, n=2), req(**inpaint)])  # one source encoded for n images
+    assert not engine.batchable([req(**inpaint, mask_crop_padding=8), req(**inpaint)])
+    assert not engine.batchable([req(init_image="blob:a"), req()])  # modes differ
+    assert not engine.batchable([req(init_image="blob:a", strength=0.5), req(init_image="blob:a")])
+    assert engine.batchable([req(**inpaint), req(**inpaint, seed=1)])
+
+
+# --- CUDA only --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_compiled_engine_matches_eager_within_tolerance(models_dir: Path, tmp_path: Path) -> None:
+    eager = make_engine(models_dir, tmp_path / "eager", device="cuda")
+    compiled = make_engine(models_dir, tmp_path / "compiled", device="cuda", compile=True, compile_sizes=["64x64"])
+    try:
+        items = [BatchItem(request=req(seed=s), progress=nop) for s in (1, 2)]
+        want = [o.images[0].image for o in eager.generate_batch(items)]
+        got = [o.images[0].image for o in compiled.generate_batch(items)]  # warmed up at load
+        for a, b in zip(got, want, strict=True):
+            assert_close(a, b)
+        assert any(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).iterdir())  # artefacts cached on disk
+        assert compiled.batch_limits.current()[(MODEL, 64, 64)] >= 2
+    finally:
+        eager.close()
+        compiled.close()

@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite's models are its own, copied into fresh folders by the tests: approved on first sight, as in a deployment
+# that turns `security.approve_first_seen_models` on. The default (a new file waits for an operator) is covered by
+# tests/unit/test_model_versions.py, which turns it off.
+os.environ.setdefault("DARKROOM_SECURITY__APPROVE_FIRST_SEEN_MODELS", "true")
 
 # The suite never reads or writes the developer's own darkroom files: `darkroom serve` records its data dir under
 # $XDG_STATE_HOME, and the user's darkroom.toml lives under $XDG_CONFIG_HOME. Each test process (one per xdist

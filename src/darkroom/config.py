@@ -205,9 +205,10 @@ class SecuritySettings(BaseModel):
         "recording it as a new approved version, instead of holding it until an operator approves it",
     )
     approve_first_seen_models: bool = Field(
-        default=True,
-        description="a model name never seen before is approved with the first file found for it (a fresh data dir "
-        "serves its models without manual steps); off: every new model waits for approval",
+        default=False,
+        description="a model name never seen before is approved with the first file found for it; off (the default): "
+        "a new model waits for an operator's approval like a changed file (models darkroom writes itself, the "
+        "smoke-test and demo models, are approved by the process that writes them)",
     )
     keep_model_versions: bool = Field(
         default=True,

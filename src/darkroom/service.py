@@ -80,6 +80,10 @@ class Services:
         from darkroom.models.smoke import ensure_smoke_model  # imports torch: only when it is needed
 
         path = ensure_smoke_model(self.settings.resolved_models_dir)
+        if path is not None:  # darkroom's own model: approved as written (`models.approvals.approve_own_model`)
+            from darkroom.models.approvals import approve_own_model
+
+            approve_own_model(self, path)
         log.warning(
             "No models found: created the random-weight smoke-test model at %s (its images are noise). "
             "Add real checkpoints with `darkroom models add PATH` or drop .safetensors files or diffusers "
@@ -89,8 +93,8 @@ class Services:
         )
 
     def approve_models(self) -> dict[str, str]:
-        """An API node records the models its folder holds when it starts: a name never seen before is approved
-        with this first version (`security.approve_first_seen_models`); a changed file waits for an operator
+        """An API node records the models its folder holds when it starts: a name never seen before waits for an
+        operator unless `security.approve_first_seen_models` is on; a changed file waits for an operator
         (`darkroom.models.approvals`). Returns checkpoint id → the approved sha256 workers serve."""
         from darkroom.auth.principal import DEFAULT_TENANT, Principal, Role
         from darkroom.models.approvals import Approvals

@@ -335,7 +335,9 @@ def test_gpu_seconds_quota_counts_finished_jobs_this_month(api, services):
 
 def test_service_wide_default_quota_applies_to_tenants_without_one(tmp_path, models_dir):
     settings = Settings(
-        data_dir=tmp_path / "d", models_dir=models_dir, security=SecuritySettings(default_images_per_day=1)
+        data_dir=tmp_path / "d",
+        models_dir=models_dir,
+        security=SecuritySettings(default_images_per_day=1, approve_first_seen_models=True),
     )
     svc = Services.open(settings)
     try:

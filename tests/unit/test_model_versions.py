@@ -5,6 +5,7 @@ disable stops a model; a job records the version it was admitted with."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 
 import pytest
@@ -125,3 +126,99 @@ def test_the_cli_lists_disables_and_enables(setup):
     )
     unknown = runner.invoke(app, ["models", "rollback", "tiny-single", "deadbeef", *where])
     assert unknown.exit_code == 1 and "no version" in unknown.output
+
+
+# --- the default: a file that appears while the service runs waits for an operator ------------------------------------
+
+HELD = {"approve_first_seen_models": False}  # the default, stated: the suite's conftest turns it on for other modules
+
+
+@pytest.fixture(scope="module")
+def held(tmp_path_factory):
+    root = tmp_path_factory.mktemp("held-models")
+    svc = Services.open(Settings(data_dir=tmp_path_factory.mktemp("held-data"), models_dir=root, security=HELD))
+    assert svc.settings.security.approve_first_seen_models is False
+    with TestClient(create_app(svc, workers=0)) as client:
+        yield client, svc, root
+    svc.close()
+
+
+def listed(api) -> tuple[set[str], set[str]]:
+    """The checkpoint ids the native (and OpenAI) list and A1111's list offer."""
+    native = {m["id"] for m in api.get("/v1/models").json()["data"]}
+    return native, {m["model_name"] for m in api.get("/sdapi/v1/sd-models").json()}
+
+
+def test_a_new_file_is_refused_and_not_listed_until_approved_then_served(held, models_dir):
+    api, svc, root = held
+    shutil.copy2(models_dir / "tiny-single.safetensors", root / "dropped.safetensors")
+    shutil.copytree(models_dir / "tiny-single.config", root / "dropped.config")
+    svc.registry.rescan()
+    assert listed(api) == (set(), set())
+    refused = api.post("/v1/jobs", json={**BASE, "model": "dropped"})
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "model_not_approved" and error["field"] == "model"
+    assert "not approved yet" in error["message"] and "darkroom models approve dropped" in error["message"]
+    assert listed(api) == (set(), set())
+    assert api.get("/v1/models/dropped/versions").status_code == 404  # a refused submit writes nothing
+
+    assert api.post("/v1/models/dropped/approve").status_code == 200
+    assert listed(api) == ({"dropped"}, {"dropped"})
+    assert api.post("/v1/jobs", json={**BASE, "model": "dropped"}).status_code == 202
+
+
+def test_darkroom_s_own_default_model_is_approved_as_written_but_a_lookalike_is_held(held, tmp_path, models_dir):
+    from darkroom.models.approvals import OWN
+    from darkroom.models.smoke import SMOKE_LABEL, SMOKE_MODEL_DIRNAME
+
+    api, svc, root = held
+    lookalike = root / SMOKE_MODEL_DIRNAME  # its name and label, not written by darkroom: held like any file
+    shutil.copytree(models_dir / "tiny-diffusers", lookalike)
+    (lookalike / "darkroom.json").write_text(json.dumps(SMOKE_LABEL))
+    svc.registry.rescan()
+    assert SMOKE_MODEL_DIRNAME not in listed(api)[0]
+    assert api.post("/v1/jobs", json={**BASE, "model": SMOKE_MODEL_DIRNAME}).status_code == 409
+
+    fresh = Services.open(Settings(data_dir=tmp_path / "data", models_dir=tmp_path / "models", security=HELD))
+    try:
+        fresh.ensure_default_model()  # what `make run` does on a fresh data dir: builds the smoke model and approves it
+        with TestClient(create_app(fresh, workers=0)) as own:
+            assert listed(own)[0] == {SMOKE_MODEL_DIRNAME}
+            assert own.post("/v1/jobs", json={**BASE, "model": SMOKE_MODEL_DIRNAME}).status_code == 202
+            versions = own.get(f"/v1/models/{SMOKE_MODEL_DIRNAME}/versions").json()
+            assert versions["versions"][-1]["approved_by"] == OWN
+        assert [r.action for r in fresh.audit.export(action="model.approve")] == ["model.approve"]
+    finally:
+        fresh.close()
+
+
+def test_an_operator_approves_and_rolls_back_on_the_ui_models_page(held):
+    """Last in the module: it creates the first API key, after which the loopback API above would need one."""
+    from darkroom.auth.principal import Role
+    from tests.unit.test_web import sign_in
+
+    api, svc, root = held
+    weights = root / "dropped.safetensors"
+    first = sha(weights)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    second = sha(weights)
+    svc.registry.rescan()
+    key, token = svc.keys.create(CLI, name="op", role=Role.operator, tenant="default")
+    csrf = sign_in(api, token)
+    page = api.get("/ui/models").text
+    assert page.count('"badge pending">pending approval') == 2  # the changed file and the lookalike, for operators only
+    assert api.post("/ui/models/dropped/approve", data={"csrf_token": csrf}, follow_redirects=False).status_code == 303
+    page = api.get("/ui/models").text
+    assert f'name="version" value="{first}"' in page and f'name="version" value="{second}"' not in page  # current
+
+    assert api.post("/ui/models/dropped/rollback", data={"version": first}).status_code == 403  # CSRF first
+    bad = api.post("/ui/models/dropped/rollback", data={"csrf_token": csrf, "version": "zz"})
+    assert bad.status_code == 422 and "version" in bad.text
+    done = api.post("/ui/models/dropped/rollback", data={"csrf_token": csrf, "version": first}, follow_redirects=False)
+    assert done.status_code == 303
+    assert sha(weights) == first and lifecycle.versions(svc, "dropped")["current"] == first
+    record = next(r for r in svc.audit.list(action="model.rollback") if r.target == "dropped")
+    assert record.actor == key.id and record.details["current"] == first

@@ -156,7 +156,7 @@ def test_allowed_ckpt_generates_through_the_api(tmp_path: Path, models: Path) ->
         data_dir=tmp_path / "data",
         models_dir=models,
         poll_seconds=0.05,
-        security=SecuritySettings(allow_pickle_models=True),
+        security=SecuritySettings(allow_pickle_models=True, approve_first_seen_models=True),
     )
     services = Services.open(settings)
     try:

@@ -43,7 +43,7 @@ def make_services(tmp_path, models_dir):
             models_dir=models_dir,
             heartbeat_seconds=0.05,
             batch_window_seconds=0,
-            security=SecuritySettings(output_checker=output_checker),
+            security=SecuritySettings(output_checker=output_checker, approve_first_seen_models=True),
         )
         opened.append(Services.open(settings))
         return opened[-1]

@@ -443,3 +443,35 @@ def test_img2img_source_and_painted_mask_become_an_inpainting_job(ui):
     )
     assert r.status_code == 422 and "<code>init_image</code>" in r.text
     svc.store.cancel(job.id)
+
+
+def test_operators_see_every_tenants_queue_in_claim_order_users_only_their_own(ui):
+    svc, _, tokens, _ = ui
+    alice, alice_csrf = client_for(ui, "user")
+    bob, bob_csrf = client_for(ui, "other")
+    low = submit(alice, alice_csrf, prompt="acme low", priority="low")
+    high = submit(bob, bob_csrf, prompt="globex urgent secret", priority="high")
+    try:
+        op, _ = client_for(ui, "operator")
+        page = op.get("/ui/queue").text
+        everyone = page[page.index("Every tenant") :]
+        assert "globex" in everyone and "acme low" in everyone
+        assert "globex urgent secret" not in page and high not in page  # another tenant's job: no prompt, no id
+        assert everyone.index("another tenant's job") < everyone.index("acme low")  # high priority first
+        assert "Every tenant" not in alice.get("/ui/queue").text
+
+        listed = op.get("/v1/queue", headers={"Authorization": f"Bearer {tokens['operator']}"})
+        assert listed.status_code == 200, listed.text
+        mine = [e for e in listed.json() if e["id"] == low or e["tenant"] == "globex"]
+        assert [(e["tenant"], e["priority"], e["prompt"]) for e in mine] == [
+            ("globex", "high", None),
+            ("acme", "low", "acme low"),
+        ]
+        assert mine[0]["id"] is None and mine[0]["queue_position"] < mine[1]["queue_position"]
+        admin = op.get("/v1/queue", headers={"Authorization": f"Bearer {tokens['admin']}"}).json()
+        assert any(e["id"] == high and e["prompt"] == "globex urgent secret" for e in admin)
+        refused = op.get("/v1/queue", headers={"Authorization": f"Bearer {tokens['user']}"})
+        assert refused.status_code == 403
+    finally:
+        for job_id in (low, high):
+            svc.store.cancel(job_id)

@@ -621,7 +621,7 @@ def sd_models(request: Request) -> list[dict[str, Any]]:
             "filename": os.path.basename(m.path),
             "config": None,
         }
-        for m in model_access.visible_checkpoints(services(request).registry, tenant_policy(request))
+        for m in model_access.offered_checkpoints(services(request), tenant_policy(request))
     ]
 
 
@@ -684,14 +684,19 @@ def schedulers() -> list[dict[str, Any]]:
 
 @router.get("/loras", summary="LoRA adapters in models/loras/ (`path` is relative to that folder)")
 def loras(request: Request) -> list[dict[str, Any]]:
+    svc = services(request)
     return [
         {"name": a.name, "alias": a.alias, "path": a.relpath, "metadata": a.metadata}
-        for a in model_access.visible(tenant_policy(request), "lora", services(request).registry.loras(), _name)
+        for a in model_access.offered(svc, tenant_policy(request), "lora", svc.registry.loras(), _name, _sha)
     ]
 
 
 def _name(adapter: AdapterInfo) -> str:
     return adapter.name
+
+
+def _sha(adapter: AdapterInfo) -> str:
+    return adapter.sha256
 
 
 @router.get("/prompt-styles", summary="Styles: the tenant's prompt templates (see /v1/templates)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import time
@@ -360,6 +361,49 @@ def list_jobs(
     return [job_view(request, status) for status in listed]
 
 
+class QueueEntry(BaseModel):
+    """One job of the whole queue as an operator sees it: where it stands, for which tenant. Its id and prompt only
+    when the caller may read the job (its own tenant's, as `GET /v1/jobs`; admins: every tenant's)."""
+
+    id: str | None
+    tenant: str
+    state: JobState
+    priority: Priority
+    queue_position: int | None
+    eta_seconds: float | None
+    model: str | None
+    created_at: dt.datetime
+    progress: JobProgress
+    prompt: str | None = None
+
+
+@router.get("/queue", response_model=list[QueueEntry], summary="Every tenant's running and queued jobs (operator)")
+def whole_queue(
+    request: Request, limit: int = Query(200, ge=1, le=1000), who: Principal = Depends(require(Permission.queue))
+) -> list[QueueEntry]:
+    """Running jobs first, then the queue in claim order (highest priority first, then oldest): what workers take
+    next, across tenants."""
+    entries = []
+    for status in services(request).store.queue_status(limit):
+        job = status.job
+        readable = who.can(Permission.admin) or sees_job(who, job)
+        entries.append(
+            QueueEntry(
+                id=job.id if readable else None,
+                tenant=job.tenant,
+                state=job.state,
+                priority=PRIORITY_NAME[job.priority],
+                queue_position=status.queue_position,
+                eta_seconds=status.eta_seconds,
+                model=job.request.get("model"),
+                created_at=job.created_at,
+                progress=JobProgress(step=job.progress_step, total=job.progress_total),
+                prompt=str(job.request.get("prompt", "")) if readable else None,
+            )
+        )
+    return entries
+
+
 @router.get("/jobs/{job_id}", response_model=JobView, summary="A job: state, queue position, progress, images")
 def get_job(request: Request, job_id: str, who: Principal = Generate) -> JobView:
     """One read transaction: the job, its images, queue position and ETA (`JobStore.status`)."""
@@ -476,8 +520,8 @@ class ModelList(BaseModel):
 
 @router.get("/models", response_model=ModelList, summary="Approved models (OpenAI's list shape)")
 def list_models(request: Request, who: Principal = Generate) -> ModelList:
-    """The checkpoints this tenant may use (`models.access`), with their default parameters."""
-    models = model_access.visible_checkpoints(services(request).registry, tenant_policy(request))
+    """The checkpoints this tenant may use (`models.access`) whose file is approved, with their default parameters."""
+    models = model_access.offered_checkpoints(services(request), tenant_policy(request))
     return ModelList(data=[ListedModel(**m.model_dump(), created=_changed_at(m.path)) for m in models])
 
 

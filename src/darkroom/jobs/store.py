@@ -469,6 +469,19 @@ class JobStore:
             query = query.where(jobs.c.key_id == key_id)
         return query
 
+    def queue_status(self, limit: int = 200) -> builtins.list[JobStatus]:
+        """Every tenant's running jobs, then the queue's head in claim order (`ix_jobs_claim`), with their statuses:
+        the operators' view of the whole queue. One read transaction."""
+        with read_tx(self.engine) as conn:
+            listed = [
+                _job(row)
+                for state in (JobState.running.value, _QUEUED)
+                for row in conn.execute(
+                    sa.select(jobs).where(jobs.c.state == state).order_by(*CLAIM_ORDER).limit(limit)
+                )
+            ]
+            return self._statuses(conn, listed)
+
     def queue_position(self, job: JobRecord) -> int | None:
         """1-based place in the claim order (see `claim_batch`), at most `POSITION_CAP + 1`; None once the job left
         the queue."""

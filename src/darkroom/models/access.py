@@ -5,7 +5,9 @@ model) and `allowed_models` (patterns over names: `NAME` for any kind, `KIND:NAM
 `?` match, as in `lora:brand-a-*`). Absent lists allow everything, so a tenant without a policy sees what it always
 saw. One function decides (`may_use`); listings filter with it and submit refuses with it, so what a tenant is shown
 is exactly what it may ask for. A refusal is a 403 naming the model: the request was well formed, the tenant may not
-use that model. Built-in upscalers (Lanczos, Nearest, latent modes) are code, not models, and are always allowed.
+use that model. Listings also leave out a model whose file is not approved (`offered`: a file that appeared or
+changed waits for an operator, `models.approvals`), since a submit naming it would be refused. Built-in upscalers
+(Lanczos, Nearest, latent modes) are code, not models, and are always allowed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from darkroom.errors import Forbidden, InvalidRequest
 if TYPE_CHECKING:
     from darkroom.models.registry import ModelRegistry
     from darkroom.schemas import GenerationRequest, ModelInfo
+    from darkroom.service import Services
 
 ModelKind = Literal["checkpoint", "lora", "embedding", "controlnet", "upscaler"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
@@ -117,3 +120,22 @@ def resolve_checkpoint(registry: ModelRegistry, policy: AccessPolicy, name: str 
 def visible_checkpoints(registry: ModelRegistry, policy: AccessPolicy) -> list[ModelInfo]:
     """The checkpoints a tenant is shown: the one function every model listing calls (native, A1111, OpenAI)."""
     return visible(policy, "checkpoint", registry.scan(), lambda m: m.id)
+
+
+def offered(
+    svc: Services,
+    policy: AccessPolicy,
+    kind: str,
+    items: Iterable[T],
+    name: Callable[[T], str],
+    sha: Callable[[T], str],
+) -> list[T]:
+    """What a listing offers a tenant: the items it may use (`visible`) whose file a submit would serve now."""
+    from darkroom.models.approvals import Approvals  # the database side; this module stays import-light
+
+    return Approvals.for_services(svc).offered(kind, visible(policy, kind, items, name), name, sha)
+
+
+def offered_checkpoints(svc: Services, policy: AccessPolicy) -> list[ModelInfo]:
+    """The checkpoints every model listing shows (native, A1111, OpenAI, the UI): allowed and approved."""
+    return offered(svc, policy, "checkpoint", svc.registry.scan(), lambda m: m.id, lambda m: m.sha256)

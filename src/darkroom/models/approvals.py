@@ -6,8 +6,11 @@ it once. One version is `current`: the approved one jobs run on. The records liv
 (`settings_kv`, one row per model, `model_version:KEY`), so every API node and worker agrees.
 
 When the files change:
-- a name never seen before is approved with its first file when `security.approve_first_seen_models` is on (the
-  default): a fresh data dir serves its models with no manual step; off, it waits like a change;
+- a name never seen before is held like a change (recorded as a pending version, not served, not listed) unless
+  `security.approve_first_seen_models` is on (off by default: a file dropped into the models folder while the service
+  runs is served only once an operator approves it). The models darkroom writes itself (the smoke-test model, the
+  demo model) are approved by the process that writes them (`approve_own_model`), in the database, so `make run`
+  serves them at once; a file that merely looks like darkroom's (its name, its label) is held like any other;
 - a file whose bytes differ from `current` is recorded as a *pending* version and not served (a submit naming it is
   refused at once, 409 `model_not_approved`, saying how to approve it) until an operator approves it, unless
   `security.auto_approve_models` is on;
@@ -18,15 +21,16 @@ When the files change:
 
 The check runs inside the submit's write transaction (`check_in`): one SELECT for all the request's models, and the
 rare first-seen or pending record written atomically with the job, not in a transaction of its own.
+Listings (`/v1/models`, A1111's checkpoints and LoRAs, the UI) offer only what a submit would serve (`offered`).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from pydantic import BaseModel, Field
@@ -42,6 +46,8 @@ from darkroom.models.registry import ModelRegistry
 from darkroom.webhooks.tables import settings_kv
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+OWN = "system:made-by-darkroom"  # who approved a model darkroom wrote itself
 
 PREFIX = "model_version:"
 # How long a version found servable is remembered. On PostgreSQL an operator's decision reaches every API process at
@@ -168,6 +174,26 @@ class Approvals:
             for k, r in self.all().items()
             if ":" not in k  # checkpoints: what a worker's claim filter is about
         }
+
+    def offered(self, kind: str, items: Iterable[T], name: Callable[[T], str], sha: Callable[[T], str]) -> list[T]:
+        """The items a listing may offer, in their order: those a submit would serve now (the file is the current
+        approved version of an enabled model, or would be approved on sight per settings). One SELECT."""
+        listed = list(items)
+        if not listed:
+            return []
+        with read_tx(self.engine) as conn:
+            records, legacy = _read(conn, [model_key(kind, name(i)) for i in listed])
+        return [i for i in listed if self._would_serve(records, legacy, model_key(kind, name(i)), sha(i))]
+
+    def _would_serve(self, records: dict[str, ModelVersions], legacy: dict[str, str], key: str, sha: str) -> bool:
+        record = records.get(key) or (_legacy(key, legacy[key]) if key in legacy else None)
+        if record is None:
+            return self.security.auto_approve_models or self.security.approve_first_seen_models
+        if record.disabled:
+            return False
+        if all(v.sha256 != sha for v in record.versions):
+            return self.security.auto_approve_models
+        return record.current == sha
 
     # --- the submit's check ---------------------------------------------------------------------------------------
 
@@ -370,6 +396,24 @@ def on_disk(registry: ModelRegistry, key: str) -> tuple[str, str]:
             f"unknown model {key!r} (checkpoint id, or lora:, embedding:, upscaler: NAME)", field="model"
         )
     return adapter.sha256, adapter.path
+
+
+def approve_own_model(svc: Any, path: Path) -> ModelVersions | None:
+    """Approve a model darkroom has just written itself (the smoke-test or demo model): the process that wrote it
+    records the approval of exactly those bytes in the database, audited. Returns None when the registry does not
+    list the path (then it waits for an operator like any other file)."""
+    from darkroom.auth.principal import DEFAULT_TENANT, Principal, Role
+
+    registry: ModelRegistry = svc.registry
+    wanted = Path(path).resolve()
+    info = next((m for m in registry.rescan() if Path(m.path).resolve() == wanted), None)
+    if info is None:
+        log.warning("model written at %s is not listed by the registry; it waits for an operator's approval", path)
+        return None
+    record = Approvals.for_services(svc).approve(info.id, info.sha256, info.path, OWN)
+    system = Principal(actor=OWN, role=Role.admin, tenant=DEFAULT_TENANT)
+    svc.audit.record(system, "model.approve", info.id, {"current": record.current, "made_by": "darkroom"})
+    return record
 
 
 def approve_version(

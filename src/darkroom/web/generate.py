@@ -34,7 +34,7 @@ def _form_page(request: Request, values: dict, error: DarkroomError | None = Non
         "generate.html",
         status=error.status if error else 200,
         values=values,
-        models=model_access.visible_checkpoints(svc.registry, tenant_policy(request)),  # as GET /v1/models
+        models=model_access.offered_checkpoints(svc, tenant_policy(request)),  # as GET /v1/models
         samplers=[spec.name for spec in SAMPLERS],
         limits=svc.settings.limits,
         error=error,

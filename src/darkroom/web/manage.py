@@ -22,7 +22,7 @@ from darkroom.auth.audit import AuditRecord
 from darkroom.auth.limits import effective, usage
 from darkroom.auth.principal import DEFAULT_TENANT, Permission, Principal, Role
 from darkroom.auth.tenants import TenantPolicy
-from darkroom.errors import InvalidRequest
+from darkroom.errors import InvalidRequest, NotFound
 from darkroom.models import access as model_access
 from darkroom.observability.cost import GroupBy
 from darkroom.schemas import ModelInfo
@@ -42,23 +42,38 @@ def _invalid(exc: ValidationError) -> InvalidRequest:
 # --- models --------------------------------------------------------------------------------------------------------
 
 
-def _models(request: Request, who: Principal) -> tuple[list[ModelInfo], dict[str, dict]]:
-    """The models the caller may use (`GET /v1/models`'s rule: `models.access`) and, for operators, their versions."""
-    listed = model_access.visible_checkpoints(request.app.state.services.registry, tenant_policy(request))
-    versions = {m.id: admin.model_versions(request, m.id, who) for m in listed} if who.can(Permission.models) else {}
-    return listed, versions
+def _models(request: Request, who: Principal) -> tuple[list[ModelInfo], dict[str, dict | None], set[str]]:
+    """The models the caller may use (`GET /v1/models`'s rule: allowed by `models.access` and approved). Operators
+    also see the allowed models whose file waits for approval (the third item: their ids), and every model's
+    versions (None: none recorded yet)."""
+    svc = request.app.state.services
+    policy = tenant_policy(request)
+    offered = model_access.offered_checkpoints(svc, policy)
+    if not who.can(Permission.models):
+        return offered, {}, set()
+    listed = model_access.visible_checkpoints(svc.registry, policy)
+    versions: dict[str, dict | None] = {}
+    for m in listed:
+        try:
+            versions[m.id] = admin.model_versions(request, m.id, who)
+        except NotFound:
+            versions[m.id] = None
+    served = {m.id for m in offered}
+    pending = {m.id for m in listed if m.id not in served and not (versions[m.id] or {}).get("disabled")}
+    return listed, versions, pending
 
 
 @router.get("/models")
 async def models(request: Request) -> Response:
     who = await ui_principal(request)
-    listed, versions = await run_in_threadpool(_models, request, who)
-    return page(request, "models.html", models=listed, versions=versions)
+    listed, versions, pending = await run_in_threadpool(_models, request, who)
+    return page(request, "models.html", models=listed, versions=versions, pending=pending)
 
 
 @router.post("/models/{model_id}/{action}")
 async def model_action(request: Request, model_id: str, action: str) -> Response:
-    """Approve this node's copy, disable or enable: `POST /v1/models/{id}/{action}` (audited there)."""
+    """Approve this node's copy, disable, enable, or roll back to the form's `version`: the API's
+    `POST /v1/models/{id}/{action}` (audited there)."""
     who = await ui_principal(request, Permission.models)
     form = await request.form()
     check_csrf(request, str(form.get("csrf_token") or ""))
@@ -66,8 +81,16 @@ async def model_action(request: Request, model_id: str, action: str) -> Response
         await run_in_threadpool(admin.approve_model, request, model_id, None, who)
     elif action in ("disable", "enable"):
         await run_in_threadpool(admin.model_action, request, model_id, action, None, who)  # type: ignore[arg-type]
+    elif action == "rollback":
+        try:
+            body = admin.VersionAction(version=str(form.get("version") or "").strip() or None)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+        if body.version is None:
+            raise InvalidRequest("rollback needs the version to go back to", field="version")
+        await run_in_threadpool(admin.model_action, request, model_id, "rollback", body, who)
     else:
-        raise InvalidRequest("action must be approve, disable or enable", field="action")
+        raise InvalidRequest("action must be approve, disable, enable or rollback", field="action")
     return RedirectResponse("/ui/models", status_code=303)
 
 

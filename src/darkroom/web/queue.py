@@ -1,5 +1,6 @@
 """The queue: the caller's queued and running jobs (as `GET /v1/jobs` scopes them) with place, ETA and cancel; for
-operators the worker fleet (`GET /v1/workers`); for admins every tenant's queue, highest priority first."""
+operators the worker fleet (`GET /v1/workers`) and every tenant's queue in claim order (`GET /v1/queue`, which shows
+another tenant's job without its id or prompt unless the caller is an admin)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from fastapi.responses import Response
 
 from darkroom.api import admin, v1
 from darkroom.auth.principal import Permission, Principal
-from darkroom.jobs.store import JobStatus
 from darkroom.schemas import PRIORITY_VALUE, JobState, JobView
 
 from .render import page
@@ -23,7 +23,7 @@ LIMIT = 200
 
 @dataclass(frozen=True)
 class Row:
-    id: str
+    id: str | None
     tenant: str | None
     state: str
     priority: str
@@ -61,13 +61,22 @@ def _queue(request: Request, who: Principal) -> dict:
     if who.can(Permission.queue):
         context["fleet"] = admin._list(request, None)
         context["current"] = _current_jobs(request, who)
-    if who.can(Permission.admin):  # admins see every tenant, as they do in the audit log and review
-        store = request.app.state.services.store
-        listed: list[JobStatus] = [
-            s for state in (JobState.running, JobState.queued) for s in store.list_status(state=state, limit=LIMIT)
-        ]
-        context["everyone"] = _ordered([_row(v1.job_view(request, s), s.job.tenant) for s in listed])
+        context["everyone"] = [_entry(e) for e in v1.whole_queue(request, LIMIT, who)]
     return context
+
+
+def _entry(entry: v1.QueueEntry) -> Row:
+    return Row(
+        id=entry.id,
+        tenant=entry.tenant,
+        state=entry.state.value,
+        priority=entry.priority,
+        position=entry.queue_position,
+        eta=entry.eta_seconds,
+        prompt=(entry.prompt or "")[:120],
+        model=entry.model,
+        progress=f"{entry.progress.step}/{entry.progress.total}" if entry.progress.total else "",
+    )
 
 
 def _current_jobs(request: Request, who: Principal) -> dict[str, str | None]:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from darkroom.config import GpuSettings, Settings
@@ -195,6 +196,10 @@ def test_batch_limit_from_a_memory_figure_with_the_real_model(engine) -> None:
     assert limits.after_oom(key, 6) == 3
     assert limits.limit(key, pipe, torch.float32, free=10 * free) == 3  # an OOM's limit holds whatever memory says
     assert limits.current() == {key: 3}
+    shown = REGISTRY.get_sample_value(
+        "darkroom_batch_limit_images", {"device": "cpu", "model": MODEL, "size": "512x512"}
+    )
+    assert shown == 3
     assert BatchLimits("cpu", 1.0).limit(key, None, torch.float32, free=free) is None  # nothing to estimate from
 
 

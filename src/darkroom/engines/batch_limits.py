@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from darkroom.observability import metrics
+
 log = logging.getLogger(__name__)
 
 LATENT_FACTOR = 8  # the VAE's spatial downscale (SD 1.x/2.x, SDXL)
@@ -97,8 +99,7 @@ class BatchLimits:
         limits = [value for value in (oom, derived) if value is not None]
         result = min(limits) if limits else None
         if result is not None:
-            with self._lock:
-                self._current[key] = result
+            self._set(key, result)
         return result
 
     def measured(self, key: Key, images: int, peak_extra_bytes: int) -> None:
@@ -117,9 +118,14 @@ class BatchLimits:
         """Out of memory with `images` in one batch: at most half as many from now on."""
         half = max(1, images // 2)
         with self._lock:
-            self._oom[key] = min(half, self._oom.get(key, half))
-            self._current[key] = min(self._current.get(key, half), half)
-            return self._oom[key]
+            limit = self._oom[key] = min(half, self._oom.get(key, half))
+        self._set(key, limit)
+        return limit
+
+    def _set(self, key: Key, limit: int) -> None:
+        with self._lock:
+            self._current[key] = limit
+        metrics.batch_limit(self.device, *key, limit)
 
     def remembered(self, key: Key) -> int | None:
         """The limit learnt from running out of memory, if any."""
@@ -127,7 +133,7 @@ class BatchLimits:
             return self._oom.get(key)
 
     def current(self) -> dict[Key, int]:
-        """The limit last in force per model and size (for the fleet view and metrics)."""
+        """The limit last in force per model and size (also `darkroom_batch_limit_images`)."""
         with self._lock:
             return dict(self._current)
 

@@ -70,6 +70,12 @@ STEPS_PER_SECOND = Gauge(
 BATCH_SIZE = Histogram(
     "darkroom_batch_size", "Jobs claimed together as one batch", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 )
+BATCH_LIMIT = Gauge(
+    "darkroom_batch_limit_images",
+    "Most images one tensor batch may hold, by device, model and size (free memory; halved after running out)",
+    ["device", "model", "size"],
+    multiprocess_mode="livemin",
+)
 MODEL_LOAD = Histogram(
     "darkroom_model_load_seconds",
     "Loading a model onto the device, by model",
@@ -183,6 +189,12 @@ def job_succeeded(
     IMAGES.inc(images)
     if steps_per_second:
         STEPS_PER_SECOND.labels(worker).set(steps_per_second)
+
+
+@_quietly
+def batch_limit(device: str, model: str, width: int, height: int, images: int) -> None:
+    """The image limit a worker's engine set for a model and size: what a GPU's batches are held to."""
+    BATCH_LIMIT.labels(device, model, f"{width}x{height}").set(images)
 
 
 @_quietly

@@ -40,6 +40,7 @@ from _common import bench_env, darkroom_server, git_commit, log  # noqa: E402
 
 DEFAULT_SIZE = {"tiny": 64, "sd15": 512, "sdxl": 1024}
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "darkroom" / "models" / "configs"
+INDUCTOR_CACHE = Path(tempfile.gettempdir()) / "darkroom-bench-inductor"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +55,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     p.add_argument("--dtype", default="auto", help="auto: float16 on CUDA, float32 on CPU")
     p.add_argument("--work", type=Path, help="folder for the saved model (kept between runs); default: a temp dir")
+    p.add_argument(
+        "--gpu",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a `gpu` setting for engine and service, e.g. compile=true, cuda_graphs=true, channels_last=off "
+        "(repeatable; with compile, compile_sizes defaults to the benchmark's size)",
+    )
     return p.parse_args(argv)
+
+
+def gpu_settings(args: argparse.Namespace, size: int) -> dict[str, str]:
+    """The `--gpu` settings, as `DARKROOM_GPU__*` would give them. Compiled artefacts are kept between runs in one
+    cache folder for engine and service alike, so only a first run pays for compiling."""
+    given = {"compile_cache_dir": str(INDUCTOR_CACHE), **dict(item.split("=", 1) for item in args.gpu)}
+    if given.get("compile", "").lower() in ("1", "true", "on", "yes"):
+        given.setdefault("compile_sizes", json.dumps([f"{size}x{size}"]))
+    return given
+
+
+def gpu_model(args: argparse.Namespace, size: int) -> Any:
+    """The same settings as `GpuSettings` (which also checks them before anything runs)."""
+    from darkroom.config import GpuSettings
+
+    given = gpu_settings(args, size)
+    return GpuSettings(**{k: json.loads(v) if k == "compile_sizes" else v for k, v in given.items()})
 
 
 def resolve(args: argparse.Namespace) -> tuple[str, Any]:
@@ -156,13 +182,16 @@ def request(i: int, args: argparse.Namespace, size: int, model: str) -> dict[str
 
 
 def engine_runs(args: argparse.Namespace, models_dir: Path, model: str, size: int, device: str) -> dict[int, Any]:
+    from darkroom.engines.acceleration import Acceleration
     from darkroom.engines.base import BatchItem
     from darkroom.engines.diffusers_engine import DiffusersEngine
     from darkroom.models.registry import ModelRegistry
     from darkroom.schemas import GenerationRequest
 
     registry = ModelRegistry(models_dir, models_dir / ".hashes.json")
-    engine = DiffusersEngine(registry, device=device, dtype=args.dtype)
+    gpu = gpu_model(args, size)
+    accel = Acceleration.from_settings(gpu, device, gpu.compile_cache_dir)
+    engine = DiffusersEngine(registry, device=device, dtype=args.dtype, batch_invariant=False, acceleration=accel)
     out: dict[int, Any] = {}
     try:
         for batch in batch_sizes(args):
@@ -214,6 +243,7 @@ def service_runs(args: argparse.Namespace, models_dir: Path, model: str, size: i
         env = bench_env(int(os.environ.get("OMP_NUM_THREADS", "1")), {"DARKROOM_BATCH_WINDOW_SECONDS": "0.05"})
         if args.dtype != "auto":
             env["DARKROOM_DTYPE"] = args.dtype
+        env.update({f"DARKROOM_GPU__{key.upper()}": value for key, value in gpu_settings(args, size).items()})
         server = darkroom_server("service", Path(tmp), models_dir, 1, Path(tmp), env)
         try:
             server.wait_ready(timeout=1800)
@@ -284,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     size = args.size or DEFAULT_SIZE[args.arch]
     modes = {m.strip() for m in args.modes.split(",") if m.strip()}
     device, dtype = resolve(args)
+    gpu_model(args, size)  # a bad --gpu setting fails before anything is built
     with tempfile.TemporaryDirectory(prefix="darkroom-gpu-models-") as tmp:
         models_dir = args.work or Path(tmp)
         models_dir.mkdir(parents=True, exist_ok=True)
@@ -323,6 +354,7 @@ def summary(args: argparse.Namespace, size: int, device: str, dtype: Any, tflop:
         "guidance_scale": args.guidance,
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
+        "gpu_settings": gpu_settings(args, size),
         "unet_gflop_per_image": round(tflop * 1000, 3),
         "results": table,
         "best_images_per_s": {m: r["images_per_s"] for m, r in best.items()},

@@ -106,9 +106,10 @@ def test_gpu_throughput_on_the_cpu_reports_every_mode_and_ratio() -> None:
     out = run_bench(
         "gpu_throughput.py",
         *("--arch", "tiny", "--size", "64", "--steps", "2", "--batches", "1,2", "--repeat", "1"),
-        *("--modes", "engine,baseline"),
+        *("--modes", "engine,baseline", "--gpu", "channels_last=on"),
     )
     assert out["benchmark"] == "gpu_throughput" and out["device"] == "cpu"
+    assert out["gpu_settings"]["channels_last"] == "on"  # the `gpu` settings the run used, with the figures
     assert set(out["results"]["engine"]) == {"1", "2"} and set(out["results"]["baseline"]) == {"1"}
     for row in (*out["results"]["engine"].values(), out["results"]["baseline"]["1"]):
         assert is_positive(row["images_per_s"]) and is_positive(row["unet_it_per_s"]) and row["tflops"] >= 0

@@ -141,7 +141,7 @@ def test_vae_decodes_in_tiles_above_the_threshold_only(models_dir: Path, tmp_pat
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
-def test_compiled_modules_are_on_only_for_a_pass_at_a_compiled_size(tiny_diffusers_model: Path) -> None:
+def test_compiled_modules_on_only_at_a_compiled_size_and_attention_as_set(tiny_diffusers_model: Path) -> None:
     """`nn.Module.compile` is lazy: nothing is compiled until a call, so the toggle can be checked on a CPU."""
     from diffusers import StableDiffusionPipeline
 
@@ -157,6 +157,10 @@ def test_compiled_modules_are_on_only_for_a_pass_at_a_compiled_size(tiny_diffuse
         assert all(m._compiled_call_impl is None for m in modules)
     assert all(m._compiled_call_impl is None for m in modules)
     assert torch._dynamo.config.recompile_limit == 8
+    processors = {type(p).__name__ for p in (*pipe.unet.attn_processors.values(), *pipe.vae.attn_processors.values())}
+    assert processors == {"AttnProcessor2_0"}  # SDPA
+    Acceleration(sdpa=False).apply(pipe)
+    assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"AttnProcessor"}
 
 
 def test_host_images_match_the_pipelines_own_pil(tiny_diffusers_model: Path) -> None:
@@ -181,7 +185,7 @@ def test_batch_limit_from_a_memory_figure_with_the_real_model(engine) -> None:
     fp32 = estimate(pipe, 512, 512, torch.float32)
     fp16 = estimate(pipe, 512, 512, torch.float16)
     # tiny model: UNet's first level 32 channels, VAE's 8; 64x64 latents; guidance doubles the UNet's batch
-    assert fp32.per_image == 2 * 64 * 64 * 32 * 4 * 32 and fp32.fixed == 512 * 512 * 8 * 4 * 8
+    assert fp32.per_image == 2 * 64 * 64 * 32 * 4 * 64 and fp32.fixed == 512 * 512 * 8 * 4 * 8
     assert fp16.per_image * 2 == fp32.per_image
     free = fp32.fixed + 10 * fp32.per_image
     assert limit_for(fp32, free, headroom=1.0) == 10

@@ -72,8 +72,7 @@ class Acceleration:
 
     def apply(self, pipe: Any) -> Compiled | None:
         """Prepare a freshly loaded pipeline (on its device already); the compiled modules when compiling."""
-        if self.sdpa:
-            _use_sdpa(pipe)
+        _set_attention(pipe, sdpa=self.sdpa)
         vae: Any = getattr(pipe, "vae", None)
         if self.channels_last:
             for module in (getattr(pipe, "unet", None), vae):
@@ -145,15 +144,15 @@ class Compiled:
                 module._compiled_call_impl = None
 
 
-def _use_sdpa(pipe: Any) -> None:
+def _set_attention(pipe: Any, sdpa: bool) -> None:
     """diffusers picks SDPA by default with torch 2; set it explicitly so a model that came with another processor
-    (or an older default) runs the fused kernel too."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    (or an older default) runs the fused kernel too. Off: plain matmul attention, the reference to compare with."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     for name in ("unet", "vae"):
         module: Any = getattr(pipe, name, None)
         if hasattr(module, "set_attn_processor") and getattr(module, "attn_processors", None):
-            module.set_attn_processor(AttnProcessor2_0())
+            module.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
 
 
 class HostImages:

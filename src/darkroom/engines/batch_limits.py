@@ -24,7 +24,7 @@ from darkroom.observability import metrics
 log = logging.getLogger(__name__)
 
 LATENT_FACTOR = 8  # the VAE's spatial downscale (SD 1.x/2.x, SDXL)
-UNET_COPIES = 32  # live activations of the UNet's first level per latent pixel and channel, a generous guess
+UNET_COPIES = 64  # live activations of the UNet's first level per latent pixel and channel, a generous guess
 VAE_COPIES = 8  # the same for the VAE decoder's full-resolution level
 GUIDANCE_PASSES = 2  # classifier-free guidance runs the UNet on the conditional and the unconditional half
 

@@ -195,7 +195,9 @@ class DiffusersEngine:
         self._cache: LRUCache[tuple[str, str], LoadedModel] = LRUCache(
             cache_size, on_evict=self._on_evict, budget_bytes=budget
         )
-        self._run_lock = threading.Lock()  # a pipeline is not re-entrant
+        # A pipeline is not re-entrant. Re-entrant for one thread: a batch holds it from measuring free memory for its
+        # limit to its last chunk (another worker's pass would otherwise look like memory in use), chunks included.
+        self._run_lock = threading.RLock()
         # (model, width, height) → most images one tensor batch may hold: from free memory, and halved by an OOM
         self.batch_limits = BatchLimits(self.device, acceleration.memory_headroom)
         self.controlnets = ControlNets(registry, self.device, self.dtype, _LOAD_LOCK)
@@ -285,6 +287,10 @@ class DiffusersEngine:
         """Run `items` in tensor batches of at most the image limit for their model and size (engines/batch_limits.py:
         from free device memory, and never above what ran out of memory before). Out of memory halves that limit
         (remembered for the engine's life) and re-runs the chunk in smaller batches."""
+        with self._run_lock:
+            return self._together_locked(items)
+
+    def _together_locked(self, items: list[BatchItem]) -> list[BatchOutcome]:
         first = items[0].request
         key = (first.model or "", first.width, first.height)
         outcomes: list[BatchOutcome] = []
@@ -301,7 +307,7 @@ class DiffusersEngine:
                 limit = self.batch_limits.after_oom(key, images)
                 release_memory()
                 log.warning("out of memory with %d images in one batch: at most %d from now on", images, limit)
-                outcomes += self._together(chunk)
+                outcomes += self._together_locked(chunk)
             except DarkroomError as exc:  # not the device's fault, maybe one request's: isolate it
                 log.info("a batch of %d jobs failed (%s); running them one by one", len(chunk), exc.code)
                 outcomes += [self._alone(item) for item in chunk]

@@ -49,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, help="image side; default 512 (sd15), 1024 (sdxl), 64 (tiny)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument(
+        "--strength",
+        type=float,
+        help="img2img from a gradient source at this strength (steps x strength denoising steps); default: txt2img",
+    )
     p.add_argument("--batches", default="1,2,4,8,16")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per batch size (median); one warm-up first")
     p.add_argument("--modes", default="engine,service,baseline")
@@ -169,8 +174,10 @@ def peak_memory(device: str) -> int | None:
     return int(torch.cuda.max_memory_allocated(device)) if device.startswith("cuda") else None
 
 
-def request(i: int, args: argparse.Namespace, size: int, model: str) -> dict[str, Any]:
-    return {
+def request(i: int, args: argparse.Namespace, size: int, model: str, init: str | None = None) -> dict[str, Any]:
+    """One job; with `--strength`, an img2img job whose `init` is the source (base64 for the API, a blob reference
+    for the engine, which is handed the image itself)."""
+    body: dict[str, Any] = {
         "prompt": f"a lighthouse on a cliff at dusk, {i}",
         "model": model,
         "width": size,
@@ -179,6 +186,30 @@ def request(i: int, args: argparse.Namespace, size: int, model: str) -> dict[str
         "guidance_scale": args.guidance,
         "seed": 1000 + i,
     }
+    if args.strength is not None:
+        body.update(init_image=init or "blob:bench", strength=args.strength)
+    return body
+
+
+def source_image(size: int) -> Any:
+    """The img2img source: a grey gradient (what it shows does not change the compute)."""
+    from PIL import Image
+
+    return Image.frombytes("L", (256, 1), bytes(range(256))).resize((size, size)).convert("RGB")
+
+
+def source_base64(size: int) -> str:
+    import base64
+    import io
+
+    out = io.BytesIO()
+    source_image(size).save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def denoise_steps(args: argparse.Namespace) -> int:
+    """Steps the UNet runs per image: img2img skips the first (1 - strength) of the schedule."""
+    return args.steps if args.strength is None else min(args.steps, int(args.steps * args.strength))
 
 
 def engine_runs(args: argparse.Namespace, models_dir: Path, model: str, size: int, device: str) -> dict[int, Any]:
@@ -193,10 +224,11 @@ def engine_runs(args: argparse.Namespace, models_dir: Path, model: str, size: in
     accel = Acceleration.from_settings(gpu, device, gpu.compile_cache_dir)
     engine = DiffusersEngine(registry, device=device, dtype=args.dtype, batch_invariant=False, acceleration=accel)
     out: dict[int, Any] = {}
+    init = source_image(size) if args.strength is not None else None
     try:
         for batch in batch_sizes(args):
             items = [
-                BatchItem(GenerationRequest(**request(i, args, size, model)), lambda step, total: None)
+                BatchItem(GenerationRequest(**request(i, args, size, model)), lambda step, total: None, init_image=init)
                 for i in range(batch)
             ]
 
@@ -218,6 +250,12 @@ def baseline_runs(args: argparse.Namespace, path: Path, size: int, device: str, 
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype).to(device)
+    source: dict[str, Any] = {}
+    if args.strength is not None:
+        from diffusers import AutoPipelineForImage2Image
+
+        pipe = AutoPipelineForImage2Image.from_pipe(pipe)
+        source = {"image": source_image(size), "strength": args.strength}
     pipe.set_progress_bar_config(disable=True)
     lock = threading.Lock()
 
@@ -231,6 +269,7 @@ def baseline_runs(args: argparse.Namespace, path: Path, size: int, device: str, 
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance,
                 generator=generator,
+                **source,
             ).images[0].save(os.devnull, "PNG")
 
     return {1: timed(once, args.repeat, device)}
@@ -256,10 +295,12 @@ def service_runs(args: argparse.Namespace, models_dir: Path, model: str, size: i
 
 async def _service_batch(url: str, args: argparse.Namespace, size: int, model: str, batch: int) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=batch + 2)
+    init = source_base64(size) if args.strength is not None else None
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as http:
 
         async def one(i: int) -> None:
-            r = await http.post("/v1/generate", json=request(i, args, size, model), headers={"Accept": "image/png"})
+            body = request(i, args, size, model, init)
+            r = await http.post("/v1/generate", json=body, headers={"Accept": "image/png"})
             r.raise_for_status()
             if r.headers["content-type"] != "image/png":
                 raise RuntimeError(f"job did not succeed: {r.text[:500]}")
@@ -322,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype).to(device)
-        tflop = unet_tflops_per_image(pipe, args.arch, size, args.steps, args.guidance > 1)
+        tflop = unet_tflops_per_image(pipe, args.arch, size, denoise_steps(args), args.guidance > 1)
         del pipe
         raw: dict[str, dict[int, Any]] = {}
         if "engine" in modes:
@@ -331,7 +372,9 @@ def main(argv: list[str] | None = None) -> None:
             raw["baseline"] = baseline_runs(args, path, size, device, dtype)
         if "service" in modes:
             raw["service"] = service_runs(args, models_dir, path.name, size)
-    table = {mode: {str(b): figures(r, b, args.steps, tflop) for b, r in runs.items()} for mode, runs in raw.items()}
+    table = {
+        mode: {str(b): figures(r, b, denoise_steps(args), tflop) for b, r in runs.items()} for mode, runs in raw.items()
+    }
     print(json.dumps(summary(args, size, device, dtype, tflop, table), indent=2))
 
 
@@ -352,6 +395,7 @@ def summary(args: argparse.Namespace, size: int, device: str, dtype: Any, tflop:
         "size": size,
         "steps": args.steps,
         "guidance_scale": args.guidance,
+        "mode": "txt2img" if args.strength is None else f"img2img (strength {args.strength})",
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
         "gpu_settings": gpu_settings(args, size),

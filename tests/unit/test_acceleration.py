@@ -18,9 +18,9 @@ from darkroom.config import GpuSettings, Settings
 from darkroom.engines.acceleration import Acceleration, HostImages, pass_size
 from darkroom.engines.base import BatchItem
 from darkroom.engines.batch_limits import BatchLimits, estimate, limit_for
-from darkroom.engines.diffusers_engine import DiffusersEngine
+from darkroom.engines.diffusers_engine import DiffusersEngine, LoadedModel
 from darkroom.models.registry import ModelRegistry
-from darkroom.schemas import GenerationRequest
+from darkroom.schemas import GenerationRequest, LoraSpec
 
 MODEL = "tiny-diffusers"
 CUDA = torch.cuda.is_available()
@@ -157,6 +157,9 @@ def test_compiled_modules_on_only_at_a_compiled_size_and_attention_as_set(tiny_d
         assert all(m._compiled_call_impl is None for m in modules)
     assert all(m._compiled_call_impl is None for m in modules)
     assert torch._dynamo.config.recompile_limit == 8
+    loaded = LoadedModel(info=None, txt2img=pipe, scheduler_config=None, load_s=0.0, compiled=compiled)  # type: ignore[arg-type]
+    assert loaded.compiled_for([req()]) is compiled
+    assert loaded.compiled_for([req(), req(loras=[LoraSpec(name="style")])]) is None  # LoRA layers: eager
     processors = {type(p).__name__ for p in (*pipe.unet.attn_processors.values(), *pipe.vae.attn_processors.values())}
     assert processors == {"AttnProcessor2_0"}  # SDPA
     Acceleration(sdpa=False).apply(pipe)

@@ -110,6 +110,11 @@ class LoadedModel:
     inpaint: Any = None
     compiled: Compiled | None = None  # torch.compile'd UNet and VAE decoder (`gpu.compile`), for the listed sizes
 
+    def compiled_for(self, requests: list[GenerationRequest]) -> Compiled | None:
+        """The compiled modules for a plain pass; LoRAs change the UNet's layers, which would only force recompiles
+        (ControlNet passes are left out by the caller, which knows its units)."""
+        return None if any(r.loras for r in requests) else self.compiled
+
     def pipeline(self, mode: str) -> Any:
         if mode == "txt2img":
             return self.txt2img
@@ -358,7 +363,7 @@ class DiffusersEngine:
                     activate_adapters(pipe, self.registry, [item.request for item in items], lock=_LOAD_LOCK),
                     PeakMeter(self.device) as peak,
                 ):
-                    images = self._call(pipe, scheduler, kwargs, loaded.compiled)
+                    images = self._call(pipe, scheduler, kwargs, loaded.compiled_for([i.request for i in items]))
                 self.batch_limits.measured(key, len(seeds), peak.extra)
             except DarkroomError:
                 if not fan.all_stopped():
@@ -466,7 +471,8 @@ class DiffusersEngine:
                 kwargs.update(control.call_kwargs(request.mode))
             try:
                 with control.modes(pipe) if control is not None else contextlib.nullcontext():
-                    images.extend(sources.paste_back(self._call(pipe, scheduler, kwargs, loaded.compiled)))
+                    compiled = loaded.compiled_for([request]) if control is None else None
+                    images.extend(sources.paste_back(self._call(pipe, scheduler, kwargs, compiled)))
             except EngineOutOfMemory:
                 if len(pass_seeds) == 1:
                     raise EngineOutOfMemory(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import hashlib
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from darkroom.config import Limits
 from darkroom.errors import InvalidRequest
@@ -44,6 +44,15 @@ class JobState(enum.StrEnum):
 TERMINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled, JobState.dead})
 TEMPLATE_PROMPT = "(template)"  # the prompt of a request whose template has not been rendered yet
 MAX_LORAS = 16  # A1111 users stack a handful; each one is loaded per pass, so the count is bounded
+MAX_TAGS = 16  # labels to find a job's images by; each is a row of `job_tags`
+MAX_TAG_CHARS = 32
+# A tag is stored lower-case and trimmed, so `Product` and ` product ` find the same images; no control characters.
+Tag = Annotated[
+    str,
+    StringConstraints(
+        strip_whitespace=True, to_lower=True, min_length=1, max_length=MAX_TAG_CHARS, pattern=r"^[^\x00-\x1f\x7f]+$"
+    ),
+]
 
 
 class LoraSpec(BaseModel):
@@ -267,6 +276,12 @@ class GenerationRequest(BaseModel):
     )
     timeout_seconds: float | None = Field(None, gt=0, description="fail the job if it runs longer than this")
     preview: bool = Field(False, description="attach low-resolution previews to progress events (SSE, WebSocket)")
+    tags: list[Tag] = Field(
+        default_factory=list,
+        max_length=MAX_TAGS,
+        description=f"labels to find the job's images by (the gallery, `GET /v1/jobs?tag=`): at most {MAX_TAGS}, each "
+        f"1-{MAX_TAG_CHARS} characters, stored trimmed and lower-case",
+    )
     workflow: WorkflowSpec | None = Field(
         None, description="set by the ComfyUI API: the workflow this job was compiled from (provenance)"
     )
@@ -335,6 +350,11 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _webhook_events(cls, v: list[str]) -> list[str]:
         return list(dict.fromkeys(v))  # each event once: duplicates would only grow the stored row
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))  # each tag once
 
     @field_validator("loras")
     @classmethod

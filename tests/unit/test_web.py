@@ -475,3 +475,29 @@ def test_operators_see_every_tenants_queue_in_claim_order_users_only_their_own(u
     finally:
         for job_id in (low, high):
             svc.store.cancel(job_id)
+
+
+def test_tags_are_validated_stored_returned_and_searched_in_the_gallery(ui):
+    svc, _, tokens, _ = ui
+    alice, csrf = client_for(ui, "user")
+    bearer = {"Authorization": f"Bearer {tokens['user']}"}
+    for tags, field in ((["x" * 33], "tags.0"), ([f"t{i}" for i in range(17)], "tags"), ([""], "tags.0")):
+        r = alice.post("/v1/jobs", json={**SMALL, "steps": 1, "tags": tags}, headers=bearer)
+        assert r.status_code == 422 and r.json()["error"]["field"] == field, (tags, r.text)
+    r = alice.post("/ui/generate", data={**SMALL, "tags": "a, " + "b" * 40, "csrf_token": csrf})
+    assert r.status_code == 422 and "tags.1" in r.text  # the form names the field too, before any work
+    api_job = alice.post("/v1/jobs", json={**SMALL, "tags": [" Spring ", "spring", "catalog"]}, headers=bearer)
+    assert api_job.status_code == 202 and api_job.json()["request"]["tags"] == ["spring", "catalog"]
+    ui_job = submit(alice, csrf, prompt="tagged teapot", tags="spring, teapots")
+    untagged = submit(alice, csrf, prompt="untagged teapot")
+    run_jobs(svc)
+    found = alice.get("/v1/jobs?tag=SPRING", headers=bearer).json()
+    assert {j["id"] for j in found} == {api_job.json()["id"], ui_job}
+    gallery = alice.get("/ui/gallery?tag=teapots").text
+    assert "tagged teapot" in gallery and "untagged teapot" not in gallery
+    assert 'href="/ui/gallery?tag=spring"' in gallery  # each tile links its tags
+    assert "untagged teapot" in alice.get("/ui/gallery?q=teapot").text
+    assert 'value="spring, teapots"' in alice.get(f"/ui/generate?from={ui_job}").text  # reuse keeps the tags
+    other, _ = client_for(ui, "other")  # another tenant's tags find nothing of alice's
+    assert "tagged teapot" not in other.get("/ui/gallery?tag=teapots").text
+    assert untagged

@@ -8,7 +8,7 @@ import json
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Literal
+from typing import Annotated, Literal
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Header, Query, Request, WebSocket, WebSocketDisconnect
@@ -35,6 +35,7 @@ from darkroom.observability.logging import bind as bind_log_context
 from darkroom.safety.policy import check_prompt
 from darkroom.schemas import (
     MAX_HIRES_SCALE,
+    MAX_TAG_CHARS,
     PRIORITY_NAME,
     GenerationRequest,
     ImageView,
@@ -353,11 +354,16 @@ def png_response(svc: Services, job: JobRecord) -> Response | None:
 
 @router.get("/jobs", response_model=list[JobView], summary="Recent jobs")
 def list_jobs(
-    request: Request, state: JobState | None = None, limit: int = Query(50, ge=1, le=500), who: Principal = Generate
+    request: Request,
+    state: JobState | None = None,
+    limit: int = Query(50, ge=1, le=500),
+    tag: Annotated[str | None, Query(min_length=1, max_length=MAX_TAG_CHARS, description="jobs with this tag")] = None,
+    who: Principal = Generate,
 ) -> list[JobView]:
     """The caller's tenant's jobs; a `user` key sees the jobs it submitted."""
     own = None if who.can(Permission.read_tenant_jobs) else (who.key_id or "")
-    listed = services(request).store.list_status(state=state, limit=limit, tenant=who.tenant, key_id=own)
+    wanted = tag.strip().lower() if tag else None  # as tags are stored
+    listed = services(request).store.list_status(state=state, limit=limit, tenant=who.tenant, key_id=own, tag=wanted)
     return [job_view(request, status) for status in listed]
 
 

@@ -31,7 +31,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from darkroom import clock
 from darkroom.auth import usage
 from darkroom.errors import Conflict, DarkroomError, NotFound
-from darkroom.jobs import blob_refs, result_cache
+from darkroom.jobs import blob_refs, result_cache, tags
 from darkroom.jobs.db import create_engine, read_tx, write_tx
 from darkroom.jobs.group_commit import GroupCommit
 from darkroom.jobs.notify import announce
@@ -280,6 +280,7 @@ class JobStore:
                 admit(conn, images_today)
             conn.execute(jobs.insert().values(**row))
             blob_refs.insert_uploads(conn, row["id"], row["request"])  # only jobs with uploads: one INSERT
+            tags.insert_tags(conn, row)  # only tagged jobs: one INSERT
             self._event(conn, row["id"], "queued", {"priority": request.priority}, now)
             if record is not None:
                 record(conn, row["id"])
@@ -316,6 +317,7 @@ class JobStore:
         if admit is not None:
             admit(conn, images_today)
         job = _job(result_cache.answer(conn, row, hit, now, self._event))
+        tags.insert_tags(conn, row)
         if record is not None:
             record(conn, row["id"])
         metrics.result_cache_hit()
@@ -451,16 +453,23 @@ class JobStore:
         limit: int = 50,
         tenant: str | None = None,
         key_id: str | None = None,
+        tag: str | None = None,
     ) -> builtins.list[JobStatus]:
-        """`list` with each job's status: one read transaction of at most four statements, whatever `limit`."""
+        """`list` with each job's status: one read transaction of at most four statements, whatever `limit`.
+        `tag` (with `tenant`): only the jobs carrying it (`jobs.tags`)."""
         with read_tx(self.engine) as conn:
-            listed = [_job(r) for r in conn.execute(self._listing(state, limit, tenant, key_id))]
+            listed = [_job(r) for r in conn.execute(self._listing(state, limit, tenant, key_id, tag))]
             return self._statuses(conn, listed)
 
     @staticmethod
-    def _listing(state: JobState | None, limit: int, tenant: str | None, key_id: str | None) -> sa.Select:
-        """Walks `ix_jobs_listing` (tenant, created_at DESC, id DESC) backwards from the newest: no sort."""
+    def _listing(
+        state: JobState | None, limit: int, tenant: str | None, key_id: str | None, tag: str | None = None
+    ) -> sa.Select:
+        """Walks `ix_jobs_listing` (tenant, created_at DESC, id DESC) backwards from the newest: no sort. A tag
+        narrows it to the ids `ix_job_tags_tenant_tag_created_at` holds for the tenant."""
         query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+        if tag is not None:
+            query = query.where(jobs.c.id.in_(tags.tagged(tenant, tag)))
         if state is not None:
             query = query.where(jobs.c.state == state.value)
         if tenant is not None:

@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "priority": "normal",
     "preview": True,
     "loras": "",
+    "tags": "",
     "hires_scale": 2.0,
     "hires_upscaler": "Latent",
     "hires_second_pass_steps": 0,
@@ -75,6 +76,7 @@ async def request_from_form(form: FormData) -> GenerationRequest:
                 body[name] = _number(kind, name, raw)
     body["preview"] = form.get("preview") is not None
     body["loras"] = parse_loras(str(form.get("loras") or ""))
+    body["tags"] = [tag for tag in str(form.get("tags") or "").split(",") if tag.strip()]
     if form.get("hires") is not None:
         body["hires"] = {
             key: _number(kind, f"hires.{key}", raw) if kind is not str else raw
@@ -104,6 +106,7 @@ def values_from_request(request: dict[str, Any]) -> dict[str, Any]:
     for k in OPTIONAL:
         values[k] = request.get(k) if request.get(k) is not None else ""
     values["loras"] = ", ".join(f"{lo['name']}:{lo.get('weight', 1)}" for lo in request.get("loras") or [])
+    values["tags"] = ", ".join(request.get("tags") or [])
     hires = request.get("hires")
     values["hires"] = bool(hires)
     for key in HIRES_FIELDS:

@@ -1,8 +1,9 @@
 """The gallery: the caller's released images (what `GET /v1/jobs` and `GET /v1/images/{id}` let it see), searched by
-prompt, model and date; an image's page with its provenance, a verify badge and a download link.
+prompt, model, date and tag; an image's page with its provenance, a verify badge and a download link.
 
 Search runs over the caller's most recent `SCAN` finished jobs (newest first): the store keeps prompts in the job's
-request JSON, which no portable index can search, so the gallery is honest about how far back it looks."""
+request JSON, which no portable index can search, so the gallery is honest about how far back it looks. A tag narrows
+the jobs read to those carrying it, through the tag index (`darkroom.jobs.tags`), so it reaches further back."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class Tile:
     width: int
     height: int
     created_at: dt.datetime
+    tags: tuple[str, ...] = ()
 
 
 def _day(value: str | None) -> dt.date | None:
@@ -48,10 +50,11 @@ def _day(value: str | None) -> dt.date | None:
         return None
 
 
-def search(request: Request, who: Principal, q: str, model: str, since: str, until: str) -> list[Tile]:
+def search(request: Request, who: Principal, q: str, model: str, since: str, until: str, tag: str = "") -> list[Tile]:
     store = request.app.state.services.store
     own = None if who.can(Permission.read_tenant_jobs) else (who.key_id or "")  # as GET /v1/jobs scopes a listing
-    listed = store.list_status(state=JobState.succeeded, limit=SCAN, tenant=who.tenant, key_id=own)
+    wanted = tag.strip().lower() or None  # tags are stored trimmed and lower-case
+    listed = store.list_status(state=JobState.succeeded, limit=SCAN, tenant=who.tenant, key_id=own, tag=wanted)
     first, last = _day(since), _day(until)
     tiles = []
     for status in listed:
@@ -63,8 +66,9 @@ def search(request: Request, who: Principal, q: str, model: str, since: str, unt
             continue
         if (first and created < first) or (last and created > last):
             continue
+        prompt, tags = str(req.get("prompt", "")), tuple(req.get("tags") or ())
         tiles += [
-            Tile(i.id, job.id, str(req.get("prompt", "")), req.get("model"), i.seed, i.width, i.height, job.created_at)
+            Tile(i.id, job.id, prompt, req.get("model"), i.seed, i.width, i.height, job.created_at, tags)
             for i in status.images
             if i.released
         ]
@@ -78,12 +82,13 @@ async def gallery(
     model: str = Query("", max_length=200),
     since: str = Query("", max_length=10),
     until: str = Query("", max_length=10),
+    tag: str = Query("", max_length=64),
 ) -> Response:
     who = await ui_principal(request)
-    tiles = await run_in_threadpool(search, request, who, q, model, since, until)
-    registry = request.app.state.services.registry
-    models = await run_in_threadpool(model_access.visible_checkpoints, registry, tenant_policy(request))
-    filters = {"q": q, "model": model, "since": since, "until": until}
+    tiles = await run_in_threadpool(search, request, who, q, model, since, until, tag)
+    svc = request.app.state.services
+    models = await run_in_threadpool(model_access.offered_checkpoints, svc, tenant_policy(request))
+    filters = {"q": q, "model": model, "since": since, "until": until, "tag": tag}
     return page(request, "gallery.html", tiles=tiles, models=models, filters=filters, scan=SCAN)
 
 

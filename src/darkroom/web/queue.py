@@ -55,7 +55,9 @@ def _ordered(rows: list[Row]) -> list[Row]:
 
 def _queue(request: Request, who: Principal) -> dict:
     mine = [
-        _row(view) for state in (JobState.running, JobState.queued) for view in v1.list_jobs(request, state, LIMIT, who)
+        _row(view)
+        for state in (JobState.running, JobState.queued)
+        for view in v1.list_jobs(request, state, LIMIT, who=who)
     ]
     context: dict = {"mine": _ordered(mine), "fleet": None, "everyone": None, "current": {}}
     if who.can(Permission.queue):

@@ -7,6 +7,8 @@ which is how docs/ui.md's pictures are made)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import shutil
 import time
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from darkroom.api.app import create_app
 from darkroom.auth.principal import Principal, Role
@@ -144,9 +147,30 @@ def test_sign_in_page_and_swagger_work_offline(page, site):
     # /redoc is left to the unit test (its vendored bundle answers): parsing its 1 MB here costs 3-15 s a run.
 
 
+def paint_a_mask_by_keyboard(page) -> None:
+    """The mask painter without a pointer: Tab focus, an arrow moves the brush, + grows it, Space paints."""
+    source = io.BytesIO()
+    Image.new("RGB", (64, 64), (40, 90, 160)).save(source, "PNG")
+    page.click("text=Source image (img2img) and mask (inpainting)")
+    page.set_input_files("#init_image", files=[{"name": "s.png", "mimeType": "image/png", "buffer": source.getvalue()}])
+    page.wait_for_selector("#mask-canvas", state="visible")
+    page.focus("#brush")
+    page.keyboard.press("Shift+Tab")  # the canvas is in the tab order, just before the brush slider
+    assert page.evaluate("document.activeElement.id") == "mask-canvas"
+    for key in ("ArrowRight", "+", "Space"):
+        page.keyboard.press(key)
+    assert page.input_value("#brush") == "36"
+    assert page.text_content("#painter-status") == "Brush at 40, 32 of 64 by 64, size 36; mask painted"
+    check_accessibility(page)
+    page.evaluate("document.getElementById('generate-form').dispatchEvent(new Event('submit'))")  # fills mask_image
+    mask = Image.open(io.BytesIO(base64.b64decode(page.input_value("#mask_image").split(",", 1)[1]))).convert("L")
+    assert mask.getpixel((40, 32)) == 255 and mask.getpixel((5, 5)) == 0  # painted at the brush, nowhere else
+
+
 def test_a_post_without_its_csrf_token_is_refused(page, site):
     sign_in(page, "user", site)
     before = site.svc.store.counts()
+    paint_a_mask_by_keyboard(page)  # the post below carries a source image and a mask: refused all the same
     page.fill("#prompt", "never queued")
     page.evaluate("document.querySelector('#generate-form input[name=csrf_token]').remove()")
     with page.expect_response(lambda r: r.url.endswith("/ui/generate") and r.request.method == "POST") as answer:

@@ -46,6 +46,8 @@ function setupLive() {
 }
 
 // A small mask painter: white strokes on a black mask the size of the canvas, shown as a red overlay on the source.
+// It works by pointer and by keyboard: with the canvas focused, arrow keys move a brush cursor (Shift: further), Space
+// paints at it (held while moving: a stroke), + and - change the brush size; a live region says where the brush is.
 function setupPainter() {
   var input = document.getElementById("init_image");
   var painter = document.getElementById("painter");
@@ -57,12 +59,34 @@ function setupPainter() {
   var source = new Image();
   var painted = false;
   var drawing = false;
+  var brush = document.getElementById("brush");
+  var status = document.getElementById("painter-status");
+  var cursor = null; // [x, y] of the keyboard's brush, shown while the canvas has focus
+  var keyPainting = false;
   function redraw() {
     ctx.clearRect(0, 0, canvas.width, canvas.height);
     if (source.src) { ctx.drawImage(source, 0, 0, canvas.width, canvas.height); }
     ctx.globalAlpha = 0.5;
     ctx.drawImage(mask, 0, 0);
     ctx.globalAlpha = 1;
+    if (cursor && document.activeElement === canvas) {
+      ctx.lineWidth = 2;
+      ctx.strokeStyle = "#0b5cad";
+      ctx.beginPath();
+      ctx.arc(cursor[0], cursor[1], +brush.value / 2, 0, Math.PI * 2);
+      ctx.stroke();
+    }
+  }
+  function paintAt(p) {
+    mctx.fillStyle = "#fff";
+    mctx.beginPath();
+    mctx.arc(p[0], p[1], +brush.value / 2, 0, Math.PI * 2);
+    mctx.fill();
+    painted = true;
+  }
+  function announce() {
+    status.textContent = "Brush at " + Math.round(cursor[0]) + ", " + Math.round(cursor[1]) + " of " +
+      canvas.width + " by " + canvas.height + ", size " + brush.value + (painted ? "; mask painted" : "");
   }
   function reset() {
     mctx.fillStyle = "#000";
@@ -88,15 +112,39 @@ function setupPainter() {
   }
   function stroke(e) {
     if (!drawing) return;
-    var p = at(e);
-    var size = +document.getElementById("brush").value;
-    mctx.fillStyle = "#fff";
-    mctx.beginPath();
-    mctx.arc(p[0], p[1], size / 2, 0, Math.PI * 2);
-    mctx.fill();
-    painted = true;
+    paintAt(at(e));
     redraw();
   }
+  var MOVES = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+  function key(e) {
+    if (!cursor) cursor = [canvas.width / 2, canvas.height / 2];
+    var move = MOVES[e.key];
+    if (move) {
+      var step = e.shiftKey ? 32 : 8;
+      cursor = [Math.min(canvas.width, Math.max(0, cursor[0] + move[0] * step)),
+                Math.min(canvas.height, Math.max(0, cursor[1] + move[1] * step))];
+      if (keyPainting) paintAt(cursor);
+    } else if (e.key === " " || e.key === "Spacebar") {
+      keyPainting = true;
+      paintAt(cursor);
+    } else if (e.key === "+" || e.key === "=" || e.key === "-") {
+      var size = +brush.value + (e.key === "-" ? -4 : 4);
+      brush.value = String(Math.min(+brush.max, Math.max(+brush.min, size)));
+    } else {
+      return; // Tab and every other key keep their usual meaning
+    }
+    e.preventDefault();
+    announce();
+    redraw();
+  }
+  canvas.addEventListener("keydown", key);
+  canvas.addEventListener("keyup", function (e) { if (e.key === " " || e.key === "Spacebar") keyPainting = false; });
+  canvas.addEventListener("focus", function () {
+    if (!cursor) cursor = [canvas.width / 2, canvas.height / 2];
+    announce();
+    redraw();
+  });
+  canvas.addEventListener("blur", function () { keyPainting = false; redraw(); });
   canvas.addEventListener("pointerdown", function (e) { drawing = true; canvas.setPointerCapture(e.pointerId); stroke(e); });
   canvas.addEventListener("pointermove", stroke);
   canvas.addEventListener("pointerup", function () { drawing = false; });

@@ -408,6 +408,27 @@ class GpuSettings(BaseModel):
         return frozenset((int(width), int(height)) for width, height in pairs)
 
 
+class RoutingSettings(BaseModel):
+    """Which jobs a worker's engine may take, and when (darkroom/engines/routing.py). Env: `DARKROOM_ROUTING__…`."""
+
+    default_label: Literal["confidential", "internal", "public"] = Field(
+        "internal", description="a job's data label when neither its request nor its tenant's policy gives one"
+    )
+    external_labels: list[Literal["internal", "public"]] = Field(
+        default=["public"],
+        description="labels an external engine's workers may claim (confidential work never leaves the deployment)",
+    )
+    overflow_queue_depth: int | None = Field(
+        None, ge=1, description="a remote engine's worker claims only while at least this many jobs are queued"
+    )
+    overflow_wait_seconds: float | None = Field(
+        None, ge=0, description="… or while the next job in the queue has waited this long (either rule suffices)"
+    )
+    max_concurrency: int | None = Field(None, ge=1, description="jobs a process's workers run on its engine at once")
+    circuit_failures: int = Field(3, ge=1, description="failed runs in a row that open the engine's circuit")
+    circuit_cooldown_seconds: float = Field(30.0, gt=0, description="how long an open circuit claims nothing")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DARKROOM_", env_nested_delimiter="__", extra="ignore")
 
@@ -435,6 +456,7 @@ class Settings(BaseSettings):
         "images API)",
     )
     remote: RemoteEngineSettings = Field(default_factory=RemoteEngineSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     gpu: GpuSettings = Field(default_factory=GpuSettings)
     pipeline_cache_size: int = Field(2, description="most pipelines a worker keeps loaded")
     pipeline_cache_bytes: int | None = Field(None, description="memory budget for them; default 80% VRAM / 50% RAM")

@@ -14,6 +14,7 @@ from darkroom.errors import InvalidRequest
 from darkroom.webhooks.guard import MAX_URL_CHARS, WebhookRefused, validate_url
 
 Priority = Literal["high", "normal", "low"]
+DataLabel = Literal["confidential", "internal", "public"]
 WebhookEvent = Literal[
     "queued", "started", "progress", "retrying", "requeued", "succeeded", "failed", "cancelled", "dead", "completed"
 ]
@@ -263,6 +264,11 @@ class GenerationRequest(BaseModel):
         "back (A1111's inpaint_full_res); absent: the whole image",
     )
     priority: Priority = "normal"
+    data_label: DataLabel | None = Field(
+        None,
+        description="confidential work never reaches an external engine; the stricter of this and the tenant's "
+        "label applies (absent: the tenant's, else routing.default_label)",
+    )
     webhook_url: str | None = Field(
         None,
         max_length=MAX_URL_CHARS,

@@ -11,6 +11,7 @@ from darkroom.auth.keys import KeyStore
 from darkroom.auth.tenants import TenantStore
 from darkroom.config import Settings
 from darkroom.engines.base import Engine
+from darkroom.engines.routing import Route
 from darkroom.engines.shared import EnginePool
 from darkroom.extras import require, require_worker
 from darkroom.jobs.db import migrate
@@ -43,8 +44,11 @@ class Services:
     feed: ChangeFeed | None = None  # the process's one change feed (waiters, idle workers); starts on first use
     _engines: EnginePool = field(init=False)  # the device's one engine, shared by this process's workers
 
+    route: Route = field(init=False)  # routing state shared by the process's workers (circuit, concurrency)
+
     def __post_init__(self) -> None:
         self._engines = EnginePool(self._new_engine)
+        self.route = Route(self.settings)
 
     @classmethod
     def open(cls, settings: Settings) -> Services:
@@ -177,6 +181,7 @@ class Services:
             registry=self.registry,
             feed=self.feed,
             tenants=self.tenants,
+            route=self.route,
         )
 
     def worker_health(self) -> dict[str, object]:

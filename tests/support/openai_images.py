@@ -2,7 +2,8 @@
 
 `POST /v1/images/generations` (JSON) and `POST /v1/images/edits` (multipart) answer with `b64_json` PNGs of the
 requested size in a flat colour, after `delay` seconds; `GET /v1/models` lists one model. A wrong or missing Bearer
-key is a 401, a prompt containing `refuse` a 400 naming `prompt`, as OpenAI answers them. Every request is kept.
+key is a 401, a prompt containing `refuse` a 400 naming `prompt`, as OpenAI answers them; with `failing` set every
+generation is a 500 (an outage). Every request is kept.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Call:
 class OpenAIImagesServer:
     def __init__(self, key: str, delay: float = 0.0) -> None:
         self.key, self.delay = key, delay
+        self.failing = False
         self.calls: list[Call] = []
         server = self
 
@@ -51,6 +53,9 @@ class OpenAIImagesServer:
                 fields, files = _parse(self.headers.get("Content-Type", ""), body)
                 server.calls.append(Call(self.path, self.headers.get("Authorization", ""), fields, files))
                 if not self._authorized():
+                    return
+                if server.failing:
+                    self._send(500, {"error": {"message": "The server had an error", "type": "server_error"}})
                     return
                 if "refuse" in str(fields.get("prompt", "")):
                     error = {"message": "Your request was rejected by the safety system.", "param": "prompt"}

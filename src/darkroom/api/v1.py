@@ -21,7 +21,7 @@ from darkroom.auth import audit
 from darkroom.auth.limits import check_quotas
 from darkroom.auth.principal import Permission, Principal
 from darkroom.config import Limits
-from darkroom.engines import upscalers
+from darkroom.engines import routing, upscalers
 from darkroom.engines.samplers import SAMPLERS, resolve_sampler
 from darkroom.errors import Conflict, DarkroomError, HeldForReview, InvalidRequest, NotAcceptable, NotFound
 from darkroom.jobs import result_cache
@@ -166,6 +166,8 @@ def submit_status(
         "model_sha256": model.sha256,
         "sampler": resolve_sampler(body.sampler).name,
         "seed": body.seed if body.seed is not None else clock.random_seed(),
+        # Which engines may run it: the stricter of the request's and the tenant's label (engines/routing.py).
+        "data_label": routing.job_label(body.data_label, policy.data_label, svc.settings.routing.default_label),
         **(stored or {}),
     }
     if body.loras:  # unknown adapter → 422 naming it; the rest pinned to the file versions found

@@ -52,6 +52,9 @@ class TenantPolicy(BaseModel):
     gpu_seconds_per_month: float | None = Field(default=None, gt=0, description="worker time since the 1st, UTC")
     prompt_rules: list[PromptRule] = Field(default_factory=list, max_length=1000)
     require_review: bool = Field(default=False, description="hold every output until an operator approves it")
+    data_label: Literal["confidential", "internal", "public"] | None = Field(
+        default=None, description="the tenant's data label; a request may only make it stricter (engines/routing.py)"
+    )
     image_ttl_days: float | None = Field(default=None, gt=0, description="delete images (and uploads) after")
     prompt_ttl_days: float | None = Field(default=None, gt=0, description="redact prompt text after")
     allowed_models: list[str] | None = Field(

@@ -366,6 +366,7 @@ class JobStore:
             "images_requested": request.n,
             "prompt_redacted_at": None,
             "gpu_seconds": None,
+            "data_label": request.data_label or "internal",  # the API resolves it with the tenant's (engines.routing)
         }
 
     def _admit_to_queue(self, conn: sa.Connection, tenant: str, priority: int, n: int) -> float:
@@ -605,6 +606,15 @@ class JobStore:
             row = conn.execute(sa.select(images).where(images.c.id == image_id)).first()
         return image_record(row) if row else None
 
+    def backlog(self) -> tuple[int, float]:
+        """The local backlog the overflow rule reads (engines/routing.py): queued jobs (`queue_counters`) and how long
+        the next job to be claimed has waited, in seconds. One read transaction of two index lookups."""
+        head = sa.select(jobs.c.created_at).where(jobs.c.state == _QUEUED).order_by(*CLAIM_ORDER).limit(1)
+        with read_tx(self.engine) as conn:
+            depth, created = conn.execute(sa.select(_queued_total(), head.scalar_subquery())).one()
+        wait = (clock.utcnow() - clock.aware(created)).total_seconds() if created is not None else 0.0
+        return int(depth or 0), max(0.0, wait)
+
     def counts(self) -> dict[str, int]:
         with read_tx(self.engine) as conn:
             rows = conn.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)).all()
@@ -627,6 +637,7 @@ class JobStore:
         servable_models: Collection[str] | None = None,
         batch_key: str | None = None,
         affinity_window: int = 8,
+        labels: Collection[str] | None = None,
     ) -> builtins.list[JobRecord]:
         """Claim the next job and up to `max_batch - 1` queued jobs compatible with it (same batch key), in one
         transaction: one or two indexed SELECTs (`ix_jobs_claim`, `ix_jobs_claim_batch`: no sort at any depth), one
@@ -635,7 +646,8 @@ class JobStore:
         Order: priority class, then fair tag (see the class docstring). Model affinity: among the next
         `affinity_window` jobs of the top class, the first one for a model this worker already holds wins, so a
         worker switches models only when the queue asks for it. `servable_models` limits claims to models this
-        worker has (verified) on disk; `batch_key` limits them to one compatibility class (filling a batch).
+        worker has (verified) on disk; `batch_key` limits them to one compatibility class (filling a batch);
+        `labels` to the data labels an external engine may take (engines/routing.py: never `confidential`).
 
         A claim charges no attempt: `start` does, right before the job runs, so a worker that dies holding a batch
         costs an attempt only to the job it was running."""
@@ -645,6 +657,8 @@ class JobStore:
             ready.append(jobs.c.model.in_(list(servable_models)))
         if batch_key is not None:
             ready.append(jobs.c.batch_key == batch_key)
+        if labels is not None:
+            ready.append(jobs.c.data_label.in_(list(labels)))
         with write_tx(self.engine) as conn:
             head = conn.execute(
                 sa.select(jobs.c.id, jobs.c.model, jobs.c.batch_key, jobs.c.priority)

@@ -53,6 +53,8 @@ jobs = sa.Table(
     sa.Column("cost", sa.Float, nullable=True),  # gpu_seconds at its worker class's device-hour price (0009)
     # Result cache (migration 0010): digest of the tenant and everything that decides the pixels (jobs.result_cache).
     sa.Column("cache_key", sa.String(64), nullable=True),
+    # Routing (migration 0011): confidential | internal | public; an external engine's claim filters on it.
+    sa.Column("data_label", sa.String(16), nullable=False, server_default="internal"),
     # `idempotency_key` holds a digest of the caller's key id and the Idempotency-Key (since migration 0006), so a
     # key is scoped to the API key that used it: another user of the tenant can neither replay nor probe it.
     sa.UniqueConstraint("tenant", "idempotency_key"),
@@ -69,6 +71,7 @@ sa.Index("ix_jobs_claim", jobs.c.state, *CLAIM_ORDER)  # claim, queue position, 
 sa.Index("ix_jobs_claim_batch", jobs.c.state, jobs.c.batch_key, *CLAIM_ORDER)  # filling a batch of one kind
 sa.Index("ix_jobs_listing", jobs.c.tenant, jobs.c.created_at.desc(), jobs.c.id.desc())  # GET /v1/jobs, newest first
 sa.Index("ix_jobs_cache_key", jobs.c.cache_key)  # the result cache's lookup (jobs.result_cache)
+sa.Index("ix_jobs_claim_label", jobs.c.state, jobs.c.data_label, *CLAIM_ORDER)  # an external engine's claim
 
 # The number of queued jobs, kept in QUEUE_SHARDS rows that add up to it (migration 0006). Every move into or out of
 # `queued` shifts one row in its own transaction, so the depth limit reads 16 rows instead of counting the queue;

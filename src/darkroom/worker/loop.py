@@ -29,6 +29,7 @@ from typing import Any
 from darkroom import __version__, clock
 from darkroom.auth.tenants import TenantStore
 from darkroom.config import Settings
+from darkroom.engines import routing
 from darkroom.engines.base import BatchItem, Engine, EngineResult
 from darkroom.engines.controlnet import units_record as controlnet_units
 from darkroom.engines.hires import passes as hires_passes
@@ -187,11 +188,13 @@ class Worker:
         registry: ModelRegistry | None = None,
         feed: ChangeFeed | None = None,
         tenants: TenantStore | None = None,
+        route: routing.Route | None = None,
     ) -> None:
         """`registry`: this node's models; with it the worker claims only models it holds in their approved
         version (see `darkroom.models.approvals`). Without it, it claims any job. `feed`: the process's change feed
         (`Services.feed`), which wakes the worker when work arrives; without one, `run` starts its own. `tenants`:
-        the process's policy reader, whose cache the API process keeps current (`Services.tenants`)."""
+        the process's policy reader, whose cache the API process keeps current (`Services.tenants`). `route`: the
+        routing state the process's workers on this engine share (circuit, concurrency; `engines.routing`)."""
         self.settings = settings
         self.store = store
         self.blobs = blobs
@@ -206,6 +209,7 @@ class Worker:
         self._stop = threading.Event()
         self.feed = feed
         self._tenants = tenants or TenantStore(store.engine, cache_seconds=settings.server.auth_cache_seconds)
+        self.route = route or routing.Route(settings)
         self._wake = threading.Event()  # set by the change feed whenever a job becomes claimable
         self._next_reap = 0.0
         self._busy = False  # the last step ran a batch: the device is in use
@@ -228,6 +232,10 @@ class Worker:
     def output_checker(self) -> OutputChecker | None:
         """Imported on first use, once per worker; a bad path fails the job rather than release unchecked images."""
         return load_checker(self.settings)
+
+    def engine_name(self) -> str:
+        """The engine's name for metrics and routing, without building it."""
+        return self._engine.name if self._engine is not None else self.settings.engine
 
     def held_models(self) -> set[str]:
         """What the engine holds, once it is built (building it only to ask would load the device early)."""
@@ -339,10 +347,15 @@ class Worker:
     def _step(self) -> bool:
         """Claim and denoise one batch; its post-processing may still run when this returns (see `flush`)."""
         self._reap()
-        batch = self.claim(busy=self._busy)
-        self._busy = bool(batch)
-        if batch:
-            self._run_batch(batch)
+        if not self.route.take(self.store):  # routing: an open circuit, no overflow yet, or no free slot
+            return False
+        try:
+            batch = self.claim(busy=self._busy)
+            self._busy = bool(batch)
+            if batch:
+                self._run_batch(batch)
+        finally:
+            self.route.give()
         return self._busy
 
     def _idle(self, timeout: float) -> None:
@@ -370,15 +383,24 @@ class Worker:
             max_batch=s.max_batch,
             held_models=self.held_models(),
             servable_models=self.servable_models(),
+            labels=self._labels(),  # an external engine never takes confidential work (engines.routing)
         )
         self._claimed_ns = (began, time.time_ns())  # each job's trace gets a `claim` span (`_start`)
         deadline = time.monotonic() + (s.batch_window_seconds if busy else 0.0)
         while batch and len(batch) < s.max_batch and time.monotonic() < deadline:
             time.sleep(min(0.02, s.batch_window_seconds))
             batch += self.store.claim_batch(
-                self.id, s.lease_seconds, max_batch=s.max_batch - len(batch), batch_key=batch[0].batch_key
+                self.id,
+                s.lease_seconds,
+                max_batch=s.max_batch - len(batch),
+                batch_key=batch[0].batch_key,
+                labels=self._labels(),
             )
         return batch
+
+    def _labels(self) -> list[str] | None:
+        """The data labels this worker's engine may take: any for the local device (not built to ask)."""
+        return self.route.labels(routing.is_remote(self.settings) and self.engine.capabilities.external)
 
     def process(self, job: JobRecord) -> None:
         self.process_batch([job])
@@ -401,7 +423,7 @@ class Worker:
                 return
             for job in batch:
                 try:
-                    if self._stop.is_set() or self.health.paused():
+                    if self._stop.is_set() or self.health.paused() or self.route.tripped():
                         self.store.release(job.id, self.id)
                         continue
                     self._process(job, leases)
@@ -561,11 +583,14 @@ class Worker:
             log.info("worker %s gives %s back to the queue (draining)", self.id, job.id)
             self.store.release(job.id, self.id)
         except FatalEngineError as exc:  # the device's fault: released uncharged, the worker pauses
+            self.route.failed(self.engine_name())
             settle_fatal(self, job, exc)
         except StorageUnavailable as exc:  # the blob store's fault: released uncharged, the worker pauses for minutes
             settle_storage(self, job, exc)
         except DarkroomError as exc:
             permanent = getattr(exc, "permanent", True)
+            if not permanent:
+                self.route.failed(self.engine_name())
             self.store.fail(job.id, self.id, exc.to_dict(), retry_in=None if permanent else self._backoff(job))
         except Exception as exc:
             log.exception("job %s failed unexpectedly", job.id)
@@ -688,6 +713,7 @@ class Worker:
         with tracing.span("store", trace, job_id=job.id):
             completed = self.store.complete(job.id, self.id, new_images, {**common, "seeds": seeds}, cost=cost)
         if completed:
+            self.route.succeeded(result.engine, timings["worker_total_s"])
             with self._in_flight_lock:  # post-processing threads finish jobs concurrently
                 self.jobs_done += 1
             self._solo = False

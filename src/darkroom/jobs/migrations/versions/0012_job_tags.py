@@ -5,7 +5,7 @@ of reading every job's request JSON. Jobs from before this revision carry no tag
 nothing to backfill.
 
 Revision ID: 0012_job_tags
-Revises: 0010_result_cache
+Revises: 0011_routing
 Create Date: 2026-12-01
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0012_job_tags"
-down_revision = "0010_result_cache"
+down_revision = "0011_routing"
 branch_labels = None
 depends_on = None
 

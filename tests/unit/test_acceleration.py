@@ -5,6 +5,7 @@ a memory figure, and img2img/inpainting jobs run as one tensor batch. torch.comp
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from darkroom.config import GpuSettings, Settings
-from darkroom.engines.acceleration import Acceleration, HostImages, pass_size
+from darkroom.engines.acceleration import Acceleration, HostImages, HostTransfer, pass_size
 from darkroom.engines.base import BatchItem
 from darkroom.engines.batch_limits import BatchLimits, estimate, limit_for
 from darkroom.engines.diffusers_engine import DiffusersEngine, LoadedModel
@@ -219,6 +220,29 @@ def test_a_batch_runs_in_chunks_of_the_memory_limit(models_dir: Path, tmp_path: 
         assert eng.batch_limits.current() == {(MODEL, 64, 64): 1}
     finally:
         eng.close()
+
+
+def test_a_batch_lets_go_of_the_device_before_its_images_reach_the_host(engine, monkeypatch) -> None:
+    """Another worker sharing the engine can start its pass while this batch's images are copied and converted."""
+    device_free: list[bool] = []
+    to_pil = HostTransfer.to_pil
+
+    def probing(self: HostTransfer) -> list[Image.Image]:
+        def probe() -> None:
+            taken = engine._run_lock.acquire(blocking=False)
+            device_free.append(taken)
+            if taken:
+                engine._run_lock.release()
+
+        other = threading.Thread(target=probe)
+        other.start()
+        other.join()
+        return to_pil(self)
+
+    monkeypatch.setattr(HostTransfer, "to_pil", probing)
+    outcomes = engine.generate_batch([BatchItem(request=req(steps=1, seed=s), progress=nop) for s in (1, 2)])
+    assert [o.timings["batch_images"] for o in outcomes] == [2, 2]
+    assert device_free == [True]
 
 
 # --- img2img and inpainting batches -----------------------------------------------------------------------------------

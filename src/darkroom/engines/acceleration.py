@@ -156,32 +156,48 @@ def _set_attention(pipe: Any, sdpa: bool) -> None:
 
 
 class HostImages:
-    """Finished images from the device to PIL: one copy of the whole batch into a reused pinned buffer (the copy
-    runs at full bus speed and needs no staging copy by the driver), then the same rounding as diffusers' `pil`
-    output, so the pixels are identical to it."""
+    """Finished images from the device to PIL. On CUDA with `pinned_transfers`, the batch is copied into pinned host
+    memory (torch's caching host allocator) on a side stream, ordered after the pass by an event, so the copy runs at
+    full bus speed and the device's own stream is free for the next pass at once; the rounding to 8 bits is then
+    done on the host, as diffusers' `pil` output does it, so the pixels are identical to it."""
 
     def __init__(self, pinned: bool) -> None:
         self.pinned = pinned
-        self._buffers: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
+        self._stream: Any = None
+
+    def start(self, images: torch.Tensor) -> HostTransfer:
+        images = images.detach()
+        if not (self.pinned and images.is_cuda):
+            return HostTransfer(images)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(images.device)
+        ready = torch.cuda.current_stream(images.device).record_event()
+        host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(ready)
+            host.copy_(images, non_blocking=True)
+            images.record_stream(self._stream)  # the allocator must not reuse it before the copy has read it
+            done = self._stream.record_event()
+        return HostTransfer(host, done)
 
     def to_pil(self, images: torch.Tensor) -> list[Image.Image]:
+        return self.start(images).to_pil()
+
+
+class HostTransfer:
+    """A batch of images on its way to the host; `to_pil` waits for the copy (if any) and makes the PIL images."""
+
+    def __init__(self, images: torch.Tensor, done: Any = None) -> None:
+        self.images = images
+        self.done = done
+
+    def to_pil(self) -> list[Image.Image]:
         from diffusers.image_processor import VaeImageProcessor
 
-        host = self._to_host(images.detach())
+        if self.done is not None:
+            self.done.synchronize()
+        host = self.images.cpu()
         return list(VaeImageProcessor.numpy_to_pil(host.permute(0, 2, 3, 1).float().numpy()))
-
-    def _to_host(self, images: torch.Tensor) -> torch.Tensor:
-        if not (self.pinned and images.is_cuda):
-            return images.cpu()
-        key = (tuple(images.shape), images.dtype)
-        buffer = self._buffers.get(key)
-        if buffer is None:
-            if len(self._buffers) >= 4:  # a few batch shapes are in use at a time; pinned memory is scarce
-                self._buffers.clear()
-            buffer = self._buffers[key] = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
-        buffer.copy_(images, non_blocking=True)
-        torch.cuda.current_stream(images.device).synchronize()
-        return buffer
 
 
 def pass_size(kwargs: dict[str, Any]) -> tuple[int, int] | None:

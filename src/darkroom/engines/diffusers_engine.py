@@ -43,7 +43,7 @@ import torch
 
 from darkroom import __version__
 from darkroom.clock import random_seed
-from darkroom.engines.acceleration import Acceleration, Compiled, HostImages, pass_size
+from darkroom.engines.acceleration import Acceleration, Compiled, HostImages, HostTransfer, pass_size
 from darkroom.engines.adapters import activate as activate_adapters
 from darkroom.engines.base import (
     BatchItem,
@@ -200,8 +200,8 @@ class DiffusersEngine:
         self._cache: LRUCache[tuple[str, str], LoadedModel] = LRUCache(
             cache_size, on_evict=self._on_evict, budget_bytes=budget
         )
-        # A pipeline is not re-entrant. Re-entrant for one thread: a batch holds it from measuring free memory for its
-        # limit to its last chunk (another worker's pass would otherwise look like memory in use), chunks included.
+        # A pipeline is not re-entrant. Re-entrant for one thread: free memory for a batch limit is read under it
+        # (another worker's pass would look like memory in use), also from inside a pass's own hold.
         self._run_lock = threading.RLock()
         # (model, width, height) → most images one tensor batch may hold: from free memory, and halved by an OOM
         self.batch_limits = BatchLimits(self.device, acceleration.memory_headroom)
@@ -292,10 +292,6 @@ class DiffusersEngine:
         """Run `items` in tensor batches of at most the image limit for their model and size (engines/batch_limits.py:
         from free device memory, and never above what ran out of memory before). Out of memory halves that limit
         (remembered for the engine's life) and re-runs the chunk in smaller batches."""
-        with self._run_lock:
-            return self._together_locked(items)
-
-    def _together_locked(self, items: list[BatchItem]) -> list[BatchOutcome]:
         first = items[0].request
         key = (first.model or "", first.width, first.height)
         outcomes: list[BatchOutcome] = []
@@ -312,7 +308,7 @@ class DiffusersEngine:
                 limit = self.batch_limits.after_oom(key, images)
                 release_memory()
                 log.warning("out of memory with %d images in one batch: at most %d from now on", images, limit)
-                outcomes += self._together_locked(chunk)
+                outcomes += self._together(chunk)
             except DarkroomError as exc:  # not the device's fault, maybe one request's: isolate it
                 log.info("a batch of %d jobs failed (%s); running them one by one", len(chunk), exc.code)
                 outcomes += [self._alone(item) for item in chunk]
@@ -325,9 +321,10 @@ class DiffusersEngine:
             info = self.registry.get(request.model) if request.model else self.registry.default()
         except DarkroomError:
             return None  # the joint run reports it, job by job
-        loaded = self._cache.get((info.id, info.sha256))
-        pipe = loaded.txt2img if loaded is not None else None
-        return self.batch_limits.limit((request.model or "", request.width, request.height), pipe, self.dtype)
+        with self._run_lock:  # no other pass in flight while free memory is read
+            loaded = self._cache.get((info.id, info.sha256))
+            pipe = loaded.txt2img if loaded is not None else None
+            return self.batch_limits.limit((request.model or "", request.width, request.height), pipe, self.dtype)
 
     def _alone(self, item: BatchItem) -> BatchOutcome:
         extra: dict[str, Any] = {"mask_image": item.mask_image} if item.mask_image is not None else {}
@@ -363,13 +360,16 @@ class DiffusersEngine:
                     activate_adapters(pipe, self.registry, [item.request for item in items], lock=_LOAD_LOCK),
                     PeakMeter(self.device) as peak,
                 ):
-                    images = self._call(pipe, scheduler, kwargs, loaded.compiled_for([i.request for i in items]))
+                    compiled = loaded.compiled_for([i.request for i in items])
+                    pending = self._call_tensors(pipe, scheduler, kwargs, compiled)
                 self.batch_limits.measured(key, len(seeds), peak.extra)
             except DarkroomError:
                 if not fan.all_stopped():
                     raise
-                images = []  # every job stopped: nothing to keep
+                pending = None  # every job stopped: nothing to keep
             scheduler_name = type(scheduler).__name__
+        # The device is free for the next batch (another worker's) while these images reach the host.
+        images = self._host_images(pending) if pending is not None else []
         done = time.perf_counter()
         timings = {"load_s": load_s, "inference_s": done - ran, "total_s": done - started, "batch_images": len(seeds)}
         outcomes: list[BatchOutcome] = []
@@ -499,15 +499,34 @@ class DiffusersEngine:
         PIL output is made here from the pipeline's tensors (one pinned copy to the host on CUDA, the same rounding);
         a crop-and-paste inpainting keeps the pipeline's own, which pastes PIL images. `compiled`: the model's
         compiled modules, used at the sizes they were compiled for (engines/acceleration.py)."""
+        if kwargs.get("output_type") == "pil" and kwargs.get("padding_mask_crop") is None:
+            return self._host_images(self._call_tensors(pipe, scheduler, kwargs, compiled))
+        return list(self._run_pipe(pipe, scheduler, kwargs, compiled).images)
+
+    def _call_tensors(
+        self, pipe: Any, scheduler: Any, kwargs: dict[str, Any], compiled: Compiled | None = None
+    ) -> HostTransfer:
+        """A PIL-output call whose images stay tensors, already on their way to pinned host memory (CUDA, on a side
+        stream): the caller turns them into PIL images once it has let go of the device."""
+        output = self._run_pipe(pipe, scheduler, {**kwargs, "output_type": "pt"}, compiled)
+        try:
+            return self._host.start(output.images)
+        except Exception as exc:  # a failing copy is the device's failure (engines/classify.py)
+            raise classify(exc) from exc
+
+    def _host_images(self, transfer: HostTransfer) -> list[Image.Image]:
+        try:
+            return transfer.to_pil()
+        except Exception as exc:  # the copy's failure, met when waiting for it
+            raise classify(exc) from exc
+
+    def _run_pipe(self, pipe: Any, scheduler: Any, kwargs: dict[str, Any], compiled: Compiled | None) -> Any:
+        """The pipeline call itself, its failures classified; the pipeline is left as it was found."""
         original = pipe.scheduler
         pipe.scheduler = scheduler
-        own_pil = kwargs.get("output_type") == "pil" and kwargs.get("padding_mask_crop") is None
-        if own_pil:
-            kwargs = {**kwargs, "output_type": "pt"}
         try:
             with torch.inference_mode(), self.acceleration.pass_context(pipe, compiled, pass_size(kwargs)):
-                images = pipe(**kwargs).images
-                return self._host.to_pil(images) if own_pil else list(images)
+                return pipe(**kwargs)
         except DarkroomError:
             raise
         except torch.OutOfMemoryError as exc:

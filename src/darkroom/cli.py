@@ -18,6 +18,7 @@ from darkroom import __version__
 from darkroom.cli_admin import register as register_admin_commands
 from darkroom.cli_cost import register as register_cost_commands
 from darkroom.cli_demo import register as register_demo_commands
+from darkroom.cli_engines import register as register_engine_commands
 from darkroom.client_cli import register as register_client_commands
 from darkroom.config import ConfigFileError, Settings, command_settings, data_dir_origin, record_data_dir
 from darkroom.extras import MissingExtra
@@ -33,6 +34,7 @@ app.add_typer(retention_app, name="retention")
 register_admin_commands(app)
 register_cost_commands(app)
 register_demo_commands(app)
+register_engine_commands(app)
 register_client_commands(app)
 console = Console(stderr=True, soft_wrap=True)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import email.parser
 import email.policy
+import functools
 import io
 import json
 import threading
@@ -82,7 +83,8 @@ class OpenAIImagesServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="openai-images", daemon=True)
+        serve = functools.partial(self.httpd.serve_forever, poll_interval=0.02)  # a quick shutdown
+        self._thread = threading.Thread(target=serve, name="openai-images", daemon=True)
 
     def __enter__(self) -> OpenAIImagesServer:
         self._thread.start()

@@ -348,13 +348,13 @@ class DiffusersEngine:
         sources = [Sources.fit(item.request, item.init_image, item.mask_image) for item in items]
         fan = _FanOut(items, total_steps(first), arch=info.arch)
         key = (first.model or "", first.width, first.height)
+        kwargs = joint_kwargs(items, sources, seeds, fan)  # prepared while another worker's pass may hold the device
         with self._run_lock:
             loaded, load_s = self._pipelines(info)
             pipe = loaded.pipeline(first.mode)
             ran = time.perf_counter()
             scheduler = make_scheduler(spec, loaded.scheduler_config)
             seed_scheduler_noise(scheduler, seeds)
-            kwargs = joint_kwargs(items, sources, seeds, fan)
             try:
                 with (
                     activate_adapters(pipe, self.registry, [item.request for item in items], lock=_LOAD_LOCK),

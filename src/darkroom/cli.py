@@ -395,6 +395,7 @@ def models_add(path: Path, name: str | None = None, models_dir: ModelsDir = None
         console.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(1) from None
     typer.echo(f"added {info.id} ({info.format}, {info.arch}, sha256 {info.sha256[:12]})")
+    typer.echo(f"it is served once approved: darkroom models approve {info.id}")
 
 
 @models_app.command("approve")

@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from darkroom.config import GpuSettings, Settings
-from darkroom.engines.acceleration import Acceleration, HostImages, HostTransfer, pass_size
+from darkroom.engines.acceleration import Acceleration, Compiled, HostImages, HostTransfer, pass_size
 from darkroom.engines.base import BatchItem
 from darkroom.engines.batch_limits import BatchLimits, estimate, limit_for
 from darkroom.engines.diffusers_engine import DiffusersEngine, LoadedModel
@@ -165,6 +165,24 @@ def test_compiled_modules_on_only_at_a_compiled_size_and_attention_as_set(tiny_d
     assert processors == {"AttnProcessor2_0"}  # SDPA
     Acceleration(sdpa=False).apply(pipe)
     assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"AttnProcessor"}
+
+
+def test_warm_up_runs_short_passes_at_each_compiled_size(engine, monkeypatch) -> None:
+    """What compiling at load runs (torch.compile itself is left to CUDA): each size, one image and then two."""
+    engine.generate(req(steps=1), None, nop)
+    loaded = engine._cache.get(engine.loaded_models()[0])
+    passes: list[tuple[int, int, int]] = []
+    call = engine._call
+
+    def recording(pipe, scheduler, kwargs, compiled=None):
+        images = call(pipe, scheduler, kwargs, compiled)
+        passes.append((kwargs["width"], kwargs["height"], len(images)))
+        return images
+
+    monkeypatch.setattr(engine, "_call", recording)
+    compiled = Compiled(sizes=frozenset({(64, 64), (48, 56)}))
+    engine.acceleration.warm_up(compiled, lambda w, h: engine._warm(loaded, w, h))
+    assert passes == [(48, 56, 1), (48, 56, 2), (64, 64, 1), (64, 64, 2)]
 
 
 def test_host_images_match_the_pipelines_own_pil(tiny_diffusers_model: Path) -> None:

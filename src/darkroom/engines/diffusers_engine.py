@@ -530,7 +530,7 @@ class DiffusersEngine:
         except DarkroomError:
             raise
         except torch.OutOfMemoryError as exc:
-            n = kwargs["num_images_per_prompt"]
+            n = kwargs.get("num_images_per_prompt", 1)
             raise EngineOutOfMemory(f"out of memory on {self.device} generating {n} image(s) at once") from exc
         except Exception as exc:  # the request's fault, the device's, or transient: see engines/classify.py
             raise classify(exc) from exc
@@ -586,9 +586,18 @@ class DiffusersEngine:
         return loaded
 
     def _warm(self, loaded: LoadedModel, width: int, height: int) -> None:
-        """One short pass at a compiled size, so compiling happens at load and not in a user's job."""
-        kwargs = {"prompt": "", "num_inference_steps": 2, "width": width, "height": height, "output_type": "pil"}
-        self._call(loaded.txt2img, loaded.txt2img.scheduler, kwargs, loaded.compiled)
+        """Short passes at a compiled size, so compiling happens at load and not in a user's job: one image, then two
+        (the batch size changing is what makes torch compile the batch dimension as dynamic, once)."""
+        for images in (1, 2):
+            kwargs = {
+                "prompt": "",
+                "num_inference_steps": 2,
+                "num_images_per_prompt": images,
+                "width": width,
+                "height": height,
+                "output_type": "pil",
+            }
+            self._call(loaded.txt2img, loaded.txt2img.scheduler, kwargs, loaded.compiled)
 
     def _load_pipeline(self, info: ModelInfo) -> Any:
         if info.format == "diffusers":

@@ -337,6 +337,9 @@ class RemoteEngineSettings(BaseModel):
         default=None, description="a1111 and comfyui: Basic auth with this user name and the key as password"
     )
     model: str | None = Field(default=None, description="openai: the cloud's model name (default: the job's model)")
+    price_per_image: float | None = Field(
+        default=None, ge=0, description="what the remote charges per image: a job's cost in the usage report"
+    )
     external: bool = Field(
         default=False,
         description="the remote runs outside this deployment (another operator's): confidential work must not reach it",

@@ -227,11 +227,13 @@ def test_a1111_and_comfyui_engines_run_jobs_on_those_apis_relay_progress_and_can
 
 
 def test_openai_engine_generates_and_edits_with_a_key_from_the_environment(pair, tmp_path, models_dir, monkeypatch):
-    """Through a front worker: the secret comes from the environment and never reaches the database."""
+    """Through a front worker: the secret comes from the environment and never reaches the database, and the
+    cloud (external) never takes confidential work, however it was asked for."""
     secret = "sk-test-" + new_token()[1]
     monkeypatch.setenv("DARKROOM_TEST_OPENAI_KEY", secret)
     with OpenAIImagesServer(secret) as cloud:
-        remote = RemoteEngineSettings(url=cloud.url, api_key_env="DARKROOM_TEST_OPENAI_KEY", model="tiny-cloud")
+        key_env = "DARKROOM_TEST_OPENAI_KEY"
+        remote = RemoteEngineSettings(url=cloud.url, api_key_env=key_env, model="tiny-cloud", price_per_image=0.04)
         settings = pair.settings.model_copy(update={"data_dir": tmp_path / "cloud-front", "engine": "openai"})
         services = Services.open(settings.model_copy(update={"remote": remote}))
         try:
@@ -239,9 +241,19 @@ def test_openai_engine_generates_and_edits_with_a_key_from_the_environment(pair,
                 (listed,) = front.get("/v1/engines").json()
                 assert listed["name"] == "openai-remote" and listed["capabilities"]["external"] is True
                 assert listed["health"]["ok"] is True
-                job_id = front.post("/v1/jobs", json={"prompt": "a cloud", "n": 2, **TINY}).json()["id"]
+                # The tenant's label is the floor: its public request is confidential, and stays off the cloud.
+                assert front.put("/v1/tenants/default", json={"data_label": "confidential"}).status_code == 200
+                body = {"prompt": "a cloud", "n": 2, "data_label": "public", **TINY}
+                kept = front.post("/v1/jobs", json={**body, "prompt": "kept home"}).json()
+                assert kept["request"]["data_label"] == "confidential"
+                assert front.put("/v1/tenants/default", json={}).status_code == 200
+                job_id = front.post("/v1/jobs", json=body).json()["id"]
                 job = pair.wait(lambda: _ended(front, job_id), "the cloud job to end")
                 assert job["state"] == "succeeded", job
+                # The older job was first in line, yet the cloud's worker passed it over.
+                assert front.get(f"/v1/jobs/{kept['id']}").json()["state"] == "queued"
+                report = front.get("/v1/usage", params={"from": "2000-01-01", "group_by": "tenant"}).json()
+                assert report["total"]["cost"] == pytest.approx(0.08)  # the cloud's spend: 2 images at its price
                 assert job["provenance"]["engine"] == "openai-remote" and len(job["images"]) == 2
                 png = front.get(f"/v1/images/{job['images'][0]['id']}").content
                 assert tuple(_pixels(png)[0, 0]) == COLOUR

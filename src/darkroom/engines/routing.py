@@ -49,6 +49,15 @@ def is_remote(settings: Settings) -> bool:
     return settings.engine != "diffusers"
 
 
+def billed(settings: Settings, images: int, device_cost: float) -> float:
+    """A job's cost as the usage report sums it per tenant: a remote with a per-image price (a cloud API) bills its
+    images at `remote.price_per_image`; otherwise the device time at its class's price (observability.cost)."""
+    price = settings.remote.price_per_image
+    if is_remote(settings) and price is not None:
+        return round(images * price, 8)
+    return device_cost
+
+
 def overflowing(store: JobStore, routing: RoutingSettings) -> bool:
     """Whether the local backlog is long enough for a remote engine's worker to claim (always, with no rule set)."""
     depth, wait = routing.overflow_queue_depth, routing.overflow_wait_seconds

@@ -710,6 +710,7 @@ class Worker:
         seeds = [i.seed for i in result.images]
         share = batch_share(result.timings, len(result.images))
         cost = device_cost(self.settings, result.device, timings["worker_total_s"] * share)
+        cost = routing.billed(self.settings, len(result.images), cost)  # a cloud's per-image price instead
         with tracing.span("store", trace, job_id=job.id):
             completed = self.store.complete(job.id, self.id, new_images, {**common, "seeds": seeds}, cost=cost)
         if completed:

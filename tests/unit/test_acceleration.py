@@ -4,6 +4,7 @@ a memory figure, and img2img/inpainting jobs run as one tensor batch. torch.comp
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from pathlib import Path
@@ -21,7 +22,9 @@ from darkroom.engines.base import BatchItem
 from darkroom.engines.batch_limits import BatchLimits, estimate, limit_for
 from darkroom.engines.diffusers_engine import DiffusersEngine, LoadedModel
 from darkroom.models.registry import ModelRegistry
-from darkroom.schemas import GenerationRequest, LoraSpec
+from darkroom.schemas import GenerationRequest, JobState, LoraSpec
+from darkroom.service import Services
+from darkroom.worker.loop import Worker
 
 MODEL = "tiny-diffusers"
 CUDA = torch.cuda.is_available()
@@ -302,6 +305,40 @@ def test_inpaint_jobs_run_as_one_batch_and_keep_their_sources_outside_the_mask(e
         image = outcome.images[0].image
         assert np.array_equal(np.asarray(image)[keep], np.asarray(source)[keep])  # pasted back exactly
         assert_close(image, engine.generate(request, source, nop, mask_image=mask).images[0].image)
+
+
+def test_the_worker_runs_img2img_jobs_as_one_tensor_batch(tmp_path: Path, models_dir: Path, sources) -> None:
+    """Through the worker loop: jobs with their own stored source images, claimed together, one pipeline call."""
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        models_dir=models_dir,
+        progress_interval=0,
+        max_batch=4,
+        batch_window_seconds=0,
+        security={"approve_first_seen_models": True},  # the test's own model, served as written
+    )
+    services = Services.open(settings)
+    worker = Worker(settings, services.store, services.blobs, services.make_engine, worker_id="w-img2img")
+    try:
+        refs = []
+        for image in sources:
+            png = io.BytesIO()
+            image.save(png, "PNG")
+            refs.append("blob:" + services.blobs.put(png.getvalue(), "image/png")[1])
+        jobs = [
+            services.store.create(req(init_image=ref, strength=0.6, seed=seed, steps=3))[0]
+            for ref, seed in zip(refs, (21, 22), strict=True)
+        ]
+        batch = worker.claim()
+        assert [job.id for job in batch] == [job.id for job in jobs]
+        worker.process_batch(batch)
+        for job in jobs:
+            final = services.store.get(job.id)
+            assert final.state is JobState.succeeded and final.result["timings"]["batch_images"] == 2
+    finally:
+        if worker._engine is not None:
+            worker._engine.close()
+        services.close()
 
 
 def test_what_may_not_share_a_batch(engine) -> None:

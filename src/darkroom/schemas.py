@@ -412,6 +412,8 @@ class GenerationRequest(BaseModel):
             parts += (("controlnet", *(unit.key() for unit in self.controlnet)),)
         if self.refiner is not None:
             parts += (("refiner", *self.refiner.model_dump().values()),)
+        if self.mask_crop_padding is not None:  # a crop-and-paste inpainting runs alone: it must not split a batch
+            parts += (("crop", self.mask_crop_padding),)
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 

@@ -348,6 +348,9 @@ def test_what_may_not_share_a_batch(engine) -> None:
     assert not engine.batchable([req(init_image="blob:a"), req()])  # modes differ
     assert not engine.batchable([req(init_image="blob:a", strength=0.5), req(init_image="blob:a")])
     assert engine.batchable([req(**inpaint), req(**inpaint, seed=1)])
+    # a crop job is claimed apart, so it never turns a batch of plain inpainting jobs into single runs
+    assert req(**inpaint, mask_crop_padding=8).batch_key() != req(**inpaint).batch_key()
+    assert req(**inpaint, seed=1).batch_key() == req(**inpaint).batch_key()
 
 
 # --- CUDA only --------------------------------------------------------------------------------------------------------

@@ -214,7 +214,9 @@ def darkroom_server(
     log_dir: Path,
     env: dict[str, str],
 ) -> Server:
-    """`darkroom serve` on a free loopback port, watermark and C2PA as by default."""
+    """`darkroom serve` on a free loopback port, watermark and C2PA as by default. The benchmark's models are its
+    own, built beside the server: approved on first sight (by default a new file waits for an operator)."""
+    env = {"DARKROOM_SECURITY__APPROVE_FIRST_SEEN_MODELS": "true", **env}
     port = free_port()
     args = [str(BIN / "darkroom"), "serve", "--host", HOST, "--port", str(port), "--data-dir", str(data_dir)]
     args += ["--workers", str(workers), "--log-level", "warning"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -116,7 +117,7 @@ class ModelRegistry:
     def rescan(self) -> list[ModelInfo]:
         """`scan` with a full look now, whatever `rescan_seconds` says (A1111's refresh-checkpoints)."""
         with self._lock:
-            self._looked = 0.0
+            self._looked = -math.inf  # not 0.0: the monotonic clock starts near 0 at boot
             return self.scan()
 
     def scan(self) -> list[ModelInfo]:

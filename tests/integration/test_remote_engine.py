@@ -22,7 +22,14 @@ from PIL import Image
 
 from darkroom.api.app import create_app
 from darkroom.auth.keys import new_token
-from darkroom.config import RecoverySettings, RemoteEngineSettings, SecuritySettings, Settings, WebhookSettings
+from darkroom.config import (
+    RecoverySettings,
+    RemoteEngineSettings,
+    RoutingSettings,
+    SecuritySettings,
+    Settings,
+    WebhookSettings,
+)
 from darkroom.engines.remote_a1111 import A1111Engine
 from darkroom.engines.remote_comfyui import ComfyUIEngine
 from darkroom.engines.remote_darkroom import RemoteDarkroomEngine
@@ -30,6 +37,7 @@ from darkroom.engines.remote_openai import OpenAIImagesEngine
 from darkroom.errors import EngineError, FatalEngineError, JobCancelled
 from darkroom.schemas import GenerationRequest
 from darkroom.service import Services
+from darkroom.worker.loop import Worker
 from tests.support.openai_images import COLOUR, OpenAIImagesServer
 
 from .harness import Cluster, free_port, wait_until
@@ -283,6 +291,44 @@ def test_openai_engine_generates_and_edits_with_a_key_from_the_environment(pair,
             assert refused.value.permanent and refused.value.field == "prompt"
         with contextlib.closing(OpenAIImagesEngine(cloud.url, "sk-wrong")) as wrong, pytest.raises(FatalEngineError):
             wrong.generate(GenerationRequest(prompt="x", **TINY), None, Steps())
+
+
+def test_overflow_goes_to_the_remote_darkroom_and_confidential_work_stays_local(pair, tmp_path):
+    """One queue, two workers: a remote darkroom (marked external) that takes overflow past three queued jobs, and a
+    local diffusers worker. However long the local wait, the confidential job is left for the local worker."""
+    rules = RoutingSettings(overflow_queue_depth=3)
+    local = pair.settings.model_copy(
+        update={"data_dir": tmp_path / "node", "engine": "diffusers", "postprocess_workers": 0}
+    )
+    remote = pair.settings.remote.model_copy(update={"external": True})
+    overflow = local.model_copy(update={"engine": "darkroom", "remote": remote, "routing": rules})
+    services = Services.open(local)
+    store = services.store
+    away = Worker(overflow, store, services.blobs, lambda: RemoteDarkroomEngine.from_settings(remote), "overflow")
+    try:
+
+        def submit(label: str, prompt: str) -> str:
+            request = GenerationRequest(prompt=prompt, data_label=label, **TINY)
+            return store.create(request)[0].id
+
+        first = submit("public", "overflow 1")
+        assert not away.run_once()  # one queued job: the local workers' to take
+        secret, second = submit("confidential", "kept home"), submit("public", "overflow 2")
+        assert away.run_once()  # three queued: the remote pool takes the public jobs (one claim, as a batch)
+        assert [store.require(job).result["engine"] for job in (first, second)] == ["darkroom-remote"] * 2
+        secrets = [secret, submit("confidential", "kept home"), submit("confidential", "kept home")]
+        assert not away.run_once()  # three waiting again, but confidential: never the remote's
+        assert {store.require(job).state.value for job in secrets} == {"queued"}
+        home = Worker(local, store, services.blobs, services.make_engine, "local", registry=services.registry)
+        assert home.run_once()  # the local worker takes them (one batch)
+        for job in secrets:
+            done = store.require(job)
+            assert done.state.value == "succeeded" and done.result["engine"] != "darkroom-remote", done.result
+        assert _remote_job(pair, "kept home") is None  # none reached the remote
+    finally:
+        if away._engine is not None:
+            away._engine.close()
+        services.close()
 
 
 def test_a_remote_that_dies_mid_job_loses_no_job(pair):

@@ -341,6 +341,23 @@ def test_the_worker_runs_img2img_jobs_as_one_tensor_batch(tmp_path: Path, models
         services.close()
 
 
+def test_sdxl_batches_split_by_whether_jobs_have_a_negative_prompt(tiny_sdxl_model: Path, tmp_path: Path) -> None:
+    """SDXL guides an image without a negative prompt with zeros, which one call cannot mix with encoded prompts."""
+    eng = make_engine(tiny_sdxl_model.parent, tmp_path)
+    try:
+        requests = [
+            req(model="tiny-xl", steps=2, seed=1),
+            req(model="tiny-xl", steps=2, seed=2, negative_prompt="blurry"),
+            req(model="tiny-xl", steps=2, seed=3, prompt="a blue cat"),
+        ]
+        outcomes = eng.generate_batch([BatchItem(request=r, progress=nop) for r in requests])
+        assert [o.timings.get("batch_images") for o in outcomes] == [2, None, 2]  # the odd one out ran alone
+        for outcome, request in zip(outcomes, requests, strict=True):
+            assert_close(outcome.images[0].image, eng.generate(request, None, nop).images[0].image)
+    finally:
+        eng.close()
+
+
 def test_what_may_not_share_a_batch(engine) -> None:
     inpaint = {"init_image": "blob:a", "mask_image": "blob:m"}
     assert not engine.batchable([req(**inpaint, n=2), req(**inpaint)])  # one source encoded for n images

@@ -293,6 +293,9 @@ class DiffusersEngine:
         from free device memory, and never above what ran out of memory before). Out of memory halves that limit
         (remembered for the engine's life) and re-runs the chunk in smaller batches."""
         first = items[0].request
+        empty = [index for index, item in enumerate(items) if not item.request.negative_prompt]
+        if 0 < len(empty) < len(items) and self._zeroes_empty_negatives(first):
+            return self._in_groups(items, empty)
         key = (first.model or "", first.width, first.height)
         outcomes: list[BatchOutcome] = []
         for chunk in _chunks(items, self._batch_limit(first)):
@@ -313,6 +316,26 @@ class DiffusersEngine:
                 log.info("a batch of %d jobs failed (%s); running them one by one", len(chunk), exc.code)
                 outcomes += [self._alone(item) for item in chunk]
         return outcomes
+
+    def _zeroes_empty_negatives(self, request: GenerationRequest) -> bool:
+        """SDXL guides an image without a negative prompt with zeros, not with an encoded empty prompt; one call
+        cannot do both, so such a batch runs as two (with and without negative prompts)."""
+        try:
+            info = self.registry.get(request.model) if request.model else self.registry.default()
+        except DarkroomError:
+            return False
+        return info.arch.startswith("sdxl")
+
+    def _in_groups(self, items: list[BatchItem], first_group: list[int]) -> list[BatchOutcome]:
+        """`items` as two batches, `first_group`'s indexes and the rest, with the outcomes back in the items' order."""
+        rest = [index for index in range(len(items)) if index not in first_group]
+        outcomes: dict[int, BatchOutcome] = {}
+        for group in (first_group, rest):
+            ran = (
+                self._together([items[index] for index in group]) if len(group) > 1 else [self._alone(items[group[0]])]
+            )
+            outcomes.update(zip(group, ran, strict=True))
+        return [outcomes[index] for index in range(len(items))]
 
     def _batch_limit(self, request: GenerationRequest) -> int | None:
         """The image limit for `request`'s model and size now; estimated from the model's shapes only once it is
@@ -711,12 +734,14 @@ def joint_kwargs(items: list[BatchItem], sources: list[Sources], seeds: list[int
     """Arguments for one pipeline call producing every image of `items` (one batch key: same mode, size, steps,
     strength): prompts, source images and masks repeated per image of each job, one generator per image."""
     first = items[0].request
+    first_negative = any(item.request.negative_prompt for item in items)
     per_image = [
         (item.request, source) for item, source in zip(items, sources, strict=True) for _ in range(item.request.n)
     ]
     kwargs: dict[str, Any] = {
         "prompt": [request.prompt for request, _ in per_image],
-        "negative_prompt": [request.negative_prompt or "" for request, _ in per_image],
+        # None when no image has one, as in a solo run: SDXL then guides with zeros instead of an encoded ""
+        "negative_prompt": [request.negative_prompt or "" for request, _ in per_image] if first_negative else None,
         "num_inference_steps": first.steps,
         "guidance_scale": first.guidance_scale,
         "num_images_per_prompt": 1,

@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
 def train(
     out: Annotated[Path, typer.Option(help="where to write the diffusers folder")] = Path("darkroom-demo"),
     work: Annotated[Path, typer.Option(help="checkpoints (resume from here)")] = Path("darkroom-demo-train"),
-    steps: Annotated[int, typer.Option(min=0, help="UNet training steps")] = 1500,
+    steps: Annotated[int, typer.Option(min=0, help="UNet training steps")] = 1800,
     vae_steps: Annotated[int, typer.Option(min=0, help="VAE training steps")] = 300,
     batch: Annotated[int, typer.Option(min=1, help="pictures per UNet step")] = 32,
     vae_batch: Annotated[int, typer.Option(min=1, help="pictures per VAE step")] = 16,

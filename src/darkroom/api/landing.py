@@ -22,7 +22,7 @@ LINKS: tuple[tuple[str, str], ...] = (
 )
 
 EXAMPLE = """curl -s $DARKROOM_URL/v1/generate -H 'content-type: application/json' \\
-  -d '{"prompt": "a lighthouse at dusk", "seed": 42}'"""
+  -d '{"prompt": "a yellow star in the top left corner on a black background", "seed": 42}'"""
 
 
 def safe_next(value: str | None) -> str:

@@ -3,7 +3,7 @@
 Two phases, one checkpoint file. The VAE phase teaches the decoder to turn the fixed 16x16 latents (block means, see
 `darkroom.demo.model`) back into sharp 64x64 pictures, with a little noise on its input so that a UNet's slightly
 off latents still decode to flat colour, and teaches the encoder to produce those latents. The UNet phase trains the
-text encoder and the UNet together on the same latents with SD's noise schedule.
+text encoder and the UNet together on the same latents with SD's noise schedule and v-prediction.
 
 Choices that buy accuracy per CPU second, since the budget is small:
 - Every batch is drawn fresh from the world with a generator seeded by (seed, phase, step), so a resumed run sees
@@ -32,7 +32,7 @@ Progress = Callable[[str, int, int, float], None]  # phase, step done, phase tot
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000  # UNet steps
+    steps: int = 1800  # UNet steps
     vae_steps: int = 400
     batch: int = 32
     vae_batch: int = 16
@@ -76,9 +76,7 @@ class Trainer:
         self.unet_step = 0
         from diffusers import DDPMScheduler
 
-        from darkroom.models.smoke import SD15_SCHEDULER_CONFIG
-
-        noise_schedule = DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+        noise_schedule = DDPMScheduler.from_config(parts.SCHEDULER_CONFIG)
         self.alphas_cumprod = noise_schedule.alphas_cumprod.to(self.device)
         self.noise_schedule = noise_schedule
 
@@ -196,8 +194,9 @@ class Trainer:
         pred = self.unet(noisy, t, context).sample
         abar = self.alphas_cumprod[t]
         snr = abar / (1 - abar)
-        weight = torch.clamp(snr, max=cfg.snr_gamma) / snr
-        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        weight = torch.clamp(snr, max=cfg.snr_gamma) / (snr + 1)  # min-SNR for a v target
+        target = self.noise_schedule.get_velocity(latents, noise, t)
+        per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
         loss = (weight * per_sample).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

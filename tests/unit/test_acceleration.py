@@ -388,3 +388,11 @@ def test_cuda_compiled_engine_matches_eager_within_tolerance(models_dir: Path, t
     finally:
         eager.close()
         compiled.close()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_pinned_side_stream_copy_gives_the_same_pixels() -> None:
+    images = torch.rand(3, 3, 64, 48, device="cuda", dtype=torch.float16)
+    pinned = HostImages(pinned=True).to_pil(images)
+    plain = HostImages(pinned=False).to_pil(images)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(pinned, plain, strict=True))

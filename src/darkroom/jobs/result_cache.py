@@ -30,7 +30,9 @@ from darkroom.jobs.tables import images, jobs
 from darkroom.schemas import GenerationRequest, JobState
 
 # Fields that decide how a result is delivered or labelled, not what it is.
-DELIVERY_FIELDS = frozenset({"priority", "webhook_url", "webhook_events", "timeout_seconds", "preview", "tags"})
+DELIVERY_FIELDS = frozenset(
+    {"priority", "webhook_url", "webhook_events", "timeout_seconds", "preview", "tags", "data_label"}
+)
 _COPIED = ("index", "seed", "width", "height", "sha256", "blob_key", "content_type", "size_bytes", "review_state")
 
 

@@ -162,6 +162,8 @@ def test_engines_lists_the_configured_engine_with_capabilities_and_health(pair, 
     (remote,) = pair.front.get("/v1/engines").json()
     assert remote["name"] == "darkroom-remote" and remote["target"] == f"127.0.0.1:{pair.remote.port}"
     assert remote["health"]["ok"] is True and remote["capabilities"]["external"] is False
+    assert remote["health"]["latency_ms"] > 0 and remote["capacity"]["circuit"] == "closed"
+    assert remote["capacity"]["labels"] == ["confidential", "internal", "public"]  # inside the deployment: any
     assert "upscale" not in remote["capabilities"]["modes"]
 
     down = RemoteEngineSettings(url=f"http://127.0.0.1:{free_port()}", api_key_env="DARKROOM_TEST_UNSET_KEY")

@@ -33,6 +33,7 @@ def test_engines_list_shows_the_configured_engine_and_its_health(cloud: OpenAIIm
     (engine,) = json.loads(result.stdout)
     assert engine["name"] == "openai-remote" and engine["kind"] == "openai"
     assert engine["capabilities"]["external"] is True and engine["health"]["ok"] is True
+    assert engine["capacity"]["labels"] == ["public"]  # a cloud: never confidential or internal work
     table = CliRunner().invoke(app, ["engines", "list"])
     assert table.exit_code == 0 and "openai-remote" in table.stdout
 

@@ -73,7 +73,7 @@ def _engines(request: Request) -> list[dict[str, object]]:
     workers = svc.worker_health()
     detail = f"{workers.get('healthy', 0)} of {workers.get('workers', 0)} workers of this process healthy"
     local = EngineHealth(ok=workers.get("status") == "ok", detail=detail)
-    return [engine.as_dict() for engine in configured_engines(svc.settings, local)]
+    return [engine.as_dict() for engine in configured_engines(svc.settings, local, svc.route)]
 
 
 @router.get("/engines", summary="The engine this process's workers run on: capabilities and health (operator)")

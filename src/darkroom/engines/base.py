@@ -54,13 +54,14 @@ class Capabilities:
 @dataclass(frozen=True)
 class EngineHealth:
     """An engine's own view of whether it can take work now: the local device passes its self-check, a remote
-    answers its health probe. `detail` says why not, for operators."""
+    answers its health probe. `detail` says why not, for operators; `latency_ms`: how long a remote's probe took."""
 
     ok: bool
     detail: str = ""
+    latency_ms: float | None = None
 
     def as_dict(self) -> dict[str, object]:
-        return {"ok": self.ok, "detail": self.detail}
+        return {"ok": self.ok, "detail": self.detail, "latency_ms": self.latency_ms}
 
 
 @dataclass

@@ -7,11 +7,13 @@ and its health comes from the process's workers; a remote engine is cheap to bui
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from darkroom.config import Settings
 
+from . import routing
 from .base import Capabilities, EngineHealth
+from .routing import Route
 
 DIFFUSERS_CAPABILITIES = Capabilities(
     families=frozenset({"sd1", "sd2", "sdxl", "sdxl-refiner"}),
@@ -29,6 +31,7 @@ class EngineDescription:
     target: str  # the device, or the remote's host
     capabilities: Capabilities
     health: EngineHealth
+    capacity: dict[str, object] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -37,14 +40,33 @@ class EngineDescription:
             "target": self.target,
             "capabilities": self.capabilities.as_dict(),
             "health": self.health.as_dict(),
+            "capacity": self.capacity,
         }
 
 
-def configured_engines(settings: Settings, local_health: EngineHealth) -> list[EngineDescription]:
-    """`local_health`: how the process's own workers fare, the local engine's health as seen without touching it."""
+def configured_engines(
+    settings: Settings, local_health: EngineHealth, route: Route | None = None
+) -> list[EngineDescription]:
+    """`local_health`: how the process's own workers fare, the local engine's health as seen without touching it.
+    `route`: the process's routing state, whose circuit its own worker threads share."""
     if settings.engine != "diffusers":
-        return [_remote(settings)]
-    return [EngineDescription("diffusers", "diffusers", settings.device, DIFFUSERS_CAPABILITIES, local_health)]
+        engine = _remote(settings)
+    else:
+        engine = EngineDescription("diffusers", "diffusers", settings.device, DIFFUSERS_CAPABILITIES, local_health)
+    return [replace(engine, capacity=capacity(settings, engine.capabilities.external, route))]
+
+
+def capacity(settings: Settings, external: bool, route: Route | None) -> dict[str, object]:
+    """What the engine's workers may take and how many at once: the routing rules as they apply to it."""
+    rules, remote = settings.routing, routing.is_remote(settings)
+    return {
+        "workers": settings.workers,
+        "max_concurrency": rules.max_concurrency,
+        "labels": routing.claimable_labels(external, rules) or ["confidential", "internal", "public"],
+        "overflow_queue_depth": rules.overflow_queue_depth if remote else None,
+        "overflow_wait_seconds": rules.overflow_wait_seconds if remote else None,
+        "circuit": route.circuit.state() if route is not None and remote else None,
+    }
 
 
 def _remote(settings: Settings) -> EngineDescription:

@@ -30,7 +30,7 @@ import httpx
 
 from darkroom.client import ApiError, Client, RetryPolicy
 from darkroom.engines.base import Capabilities, EngineHealth, EngineImage, EngineResult, ProgressFn
-from darkroom.engines.remote_http import base64_png, service_key, status_error
+from darkroom.engines.remote_http import base64_png, probe, service_key, status_error
 from darkroom.errors import EngineError, FatalEngineError, TransientEngineError
 from darkroom.schemas import GenerationRequest, ModelInfo
 
@@ -105,13 +105,7 @@ class RemoteDarkroomEngine:
         return []
 
     def health(self) -> EngineHealth:
-        try:
-            response = self._client.http.get("/readyz")
-        except httpx.HTTPError as exc:
-            return EngineHealth(ok=False, detail=f"{self.host}: {type(exc).__name__}: {exc}")
-        if response.status_code != 200:
-            return EngineHealth(ok=False, detail=f"{self.host}: /readyz answered {response.status_code}")
-        return EngineHealth(ok=True, detail=self.host)
+        return probe(self._client.http, "/readyz", self.host)
 
     def check(self) -> None:
         """After a `FatalEngineError` (a rejected key): the worker claims again only once the remote answers."""

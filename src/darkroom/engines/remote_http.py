@@ -20,6 +20,7 @@ import contextlib
 import io
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -87,6 +88,19 @@ def decode_image(data: bytes | str) -> Image.Image:
     return PILImage.open(io.BytesIO(raw)).convert("RGB")
 
 
+def probe(http: httpx.Client, path: str, host: str) -> EngineHealth:
+    """A remote's health: `path` answers 200 within `PROBE_SECONDS`, and how long that took."""
+    started = time.perf_counter()
+    try:
+        response = http.get(path, timeout=PROBE_SECONDS)
+    except httpx.HTTPError as exc:
+        return EngineHealth(ok=False, detail=f"{host}: {type(exc).__name__}: {exc}")
+    latency = round((time.perf_counter() - started) * 1000, 1)
+    if response.status_code != 200:
+        return EngineHealth(ok=False, detail=f"{host}: {path} answered {response.status_code}", latency_ms=latency)
+    return EngineHealth(ok=True, detail=host, latency_ms=latency)
+
+
 def status_error(status: int, message: str, field: str | None = None, code: str | None = None) -> Exception:
     """A remote's error answer as the worker's error types (see the module docstring)."""
     if status in (401, 403):
@@ -147,13 +161,7 @@ class RemoteHTTP:
         return []
 
     def health(self) -> EngineHealth:
-        try:
-            response = self.http.get(self.health_path, timeout=PROBE_SECONDS)
-        except httpx.HTTPError as exc:
-            return EngineHealth(ok=False, detail=f"{self.host}: {type(exc).__name__}: {exc}")
-        if response.status_code != 200:
-            return EngineHealth(ok=False, detail=f"{self.host}: {self.health_path} answered {response.status_code}")
-        return EngineHealth(ok=True, detail=self.host)
+        return probe(self.http, self.health_path, self.host)
 
     def check(self) -> None:
         """After a `FatalEngineError`: the worker claims again only once the remote answers, with our key."""

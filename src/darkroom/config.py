@@ -358,8 +358,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 class GpuSettings(BaseModel):
     """How the local engine runs its models on the device (darkroom/engines/acceleration.py). Every switch has a safe
-    default: what is on by default never changes a pixel beyond rounding, and compiling is off until asked for (it
-    costs minutes at load). The weight dtype is the top-level `dtype`. Env: `DARKROOM_GPU__COMPILE`, …"""
+    default: what is on by default changes pixels by rounding at most, except VAE tiling, which only images above
+    `vae_tiling_pixels` get (where decoding whole would need more memory than most GPUs have); compiling is off until
+    asked for (it costs minutes at load). The weight dtype is the top-level `dtype`. Env: `DARKROOM_GPU__COMPILE`, …"""
 
     sdpa: bool = Field(True, description="attention through torch's scaled_dot_product_attention (AttnProcessor2_0)")
     channels_last: Literal["auto", "on", "off"] = Field(

@@ -479,7 +479,12 @@ class Settings(BaseSettings):
         2, ge=0, description="threads per worker for safety check, watermark, PNG, upload (0: on the device thread)"
     )
     preload_default_model: bool = Field(True, description="with no preload_models, load the default model at start")
-    progress_interval: float = 0.1
+    progress_interval: float = Field(
+        0.25,
+        ge=0,
+        description="seconds between a running job's progress writes (0: every step); a job shorter than this "
+        "writes none, its completion says the rest",
+    )
     max_attempts: int = 3
     retry_backoff_seconds: float = 1.0
     job_timeout_seconds: float | None = 900.0

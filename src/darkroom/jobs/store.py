@@ -116,6 +116,14 @@ class ImageRecord(NewImage):
 
 
 @dataclass(frozen=True)
+class ClaimedBatch:
+    """What a claim took, and whether it left no ready job behind (the worker then waits for a notice)."""
+
+    jobs: list[JobRecord]
+    drained: bool
+
+
+@dataclass(frozen=True)
 class LeaseAck:
     """Answer to a heartbeat or progress report: do we still own the job, and does its owner want it stopped?"""
 
@@ -131,6 +139,12 @@ class JobStatus:
     images: list[ImageRecord] = field(default_factory=list)
     queue_position: int | None = None
     eta_seconds: float | None = None
+
+
+def _started_metric(attempts: int, priority: int, created_at: dt.datetime, now: dt.datetime) -> None:
+    """Submit to first start (a retry's wait is its backoff, not queueing)."""
+    if attempts == 1:
+        metrics.job_started(PRIORITY_NAME.get(priority, str(priority)), (now - clock.aware(created_at)).total_seconds())
 
 
 def request_hash(body: dict[str, Any]) -> str:
@@ -637,8 +651,35 @@ class JobStore:
         servable_models: Collection[str] | None = None,
         batch_key: str | None = None,
         affinity_window: int = 8,
+        start_head: bool = False,
         labels: Collection[str] | None = None,
     ) -> builtins.list[JobRecord]:
+        """The jobs of `claim_next`."""
+        return self.claim_next(
+            worker_id,
+            lease_seconds,
+            max_batch=max_batch,
+            held_models=held_models,
+            servable_models=servable_models,
+            batch_key=batch_key,
+            affinity_window=affinity_window,
+            start_head=start_head,
+            labels=labels,
+        ).jobs
+
+    def claim_next(
+        self,
+        worker_id: str,
+        lease_seconds: float,
+        *,
+        max_batch: int = 1,
+        held_models: Collection[str] = (),
+        servable_models: Collection[str] | None = None,
+        batch_key: str | None = None,
+        affinity_window: int = 8,
+        start_head: bool = False,
+        labels: Collection[str] | None = None,
+    ) -> ClaimedBatch:
         """Claim the next job and up to `max_batch - 1` queued jobs compatible with it (same batch key), in one
         transaction: one or two indexed SELECTs (`ix_jobs_claim`, `ix_jobs_claim_batch`: no sort at any depth), one
         guarded UPDATE … RETURNING, one INSERT of the `started` events.
@@ -649,8 +690,10 @@ class JobStore:
         worker has (verified) on disk; `batch_key` limits them to one compatibility class (filling a batch);
         `labels` to the data labels an external engine may take (engines/routing.py: never `confidential`).
 
-        A claim charges no attempt: `start` does, right before the job runs, so a worker that dies holding a batch
-        costs an attempt only to the job it was running."""
+        Attempts are charged when a job starts, so a worker that dies holding a batch costs an attempt only to the job
+        it was running. A worker that runs the head of its claim next asks the claim to start it (`start_head`: its
+        attempt and `started_at` in the same UPDATE, one transaction fewer per job); the other jobs are started by
+        `start` when their turn comes."""
         now = clock.utcnow()
         ready = [jobs.c.state == _QUEUED, jobs.c.available_at <= now]
         if servable_models is not None:
@@ -668,8 +711,9 @@ class JobStore:
                 .with_for_update(skip_locked=True)
             ).all()
             if not head:
-                return []
+                return ClaimedBatch([], drained=True)
             first = self._with_affinity(head, held_models)
+            head_id = first.id if start_head else None
             ids = [first.id]
             if max_batch > 1 and first.batch_key:
                 ids += (
@@ -692,14 +736,26 @@ class JobStore:
                 returning=tuple(jobs.c),
                 lease_owner=worker_id,
                 lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
-                started_at=None,  # set by `start`: a claimed job that never ran was not started
+                # The head runs next, so the claim starts it (`start`'s attempt and started_at, in this statement);
+                # the rest of a batch is started by `start` when its turn comes.
+                attempts=sa.case((jobs.c.id == head_id, jobs.c.attempts + 1), else_=jobs.c.attempts),
+                started_at=sa.case((jobs.c.id == head_id, now), else_=sa.null()),
                 progress_step=0,
             )
             claimed = sorted((_job(r) for r in rows), key=lambda j: ids.index(j.id))
-            events = [{"worker": worker_id, "attempt": job.attempts + 1, "batch": len(claimed)} for job in claimed]
+            # Every ready job was in `head`, and the claim took them all: nothing is left for this worker until a
+            # new notice (or a retry's backoff ending), so it need not claim again before one.
+            drained = len(head) < affinity_window and {r.id for r in head} <= set(ids)
+            events = [
+                {"worker": worker_id, "attempt": job.attempts + (job.id != head_id), "batch": len(claimed)}
+                for job in claimed
+            ]
             self._events(conn, [(job.id, "started", data) for job, data in zip(claimed, events, strict=True)], now)
             _shift_queued(conn, -len(claimed), worker_id)
-        return claimed
+        for job in claimed:
+            if job.id == head_id:
+                _started_metric(job.attempts, job.priority, job.created_at, now)
+        return ClaimedBatch(claimed, drained=drained)
 
     @staticmethod
     def _with_affinity(head: Sequence[sa.Row], held: Collection[str]) -> sa.Row:
@@ -722,9 +778,8 @@ class JobStore:
                 attempts=jobs.c.attempts + 1,
                 started_at=now,
             )
-        if rows and rows.attempts == 1:  # submit to first start; a retry's wait is its backoff
-            wait = (now - clock.aware(rows.created_at)).total_seconds()
-            metrics.job_started(PRIORITY_NAME.get(rows.priority, str(rows.priority)), wait)
+        if rows:
+            _started_metric(rows.attempts, rows.priority, rows.created_at, now)
         return rows.attempts if rows else None
 
     def heartbeat(self, job_id: str, worker_id: str, lease_seconds: float) -> LeaseAck:

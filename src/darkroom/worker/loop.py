@@ -147,7 +147,9 @@ class _Run:
         self.started = time.monotonic()
         timeout = job.timeout_seconds or worker.settings.job_timeout_seconds
         self.deadline = self.started + timeout if timeout else None
-        self._last_write = 0.0
+        # The claim already said "running": a step is written once the job has run `progress_interval`, so a job
+        # shorter than that costs no progress write at all (its completion says the rest).
+        self._last_write = self.started
         self._last_preview = 0.0
         self._preview: str | None = None
         self.previews = bool(job.request.get("preview"))
@@ -163,7 +165,7 @@ class _Run:
     def __call__(self, step: int, total: int) -> None:
         """The engine's progress callback (a callable object, so the engine can find `wants_preview`)."""
         settings, now = self.worker.settings, time.monotonic()
-        due = step in (1, total) or now - self._last_write >= settings.progress_interval
+        due = now - self._last_write >= settings.progress_interval
         if due or self._preview:
             self._last_write = now
             preview, self._preview = self._preview, None
@@ -213,6 +215,7 @@ class Worker:
         self._wake = threading.Event()  # set by the change feed whenever a job becomes claimable
         self._next_reap = 0.0
         self._busy = False  # the last step ran a batch: the device is in use
+        self._drained = False  # the last claim left no ready job: claim again only after a notice
         self._solo = False  # after a device failure in a joint batch: one job at a time until one succeeds
         self._post_pool: ThreadPoolExecutor | None = None
         self._post_slots = threading.BoundedSemaphore(max(1, settings.postprocess_workers))
@@ -314,6 +317,12 @@ class Worker:
             try:
                 if not claim_gate(self, stop):
                     continue
+                if self._drained and not self._wake.is_set():
+                    # The last claim emptied the queue and nothing was announced since: a claim now would only take
+                    # the write lock from the post-processing of the batch that just ran. Wait for a notice.
+                    self._busy = False
+                    self._idle(idle)
+                    continue
                 if not self._step():
                     self._idle(idle)
             except FatalEngineError:
@@ -361,7 +370,7 @@ class Worker:
     def _idle(self, timeout: float) -> None:
         """Nothing to claim: sleep until the feed says a job is claimable (or the fallback tick)."""
         self._wake.wait(timeout)
-        self._wake.clear()
+        self._drained = False  # a notice, or the fallback tick: a retry's backoff may have ended
 
     def _reap(self) -> None:
         """Requeue jobs of dead workers, at most every `lease_seconds / 2`: it is a write transaction, and a lease
@@ -377,14 +386,17 @@ class Worker:
         while the device was busy are claimed together anyway."""
         s = self.settings
         began = time.time_ns()
-        batch = self.store.claim_batch(
+        self._wake.clear()  # a notice from here on may be for a job this claim does not see
+        claimed = self.store.claim_next(
             self.id,
             s.lease_seconds,
             max_batch=s.max_batch,
             held_models=self.held_models(),
             servable_models=self.servable_models(),
             labels=self._labels(),  # an external engine never takes confidential work (engines.routing)
+            start_head=True,  # the head runs next: its claim starts it (no separate `start` transaction)
         )
+        batch, self._drained = claimed.jobs, claimed.drained
         self._claimed_ns = (began, time.time_ns())  # each job's trace gets a `claim` span (`_start`)
         deadline = time.monotonic() + (s.batch_window_seconds if busy else 0.0)
         while batch and len(batch) < s.max_batch and time.monotonic() < deadline:
@@ -515,11 +527,12 @@ class Worker:
     def _start(self, job: JobRecord, leases: _Leases) -> tuple[JobRecord, _Run] | None:
         """Charge the attempt (it counts from here, not from the claim) and set up the job's step callback; None
         when the lease was lost before it started."""
-        attempt = self.store.start(job.id, self.id)
-        if attempt is None:
-            log.warning("worker %s lost the lease on %s before it started", self.id, job.id)
-            return None
-        job = dataclasses.replace(job, attempts=attempt, started_at=clock.utcnow())  # as `start` wrote it, ±ms
+        if job.started_at is None:  # the head of a claim was started by the claim itself
+            attempt = self.store.start(job.id, self.id)
+            if attempt is None:
+                log.warning("worker %s lost the lease on %s before it started", self.id, job.id)
+                return None
+            job = dataclasses.replace(job, attempts=attempt, started_at=clock.utcnow())  # as `start` wrote it, ±ms
         if self._claimed_ns[0]:
             tracing.record("claim", *self._claimed_ns, tracing.request_context(job.request_id), worker=self.id)
         return job, _Run(self, leases, job)

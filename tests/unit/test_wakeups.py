@@ -346,3 +346,36 @@ def test_a_waiter_whose_client_hangs_up_stops_waiting(settings):
         server.should_exit = True
         thread.join(10)
         services.close()
+
+
+def test_a_lone_job_costs_its_worker_a_claim_and_a_completion_and_no_claim_after(settings):
+    """The claim starts the job it runs next (no `start` transaction), a job shorter than `progress_interval` writes
+    no progress, and a claim that emptied the queue is not repeated until a notice comes: one transaction on the
+    device thread and one on post-processing per lone job, none while the queue stays empty."""
+    settings.progress_interval, settings.heartbeat_seconds, settings.idle_poll_seconds = 3600, 3600, 3600
+    services = Services.open(settings)
+    per_thread: Counter[str] = Counter()
+
+    def begin(conn) -> None:  # type: ignore[no-untyped-def]
+        name = threading.current_thread().name
+        if name.startswith(("worker-", "post-")):
+            per_thread[name.split("-")[0]] += 1
+
+    try:
+        with TestClient(create_app(services, workers=1)) as client:
+            wait_until(lambda: services.workers[0].held_models(), 120, "the model preload")
+            assert client.post("/v1/generate", json={**BODY, "steps": 2}).status_code == 200  # warm-up (and reaper)
+            time.sleep(0.2)  # let the warm-up's own loop settle before counting
+            sa.event.listen(services.store.engine, "begin", begin)
+            try:
+                response = client.post("/v1/generate", json={**BODY, "seed": 2, "steps": 2})
+                assert response.status_code == 200 and response.json()["state"] == "succeeded"
+                wait_until(lambda: per_thread["post"] == 1, 10, "the completion")
+                time.sleep(0.3)  # long enough for the loop to come round: it must not claim an empty queue again
+                assert dict(per_thread) == {"worker": 1, "post": 1}, dict(per_thread)
+                again = client.post("/v1/generate", json={**BODY, "seed": 3, "steps": 2})  # a notice wakes it
+                assert again.status_code == 200 and again.json()["state"] == "succeeded"
+            finally:
+                sa.event.remove(services.store.engine, "begin", begin)
+    finally:
+        services.close()

@@ -28,12 +28,21 @@ def cluster(tmp_path, models_dir):
     c.close()
 
 
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, models_dir):
+    """One `darkroom serve` with its worker process for the tests that only use it: starting a server and a worker
+    (torch, the model) per test cost several seconds each."""
+    c = Cluster(tmp_path_factory.mktemp("served"), models_dir)
+    c.start_server(workers=1)
+    yield c
+    c.close()
+
+
 def pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
-def test_cli_generate_writes_png_with_provenance(cluster, tmp_path):
-    cluster.start_server(workers=1)
+def test_cli_generate_writes_png_with_provenance(served, tmp_path):
     out = tmp_path / "out.png"
     done = subprocess.run(
         [
@@ -43,7 +52,7 @@ def test_cli_generate_writes_png_with_provenance(cluster, tmp_path):
             "-o",
             str(out),
             "--url",
-            cluster.url,
+            served.url,
             "--seed",
             "42",
             "--steps",
@@ -59,10 +68,10 @@ def test_cli_generate_writes_png_with_provenance(cluster, tmp_path):
         text=True,
         timeout=120,
     )
-    assert done.returncode == 0, done.stderr + cluster.logs()
+    assert done.returncode == 0, done.stderr + served.logs()
     meta = read_png(out.read_bytes())
     prov = meta["provenance"]
-    models = {m["id"]: m for m in Client(cluster.url).models()}
+    models = {m["id"]: m for m in Client(served.url).models()}
     assert prov["model"]["sha256"] == models[prov["model"]["id"]]["sha256"]
     assert prov["seed"] == 42 and prov["request"]["steps"] == 3 and prov["request"]["sampler"] == "DPM++ 2M"
     assert {"darkroom", "diffusers", "torch"} <= set(prov["versions"])
@@ -80,9 +89,8 @@ def test_cli_generate_writes_png_with_provenance(cluster, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "single_file"])
-def test_same_seed_same_pixels_different_seed_differs(cluster, fmt):
-    cluster.start_server(workers=1)
-    with Client(cluster.url) as client:
+def test_same_seed_same_pixels_different_seed_differs(served, fmt):
+    with Client(served.url) as client:
         model = next(m["id"] for m in client.models() if m["format"] == fmt)
         http = client.http
 
@@ -96,9 +104,8 @@ def test_same_seed_same_pixels_different_seed_differs(cluster, fmt):
     assert not np.array_equal(a, c)
 
 
-def test_sse_stream_reports_queued_started_progress_succeeded(cluster):
-    cluster.start_server(workers=1)
-    with Client(cluster.url) as client:
+def test_sse_stream_reports_queued_started_progress_succeeded(served):
+    with Client(served.url) as client:
         job = client.submit({"prompt": "stream me", **SMALL, "steps": 4})
         events = list(client.events(job["id"]))
     kinds = [e["type"] for e in events]
@@ -111,9 +118,8 @@ def test_sse_stream_reports_queued_started_progress_succeeded(cluster):
     )
 
 
-def test_cancel_running_job_stops_at_next_step(cluster):
-    cluster.start_server(workers=1)
-    with Client(cluster.url) as client:
+def test_cancel_running_job_stops_at_next_step(served):
+    with Client(served.url) as client:
         job = client.submit({"prompt": "long", "width": 256, "height": 256, "steps": 150})
         wait_until(lambda: client.job(job["id"])["progress"]["step"] >= 1, timeout=60, what="first step")
         client.cancel(job["id"])
@@ -155,21 +161,6 @@ def test_sigkilled_worker_job_finishes_exactly_once_on_another(cluster):
     assert len([p for p in pngs if p.is_file()]) == 2
 
 
-def test_quick_start_on_empty_data_dir_makes_labelled_smoke_model(tmp_path):
-    cluster = Cluster(tmp_path, models_dir=None)
-    try:
-        cluster.start_server(workers=1)
-        with Client(cluster.url) as client:
-            models = client.models()
-            assert len(models) == 1 and models[0]["smoke_test"] is True
-            job = client.http.post("/v1/generate", json={"prompt": "a lighthouse at dusk", "steps": 2}).json()
-            assert job["state"] == "succeeded", job
-            assert (job["images"][0]["width"], job["images"][0]["height"]) == (512, 512)
-            assert json.loads(json.dumps(job["provenance"]))["model"]["smoke_test"] is True
-    finally:
-        cluster.close()
-
-
 def test_sigterm_drain_loses_no_job(tmp_path, models_dir):
     cluster = Cluster(tmp_path, models_dir, env={"DARKROOM_DRAIN_SECONDS": "0.3"})
     try:
@@ -200,13 +191,12 @@ def test_sigterm_drain_loses_no_job(tmp_path, models_dir):
         cluster.close()
 
 
-def test_websocket_streams_progress_until_the_end(cluster):
+def test_websocket_streams_progress_until_the_end(served):
     from websockets.sync.client import connect
 
-    cluster.start_server(workers=1)
-    with Client(cluster.url) as client:
+    with Client(served.url) as client:
         job = client.submit({"prompt": "ws", **SMALL, "steps": 4})
-        ws_url = cluster.url.replace("http://", "ws://") + f"/v1/jobs/{job['id']}/ws"
+        ws_url = served.url.replace("http://", "ws://") + f"/v1/jobs/{job['id']}/ws"
         with connect(ws_url, open_timeout=10) as ws:
             messages = []
             while True:

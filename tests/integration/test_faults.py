@@ -177,22 +177,6 @@ def test_a_job_that_breaks_the_device_every_time_is_given_up_and_the_worker_reco
     )
 
 
-def test_serve_with_two_workers_runs_two_workers(tmp_path, models_dir):
-    """`darkroom serve --workers 2` used to run one: the second thread died importing torch while the first did."""
-    cluster = Cluster(tmp_path, models_dir)
-    try:
-        cluster.start_server(workers=2)
-        with cluster.client() as http:
-
-            def active() -> list[str]:
-                return [w["id"] for w in http.get("/v1/workers").json() if w["state"] == "active"]
-
-            wait_until(lambda: len(active()) == 2, timeout=120, what=f"two active workers\n{cluster.logs()}")
-            assert "crashed" not in cluster.server.output()
-    finally:
-        cluster.close()
-
-
 def _children(pid: int) -> list[int]:
     """Live child processes of `pid`, from /proc (field 4 of /proc/<child>/stat is the parent's pid)."""
     out = []
@@ -207,22 +191,26 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def test_serve_runs_its_worker_as_a_supervised_child_process_that_dies_with_it(tmp_path, models_dir):
-    """The worker denoises in a process of its own (not holding the API's GIL); killed, it is restarted and the job
-    it held still finishes; and killing `serve` takes the worker with it, leaving no orphan holding leases."""
+def test_serve_runs_its_workers_in_a_supervised_child_process_that_dies_with_it(tmp_path, models_dir):
+    """The workers denoise in a process of their own (not holding the API's GIL), both of `--workers 2` (the second
+    once died importing torch while the first did); killed, the process is restarted and the job it held still
+    finishes; and killing `serve` takes its workers with it, leaving no orphan holding leases."""
     cluster = Cluster(tmp_path, models_dir, env={"DARKROOM_RECOVERY__RESTART_BACKOFF_SECONDS": "0.2"})
     try:
-        server = cluster.start_server(workers=1)
+        server = cluster.start_server(workers=2)
         with cluster.client() as http:
-            wait_until(lambda: _children(server.pid), timeout=60, what="the worker process")
-            (first,) = _children(server.pid)
-            wait_until(
-                lambda: [w for w in http.get("/v1/workers").json() if w["state"] == "active"],
-                timeout=120,
-                what=f"an active worker\n{cluster.logs()}",
-            )
+            wait_until(lambda: len(_children(server.pid)) == 2, timeout=60, what="the worker processes")
+            first, other = _children(server.pid)
+
+            def active() -> list[str]:
+                return [w["id"] for w in http.get("/v1/workers").json() if w["state"] == "active"]
+
+            wait_until(lambda: len(active()) == 2, timeout=120, what=f"two active workers\n{cluster.logs()}")
+            assert "crashed" not in server.output()
             os.kill(first, signal.SIGKILL)
-            wait_until(lambda: _children(server.pid) not in ([], [first]), timeout=60, what="a new worker process")
+            wait_until(
+                lambda: len(kids := _children(server.pid)) == 2 and first not in kids, timeout=60, what="a new worker"
+            )
             job = http.post("/v1/jobs", json={"prompt": "after the restart", "width": 64, "height": 64, "steps": 2})
             assert job.status_code == 202, job.text
             job_id = job.json()["id"]
@@ -232,9 +220,10 @@ def test_serve_runs_its_worker_as_a_supervised_child_process_that_dies_with_it(t
                 what=f"the job on the restarted worker\n{cluster.logs()}",
             )
             assert "worker process" in server.output() and "restarting" in server.output()
-        (second,) = _children(server.pid)
+        workers = _children(server.pid)
         server.kill(signal.SIGKILL)
-        wait_until(lambda: not Path(f"/proc/{second}").exists() or _zombie(second), timeout=30, what="worker gone")
+        for pid in workers:
+            wait_until(lambda p=pid: not Path(f"/proc/{p}").exists() or _zombie(p), timeout=30, what="workers gone")
     finally:
         cluster.close()
 

@@ -34,7 +34,7 @@ class Call:
 
 
 class OpenAIImagesServer:
-    def __init__(self, key: str, delay: float = 0.0) -> None:
+    def __init__(self, key: str, delay: float = 0.0, port: int = 0) -> None:
         self.key, self.delay = key, delay
         self.failing = False
         self.calls: list[Call] = []
@@ -81,7 +81,7 @@ class OpenAIImagesServer:
                 self.end_headers()
                 self.wfile.write(raw)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         serve = functools.partial(self.httpd.serve_forever, poll_interval=0.02)  # a quick shutdown
         self._thread = threading.Thread(target=serve, name="openai-images", daemon=True)

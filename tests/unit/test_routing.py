@@ -4,16 +4,18 @@ OpenAI-compatible remote, and small OpenAI-compatible servers on loopback (tests
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from darkroom.config import RemoteEngineSettings, RoutingSettings, Settings, WebhookSettings
+from darkroom.config import RecoverySettings, RemoteEngineSettings, RoutingSettings, Settings, WebhookSettings
 from darkroom.engines import routing
 from darkroom.jobs.store import JobRecord
 from darkroom.schemas import GenerationRequest, JobState
 from darkroom.service import Services
+from darkroom.worker.failures import claim_gate
 from darkroom.worker.loop import Worker
 from tests.support.openai_images import OpenAIImagesServer
 
@@ -35,6 +37,7 @@ def cloud_worker(tmp: Path, cloud: OpenAIImagesServer, name: str, data_dir: Path
         remote=RemoteEngineSettings(url=cloud.url, api_key_env="DARKROOM_TEST_CLOUD_KEY", poll_seconds=0.02),
         routing=RoutingSettings(**rules),  # type: ignore[arg-type]
         retry_backoff_seconds=0.001,
+        recovery=RecoverySettings(fatal_backoff_seconds=0.01, max_backoff_seconds=0.05),
         postprocess_workers=0,
         webhooks=WebhookSettings(enabled=False),
     )
@@ -107,6 +110,24 @@ def test_a_failing_engine_opens_its_circuit_and_the_job_is_retried_by_another(tm
         assert retried.attempts == 2  # the failed attempt on the broken engine counts, and says where it failed
         events = [e for e in second.store.events_since(jobs[0].id) if e.type in ("started", "retry", "failed")]
         assert [e.data.get("worker") for e in events if e.type == "started"] == ["broken", "healthy"]
+
+
+def test_a_remote_that_stops_answering_costs_no_attempt_and_its_worker_resumes_when_it_is_back(tmp_path: Path) -> None:
+    with OpenAIImagesServer(KEY) as gone:  # answered once; from here on nothing listens at its address
+        port = gone.httpd.server_address[1]
+    with cloud_worker(tmp_path, gone, "cloud", tmp_path / "data") as worker:
+        job = submit(worker, "public")
+        assert worker.run_once()  # connection refused: the engine's fault, the job goes back uncharged
+        queued = worker.store.require(job.id)
+        assert queued.state is JobState.queued and queued.attempts == 0
+        stop = threading.Event()
+        assert not any(claim_gate(worker, stop) for _ in range(3))  # the remote's check fails: no claims
+        with OpenAIImagesServer(KEY, port=port):  # the remote is back at the same address
+            while not claim_gate(worker, stop):  # the pause runs out and the check passes
+                pass
+            assert worker.run_once()
+        done = worker.store.require(job.id)
+        assert done.state is JobState.succeeded and done.attempts == 1
 
 
 def test_concurrency_slots_bound_the_jobs_a_process_runs_at_once() -> None:

@@ -641,31 +641,9 @@ class JobStore:
         claimed = self.claim_batch(worker_id, lease_seconds, max_batch=1, **options)
         return claimed[0] if claimed else None
 
-    def claim_batch(
-        self,
-        worker_id: str,
-        lease_seconds: float,
-        *,
-        max_batch: int = 1,
-        held_models: Collection[str] = (),
-        servable_models: Collection[str] | None = None,
-        batch_key: str | None = None,
-        affinity_window: int = 8,
-        start_head: bool = False,
-        labels: Collection[str] | None = None,
-    ) -> builtins.list[JobRecord]:
-        """The jobs of `claim_next`."""
-        return self.claim_next(
-            worker_id,
-            lease_seconds,
-            max_batch=max_batch,
-            held_models=held_models,
-            servable_models=servable_models,
-            batch_key=batch_key,
-            affinity_window=affinity_window,
-            start_head=start_head,
-            labels=labels,
-        ).jobs
+    def claim_batch(self, worker_id: str, lease_seconds: float, **options: Any) -> builtins.list[JobRecord]:
+        """The jobs of `claim_next` (same options)."""
+        return self.claim_next(worker_id, lease_seconds, **options).jobs
 
     def claim_next(
         self,

@@ -49,18 +49,19 @@ def record(
 ) -> None:
     """Append one record inside the caller's transaction. `tenant`: the tenant acted on, when not the caller's."""
     conn.execute(
-        audit_log.insert().values(
-            at=clock.utcnow(),
-            actor=who.actor,
-            role=who.role.value,
-            tenant=tenant or who.tenant,
-            action=action,
-            target=target,
-            outcome=outcome,
-            ip=who.ip,
-            request_id=who.request_id,
-            details=details or {},
-        )
+        audit_log.insert(),  # parameters, not .values(): the compiled INSERT is cached (every submit writes one)
+        {
+            "at": clock.utcnow(),
+            "actor": who.actor,
+            "role": who.role.value,
+            "tenant": tenant or who.tenant,
+            "action": action,
+            "target": target,
+            "outcome": outcome,
+            "ip": who.ip,
+            "request_id": who.request_id,
+            "details": details or {},
+        },
     )
 
 

@@ -292,7 +292,7 @@ class JobStore:
             images_today = usage.charge_images(conn, tenant, now, request.n)
             if admit is not None:
                 admit(conn, images_today)
-            conn.execute(jobs.insert().values(**row))
+            conn.execute(jobs.insert(), row)  # parameters, not .values(): the compiled INSERT is cached
             blob_refs.insert_uploads(conn, row["id"], row["request"])  # only jobs with uploads: one INSERT
             tags.insert_tags(conn, row)  # only tagged jobs: one INSERT
             self._event(conn, row["id"], "queued", {"priority": request.priority}, now)

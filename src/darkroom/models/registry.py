@@ -126,17 +126,29 @@ class ModelRegistry:
         without a `model` asks for the default): a model added or removed changes the folder's mtime and shows at
         once, weights replaced inside a model's own folder show within the interval (workers check hashes
         themselves before they serve a model: `models.verify`). 0, the default, looks every time."""
+        if (models := self._fresh()) is not None:  # the common case, without the lock every submit would queue on
+            return models
         with self._lock:
-            now = time.monotonic()
-            top = _mtime(self.models_dir)
-            if self._fingerprint is not None and top == self._top and now - self._looked < self.rescan_seconds:
-                return list(self._models)
+            if (models := self._fresh()) is not None:
+                return models
+            now, top = time.monotonic(), _mtime(self.models_dir)
             fingerprint = self._fingerprint_now()
-            self._top, self._looked = top, now
             if fingerprint != self._fingerprint:
                 self._models = self._build_infos()
                 self._fingerprint = fingerprint
+            self._top, self._looked = top, now  # last: a reader that sees them fresh sees these models
             return list(self._models)
+
+    def _fresh(self) -> list[ModelInfo] | None:
+        """The last look's models when it is recent enough (`rescan_seconds`) and the folder's mtime has not moved."""
+        looked, top, models = self._looked, self._top, self._models
+        if (
+            self._fingerprint is None
+            or _mtime(self.models_dir) != top
+            or time.monotonic() - looked >= self.rescan_seconds
+        ):
+            return None
+        return list(models)
 
     def get(self, model_id: str) -> ModelInfo:
         for info in self.scan():

@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from darkroom.engines.base import Capabilities, EngineImage, EngineResult, ProgressFn
-from darkroom.engines.remote_http import RemoteHTTP, base64_png, decode_image, service_key
+from darkroom.engines.remote_http import RemoteHTTP, base64_png, decode_image
 from darkroom.errors import EngineError
 from darkroom.schemas import GenerationRequest, ModelInfo
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from darkroom.config import RemoteEngineSettings
 
 ENGINE_NAME = "a1111-remote"
 UNSUPPORTED = ("hires", "refiner", "controlnet", "upscale")  # request fields this engine does not send on
@@ -56,19 +55,6 @@ class A1111Engine(RemoteHTTP):
             transport=transport,
         )
         self.capabilities = Capabilities(modes=frozenset({"txt2img", "img2img", "inpaint"}), external=external)
-
-    @classmethod
-    def from_settings(cls, settings: RemoteEngineSettings) -> A1111Engine:
-        if not settings.url:
-            raise ValueError("engine = a1111 needs remote.url (DARKROOM_REMOTE__URL)")
-        return cls(
-            settings.url,
-            service_key(settings),
-            username=settings.username,
-            external=settings.external,
-            timeout_seconds=settings.timeout_seconds,
-            poll_seconds=settings.poll_seconds,
-        )
 
     def generate(
         self,

@@ -25,14 +25,13 @@ from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 from darkroom.engines.base import Capabilities, EngineImage, EngineResult, ProgressFn
-from darkroom.engines.remote_http import RemoteHTTP, decode_image, png_bytes, service_key
+from darkroom.engines.remote_http import RemoteHTTP, decode_image, png_bytes
 from darkroom.errors import EngineError, TransientEngineError
 from darkroom.schemas import GenerationRequest, ModelInfo
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from darkroom.config import RemoteEngineSettings
 
 ENGINE_NAME = "comfyui-remote"
 UNSUPPORTED = ("hires", "refiner", "controlnet", "upscale", "mask_image")
@@ -87,19 +86,6 @@ class ComfyUIEngine(RemoteHTTP):
         )
         self.client_id = uuid.uuid4().hex
         self.capabilities = Capabilities(modes=frozenset({"txt2img", "img2img"}), external=external)
-
-    @classmethod
-    def from_settings(cls, settings: RemoteEngineSettings) -> ComfyUIEngine:
-        if not settings.url:
-            raise ValueError("engine = comfyui needs remote.url (DARKROOM_REMOTE__URL)")
-        return cls(
-            settings.url,
-            service_key(settings),
-            username=settings.username,
-            external=settings.external,
-            timeout_seconds=settings.timeout_seconds,
-            poll_seconds=settings.poll_seconds,
-        )
 
     def generate(
         self,

@@ -126,10 +126,34 @@ def error_message(response: httpx.Response) -> tuple[str, str | None]:
     return str(body)[:300], None
 
 
+_Remote = TypeVar("_Remote", bound="RemoteHTTP")
+
+
 class RemoteHTTP:
     """An HTTP backend: the base URL, one `httpx.Client` with the engine's auth, health, and classified calls."""
 
     kind = "remote"
+    example_url = ""  # shown when remote.url is missing
+
+    @classmethod
+    def from_settings(cls: type[_Remote], settings: RemoteEngineSettings) -> _Remote:
+        """The engine `settings.remote` describes: its URL, the service key (env or file), and `options`."""
+        if not settings.url:
+            example = f", e.g. {cls.example_url}" if cls.example_url else ""
+            raise ValueError(f"engine = {cls.kind} needs remote.url (DARKROOM_REMOTE__URL){example}")
+        make: Callable[..., _Remote] = cls  # each kind takes (url, key, *, timeout_seconds, poll_seconds, **options)
+        return make(
+            settings.url,
+            service_key(settings),
+            timeout_seconds=settings.timeout_seconds,
+            poll_seconds=settings.poll_seconds,
+            **cls.options(settings),
+        )
+
+    @classmethod
+    def options(cls, settings: RemoteEngineSettings) -> dict[str, Any]:
+        """What else of `settings.remote` this kind of engine takes."""
+        return {"username": settings.username, "external": settings.external}
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from darkroom.engines.base import Capabilities, EngineImage, EngineResult, ProgressFn
-from darkroom.engines.remote_http import RemoteHTTP, decode_image, png_bytes, service_key
+from darkroom.engines.remote_http import RemoteHTTP, decode_image, png_bytes
 from darkroom.errors import EngineError
 from darkroom.schemas import GenerationRequest, ModelInfo
 
@@ -35,6 +35,7 @@ UNSUPPORTED = ("hires", "refiner", "controlnet", "upscale", "loras")
 class OpenAIImagesEngine(RemoteHTTP):
     name = ENGINE_NAME
     kind = "openai"
+    example_url = "https://api.openai.com/v1"
 
     def __init__(
         self,
@@ -60,17 +61,12 @@ class OpenAIImagesEngine(RemoteHTTP):
         self.capabilities = Capabilities(modes=frozenset({"txt2img", "img2img", "inpaint"}), external=external)
 
     @classmethod
-    def from_settings(cls, settings: RemoteEngineSettings) -> OpenAIImagesEngine:
-        if not settings.url:
-            raise ValueError("engine = openai needs remote.url (DARKROOM_REMOTE__URL), e.g. https://api.openai.com/v1")
-        return cls(
-            settings.url,
-            service_key(settings),
-            model=settings.model,
-            external=settings.external if "external" in settings.model_fields_set else True,
-            timeout_seconds=settings.timeout_seconds,
-            poll_seconds=settings.poll_seconds,
-        )
+    def options(cls, settings: RemoteEngineSettings) -> dict[str, Any]:
+        """A cloud: external unless the settings say otherwise, and the model it is asked for."""
+        return {
+            "model": settings.model,
+            "external": settings.external if "external" in settings.model_fields_set else True,
+        }
 
     def generate(
         self,

@@ -77,21 +77,22 @@ class Services:
         )
 
     def ensure_default_model(self) -> None:
-        """With no models at all, make the labelled random-weight smoke-test model so the service works offline."""
+        """With no models at all, install the built-in demo model (`darkroom.demo`) so the service works offline."""
         require_worker()  # every worker role starts here: a base install says which extra it lacks, up front
         if self.registry.scan() or not self.settings.create_default_model:
             return
-        from darkroom.models.smoke import ensure_smoke_model  # imports torch: only when it is needed
+        from darkroom.demo.install import ensure_default_model
 
-        path = ensure_smoke_model(self.settings.resolved_models_dir)
+        path, what = ensure_default_model(self.settings.resolved_models_dir)
         if path is not None:  # darkroom's own model: approved as written (`models.approvals.approve_own_model`)
             from darkroom.models.approvals import approve_own_model
 
             approve_own_model(self, path)
         log.warning(
-            "No models found: created the random-weight smoke-test model at %s (its images are noise). "
+            "No models found: created %s at %s. "
             "Add real checkpoints with `darkroom models add PATH` or drop .safetensors files or diffusers "
             "folders into %s.",
+            what,
             path,
             self.settings.resolved_models_dir,
         )

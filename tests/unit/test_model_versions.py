@@ -169,6 +169,7 @@ def test_a_new_file_is_refused_and_not_listed_until_approved_then_served(held, m
 
 
 def test_darkroom_s_own_default_model_is_approved_as_written_but_a_lookalike_is_held(held, tmp_path, models_dir):
+    from darkroom.demo.install import DEMO_MODEL_DIRNAME
     from darkroom.models.approvals import OWN
     from darkroom.models.smoke import SMOKE_LABEL, SMOKE_MODEL_DIRNAME
 
@@ -182,11 +183,11 @@ def test_darkroom_s_own_default_model_is_approved_as_written_but_a_lookalike_is_
 
     fresh = Services.open(Settings(data_dir=tmp_path / "data", models_dir=tmp_path / "models", security=HELD))
     try:
-        fresh.ensure_default_model()  # what `make run` does on a fresh data dir: builds the smoke model and approves it
+        fresh.ensure_default_model()  # what `make run` does on a fresh data dir: installs the demo model, approved
         with TestClient(create_app(fresh, workers=0)) as own:
-            assert listed(own)[0] == {SMOKE_MODEL_DIRNAME}
-            assert own.post("/v1/jobs", json={**BASE, "model": SMOKE_MODEL_DIRNAME}).status_code == 202
-            versions = own.get(f"/v1/models/{SMOKE_MODEL_DIRNAME}/versions").json()
+            assert listed(own)[0] == {DEMO_MODEL_DIRNAME}
+            assert own.post("/v1/jobs", json={**BASE, "model": DEMO_MODEL_DIRNAME}).status_code == 202
+            versions = own.get(f"/v1/models/{DEMO_MODEL_DIRNAME}/versions").json()
             assert versions["versions"][-1]["approved_by"] == OWN
         assert [r.action for r in fresh.audit.export(action="model.approve")] == ["model.approve"]
     finally:

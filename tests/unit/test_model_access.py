@@ -5,6 +5,7 @@ native, A1111 and OpenAI APIs; policies with unknown fields are refused."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,6 +55,12 @@ def test_listings_show_a_tenant_only_what_it_may_use(api):
     assert [m["model_name"] for m in api.get("/sdapi/v1/sd-models", headers=b).json()] == ["tiny-single"]
     assert {x["name"] for x in api.get("/sdapi/v1/loras", headers=a).json()} == {"brand-a-style", "shared-style"}
     assert [x["name"] for x in api.get("/sdapi/v1/loras", headers=b).json()] == ["shared-style"]
+    # The ComfyUI API's folders and node options follow the same rules.
+    assert api.get("/models/checkpoints", headers=b).json() == ["tiny-single"]
+    assert [Path(x).stem for x in api.get("/models/loras", headers=b).json()] == ["shared-style"]
+    assert len(api.get("/models/loras", headers=a).json()) == 2
+    options = api.get("/object_info/CheckpointLoaderSimple", headers=b).json()["CheckpointLoaderSimple"]
+    assert options["input"]["required"]["ckpt_name"][0] == ["tiny-single"]
 
 
 def test_using_a_model_the_tenant_may_not_use_is_a_403_naming_it_on_every_api(api):

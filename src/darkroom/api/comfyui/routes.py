@@ -17,8 +17,8 @@ import contextlib
 import datetime as dt
 import json
 import platform
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response, WebSocket
 from fastapi.concurrency import run_in_threadpool
@@ -31,15 +31,18 @@ from starlette.datastructures import UploadFile
 from darkroom import __version__
 from darkroom.auth import audit
 from darkroom.auth.principal import Permission, Principal
+from darkroom.auth.tenants import TenantPolicy
 from darkroom.engines import upscalers
 from darkroom.errors import Conflict, DarkroomError, HeldForReview, InvalidRequest, NotFound, PayloadTooLarge
 from darkroom.jobs.store import JobRecord
 from darkroom.kv import SettingsKV
-from darkroom.schemas import GenerationRequest, JobState, WorkflowSpec, check_limits
+from darkroom.models import access as model_access
+from darkroom.models.controlnets import ControlNetInfo
+from darkroom.schemas import AdapterInfo, GenerationRequest, JobState, WorkflowSpec, check_limits
 from darkroom.service import Services
 
 from .. import compat
-from ..auth import principal, require, sees_job, visible_image, visible_job, websocket_principal
+from ..auth import principal, require, sees_job, tenant_policy, visible_image, visible_job, websocket_principal
 from ..errors import invalid_json_message
 from ..uploads import open_image, png_bytes
 from ..v1 import services, submit
@@ -392,20 +395,36 @@ async def upload_mask(request: Request) -> dict[str, Any]:
 
 # --- models, nodes, system -------------------------------------------------------------------------------------------
 
+T = TypeVar("T", AdapterInfo, ControlNetInfo)
 MODEL_FOLDERS = ("checkpoints", "loras", "vae", "controlnet", "upscale_models", "embeddings")
 
 
-def folder_listing(svc: Services, who: Principal) -> dict[str, list[str]]:
+def folder_listing(svc: Services, who: Principal, policy: TenantPolicy) -> dict[str, list[str]]:
+    """What the model folders hold for this caller: as the native and A1111 listings, only the models its tenant may
+    use (`models.access`) whose file is approved, so no tenant learns another's private model names here either."""
     registry = svc.registry
+
+    def offered(kind: str, items: Iterable[T]) -> list[T]:
+        return model_access.offered(svc, policy, kind, items, _name, _sha)
+
+    upscalers = registry.upscaler_files()
     return {
-        "checkpoints": [m.id for m in registry.scan()],
-        "loras": [f"{a.relpath}" for a in registry.loras()],
+        "checkpoints": [m.id for m in model_access.offered_checkpoints(svc, policy)],
+        "loras": [a.relpath for a in offered("lora", registry.loras())],
         "vae": [],
-        "controlnet": [c.relpath for c in registry.controlnets()],
-        "upscale_models": sorted(p.name for p in registry.upscaler_files().values()),
-        "embeddings": [a.name for a in registry.embeddings()],
+        "controlnet": [c.relpath for c in offered("controlnet", registry.controlnets())],
+        "upscale_models": sorted(p.name for n, p in upscalers.items() if model_access.may_use(policy, "upscaler", n)),
+        "embeddings": [a.name for a in offered("embedding", registry.embeddings())],
         "input": sorted(Inputs(svc, who.tenant).names()),
     }
+
+
+def _name(item: AdapterInfo | ControlNetInfo) -> str:
+    return item.name
+
+
+def _sha(item: AdapterInfo | ControlNetInfo) -> str:
+    return item.sha256
 
 
 @router.get("/models", summary="ComfyUI: the model folders")
@@ -417,17 +436,17 @@ def model_folders() -> list[str]:
 def model_folder(request: Request, folder: str) -> list[str]:
     if folder not in MODEL_FOLDERS:
         raise NotFound(f"no model folder {folder!r} ({', '.join(MODEL_FOLDERS)})", field="folder")
-    return folder_listing(services(request), principal(request))[folder]
+    return folder_listing(services(request), principal(request), tenant_policy(request))[folder]
 
 
 @router.get("/object_info", summary="ComfyUI: the node classes darkroom compiles")
 def object_info(request: Request) -> dict[str, Any]:
-    return nodes.definitions(folder_listing(services(request), principal(request)))
+    return nodes.definitions(folder_listing(services(request), principal(request), tenant_policy(request)))
 
 
 @router.get("/object_info/{node_class}", summary="ComfyUI: one node class")
 def object_info_one(request: Request, node_class: str) -> dict[str, Any]:
-    found = nodes.definitions(folder_listing(services(request), principal(request)))
+    found = nodes.definitions(folder_listing(services(request), principal(request), tenant_policy(request)))
     return {node_class: found[node_class]} if node_class in found else {}
 
 

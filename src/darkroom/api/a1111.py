@@ -722,7 +722,7 @@ def embeddings(request: Request) -> dict[str, Any]:
     svc = services(request)
     loaded: dict[str, Any] = {}
     skipped: dict[str, Any] = {}
-    for info in model_access.visible(tenant_policy(request), "embedding", svc.registry.embeddings(), _name):
+    for info in model_access.offered(svc, tenant_policy(request), "embedding", svc.registry.embeddings(), _name, _sha):
         try:
             vectors, shape = embedding_shape(info.path)
         except Exception:  # no tensors, or a header that lies: not an embedding

@@ -62,7 +62,7 @@ def test_the_command_writes_an_sd1_diffusers_folder_with_a_model_card(trained: P
 
     card = json.loads((trained / "darkroom.json").read_text())
     assert card["defaults"]["width"] == 64 and "only knows shapes" in card["description"]
-    pipe = StableDiffusionPipeline.from_pretrained(trained, torch_dtype=torch.float32, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(trained, dtype=torch.float32, local_files_only=True)
     assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size * 4 == 64
     image = pipe("a red circle on a blue background", num_inference_steps=2, output_type="pil").images[0]
     assert image.size == (64, 64)

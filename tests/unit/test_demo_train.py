@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from darkroom.cli import app
 from darkroom.demo.train import TrainConfig, Trainer
+from darkroom.demo.world import POSITIONS
 
 TINY = {"batch": 2, "vae_batch": 2, "unet_channels": (16, 32), "vae_channels": (8, 8, 8), "checkpoint_every": 1}
 
@@ -66,3 +67,18 @@ def test_the_command_writes_an_sd1_diffusers_folder_with_a_model_card(trained: P
     assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size * 4 == 64
     image = pipe("a red circle on a blue background", num_inference_steps=2, output_type="pil").images[0]
     assert image.size == (64, 64)
+
+
+def test_placed_shapes_join_the_batches_only_from_placed_from_on(tmp_path: Path) -> None:
+    """Batches before `placed_from` are the ones earlier runs drew, so resuming past it continues those runs."""
+    import random
+
+    from darkroom.demo.world import Scene
+
+    trainer = Trainer(TrainConfig(placed_from=3, placed_share=1.0, **TINY), tmp_path)  # type: ignore[arg-type]
+    rng = random.Random("0:unet:2")
+    assert trainer.batch("unet", 2, 8)[1] == [Scene.sample(rng).caption for _ in range(8)]
+    late = trainer.batch("unet", 3, 8)[1]
+    assert all(c.split()[0] in ("a", "an") and any(p[2] in c for p in POSITIONS.values()) for c in late)
+    rng = random.Random("0:vae:3")
+    assert trainer.batch("vae", 3, 8)[1] == [Scene.sample(rng).caption for _ in range(8)]

@@ -73,3 +73,12 @@ def test_the_demo_tokenizer_has_one_token_per_caption_word() -> None:
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
     ids = tokenizer("a zebra", add_special_tokens=False).input_ids  # unknown words still tokenize, letter by letter
     assert len(ids) > 2 and tokenizer.unk_token_id not in ids
+
+
+def test_placed_scenes_are_one_shape_at_a_named_position_and_leave_the_default_draws_alone() -> None:
+    rng = random.Random(5)
+    placed = [Scene.sample(rng, placed=True) for _ in range(60)]
+    assert all(s.count == 1 and s.position is not None for s in placed)
+    assert {s.position for s in placed} == set(POSITIONS)
+    assert not any(is_held_out(s.colour, s.shape, s.background) for s in placed)
+    assert Scene.sample(random.Random(9), placed=False) == Scene.sample(random.Random(9))

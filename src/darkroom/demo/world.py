@@ -83,16 +83,19 @@ class Scene:
         return caption_of(self)
 
     @staticmethod
-    def sample(rng: random.Random, split: Split = "train") -> Scene:
-        """A random scene whose (colour, shape, background) lies in `split`."""
+    def sample(rng: random.Random, split: Split = "train", placed: bool = False) -> Scene:
+        """A random scene whose (colour, shape, background) lies in `split`; `placed`: one shape at a named position.
+
+        `placed` draws nothing extra, and without it the draws are those of every earlier release, so the held-out
+        list and the batches of a training run stay the same."""
         while True:
             colour, shape, background = rng.choice(list(COLOURS)), rng.choice(list(SHAPES)), rng.choice(list(COLOURS))
             if colour != background and is_held_out(colour, shape, background) == (split == "held_out"):
                 break
-        count = rng.choice((1, 1, 2, 3, 4))  # one shape as often as the others: positions are about single shapes
+        count = 1 if placed else rng.choice((1, 1, 2, 3, 4))  # positions are about single shapes
         if count == 1:
             size = rng.choice(list(SIZES))
-            position = rng.choice([*POSITIONS, None])
+            position = rng.choice(list(POSITIONS)) if placed else rng.choice([*POSITIONS, None])
             centres: tuple[tuple[float, float], ...] = (_single_centre(rng, size, position),)
         else:  # several shapes are small, in distinct cells of a 3x3 grid
             size, position = "small", None

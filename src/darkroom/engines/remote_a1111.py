@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from darkroom.engines.base import Capabilities, EngineImage, EngineResult, ProgressFn
+from darkroom.engines.base import EngineImage, EngineResult, ProgressFn
 from darkroom.engines.remote_http import RemoteHTTP, base64_png, decode_image
 from darkroom.errors import EngineError
 from darkroom.schemas import GenerationRequest, ModelInfo
@@ -33,6 +33,8 @@ UNSUPPORTED = ("hires", "refiner", "controlnet", "upscale")  # request fields th
 class A1111Engine(RemoteHTTP):
     name = ENGINE_NAME
     kind = "a1111"
+    health_path = "/sdapi/v1/sd-models"
+    modes = frozenset({"txt2img", "img2img", "inpaint"})
 
     def __init__(
         self,
@@ -49,12 +51,11 @@ class A1111Engine(RemoteHTTP):
         super().__init__(
             url,
             auth=auth,
+            external=external,
             timeout_seconds=timeout_seconds,
             poll_seconds=poll_seconds,
-            health_path="/sdapi/v1/sd-models",
             transport=transport,
         )
-        self.capabilities = Capabilities(modes=frozenset({"txt2img", "img2img", "inpaint"}), external=external)
 
     def generate(
         self,

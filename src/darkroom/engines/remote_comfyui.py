@@ -24,7 +24,7 @@ import httpx
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
-from darkroom.engines.base import Capabilities, EngineImage, EngineResult, ProgressFn
+from darkroom.engines.base import EngineImage, EngineResult, ProgressFn
 from darkroom.engines.remote_http import RemoteHTTP, decode_image, png_bytes
 from darkroom.errors import EngineError, TransientEngineError
 from darkroom.schemas import GenerationRequest, ModelInfo
@@ -57,6 +57,8 @@ MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 class ComfyUIEngine(RemoteHTTP):
     name = ENGINE_NAME
     kind = "comfyui"
+    health_path = "/system_stats"
+    modes = frozenset({"txt2img", "img2img"})
 
     def __init__(
         self,
@@ -79,13 +81,12 @@ class ComfyUIEngine(RemoteHTTP):
         super().__init__(
             url,
             headers=headers,
+            external=external,
             timeout_seconds=timeout_seconds,
             poll_seconds=poll_seconds,
-            health_path="/system_stats",
             transport=transport,
         )
         self.client_id = uuid.uuid4().hex
-        self.capabilities = Capabilities(modes=frozenset({"txt2img", "img2img"}), external=external)
 
     def generate(
         self,

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from darkroom.engines.base import EngineHealth, ProgressFn
+from darkroom.engines.base import Capabilities, EngineHealth, ProgressFn
 from darkroom.errors import EngineError, FatalEngineError, TransientEngineError
 
 if TYPE_CHECKING:
@@ -65,9 +65,7 @@ def build_remote(settings: Settings) -> Engine:
         "comfyui": remote_comfyui.ComfyUIEngine.from_settings,
         "openai": remote_openai.OpenAIImagesEngine.from_settings,
     }
-    if not settings.remote.url:
-        raise ValueError(f"engine = {settings.engine} needs remote.url (DARKROOM_REMOTE__URL)")
-    return kinds[settings.engine](settings.remote)
+    return kinds[settings.engine](settings.remote)  # each kind's `from_settings` says what is missing
 
 
 def base64_png(image: Image.Image) -> str:
@@ -134,6 +132,8 @@ class RemoteHTTP:
 
     kind = "remote"
     example_url = ""  # shown when remote.url is missing
+    health_path = "/"  # answers 200 when the remote is up and takes our key
+    modes: frozenset[str] = frozenset({"txt2img"})  # what the kind can run (`Capabilities.modes`)
 
     @classmethod
     def from_settings(cls: type[_Remote], settings: RemoteEngineSettings) -> _Remote:
@@ -161,16 +161,16 @@ class RemoteHTTP:
         *,
         headers: dict[str, str] | None = None,
         auth: httpx.Auth | None = None,
+        external: bool = False,
         timeout_seconds: float = 30.0,
         poll_seconds: float = 1.0,
-        health_path: str = "/",
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.host = urlsplit(self.url).netloc
         self.device = self.host  # where the pixels are computed, for logs and listings
         self.poll_seconds = poll_seconds
-        self.health_path = health_path
+        self.capabilities = Capabilities(modes=self.modes, external=external)
         self.http = httpx.Client(
             base_url=self.url, headers=headers, auth=auth, timeout=timeout_seconds, transport=transport
         )

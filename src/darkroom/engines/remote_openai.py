@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from darkroom.engines.base import Capabilities, EngineImage, EngineResult, ProgressFn
+from darkroom.engines.base import EngineImage, EngineResult, ProgressFn
 from darkroom.engines.remote_http import RemoteHTTP, decode_image, png_bytes
 from darkroom.errors import EngineError
 from darkroom.schemas import GenerationRequest, ModelInfo
@@ -36,6 +36,8 @@ class OpenAIImagesEngine(RemoteHTTP):
     name = ENGINE_NAME
     kind = "openai"
     example_url = "https://api.openai.com/v1"
+    health_path = "/models"
+    modes = frozenset({"txt2img", "img2img", "inpaint"})
 
     def __init__(
         self,
@@ -52,13 +54,12 @@ class OpenAIImagesEngine(RemoteHTTP):
         super().__init__(
             url,
             headers=headers,
+            external=external,
             timeout_seconds=timeout_seconds,
             poll_seconds=poll_seconds,
-            health_path="/models",
             transport=transport,
         )
         self.model = model
-        self.capabilities = Capabilities(modes=frozenset({"txt2img", "img2img", "inpaint"}), external=external)
 
     @classmethod
     def options(cls, settings: RemoteEngineSettings) -> dict[str, Any]:

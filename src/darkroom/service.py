@@ -11,7 +11,7 @@ from darkroom.auth.keys import KeyStore
 from darkroom.auth.tenants import TenantStore
 from darkroom.config import Settings
 from darkroom.engines.base import Engine
-from darkroom.engines.routing import Route
+from darkroom.engines.routing import Route, is_remote
 from darkroom.engines.shared import EnginePool
 from darkroom.extras import require, require_worker
 from darkroom.jobs.db import migrate
@@ -123,7 +123,7 @@ class Services:
     def _new_engine(self) -> Engine:
         """The engine `settings.engine` names: the local device, or a remote backend driven over its API."""
         s = self.settings
-        if s.engine != "diffusers":
+        if is_remote(s):
             from darkroom.engines.remote_http import build_remote
 
             return build_remote(s)

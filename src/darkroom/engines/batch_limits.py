@@ -127,11 +127,6 @@ class BatchLimits:
             self._current[key] = limit
         metrics.batch_limit(self.device, *key, limit)
 
-    def remembered(self, key: Key) -> int | None:
-        """The limit learnt from running out of memory, if any."""
-        with self._lock:
-            return self._oom.get(key)
-
     def current(self) -> dict[Key, int]:
         """The limit last in force per model and size (also `darkroom_batch_limit_images`)."""
         with self._lock:

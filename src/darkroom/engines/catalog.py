@@ -49,7 +49,7 @@ def configured_engines(
 ) -> list[EngineDescription]:
     """`local_health`: how the process's own workers fare, the local engine's health as seen without touching it.
     `route`: the process's routing state, whose circuit its own worker threads share."""
-    if settings.engine != "diffusers":
+    if routing.is_remote(settings):
         engine = _remote(settings)
     else:
         engine = EngineDescription("diffusers", "diffusers", settings.device, DIFFUSERS_CAPABILITIES, local_health)

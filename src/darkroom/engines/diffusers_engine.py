@@ -219,7 +219,7 @@ class DiffusersEngine:
     ) -> EngineResult:
         """`control_images`: each ControlNet unit's image, in the order of `request.controlnet`."""
         started = time.perf_counter()
-        info = self.registry.get(request.model) if request.model else self.registry.default()
+        info = self._model_info(request)
         check_pinned_version(info, request)
         spec = resolve_sampler(request.sampler)
         if request.seed is None:  # the API resolves seeds when it creates the job; direct callers may not have
@@ -317,11 +317,15 @@ class DiffusersEngine:
                 outcomes += [self._alone(item) for item in chunk]
         return outcomes
 
+    def _model_info(self, request: GenerationRequest) -> ModelInfo:
+        """The model a request names, or the registry's default."""
+        return self.registry.get(request.model) if request.model else self.registry.default()
+
     def _zeroes_empty_negatives(self, request: GenerationRequest) -> bool:
         """SDXL guides an image without a negative prompt with zeros, not with an encoded empty prompt; one call
         cannot do both, so such a batch runs as two (with and without negative prompts)."""
         try:
-            info = self.registry.get(request.model) if request.model else self.registry.default()
+            info = self._model_info(request)
         except DarkroomError:
             return False
         return info.arch.startswith("sdxl")
@@ -341,7 +345,7 @@ class DiffusersEngine:
         """The image limit for `request`'s model and size now; estimated from the model's shapes only once it is
         loaded (a first batch relies on the halving after an out-of-memory error)."""
         try:
-            info = self.registry.get(request.model) if request.model else self.registry.default()
+            info = self._model_info(request)
         except DarkroomError:
             return None  # the joint run reports it, job by job
         with self._run_lock:  # no other pass in flight while free memory is read
@@ -363,7 +367,7 @@ class DiffusersEngine:
     def _generate_joint(self, items: list[BatchItem]) -> list[BatchOutcome]:
         started = time.perf_counter()
         first = items[0].request
-        info = self.registry.get(first.model) if first.model else self.registry.default()
+        info = self._model_info(first)
         for item in items:
             check_pinned_version(info, item.request)
         spec = resolve_sampler(first.sampler)
@@ -734,14 +738,14 @@ def joint_kwargs(items: list[BatchItem], sources: list[Sources], seeds: list[int
     """Arguments for one pipeline call producing every image of `items` (one batch key: same mode, size, steps,
     strength): prompts, source images and masks repeated per image of each job, one generator per image."""
     first = items[0].request
-    first_negative = any(item.request.negative_prompt for item in items)
+    any_negative = any(item.request.negative_prompt for item in items)
     per_image = [
         (item.request, source) for item, source in zip(items, sources, strict=True) for _ in range(item.request.n)
     ]
     kwargs: dict[str, Any] = {
         "prompt": [request.prompt for request, _ in per_image],
         # None when no image has one, as in a solo run: SDXL then guides with zeros instead of an encoded ""
-        "negative_prompt": [request.negative_prompt or "" for request, _ in per_image] if first_negative else None,
+        "negative_prompt": [request.negative_prompt or "" for request, _ in per_image] if any_negative else None,
         "num_inference_steps": first.steps,
         "guidance_scale": first.guidance_scale,
         "num_images_per_prompt": 1,

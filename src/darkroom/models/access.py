@@ -118,7 +118,8 @@ def resolve_checkpoint(registry: ModelRegistry, policy: AccessPolicy, name: str 
 
 
 def visible_checkpoints(registry: ModelRegistry, policy: AccessPolicy) -> list[ModelInfo]:
-    """The checkpoints a tenant is shown: the one function every model listing calls (native, A1111, OpenAI)."""
+    """The checkpoints a tenant may use, approved or not (the operators' models page); listings offer
+    `offered_checkpoints`."""
     return visible(policy, "checkpoint", registry.scan(), lambda m: m.id)
 
 

@@ -386,6 +386,7 @@ class Worker:
         while the device was busy are claimed together anyway."""
         s = self.settings
         began = time.time_ns()
+        labels = self._labels()  # an external engine never takes confidential work (engines.routing)
         self._wake.clear()  # a notice from here on may be for a job this claim does not see
         claimed = self.store.claim_next(
             self.id,
@@ -393,7 +394,7 @@ class Worker:
             max_batch=s.max_batch,
             held_models=self.held_models(),
             servable_models=self.servable_models(),
-            labels=self._labels(),  # an external engine never takes confidential work (engines.routing)
+            labels=labels,
             start_head=True,  # the head runs next: its claim starts it (no separate `start` transaction)
         )
         batch, self._drained = claimed.jobs, claimed.drained
@@ -406,7 +407,7 @@ class Worker:
                 s.lease_seconds,
                 max_batch=s.max_batch - len(batch),
                 batch_key=batch[0].batch_key,
-                labels=self._labels(),
+                labels=labels,
             )
         return batch
 
@@ -525,8 +526,8 @@ class Worker:
         return BatchItem(request=request, progress=run, init_image=init, mask_image=mask, control_images=controls)
 
     def _start(self, job: JobRecord, leases: _Leases) -> tuple[JobRecord, _Run] | None:
-        """Charge the attempt (it counts from here, not from the claim) and set up the job's step callback; None
-        when the lease was lost before it started."""
+        """Charge the attempt (it counts from the start, not from the claim; the head of a claim was started by the
+        claim itself) and set up the job's step callback; None when the lease was lost before it started."""
         if job.started_at is None:  # the head of a claim was started by the claim itself
             attempt = self.store.start(job.id, self.id)
             if attempt is None:

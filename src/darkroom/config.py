@@ -412,10 +412,13 @@ class GpuSettings(BaseModel):
         return frozenset((int(width), int(height)) for width, height in pairs)
 
 
+DataLabel = Literal["confidential", "internal", "public"]  # who may see a job's data (engines/routing.py)
+
+
 class RoutingSettings(BaseModel):
     """Which jobs a worker's engine may take, and when (darkroom/engines/routing.py). Env: `DARKROOM_ROUTING__…`."""
 
-    default_label: Literal["confidential", "internal", "public"] = Field(
+    default_label: DataLabel = Field(
         "internal", description="a job's data label when neither its request nor its tenant's policy gives one"
     )
     external_labels: list[Literal["internal", "public"]] = Field(

@@ -9,12 +9,11 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
-from darkroom.config import Limits
+from darkroom.config import DataLabel, Limits
 from darkroom.errors import InvalidRequest
 from darkroom.webhooks.guard import MAX_URL_CHARS, WebhookRefused, validate_url
 
 Priority = Literal["high", "normal", "low"]
-DataLabel = Literal["confidential", "internal", "public"]
 WebhookEvent = Literal[
     "queued", "started", "progress", "retrying", "requeued", "succeeded", "failed", "cancelled", "dead", "completed"
 ]

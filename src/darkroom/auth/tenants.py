@@ -18,6 +18,7 @@ from darkroom.auth import audit, invalidation
 from darkroom.auth.cache import TTLCache
 from darkroom.auth.principal import Principal
 from darkroom.auth.tables import tenants
+from darkroom.config import DataLabel
 from darkroom.jobs.db import read_tx, write_tx
 from darkroom.models.access import ModelKind, check_pattern
 
@@ -52,7 +53,7 @@ class TenantPolicy(BaseModel):
     gpu_seconds_per_month: float | None = Field(default=None, gt=0, description="worker time since the 1st, UTC")
     prompt_rules: list[PromptRule] = Field(default_factory=list, max_length=1000)
     require_review: bool = Field(default=False, description="hold every output until an operator approves it")
-    data_label: Literal["confidential", "internal", "public"] | None = Field(
+    data_label: DataLabel | None = Field(
         default=None, description="the tenant's data label; a request may only make it stricter (engines/routing.py)"
     )
     image_ttl_days: float | None = Field(default=None, gt=0, description="delete images (and uploads) after")

@@ -219,7 +219,9 @@ def test_generate_from_the_form_and_watch_progress(page, site):
     page.wait_for_selector("#job-state-value:text('succeeded')")
     image = page.locator("#result img").first
     image.wait_for()
-    page.wait_for_function("document.querySelector('#result img').complete")  # shown is not yet loaded
+    # Shown is not yet loaded. The check reads a property, not a string of JavaScript: wait_for_function
+    # evaluates its string with eval, which the UI's Content-Security-Policy (script-src 'self') forbids.
+    sync_api.expect(image).to_have_js_property("complete", True)
     assert page.evaluate("document.querySelector('#result img').naturalWidth") == 64
     # The progress bar and the live preview were fed by the event stream (the page itself was rendered while
     # the job was queued or running, with no preview).
@@ -257,8 +259,9 @@ def test_operator_approves_a_held_image(page, site):
     page.click("nav[aria-label=Main] >> text=Review")
     card = page.locator(f"#review-{image_id}")
     card.wait_for()
-    loaded = f"document.querySelector('#review-{image_id} img').complete"  # the card can show before its image loads
-    page.wait_for_function(f"{loaded} && document.querySelector('#review-{image_id} img').naturalWidth > 0")
+    picture = card.locator("img")  # the card can show before its image loads
+    sync_api.expect(picture).to_have_js_property("complete", True)
+    sync_api.expect(picture).to_have_js_property("naturalWidth", 64)
     assert page.evaluate(f"document.querySelector('#review-{image_id} img').naturalWidth") == 64
     check_accessibility(page)
     shot(page, "review")

@@ -103,6 +103,45 @@ def test_a_write_in_this_process_pokes_the_feed_without_waiting_for_its_tick(sto
         feed.close()
 
 
+def test_feeds_start_and_stop_while_other_threads_use_the_engine(store_pair):
+    """Feeds come and go (a worker built without one starts its own) while request and worker threads check
+    connections into the same pool: none of those threads may fail, and a stopped feed is poked no more."""
+    here, _ = store_pair
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def use_the_pool() -> None:
+        while not stop.is_set():
+            try:
+                here.get("job_none")
+            except BaseException as exc:  # noqa: BLE001 - the race this test looks for fails here
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=use_the_pool) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(30):
+            ChangeFeed(here.url, here.engine, check_seconds=30).start().close()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    stale = ChangeFeed(here.url, here.engine, check_seconds=30).start()
+    stale.close()
+    live = ChangeFeed(here.url, here.engine, check_seconds=30).start()
+    try:
+        work = threading.Event()
+        live.on_work(work.set)
+        here.create(request(seed=9))
+        assert work.wait(5), "the live feed missed a commit"
+        assert stale.reads == 0 or not stale.running
+    finally:
+        live.close()
+
+
 _WRITER = """
 import sys
 from darkroom.jobs.notify import ChangeFeed

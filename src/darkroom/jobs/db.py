@@ -12,7 +12,7 @@ import fcntl
 import logging
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,55 @@ def _sqlite_engine(url: str) -> sa.Engine:
     def _begin(conn: sa.Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.pop(_WRITE, False) else "BEGIN")
 
+    _checkin_hooks(engine)  # its one pool listener, added before any thread uses the engine
     return engine
+
+
+CheckinHook = Callable[[Any, Any], None]
+
+
+class _CheckinHooks:
+    """One `checkin` pool listener per engine, calling whoever subscribed.
+
+    SQLAlchemy keeps an event's listeners in a deque that it iterates on every checkin. Adding or removing a listener
+    while another thread checks a connection in fails that thread with "deque mutated during iteration", so feeds
+    that start and stop while workers run must not touch the engine's listeners. They change this tuple instead,
+    which is replaced whole (under a lock) and read without one."""
+
+    def __init__(self) -> None:
+        self.hooks: tuple[CheckinHook, ...] = ()
+        self.lock = threading.Lock()
+
+    def __call__(self, dbapi_conn: Any, record: Any) -> None:
+        for hook in self.hooks:
+            hook(dbapi_conn, record)
+
+
+_checkins: weakref.WeakKeyDictionary[sa.Engine, _CheckinHooks] = weakref.WeakKeyDictionary()
+_checkins_lock = threading.Lock()
+
+
+def _checkin_hooks(engine: sa.Engine) -> _CheckinHooks:
+    with _checkins_lock:
+        hooks = _checkins.get(engine)
+        if hooks is None:  # an engine made elsewhere: its listener is added now, once
+            hooks = _checkins[engine] = _CheckinHooks()
+            sa.event.listen(engine, "checkin", hooks)
+        return hooks
+
+
+def on_checkin(engine: sa.Engine, hook: CheckinHook) -> Callable[[], None]:
+    """Call `hook(dbapi_connection, record)` whenever a connection goes back to the engine's pool (its transaction
+    over, its rows visible). Returns the function that unsubscribes. Safe while other threads use the engine."""
+    hooks = _checkin_hooks(engine)
+    with hooks.lock:
+        hooks.hooks = (*hooks.hooks, hook)
+
+    def cancel() -> None:
+        with hooks.lock:
+            hooks.hooks = tuple(h for h in hooks.hooks if h is not hook)
+
+    return cancel
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from darkroom import clock
-from darkroom.jobs.db import create_engine
+from darkroom.jobs.db import create_engine, on_checkin
 from darkroom.jobs.doorbell import Doorbell
 from darkroom.jobs.tables import job_events
 from darkroom.schemas import JobEvent
@@ -147,6 +147,7 @@ class ChangeFeed:
         self.fallback_seconds = fallback_seconds
         self.gap_seconds = gap_seconds if self.postgres else 0.0
         self._watched = engine
+        self._unwatch: Callable[[], None] | None = None
         self._engine = create_engine(url)
         self._subs: dict[str, set[Subscription]] = {}
         self._listeners: list[tuple[frozenset[str], Callable[[], None]]] = []
@@ -234,7 +235,7 @@ class ChangeFeed:
             with self._engine.connect() as conn:
                 self._low = conn.execute(sa.select(sa.func.max(job_events.c.id))).scalar() or 0
             if self._watched is not None and not self.postgres:
-                sa.event.listen(self._watched, "checkin", self._on_checkin)
+                self._unwatch = on_checkin(self._watched, self._on_checkin)
             self._thread = threading.Thread(target=self._run, name="darkroom-feed", daemon=True)
             self._thread.start()
         return self
@@ -247,9 +248,8 @@ class ChangeFeed:
         self._poke_pending = True  # from now on a poke writes nothing: the pipe is about to close
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._watched is not None and self._thread is not None and not self.postgres:
-            with contextlib.suppress(sa.exc.InvalidRequestError):
-                sa.event.remove(self._watched, "checkin", self._on_checkin)
+        if self._unwatch is not None:
+            self._unwatch()
         for conn in (self._sqlite, self._listen):
             if conn is not None:
                 with contextlib.suppress(Exception):

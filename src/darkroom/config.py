@@ -383,6 +383,11 @@ class GpuSettings(BaseModel):
     memory_headroom: float = Field(
         0.85, gt=0, le=1, description="share of free device memory a batch may fill (the batch limit per size)"
     )
+    prepare_ahead: bool = Field(
+        True,
+        description="encode the next pass's prompts and draw its first latents while the current batch decodes "
+        "(claiming the next batch at the current one's last step)",
+    )
 
     @field_validator("compile_mode")
     @classmethod

@@ -569,17 +569,31 @@ def _call_counter(monkeypatch, fail_when=None):  # type: ignore[no-untyped-def]
     for the real pipeline to raise, as a device or a bad request would."""
     from diffusers import StableDiffusionPipeline
 
-    original = StableDiffusionPipeline.__call__
+    from darkroom.engines import prepare as preparing
+
+    original, real_encode = StableDiffusionPipeline.__call__, preparing.encode
     calls: list[int] = []
+    encoded: list[tuple[torch.Tensor, str]] = []  # a pass gets its prompts encoded ahead: each embedding's prompt
+
+    def encode(pipe, request, *args, **kwargs):  # type: ignore[no-untyped-def]
+        prepared = real_encode(pipe, request, *args, **kwargs)
+        encoded.append((prepared.embeds["prompt_embeds"][0], request.prompt))
+        return prepared
+
+    def prompts_of(kwargs):  # type: ignore[no-untyped-def]
+        if "prompt_embeds" in kwargs:
+            return [next(p for e, p in encoded if torch.equal(e, row)) for row in kwargs["prompt_embeds"]]
+        return kwargs["prompt"] if isinstance(kwargs["prompt"], list) else [kwargs["prompt"]]
 
     def call(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        prompts = kwargs["prompt"] if isinstance(kwargs["prompt"], list) else [kwargs["prompt"]]
+        prompts = prompts_of(kwargs)
         calls.append(len(prompts) * kwargs.get("num_images_per_prompt", 1))
         if fail_when is not None and (exc := fail_when(prompts)) is not None:
             raise exc
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(StableDiffusionPipeline, "__call__", call)
+    monkeypatch.setattr(preparing, "encode", encode)
     return calls
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from darkroom.schemas import GenerationRequest, ModelInfo
 
@@ -122,6 +122,7 @@ class BatchItem:
     init_image: Image.Image | None = None
     mask_image: Image.Image | None = None
     control_images: list[Image.Image] | None = None  # one per ControlNet unit of the request, in order
+    prepared: Any = None  # the engine's `prepare` of the request, made ahead (engines/prepare.py); None: not made
 
 
 BatchOutcome = EngineResult | Exception

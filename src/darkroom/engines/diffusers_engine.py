@@ -43,8 +43,10 @@ import torch
 
 from darkroom import __version__
 from darkroom.clock import random_seed
+from darkroom.engines import prepare as preparing
 from darkroom.engines.acceleration import Acceleration, Compiled, HostImages, HostTransfer, pass_size
 from darkroom.engines.adapters import activate as activate_adapters
+from darkroom.engines.adapters import resolve_embeddings
 from darkroom.engines.base import (
     BatchItem,
     BatchOutcome,
@@ -58,6 +60,7 @@ from darkroom.engines.catalog import DIFFUSERS_CAPABILITIES
 from darkroom.engines.classify import classify
 from darkroom.engines.controlnet import Control, ControlNets
 from darkroom.engines.hires import run_hires
+from darkroom.engines.prepare import Prepared
 from darkroom.engines.preview import latents_to_jpeg
 from darkroom.engines.refiner import run_refined
 from darkroom.engines.samplers import SamplerSpec, make_scheduler, resolve_sampler, seed_scheduler_noise
@@ -203,6 +206,13 @@ class DiffusersEngine:
         # A pipeline is not re-entrant. Re-entrant for one thread: free memory for a batch limit is read under it
         # (another worker's pass would look like memory in use), also from inside a pass's own hold.
         self._run_lock = threading.RLock()
+        self._waiting = 0  # passes waiting for the run lock (`waiting`)
+        self._waiting_lock = threading.Lock()
+        # Held while text encoders run outside a prepared pass: `prepare` (ahead, outside the run lock) and every pass
+        # that encodes its own prompts or loads adapters into the text encoders (inside it). A tokenizer is not safe
+        # for two threads at once, and an adapter must never leak into another request's encoding.
+        self._encode_lock = threading.Lock()
+        self._prepare_stream: Any = None  # CUDA: the side stream `prepare` runs on
         # (model, width, height) → most images one tensor batch may hold: from free memory, and halved by an OOM
         self.batch_limits = BatchLimits(self.device, acceleration.memory_headroom)
         self.controlnets = ControlNets(registry, self.device, self.dtype, _LOAD_LOCK)
@@ -216,8 +226,10 @@ class DiffusersEngine:
         progress: ProgressFn,
         mask_image: Image.Image | None = None,
         control_images: list[Image.Image] | None = None,
+        prepared: Prepared | None = None,
     ) -> EngineResult:
-        """`control_images`: each ControlNet unit's image, in the order of `request.controlnet`."""
+        """`control_images`: each ControlNet unit's image, in the order of `request.controlnet`. `prepared`: what
+        `prepare` made of this request ahead (ignored unless it was made for exactly this request)."""
         started = time.perf_counter()
         info = self._model_info(request)
         check_pinned_version(info, request)
@@ -227,18 +239,26 @@ class DiffusersEngine:
         seeds = request.seeds()
         check_request(request, init_image, mask_image)
         sources = Sources.fit(request, init_image, mask_image)
-        with self._run_lock:
+        prepared = self._prepared(request, info, prepared)  # before the device: another thread's pass may hold it
+        with self._device():
             loaded, load_s = self._pipelines(info)
             pipe = loaded.pipeline(request.mode)
+            if prepared is None:  # the model was not loaded yet
+                prepared = self._prepare_one(request, info, loaded, ahead=False)
             control = self.controlnets.prepare(request, control_images, info, pipe.unet)  # units: models and maps
             ran = time.perf_counter()
-            with activate_adapters(pipe, self.registry, [request], lock=_LOAD_LOCK):  # LoRAs/embeddings: this pass only
+            with (
+                self._encode_lock if prepared is None else contextlib.nullcontext(),  # the pipeline encodes itself
+                activate_adapters(pipe, self.registry, [request], lock=_LOAD_LOCK),  # LoRAs/embeddings: this pass only
+            ):
                 if request.hires is not None:  # engines/hires.py: first pass, upscale, img2img second pass
                     images, scheduler_name = run_hires(self, loaded, spec, request, seeds, progress)
                 elif request.refiner is not None:  # engines/refiner.py: the base's steps, then the refiner's
                     images, scheduler_name = run_refined(self, pipe, loaded, spec, request, seeds, progress)
                 else:
-                    images, scheduler_name = self._run(pipe, loaded, spec, request, sources, seeds, progress, control)
+                    images, scheduler_name = self._run(
+                        pipe, loaded, spec, request, sources, seeds, progress, control, prepared
+                    )
         done = time.perf_counter()
         return EngineResult(
             images=[EngineImage(image=img, seed=seed) for img, seed in zip(images, seeds, strict=True)],
@@ -376,14 +396,23 @@ class DiffusersEngine:
         fan = _FanOut(items, total_steps(first), arch=info.arch)
         key = (first.model or "", first.width, first.height)
         kwargs = joint_kwargs(items, sources, seeds, fan)  # prepared while another worker's pass may hold the device
-        with self._run_lock:
+        prepared = [self._prepared(item.request, info, item.prepared) for item in items]
+        with self._device():
             loaded, load_s = self._pipelines(info)
             pipe = loaded.pipeline(first.mode)
+            made = zip(prepared, items, strict=True)
+            prepared = [given or self._prepare_one(item.request, info, loaded, ahead=False) for given, item in made]
+            ready = [p for p in prepared if p is not None]
+            if len(ready) == len(items):  # every job's prompts encoded: the pipeline gets embeddings and noise
+                kwargs = preparing.joint(ready, [item.request.seeds() for item in items], kwargs)
+                for p in ready:
+                    p.wait(self.device)
             ran = time.perf_counter()
             scheduler = make_scheduler(spec, loaded.scheduler_config)
             seed_scheduler_noise(scheduler, seeds)
             try:
                 with (
+                    self._encode_lock if len(ready) < len(items) else contextlib.nullcontext(),
                     activate_adapters(pipe, self.registry, [item.request for item in items], lock=_LOAD_LOCK),
                     PeakMeter(self.device) as peak,
                 ):
@@ -423,6 +452,85 @@ class DiffusersEngine:
                 )
             offset += count
         return outcomes
+
+    # --- preparing ahead (engines/prepare.py) ---------------------------------------------------------------------
+
+    def prepare(self, requests: list[GenerationRequest]) -> list[Prepared | None]:
+        """Encode the requests' prompts and draw their starting noise now, for passes that come later (`generate`
+        and `generate_batch` take them back through `prepared` / `BatchItem.prepared`). Runs beside the pass that
+        holds the device (on CUDA on a side stream). None for a request that cannot be prepared (adapters, hires,
+        refiner, ControlNet, no seed), whose model is not loaded, or whose encoding failed: its pass encodes it."""
+        outcome: list[Prepared | None] = []
+        for request in requests:
+            try:
+                info = self._model_info(request)
+            except DarkroomError:
+                outcome.append(None)
+                continue
+            outcome.append(self._prepare_one(request, info, None, ahead=True))
+        return outcome
+
+    def waiting(self) -> int:
+        """Passes waiting for the device now: a worker claims ahead only when none is (it would wait behind them)."""
+        with self._waiting_lock:
+            return self._waiting
+
+    @contextlib.contextmanager
+    def _device(self) -> Iterator[None]:
+        """The run lock for one pass, counted while waited for (`waiting`)."""
+        with self._waiting_lock:
+            self._waiting += 1
+        try:
+            self._run_lock.acquire()
+        finally:
+            with self._waiting_lock:
+                self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._run_lock.release()
+
+    def _prepared(self, request: GenerationRequest, info: ModelInfo, given: Prepared | None) -> Prepared | None:
+        """`given` when it was made for this request, else a preparation made now, before the pass (None when the
+        model is not loaded yet: the pass then prepares once it is)."""
+        if given is not None and given.fits(request, (info.id, info.sha256)):
+            return given
+        return self._prepare_one(request, info, None, ahead=True)
+
+    def _prepare_one(
+        self, request: GenerationRequest, info: ModelInfo, loaded: LoadedModel | None, ahead: bool
+    ) -> Prepared | None:
+        if not self._preparable(request, info):
+            return None
+        loaded = loaded or self._cache.get((info.id, info.sha256))
+        pipe = loaded.txt2img if loaded is not None else None
+        if pipe is None or not hasattr(pipe, "encode_prompt"):
+            return None
+        stream = self._side_stream() if ahead else None
+        try:
+            with self._encode_lock:
+                return preparing.encode(pipe, request, (info.id, info.sha256), self.device, stream)
+        except Exception as exc:  # the pass encodes the prompts itself and reports what is wrong, if anything
+            log.warning("could not prepare a %s pass ahead: %s: %s", request.mode, type(exc).__name__, exc)
+            return None
+
+    def _preparable(self, request: GenerationRequest, info: ModelInfo) -> bool:
+        """A plain pass of a Stable Diffusion model whose text encoders no adapter changes."""
+        plain = request.hires is None and request.refiner is None and not request.controlnet and not request.loras
+        known = request.mode in JOINT_MODES and info.arch in ("sd1", "sd2", "sdxl")
+        if not plain or not known or request.seed is None:
+            return False
+        try:
+            return not resolve_embeddings(self.registry, [request])
+        except DarkroomError:
+            return False  # the pass reports it
+
+    def _side_stream(self) -> Any:
+        if not (self.device.startswith("cuda") and torch.cuda.is_available()):
+            return None
+        if self._prepare_stream is None:
+            self._prepare_stream = torch.cuda.Stream(torch.device(self.device))
+        return self._prepare_stream
 
     def close(self) -> None:
         self._cache.clear()
@@ -467,11 +575,15 @@ class DiffusersEngine:
         seeds: list[int],
         progress: ProgressFn,
         control: Control | None = None,
+        prepared: Prepared | None = None,
     ) -> tuple[list[Image.Image], str]:
         """Every image of the request, in passes of one (batch_invariant) or all; `control`: its ControlNet units,
-        run on the ControlNet twin of `pipe`."""
+        run on the ControlNet twin of `pipe`; `prepared`: its prompts' embeddings and starting noise."""
         if control is not None:
             pipe = control.pipeline(pipe)
+            prepared = None
+        if prepared is not None:
+            prepared.wait(self.device)
         # Progress counts image-steps, so it rises steadily however the images are grouped into passes.
         per_pass = total_steps(request)
         grand_total = per_pass * len(seeds)
@@ -494,6 +606,8 @@ class DiffusersEngine:
             seed_scheduler_noise(scheduler, pass_seeds)
             scheduler_name = type(scheduler).__name__
             kwargs = pipeline_kwargs(request, sources, pass_seeds, callback)
+            if prepared is not None:
+                kwargs = prepared.apply(kwargs, pass_seeds, per_image=False)
             if control is not None:
                 kwargs.update(control.call_kwargs(request.mode))
             try:

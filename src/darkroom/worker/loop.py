@@ -60,6 +60,7 @@ from darkroom.schemas import GenerationRequest
 from darkroom.storage.base import BlobStore
 from darkroom.worker.failures import claim_gate, settle_fatal, settle_storage
 from darkroom.worker.health import WorkerHealth
+from darkroom.worker.lookahead import Lookahead
 from darkroom.worker.presence import Presence
 
 log = logging.getLogger("darkroom.worker")
@@ -177,6 +178,8 @@ class _Run:
             raise JobTimeout(f"job ran longer than its limit of {self.deadline - self.started:g} s")
         if self.worker.drain_deadline is not None and now > self.worker.drain_deadline:
             raise Draining("worker is shutting down")
+        if step >= total:  # denoised: the decode follows, while the next pass is prepared (worker/lookahead.py)
+            self.worker.lookahead.last_step()
 
 
 class Worker:
@@ -224,6 +227,7 @@ class Worker:
         self.health = WorkerHealth(settings.recovery)  # device failures and storage outages pause the worker
         self._claimed_ns = (0, 0)  # when the last claim began and ended (time.time_ns), for the jobs' traces
         self._traces: dict[str, Any] = {}  # job id -> its `job` span's context, for post-processing (tracing on)
+        self.lookahead = Lookahead(self)  # the next pass prepared (and batch claimed) while the current one decodes
 
     @property
     def engine(self) -> Engine:
@@ -266,10 +270,12 @@ class Worker:
 
     def _serve(self, stop: threading.Event, presence: Presence) -> None:
         log.info("worker %s started", self.id)
+        self.lookahead.claims = True  # the loop runs what it claims ahead; `run_once`/`process_batch` would not
         try:
             self._preload()
             self._loop(stop)
         finally:
+            self.lookahead.give_back()  # a batch claimed ahead goes back to the queue uncharged
             self.flush()  # drain: images already denoised are written before the worker goes
             if self._post_pool is not None:
                 self._post_pool.shutdown(wait=True)
@@ -359,7 +365,7 @@ class Worker:
         if not self.route.take(self.store):  # routing: an open circuit, no overflow yet, or no free slot
             return False
         try:
-            batch = self.claim(busy=self._busy)
+            batch = self.lookahead.claimed() or self.claim(busy=self._busy)
             self._busy = bool(batch)
             if batch:
                 self._run_batch(batch)
@@ -380,10 +386,10 @@ class Worker:
             self._next_reap = now + self.settings.lease_seconds / 2
             self.store.requeue_expired()
 
-    def claim(self, busy: bool = False) -> list[JobRecord]:
+    def claim(self, busy: bool = False, start_head: bool = True) -> list[JobRecord]:
         """The next batch. Only a worker that comes straight from a batch (`busy`) waits up to
         `batch_window_seconds` to fill a partial one; an idle worker starts a lone job at once, and jobs that queued
-        while the device was busy are claimed together anyway."""
+        while the device was busy are claimed together anyway. `start_head`: the claim also starts the head job."""
         s = self.settings
         began = time.time_ns()
         labels = self._labels()  # an external engine never takes confidential work (engines.routing)
@@ -395,7 +401,7 @@ class Worker:
             held_models=self.held_models(),
             servable_models=self.servable_models(),
             labels=labels,
-            start_head=True,  # the head runs next: its claim starts it (no separate `start` transaction)
+            start_head=start_head,  # the head runs next: its claim starts it (no separate `start` transaction)
         )
         batch, self._drained = claimed.jobs, claimed.drained
         self._claimed_ns = (began, time.time_ns())  # each job's trace gets a `claim` span (`_start`)
@@ -409,6 +415,15 @@ class Worker:
                 batch_key=batch[0].batch_key,
                 labels=labels,
             )
+        return batch
+
+    def claim_ahead(self) -> list[JobRecord]:
+        """The look-ahead's claim of the next batch while the current one decodes (worker/lookahead.py): its head
+        starts when it runs, and the loop runs it next without waiting for a notice. None while stopping or paused."""
+        if self._stop.is_set() or self.health.paused():
+            return []
+        batch = self.claim(start_head=False)
+        self._drained = self._drained and not batch
         return batch
 
     def _labels(self) -> list[str] | None:
@@ -434,7 +449,8 @@ class Worker:
             if requests is not None:
                 self._run_together(batch, requests, leases)
                 return
-            for job in batch:
+            for index, job in enumerate(batch):
+                self.lookahead.hold(batch[index + 1 :])  # prepared while this one decodes
                 try:
                     if self._stop.is_set() or self.health.paused() or self.route.tripped():
                         self.store.release(job.id, self.id)
@@ -443,6 +459,7 @@ class Worker:
                 finally:
                     leases.settle(job.id)
         finally:
+            self.lookahead.batch_done(batch)
             leases.abandon()  # an error cut the batch short: its unstarted jobs go back through the reaper
 
     def _together(self, batch: list[JobRecord]) -> list[GenerationRequest] | None:
@@ -523,7 +540,9 @@ class Worker:
         init = self._load_image(request.init_image)
         mask = self._load_image(request.mask_image)
         controls = [self._load_image(unit.image) for unit in request.controlnet] or None  # ControlNet units' images
-        return BatchItem(request=request, progress=run, init_image=init, mask_image=mask, control_images=controls)
+        item = BatchItem(request=request, progress=run, init_image=init, mask_image=mask, control_images=controls)
+        item.prepared = self.lookahead.prepared(job.id)  # its prompts encoded while the previous pass decoded
+        return item
 
     def _start(self, job: JobRecord, leases: _Leases) -> tuple[JobRecord, _Run] | None:
         """Charge the attempt (it counts from the start, not from the claim; the head of a claim was started by the
@@ -577,6 +596,8 @@ class Worker:
             extra: dict[str, Any] = {"mask_image": item.mask_image} if item.mask_image is not None else {}
             if item.control_images:
                 extra["control_images"] = item.control_images
+            if item.prepared is not None:
+                extra["prepared"] = item.prepared
             result = engine.generate(item.request, item.init_image, run, **extra)
         return result
 

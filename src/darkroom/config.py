@@ -481,7 +481,10 @@ class Settings(BaseSettings):
         2.0, description="an idle worker's fallback tick (retry backoffs ending, expired leases); new work wakes it"
     )
     feed_check_seconds: float = Field(
-        0.015, gt=0, description="SQLite: how often the change feed checks for commits by other processes"
+        0.25,
+        gt=0,
+        description="SQLite: how often the change feed checks for commits that rang no doorbell (other processes "
+        "ring it after each commit; where the doorbell is unavailable, the check runs at least every 15 ms)",
     )
     postprocess_workers: int = Field(
         2, ge=0, description="threads per worker for safety check, watermark, PNG, upload (0: on the device thread)"

@@ -35,6 +35,17 @@ def _services(request: Request) -> Services:
     return request.app.state.services
 
 
+class BatchLimitView(BaseModel):
+    """The most images one tensor batch of a model at a size may hold on the worker's device now (from its free
+    memory; `oom`: halved after running out of memory)."""
+
+    model: str
+    width: int
+    height: int
+    images: int
+    oom: bool = False
+
+
 class WorkerView(BaseModel):
     id: str
     host: str
@@ -47,6 +58,7 @@ class WorkerView(BaseModel):
     started_at: dt.datetime
     last_heartbeat_at: dt.datetime
     jobs_done: int
+    batch_limits: list[BatchLimitView] = []
 
 
 def _registry(request: Request) -> tuple[WorkerRegistry, Services]:

@@ -132,6 +132,16 @@ class BatchLimits:
         with self._lock:
             return dict(self._current)
 
+    def rows(self) -> list[dict[str, object]]:
+        """`current` as the worker reports it with its heartbeat (the fleet view): model (`default` for requests
+        that name none), width, height, images; and whether the limit was halved by running out of memory."""
+        with self._lock:
+            current, oom = dict(self._current), dict(self._oom)
+        return [
+            {"model": model or "default", "width": w, "height": h, "images": images, "oom": (model, w, h) in oom}
+            for (model, w, h), images in sorted(current.items())
+        ]
+
 
 class PeakMeter:
     """The allocator's peak over one pass beyond what was allocated before it (CUDA; nothing elsewhere)."""

@@ -49,6 +49,7 @@ class WorkerInfo:
     memory_bytes: int | None = None
     loaded_models: list[str] = field(default_factory=list)
     models_available: list[str] = field(default_factory=list)
+    batch_limits: list[dict[str, object]] = field(default_factory=list)  # {model, width, height, images} in force
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ def _record(row: sa.Row) -> WorkerRecord:
     m["state"] = WorkerState(m["state"])
     m["started_at"] = clock.aware(m["started_at"])
     m["last_heartbeat_at"] = clock.aware(m["last_heartbeat_at"])
+    m["batch_limits"] = m["batch_limits"] or []
     return WorkerRecord(**m)
 
 
@@ -83,6 +85,7 @@ class WorkerRegistry:
             "memory_bytes": info.memory_bytes,
             "loaded_models": list(info.loaded_models),
             "models_available": list(info.models_available),
+            "batch_limits": list(info.batch_limits),
             "state": WorkerState.active.value,
             "started_at": now,
             "last_heartbeat_at": now,
@@ -106,10 +109,12 @@ class WorkerRegistry:
         jobs_done: int,
         models_available: Iterable[str] | None = None,
         healthy: bool = True,
+        batch_limits: Iterable[dict[str, object]] | None = None,
     ) -> WorkerState | None:
         """Record that the worker is alive and what it holds. Returns its state (a worker told to drain learns it
         here), or None when there is no row to update (deleted, or stopped): the caller registers again.
-        `healthy=False` shows an active worker as `unhealthy`; `True` brings it (or a lost one) back to `active`."""
+        `healthy=False` shows an active worker as `unhealthy`; `True` brings it (or a lost one) back to `active`.
+        `batch_limits`: the ones its engine has in force now (None: leave them as they were)."""
         back = (WorkerState.lost.value, WorkerState.unhealthy.value)
         if healthy:
             state = sa.case((workers.c.state.in_(back), WorkerState.active.value), else_=workers.c.state)
@@ -124,6 +129,8 @@ class WorkerRegistry:
         }
         if models_available is not None:
             values["models_available"] = list(models_available)
+        if batch_limits is not None:
+            values["batch_limits"] = list(batch_limits)
         with write_tx(self.engine) as conn:
             alive = workers.c.id == worker_id, workers.c.state != WorkerState.stopped.value
             if not conn.execute(workers.update().where(*alive).values(**values)).rowcount:

@@ -26,5 +26,6 @@ workers = sa.Table(
     sa.Column("started_at", TS, nullable=False),
     sa.Column("last_heartbeat_at", TS, nullable=False),
     sa.Column("jobs_done", sa.Integer, nullable=False),
+    sa.Column("batch_limits", sa.JSON, nullable=True),  # [{model, width, height, images}] (migration 0013)
     sa.Index(None, "state", "last_heartbeat_at"),
 )

@@ -61,7 +61,7 @@ from darkroom.storage.base import BlobStore
 from darkroom.worker.failures import claim_gate, settle_fatal, settle_storage
 from darkroom.worker.health import WorkerHealth
 from darkroom.worker.lookahead import Lookahead
-from darkroom.worker.presence import Presence
+from darkroom.worker.presence import Presence, engine_batch_limits
 
 log = logging.getLogger("darkroom.worker")
 
@@ -263,6 +263,7 @@ class Worker:
             models_available=lambda: self.servable_models() or (),
             draining=stop.is_set,
             health=self.health.view,
+            batch_limits=lambda: engine_batch_limits(self._engine),  # the fleet view's batch limit per model and size
         )
         presence.start()
         with log_context(worker_id=self.id):  # every line of the worker's own thread names it

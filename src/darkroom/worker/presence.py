@@ -42,10 +42,12 @@ class Presence:
         draining: Callable[[], bool] = lambda: False,
         device: tuple[str, int | None] | None = None,
         health: Callable[[], HealthView] | None = None,
+        batch_limits: Callable[[], list[dict[str, object]]] = list,
     ) -> None:
         """`draining`: polled each beat, so a signal handler only flips a flag and the database write happens here.
         `device`: (description, memory in bytes); detected from `settings.device` when not given.
-        `health`: the worker's own health, polled each beat; an unhealthy worker shows as `unhealthy`."""
+        `health`: the worker's own health, polled each beat; an unhealthy worker shows as `unhealthy`.
+        `batch_limits`: its engine's batch limits in force (`engine_batch_limits`), polled each beat."""
         self.registry = registry
         self.worker_id = worker_id
         self.settings = settings
@@ -55,6 +57,7 @@ class Presence:
         self.draining = draining
         self.device = device
         self.health = health
+        self.batch_limits = batch_limits
         self.state: WorkerState | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -102,7 +105,12 @@ class Presence:
         available = list(self.models_available()) if self.models_available else None
         healthy = self.health().healthy if self.health else True
         state = self.registry.heartbeat(
-            self.worker_id, _ids(self.loaded_models()), self.jobs_done(), available, healthy=healthy
+            self.worker_id,
+            _ids(self.loaded_models()),
+            self.jobs_done(),
+            available,
+            healthy=healthy,
+            batch_limits=self.batch_limits(),
         )
         if state is None:  # our row went away (or was stopped by someone else): put ourselves back
             self._register()
@@ -119,12 +127,20 @@ class Presence:
             memory_bytes=memory,
             loaded_models=_ids(self.loaded_models()),
             models_available=list(self.models_available()) if self.models_available else [],
+            batch_limits=self.batch_limits(),
         )
         try:
             self.state = self.registry.register(info).state
         except Exception:  # the database is not there yet: the next beat tries again
             log.warning("worker %s could not register; will retry", self.worker_id, exc_info=True)
             self.state = None
+
+
+def engine_batch_limits(engine: Any) -> list[dict[str, object]]:
+    """The batch limits an engine has in force (`BatchLimits.rows`); none for an engine not built yet or without
+    them (a remote engine: the remote's own workers batch)."""
+    limits = getattr(engine, "batch_limits", None) if engine is not None else None
+    return limits.rows() if limits is not None else []
 
 
 def describe_device(device: str) -> tuple[str, int | None]:

@@ -248,6 +248,7 @@ def test_a_waiting_generate_costs_the_same_statements_for_a_long_job_as_a_short_
         name = threading.current_thread().name
         if not name.startswith(API_SIDE_EXCLUDED):
             counts["api"] += 1
+            counts["transactions"] += statement.startswith("BEGIN")
             per_thread[name] += 1
 
     sa.event.listen(services.store.engine, "before_cursor_execute", count)
@@ -260,6 +261,9 @@ def test_a_waiting_generate_costs_the_same_statements_for_a_long_job_as_a_short_
             response = client.post("/v1/generate", json={**BODY, "steps": steps, "width": 128, "height": 128})
             assert response.status_code == 200 and response.json()["state"] == "succeeded"
             results[steps] = (counts["api"], time.monotonic() - started)
+            # The submit's write transaction (7 statements: its BEGIN, the depth check, usage, job, event, audit,
+            # queue counter) and two reads: the job after subscribing, and the job with its images once woken.
+            assert counts["transactions"] <= 3 and counts["api"] <= 12, (steps, dict(counts))
     finally:
         sa.event.remove(services.store.engine, "before_cursor_execute", count)
     (short, _), (long, long_took) = results[2], results[40]

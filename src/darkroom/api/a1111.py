@@ -55,7 +55,7 @@ from darkroom.engines.refiner import infotext_fields as refiner_fields
 from darkroom.engines.samplers import SAMPLERS, resolve_sampler
 from darkroom.errors import Conflict, InvalidRequest
 from darkroom.jobs.db import read_tx
-from darkroom.jobs.store import JobRecord
+from darkroom.jobs.store import JobRecord, JobStatus
 from darkroom.jobs.tables import job_events, jobs
 from darkroom.kv import DEFAULT_MODEL
 from darkroom.models import access as model_access
@@ -376,9 +376,10 @@ def _fill_from_surroundings(image: Image.Image, mask: Image.Image) -> Image.Imag
 # --- responses ------------------------------------------------------------------------------------------------------
 
 
-def images_response(svc: Services, job: JobRecord, req: Processing, parameters: dict[str, Any]) -> ImagesResponse:
+def images_response(svc: Services, status: JobStatus, req: Processing, parameters: dict[str, Any]) -> ImagesResponse:
+    job = status.job
     compat.raise_for_job(job, FIELD_NAMES)
-    images = compat.job_images(svc, job)
+    images = compat.job_images(svc, status)
     infotexts = [read_png(data)["parameters"] or "" for _, data in images]
     encoded = [compat.b64(data) for _, data in images] if req.send_images else []
     return ImagesResponse(images=encoded, parameters=parameters, info=json.dumps(info(svc, job, images, infotexts)))
@@ -862,9 +863,9 @@ async def run_extras(request: Request, bodies: list[GenerationRequest], field: s
             raise compat.renamed(exc, names) from None
     out: list[tuple[str, str]] = []
     for body in bodies:
-        job = await compat.submit_and_wait(request, body, {}, names)
-        compat.raise_for_job(job, names)
-        images = await run_in_threadpool(compat.job_images, svc, job)
+        status = await compat.submit_and_wait(request, body, {}, names)
+        compat.raise_for_job(status.job, names)
+        images = await run_in_threadpool(compat.job_images, svc, status)
         out += [(compat.b64(data), read_png(data)["parameters"] or "") for _, data in images]
     return out
 

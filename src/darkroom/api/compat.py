@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from darkroom.errors import DarkroomError, HeldForReview, InvalidRequest, JobTimeout
-from darkroom.jobs.store import ImageRecord, JobRecord
+from darkroom.jobs.store import ImageRecord, JobRecord, JobStatus
 from darkroom.kv import DEFAULT_MODEL, SettingsKV
 from darkroom.schemas import GenerationRequest, JobState, ModelInfo
 from darkroom.service import Services
@@ -74,8 +74,9 @@ def renamed(exc: DarkroomError, names: dict[str, str]) -> DarkroomError:
 
 async def submit_and_wait(
     request: Request, body: GenerationRequest, stored: dict[str, str], names: dict[str, str]
-) -> JobRecord:
-    """Queue through `v1.submit` (errors name the client's fields) and wait for the job: the compat APIs are sync."""
+) -> JobStatus:
+    """Queue through `v1.submit` (errors name the client's fields) and wait for the job: the compat APIs are sync.
+    The job comes with its images (`wait_for`)."""
     key = request.headers.get("Idempotency-Key")
     try:
         job, _ = await run_in_threadpool(submit, request, body, key, stored)
@@ -84,23 +85,24 @@ async def submit_and_wait(
     return await wait_for(request, job)
 
 
-async def wait_for(request: Request, job: JobRecord) -> JobRecord:
-    """Wait for a job like `POST /v1/generate` does. Past the sync timeout the job goes on and the caller gets a 504
-    naming it; a client that hangs up stops the waiting, not the job."""
+async def wait_for(request: Request, job: JobRecord) -> JobStatus:
+    """Wait for a job like `POST /v1/generate` does: the job with its images once it ended. Past the sync timeout the
+    job goes on and the caller gets a 504 naming it; a client that hangs up stops the waiting, not the job."""
     svc = services(request)
     limit = svc.settings.sync_timeout_seconds
-    job = await wait_for_job(svc, job, limit, request)  # woken by the change feed, not a poll
-    if job.state.terminal or await request.is_disconnected():
-        return job
+    status = await wait_for_job(svc, job, limit, request)  # woken by the change feed, not a poll
+    if status.job.state.terminal or await request.is_disconnected():
+        return status
     raise JobTimeout(f"job {job.id} did not finish within {limit:g} s; it goes on: GET /v1/jobs/{job.id}")
 
 
-def job_images(svc: Services, job: JobRecord) -> list[tuple[ImageRecord, bytes]]:
-    """The job's released images. Held ones are left out; when every image is held the call fails with 403
-    `held_for_review`, naming the job so the client can poll `GET /v1/jobs/{id}` until an operator decides."""
+def job_images(svc: Services, status: JobStatus) -> list[tuple[ImageRecord, bytes]]:
+    """The job's released images (read with it by the wait). Held ones are left out; when every image is held the call
+    fails with 403 `held_for_review`, naming the job so the client can poll `GET /v1/jobs/{id}` until an operator
+    decides."""
+    job, images = status.job, status.images
     if job.state is not JobState.succeeded:
         return []
-    images = svc.store.images_for(job.id)
     released = [image for image in images if image.released]
     if images and not released:
         raise HeldForReview(f"the images of job {job.id} are held for review; GET /v1/jobs/{job.id} shows when")

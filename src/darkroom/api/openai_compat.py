@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException
 from darkroom.auth.principal import Permission
 from darkroom.config import Limits
 from darkroom.errors import DarkroomError, InvalidRequest, PayloadTooLarge
-from darkroom.jobs.store import JobRecord
+from darkroom.jobs.store import JobStatus
 from darkroom.schemas import GenerationRequest, ModelInfo, check_limits
 from darkroom.service import Services
 
@@ -233,12 +233,13 @@ def response_format(opts: Options) -> str:
     return "url" if (opts.model or "").startswith("dall-e") else "b64_json"
 
 
-def images_body(request: Request, svc: Services, job: JobRecord, opts: Options) -> dict[str, Any]:
+def images_body(request: Request, svc: Services, status: JobStatus, opts: Options) -> dict[str, Any]:
+    job = status.job
     compat.raise_for_job(job, FIELD_NAMES)
     fmt = response_format(opts)
     data = [
         {"url": image_url(request, image.id)} if fmt == "url" else {"b64_json": compat.b64(encoded(png, opts))}
-        for image, png in compat.job_images(svc, job)
+        for image, png in compat.job_images(svc, status)
     ]
     req = job.request
     return {

@@ -121,8 +121,9 @@ def submit(
 ) -> tuple[JobRecord, bool]:
     """Everything between a validated body and a queued job: limits, prompt policy, model, seed, init image,
     quotas, idempotency, and the audit record (committed with the job).
-    `stored`: fields the caller already checked and stored as blobs (`{"mask_image": "blob:…"}`), taken as given."""
-    status, created = submit_status(request, body, idempotency_key, stored)
+    `stored`: fields the caller already checked and stored as blobs (`{"mask_image": "blob:…"}`), taken as given.
+    Reads no queue position or ETA: a caller that waits for the job does not show them."""
+    status, created = submit_status(request, body, idempotency_key, stored, with_status=False)
     return status.job, created
 
 
@@ -143,9 +144,11 @@ def submit_status(
     idempotency_key: str | None,
     stored: dict[str, str] | None = None,
     sent: set[str] | None = None,
+    with_status: bool = True,
 ) -> tuple[JobStatus, bool]:
-    """`submit`, answering with the job's status (queue position, ETA) read in the same, single write transaction.
-    `sent`: the request fields the client gave (default: those set on `body`); the model's defaults fill the rest."""
+    """`submit`, answering with the job's status (queue position, ETA) read in the same, single write transaction
+    (`with_status`). `sent`: the request fields the client gave (default: those set on `body`); the model's defaults
+    fill the rest."""
     svc = services(request)
     who = principal(request)
     check_idempotency_key(idempotency_key)
@@ -221,6 +224,7 @@ def submit_status(
         admit=admit,
         record=lambda conn, job_id: audit.record(conn, who, "job.submit", job_id, _audit_details(resolved)),
         cache_key=cache_key,
+        with_status=with_status,
     )
     if not created and not sees_job(who, status.job):  # keys are scoped to the caller; never hand a replay across
         raise Conflict("this Idempotency-Key belongs to another caller", field="Idempotency-Key")
@@ -331,10 +335,12 @@ async def submit_and_wait(
         raise NotAcceptable("Accept: image/png answers with one image: ask for n = 1, or accept JSON", field="Accept")
     job, _ = await run_in_threadpool(submit, request, body, idempotency_key)
     limit = min(timeout or svc.settings.sync_timeout_seconds, svc.settings.sync_timeout_seconds)
-    job = await waiting.wait_for_job(svc, job, limit, request)
-    if png and job.state is JobState.succeeded and (picture := await run_in_threadpool(png_response, svc, job)):
+    status = await waiting.wait_for_job(svc, job, limit, request)
+    job = status.job
+    if png and job.state is JobState.succeeded and (picture := await run_in_threadpool(png_response, svc, status)):
         return picture
-    view = await run_in_threadpool(job_view, request, job)
+    # A job still queued or running shows its position and ETA, which the wait does not read.
+    view = await run_in_threadpool(job_view, request, status if job.state.terminal else job)
     return JSONResponse(view.model_dump(mode="json"), status_code=200 if job.state.terminal else 202)
 
 
@@ -344,9 +350,9 @@ def wants_png(request: Request) -> bool:
     return "image/png" in kinds and all(k not in ("application/json", "*/*") for k in kinds[: kinds.index("image/png")])
 
 
-def png_response(svc: Services, job: JobRecord) -> Response | None:
-    """The job's one released image as the response body (one read transaction, one blob read), or None."""
-    images = svc.store.status_of(job).images
+def png_response(svc: Services, status: JobStatus) -> Response | None:
+    """The job's one released image as the response body (one blob read), or None."""
+    job, images = status.job, status.images
     if len(images) != 1 or not images[0].released:
         return None
     image = images[0]

@@ -2,6 +2,8 @@
 
 A waiting client costs no statements while its job runs: the handler subscribes to the job's events, reads the job
 once (after subscribing, so a job that finished in between is seen), and then sleeps until the feed delivers an event.
+Each read is `JobStore.outcome`: the job, and the images of a succeeded one, in one transaction, so the handler can
+answer with the pictures without reading again.
 It wakes every `TICK_SECONDS` anyway, to notice a client that hung up and to let SSE send its keep-alive.
 
 A synchronous wait also re-reads its job every `RECHECK_SECONDS`: the feed gives up an event id that stays missing
@@ -18,7 +20,7 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
 from darkroom.jobs.notify import TERMINAL_EVENTS, ChangeFeed
-from darkroom.jobs.store import JobRecord, JobStore
+from darkroom.jobs.store import JobRecord, JobStatus, JobStore
 from darkroom.schemas import JobEvent
 from darkroom.service import Services
 
@@ -36,18 +38,19 @@ async def feed_for(svc: Services) -> ChangeFeed:
     return svc.feed
 
 
-async def wait_for_job(svc: Services, job: JobRecord, seconds: float, request: Request | None = None) -> JobRecord:
-    """The job once it is terminal, or as it stands after `seconds` or when the client hangs up."""
+async def wait_for_job(svc: Services, job: JobRecord, seconds: float, request: Request | None = None) -> JobStatus:
+    """The job once it is terminal (with its images when it succeeded), or as it stands after `seconds` or when the
+    client hangs up (without position or ETA: read them if you show them)."""
     if job.state.terminal:
-        return job
+        return await run_in_threadpool(svc.store.outcome, job.id)
     if request is not None and (slot := getattr(request.state, "in_flight", None)) is not None:
         slot.leave()  # waiting on the feed costs nothing: it must not hold an admission slot (api.admission)
     deadline = time.monotonic() + seconds
     feed = await feed_for(svc)
     with feed.subscribe(job.id, types=TERMINAL_EVENTS) as inbox:
-        job = await run_in_threadpool(svc.store.require, job.id)
+        status = await run_in_threadpool(svc.store.outcome, job.id)
         read_at = time.monotonic()
-        while not job.state.terminal:
+        while not status.job.state.terminal:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -55,9 +58,9 @@ async def wait_for_job(svc: Services, job: JobRecord, seconds: float, request: R
             if request is not None and await request.is_disconnected():
                 break
             if events or time.monotonic() - read_at >= RECHECK_SECONDS:
-                job = await run_in_threadpool(svc.store.require, job.id)
+                status = await run_in_threadpool(svc.store.outcome, job.id)
                 read_at = time.monotonic()
-    return job
+    return status
 
 
 async def job_events(svc: Services, job_id: str, after: int) -> AsyncGenerator[JobEvent | None, None]:

@@ -423,6 +423,8 @@ class Worker:
         starts when it runs, and the loop runs it next without waiting for a notice. None while stopping or paused."""
         if self._stop.is_set() or self.health.paused():
             return []
+        if self._drained and not self._wake.is_set():  # the last claim emptied the queue and nothing came since
+            return []
         batch = self.claim(start_head=False)
         self._drained = self._drained and not batch
         return batch

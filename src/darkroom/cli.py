@@ -176,11 +176,15 @@ def _serve_settings(**flags: Any) -> Settings:
 
 
 def _validate_hooks(settings: Settings, *, output_checker: bool) -> None:
-    """A misconfigured prompt classifier or output checker stops the process now, naming the setting."""
+    """A misconfigured prompt classifier or output checker (or, where workers run, preview decoder) stops the
+    process now, naming the setting."""
+    from darkroom.engines.preview_decoder import check_preview_decoders
     from darkroom.safety.policy import validate_hooks
 
     try:
         validate_hooks(settings, output_checker=output_checker)
+        if output_checker:  # this process runs workers, which decode the previews
+            check_preview_decoders(settings)
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None

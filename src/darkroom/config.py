@@ -388,6 +388,11 @@ class GpuSettings(BaseModel):
         description="encode the next pass's prompts and draw its first latents while the current batch decodes "
         "(claiming the next batch at the current one's last step)",
     )
+    preview_decoders: dict[str, str] = Field(
+        default_factory=dict,
+        description="live previews through a TAESD-style tiny autoencoder per architecture (sd1, sd2, sdxl): a "
+        "diffusers AutoencoderTiny folder or one .safetensors, relative to the models folder; others approximate",
+    )
 
     @field_validator("compile_mode")
     @classmethod
@@ -404,6 +409,14 @@ class GpuSettings(BaseModel):
             if not (width.isdigit() and height.isdigit() and int(width) % 8 == 0 and int(height) % 8 == 0):
                 raise ValueError(f"{size!r} is not WIDTHxHEIGHT in multiples of 8, e.g. 512x512")
         return [size.lower() for size in value]
+
+    @field_validator("preview_decoders")
+    @classmethod
+    def _preview_arches(cls, value: dict[str, str]) -> dict[str, str]:
+        for arch in value:
+            if arch not in ("sd1", "sd2", "sdxl"):
+                raise ValueError(f"unknown architecture {arch!r} for a preview decoder: use sd1, sd2 or sdxl")
+        return value
 
     @model_validator(mode="after")
     def _graphs_need_compile(self) -> GpuSettings:

@@ -51,6 +51,7 @@ class Acceleration:
     vae_tiling_pixels: int | None = None
     pinned_transfers: bool = False
     memory_headroom: float = 0.85
+    preview_decoders: dict[str, str] = field(default_factory=dict)  # arch → tiny autoencoder (engines/preview_decoder)
 
     @classmethod
     def from_settings(cls, gpu: GpuSettings, device: str, cache_dir: Path | None = None) -> Acceleration:
@@ -68,6 +69,7 @@ class Acceleration:
             vae_tiling_pixels=gpu.vae_tiling_pixels,
             pinned_transfers=gpu.pinned_transfers and cuda,
             memory_headroom=gpu.memory_headroom,
+            preview_decoders=dict(gpu.preview_decoders),
         )
 
     def apply(self, pipe: Any) -> Compiled | None:

@@ -61,7 +61,7 @@ from darkroom.engines.classify import classify
 from darkroom.engines.controlnet import Control, ControlNets
 from darkroom.engines.hires import run_hires
 from darkroom.engines.prepare import Prepared
-from darkroom.engines.preview import latents_to_jpeg
+from darkroom.engines.preview_decoder import PreviewDecoders, Render, resolve
 from darkroom.engines.refiner import run_refined
 from darkroom.engines.samplers import SamplerSpec, make_scheduler, resolve_sampler, seed_scheduler_noise
 from darkroom.errors import DarkroomError, EngineOutOfMemory, FatalEngineError, InvalidRequest, ModelLoadError
@@ -216,6 +216,8 @@ class DiffusersEngine:
         # (model, width, height) → most images one tensor batch may hold: from free memory, and halved by an OOM
         self.batch_limits = BatchLimits(self.device, acceleration.memory_headroom)
         self.controlnets = ControlNets(registry, self.device, self.dtype, _LOAD_LOCK)
+        decoders = {arch: resolve(name, registry.models_dir) for arch, name in acceleration.preview_decoders.items()}
+        self.previews = PreviewDecoders(decoders, self.device, self.dtype)  # `gpu.preview_decoders`, else approximated
 
     # --- Engine protocol ---------------------------------------------------------------------------------------------
 
@@ -393,7 +395,7 @@ class DiffusersEngine:
         spec = resolve_sampler(first.sampler)
         seeds = [seed for item in items for seed in item.request.seeds()]
         sources = [Sources.fit(item.request, item.init_image, item.mask_image) for item in items]
-        fan = _FanOut(items, total_steps(first), arch=info.arch)
+        fan = _FanOut(items, total_steps(first), self.previews.render_for(info.arch))
         key = (first.model or "", first.width, first.height)
         kwargs = joint_kwargs(items, sources, seeds, fan)  # prepared while another worker's pass may hold the device
         prepared = [self._prepared(item.request, info, item.prepared) for item in items]
@@ -600,7 +602,7 @@ class DiffusersEngine:
                 offset=offset,
                 grand_total=grand_total,
                 weight=len(pass_seeds),
-                preview=_preview_hook_for(progress, loaded.info.arch),
+                preview=_preview_hook_for(progress, self.previews.render_for(loaded.info.arch)),
             )
             scheduler = make_scheduler(spec, loaded.scheduler_config)
             seed_scheduler_noise(scheduler, pass_seeds)
@@ -927,7 +929,7 @@ class _FanOut:
     A job whose callback raises (cancelled, lease lost, timed out, draining) is recorded and skipped from then on;
     when every job has stopped, the last exception leaves the pipeline, which stops the call at this step."""
 
-    def __init__(self, items: list[BatchItem], per_pass: int, arch: str) -> None:
+    def __init__(self, items: list[BatchItem], per_pass: int, render: Render) -> None:
         self.stopped: dict[int, Exception] = {}
         self._slices: list[slice] = []
         self._callbacks: list[Any] = []
@@ -936,7 +938,7 @@ class _FanOut:
             n = item.request.n
             self._slices.append(slice(offset, offset + n))
             offset += n
-            preview = _preview_hook_for(item.progress, arch)
+            preview = _preview_hook_for(item.progress, render)
             self._callbacks.append(
                 step_callback(item.progress, per_pass, grand_total=per_pass * n, weight=n, preview=preview)
             )
@@ -960,8 +962,9 @@ class _FanOut:
         return tensors
 
 
-def _preview_hook_for(progress: ProgressFn, arch: str) -> Callable[[int, Any], None] | None:
-    """Previews only for callers that ask (`progress.wants_preview(step)`), made only on the steps they want."""
+def _preview_hook_for(progress: ProgressFn, render: Render) -> Callable[[int, Any], None] | None:
+    """Previews only for callers that ask (`progress.wants_preview(step)`), made only on the steps they want, by
+    `render` (the model's tiny decoder, or the latent approximation: engines/preview_decoder.py)."""
     wants = getattr(progress, "wants_preview", None)
     deliver = getattr(progress, "preview", None)
     if wants is None or deliver is None:
@@ -969,7 +972,7 @@ def _preview_hook_for(progress: ProgressFn, arch: str) -> Callable[[int, Any], N
 
     def hook(step: int, latents: Any) -> None:
         if wants(step):
-            deliver(step, latents_to_jpeg(latents, arch))
+            deliver(step, render(latents))
 
     return hook
 

@@ -2,7 +2,8 @@
 
 Each latent channel contributes a fixed amount to R, G and B (factors fitted on decoded images by the community, and
 good enough to show composition and colour while a job runs). A 512² SD image has 64² latents, so the preview is a
-64² JPEG of a few kilobytes: cheap to compute every few steps and to ship in an event.
+64² JPEG of a few kilobytes: cheap to compute every few steps and to ship in an event. A tiny autoencoder decodes
+sharper ones where one is configured (`gpu.preview_decoders`, engines/preview_decoder.py); this is the fallback.
 """
 
 from __future__ import annotations

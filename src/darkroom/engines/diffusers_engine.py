@@ -211,7 +211,7 @@ class DiffusersEngine:
         # Held while text encoders run outside a prepared pass: `prepare` (ahead, outside the run lock) and every pass
         # that encodes its own prompts or loads adapters into the text encoders (inside it). A tokenizer is not safe
         # for two threads at once, and an adapter must never leak into another request's encoding.
-        self._encode_lock = threading.Lock()
+        self._encode_lock = threading.RLock()
         self._prepare_stream: Any = None  # CUDA: the side stream `prepare` runs on
         # (model, width, height) → most images one tensor batch may hold: from free memory, and halved by an OOM
         self.batch_limits = BatchLimits(self.device, acceleration.memory_headroom)

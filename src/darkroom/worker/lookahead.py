@@ -53,7 +53,7 @@ class Lookahead:
 
     def last_step(self) -> None:
         """Device thread (a job's progress callback): the job has done its last denoising step."""
-        if not self.enabled:
+        if not self.enabled or getattr(self.worker.engine, "prepare", None) is None:
             return
         with self._lock:
             if self._looked or self._claimed:

@@ -117,6 +117,7 @@ WORKER_ONLY = {
     "darkroom.engines.batch_limits",
     "darkroom.engines.classify",
     "darkroom.engines.diffusers_engine",
+    "darkroom.engines.prepare",
     "darkroom.safety.watermark",
 }
 

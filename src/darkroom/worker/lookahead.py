@@ -11,7 +11,8 @@ engines/prepare.py), on a thread of its own:
 
 Claiming ahead happens only at the last step and only while no other worker thread of the engine waits for the
 device (it would run first), so a job claimed ahead waits about one decode, not one batch, and never behind a queue
-of this worker's own making. The device thread waits for the look-ahead at the end of each batch (`settle`; it is
+of this worker's own making; nor after a claim that emptied the queue, until a notice says work came
+(`Worker.claim_ahead`). The device thread waits for the look-ahead at the end of each batch (`batch_done`; it is
 done by then, as a claim and a text encoding are shorter than a decode), so the loop always knows whether a batch is
 waiting. A worker that stops gives a batch claimed ahead back uncharged (`give_back`). With `gpu.prepare_ahead`
 off, or an engine without `prepare` (remote engines), nothing is prepared or claimed ahead.
@@ -33,6 +34,8 @@ log = logging.getLogger("darkroom.worker")
 
 
 class Lookahead:
+    """One worker's look-ahead; every method but the thread's own runs on the worker's device thread."""
+
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.enabled = worker.settings.gpu.prepare_ahead

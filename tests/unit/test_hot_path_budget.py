@@ -222,6 +222,48 @@ def test_worker_budgets(services):
         counter.close()
 
 
+def test_job_moves_build_each_statement_once(services):
+    """Every way a job moves (claim, start, progress, complete, fail with and without a retry, release, cancel while
+    queued and while running, a lost lease) reuses one statement per shape: a second round of the same moves builds
+    none (building and hashing a statement cost more than SQLite's work). A computed value built per call is refused,
+    as it would defeat that (and its id could later name another)."""
+    from darkroom.jobs import store as store_module
+
+    store = services.store
+
+    def every_move(seed: int) -> None:
+        for i in range(4):
+            store.create(req(seed=seed + i, steps=4))
+        batch = store.claim_batch("w", 30, max_batch=4)
+        assert len(batch) == 4
+        done, retried, failed, released = batch
+        store.start(done.id, "w")
+        store.progress(done.id, "w", 1, 4, 30)
+        assert store.complete(done.id, "w", [IMAGE], {"timings": {"worker_total_s": 0.5}})
+        store.start(retried.id, "w")
+        assert store.fail(retried.id, "w", {"code": "x"}, retry_in=0) is JobState.queued
+        store.start(failed.id, "w")
+        assert store.fail(failed.id, "w", {"code": "x"}) is JobState.failed
+        assert store.release(released.id, "w")
+        queued = store.claim("w", 30)  # one of the two back in the queue; the other is cancelled while queued
+        assert queued is not None
+        store.start(queued.id, "w")
+        store.cancel(queued.id)
+        assert store.finish_cancelled(queued.id, "w")
+        other = store.claim("w2", -1)  # its lease already expired: the reaper takes it back
+        assert other is not None
+        store.start(other.id, "w2")
+        assert store.requeue_expired() == [other.id]
+        store.cancel(other.id)
+
+    every_move(0)
+    built = store_module._move_statement.cache_info().misses
+    every_move(100)
+    assert store_module._move_statement.cache_info().misses == built
+    with pytest.raises(TypeError, match="built once"), write_tx(store.engine) as conn:
+        store._move(conn, "job_x", JobState.running, JobState.running, clock.utcnow(), attempts=jobs.c.attempts + 2)
+
+
 def test_a_quota_check_reads_a_counter_not_the_jobs(services):
     """The images-per-day check and charge is one upsert of `usage_counters`; no statement of the submit reads
     `jobs` for quota (a sum over a tenant's jobs grows with history)."""

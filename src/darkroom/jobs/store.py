@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins  # JobStore.list shadows the builtin in its own annotations
 import datetime as dt
+import functools
 import hashlib
 import json
 import statistics
@@ -728,8 +729,9 @@ class JobStore:
                 lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
                 # The head runs next, so the claim starts it (`start`'s attempt and started_at, in this statement);
                 # the rest of a batch is started by `start` when its turn comes.
-                attempts=sa.case((jobs.c.id == head_id, jobs.c.attempts + 1), else_=jobs.c.attempts),
-                started_at=sa.case((jobs.c.id == head_id, now), else_=sa.null()),
+                attempts=_SQL.head_attempts,
+                started_at=_SQL.head_started_at,
+                params={"p_head": head_id, "p_now": now},
                 progress_step=0,
             )
             claimed = sorted((_job(r) for r in rows), key=lambda j: ids.index(j.id))
@@ -765,7 +767,7 @@ class JobStore:
                 now,
                 owner=worker_id,
                 returning=(jobs.c.attempts, jobs.c.priority, jobs.c.created_at),
-                attempts=jobs.c.attempts + 1,
+                attempts=_SQL.next_attempt,
                 started_at=now,
             )
         if rows:
@@ -852,7 +854,7 @@ class JobStore:
                     {"id": i, "job_id": job_id, "tenant": done.tenant, "created_at": now, **img.__dict__}
                     for i, img in zip(ids, new_images, strict=True)
                 ]
-                conn.execute(images.insert(), rows)
+                conn.execute(_INSERT_IMAGES, rows)
             held = [i for i, img in zip(ids, new_images, strict=True) if img.review_state == "pending"]
             self._event(conn, job_id, "succeeded", {"images": ids, **({"held_for_review": held} if held else {})}, now)
             if gpu_seconds:
@@ -875,13 +877,12 @@ class JobStore:
             target: JobState | sa.ColumnElement = JobState.failed
             timing: dict[str, Any] = {"finished_at": now}
         else:
-            left = jobs.c.attempts < jobs.c.max_attempts
-            target = sa.case((left, _QUEUED), else_=JobState.dead.value)
-            due = sa.literal(now + dt.timedelta(seconds=retry_in), jobs.c.available_at.type)
+            target = _SQL.retry_or_dead
             timing = {
-                "available_at": sa.case((left, due), else_=jobs.c.available_at),
-                "finished_at": sa.case((left, sa.null()), else_=sa.literal(now, jobs.c.finished_at.type)),
-                "started_at": sa.case((left, sa.null()), else_=jobs.c.started_at),  # queued again: not started
+                "available_at": _SQL.retry_available_at,
+                "finished_at": _SQL.retry_finished_at,
+                "started_at": _SQL.retry_started_at,  # queued again: not started
+                "params": {"p_due": now + dt.timedelta(seconds=retry_in), "p_now": now},
             }
         with write_tx(self.engine) as conn:
             moved = self._move(
@@ -936,7 +937,6 @@ class JobStore:
         """Give a claimed job back untouched (graceful drain, a device or storage failure): queued again, and an
         attempt `start` charged is given back."""
         now = clock.utcnow()
-        was_started = jobs.c.started_at.is_not(None)
         with write_tx(self.engine) as conn:
             moved = self._move(
                 conn,
@@ -948,7 +948,7 @@ class JobStore:
                 lease_owner=None,
                 lease_expires_at=None,
                 available_at=now,
-                attempts=jobs.c.attempts - sa.case((was_started, 1), else_=0),
+                attempts=_SQL.attempt_given_back,
                 started_at=None,
                 progress_step=0,
             )
@@ -1045,19 +1045,28 @@ class JobStore:
         *,
         owner: str | None = None,
         returning: Sequence[sa.ColumnElement] = (jobs.c.id,),
+        params: Mapping[str, Any] | None = None,
         **values: Any,
     ) -> Any:
         """THE way a job changes: one UPDATE guarded by the state it must be in and, for a worker's write, the lease
         it must hold (`WHERE id=? AND state=? AND lease_owner=?`), RETURNING what the caller needs. Nothing is
         read first, so nothing can change between a check and the write. For one id: the returned row, or None if
-        the guard failed (someone else moved the job first); for a list of ids: the rows that moved."""
+        the guard failed (someone else moved the job first); for a list of ids: the rows that moved.
+
+        `values` are plain values (bound as parameters) or SQL computed from the row, which must be one of the
+        `_SQL` expressions built once below (`params` binds theirs): the statement of each shape is built once
+        (`_move_statement`), because building and hashing it cost more than SQLite's work."""
         many = not isinstance(job_ids, str)
-        guard = [jobs.c.id.in_(list(job_ids)) if many else jobs.c.id == job_ids, jobs.c.state == from_state.value]
-        if owner is not None:
-            guard.append(jobs.c.lease_owner == owner)
-        state = to_state.value if isinstance(to_state, JobState) else to_state
-        stmt = jobs.update().where(*guard).values(state=state, updated_at=now, **values).returning(*returning)
-        rows = conn.execute(stmt).all()
+        plain = {k: v for k, v in values.items() if not isinstance(v, sa.ColumnElement)}
+        shape = tuple(sorted((k, None if k in plain else _sql_ref(v)) for k, v in values.items()))
+        to = to_state.value if isinstance(to_state, JobState) else _sql_ref(to_state)
+        stmt = _move_statement(many, owner is not None, to, tuple(c.key for c in returning), shape)
+        bound = {f"v_{k}": v for k, v in plain.items()}
+        bound.update(params or {}, m_from=from_state.value, m_now=now, m_owner=owner)
+        bound["m_ids" if many else "m_id"] = list(job_ids) if many else job_ids
+        if isinstance(to_state, JobState):
+            bound["m_to"] = to_state.value
+        rows = conn.execute(stmt, bound).all()
         return rows if many else (rows[0] if rows else None)
 
     @staticmethod
@@ -1077,7 +1086,7 @@ class JobStore:
     def _events(conn: sa.Connection, events: Sequence[tuple[str, str, dict[str, Any]]], now: dt.datetime) -> None:
         """Insert events (one statement) and announce them: PostgreSQL wakes the change feed's listeners on commit."""
         rows = [{"job_id": job_id, "type": kind, "data": data, "created_at": now} for job_id, kind, data in events]
-        conn.execute(job_events.insert(), rows)
+        conn.execute(_INSERT_EVENT, rows)
         announce(conn)
 
 
@@ -1091,6 +1100,67 @@ _RECLAIM = (
     jobs.c.started_at,
 )
 _ENDING = (jobs.c.state, jobs.c.attempts, jobs.c.tenant, jobs.c.created_at, jobs.c.images_requested, jobs.c.model)
+_INSERT_EVENT = job_events.insert()
+_INSERT_IMAGES = images.insert()
+
+
+class _SQL:
+    """The values computed from the row that job moves use, each built once so `_move` can reuse its statement.
+    Their `p_…` parameters come with the move (`params`)."""
+
+    _left = jobs.c.attempts < jobs.c.max_attempts
+    _now = sa.bindparam("p_now", type_=jobs.c.started_at.type)
+    next_attempt = jobs.c.attempts + 1
+    # A claim starts its head job (`p_head`; None starts none).
+    head_attempts = sa.case((jobs.c.id == sa.bindparam("p_head"), jobs.c.attempts + 1), else_=jobs.c.attempts)
+    head_started_at = sa.case((jobs.c.id == sa.bindparam("p_head"), _now), else_=sa.null())
+    # A failed attempt: queued again after `p_due` while attempts remain, else dead.
+    retry_or_dead = sa.case((_left, _QUEUED), else_=JobState.dead.value)
+    retry_available_at = sa.case(
+        (_left, sa.bindparam("p_due", type_=jobs.c.available_at.type)), else_=jobs.c.available_at
+    )
+    retry_finished_at = sa.case((_left, sa.null()), else_=_now)
+    retry_started_at = sa.case((_left, sa.null()), else_=jobs.c.started_at)
+    # A released job gives back the attempt `start` charged, if it had started.
+    attempt_given_back = jobs.c.attempts - sa.case((jobs.c.started_at.is_not(None), 1), else_=0)
+
+
+_STABLE: dict[int, sa.ColumnElement] = {
+    id(v): v for v in (*vars(_SQL).values(), *jobs.c) if isinstance(v, sa.ColumnElement)
+}
+
+
+def _sql_ref(value: sa.ColumnElement) -> int:
+    """The key of a computed value in `_move_statement`'s cache: only expressions built once may be passed (one built
+    per call would build a statement per call, and its id could later name another)."""
+    if id(value) not in _STABLE:
+        raise TypeError(f"job moves take SQL values built once (JobStore's _SQL or a jobs column), not {value!r}")
+    return id(value)
+
+
+@functools.lru_cache(maxsize=128)
+def _move_statement(
+    many: bool, owned: bool, to: str | int, returning: tuple[str, ...], shape: tuple[tuple[str, int | None], ...]
+) -> sa.Update:
+    """`_move`'s guarded UPDATE for one shape: which guard, which target state (bound, or computed: an `_STABLE` id),
+    which columns it sets (bound as `v_<column>`, or computed) and returns. Bound values carry their column's type,
+    so JSON and timestamps are converted as with `.values()`."""
+    target = jobs.c.id.in_(sa.bindparam("m_ids", expanding=True)) if many else jobs.c.id == sa.bindparam("m_id")
+    guard = [target, jobs.c.state == sa.bindparam("m_from")]
+    if owned:
+        guard.append(jobs.c.lease_owner == sa.bindparam("m_owner"))
+    state = sa.bindparam("m_to") if isinstance(to, str) else _STABLE[to]
+    values = {
+        column: sa.bindparam(f"v_{column}", type_=jobs.c[column].type) if ref is None else _STABLE[ref]
+        for column, ref in shape
+    }
+    updated = sa.bindparam("m_now", type_=jobs.c.updated_at.type)
+    return (
+        jobs.update()
+        .where(*guard)
+        .values(state=state, updated_at=updated, **values)
+        .returning(*(jobs.c[name] for name in returning))
+    )
 
 
 def _shift_queued(conn: sa.Connection, delta: int, spread_by: str) -> None:
@@ -1226,16 +1296,26 @@ def _eta(job: JobRecord, position: int | None, per_step: float | None, workers: 
 def _record_step_rate(conn: sa.Connection, model: str, seconds_per_step: float, now: dt.datetime) -> None:
     """Fold one finished job into its model's seconds-per-step: a plain mean over the first samples, then an
     exponentially weighted one, so the ETA follows the device's current speed without reading old jobs."""
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    stmt = insert(step_rates).values(model=model, seconds_per_step=seconds_per_step, samples=1, updated_at=now)
+    params = {"r_model": model, "r_seconds": seconds_per_step, "r_now": now}
+    conn.execute(_STEP_RATE_UPSERTS[conn.dialect.name == "postgresql"], params)
+
+
+def _step_rate_upsert(postgres: bool) -> sa.Insert:
+    """`_record_step_rate`'s upsert, built once per dialect (every completion runs it)."""
+    insert = postgresql.insert if postgres else sqlite.insert
+    now = sa.bindparam("r_now", type_=step_rates.c.updated_at.type)
+    stmt = insert(step_rates).values(
+        model=sa.bindparam("r_model"), seconds_per_step=sa.bindparam("r_seconds"), samples=1, updated_at=now
+    )
     old, new, n = step_rates.c.seconds_per_step, stmt.excluded.seconds_per_step, step_rates.c.samples
     weight = sa.case((n < int(1 / _EWMA), 1.0 / (n + 1)), else_=_EWMA)
-    conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["model"],
-            set_={"seconds_per_step": old + (new - old) * weight, "samples": n + 1, "updated_at": now},
-        )
+    return stmt.on_conflict_do_update(
+        index_elements=["model"],
+        set_={"seconds_per_step": old + (new - old) * weight, "samples": n + 1, "updated_at": now},
     )
+
+
+_STEP_RATE_UPSERTS = {False: _step_rate_upsert(False), True: _step_rate_upsert(True)}  # by: PostgreSQL
 
 
 _ONE_LIVE = {True: _one_live_statement(True), False: _one_live_statement(False)}  # by: with a position

@@ -89,6 +89,28 @@ def test_scheduler_keeps_the_models_schedule_and_applies_overrides(engine) -> No
     assert plain.config.use_karras_sigmas is False
 
 
+def test_each_run_gets_a_fresh_scheduler_copied_from_an_unused_one() -> None:
+    """The copy made for a run is new and in its first state, whatever an earlier run did to its own copy: the same
+    steps give the same timesteps, and a run's state (DPM++'s model outputs, the step index) is not carried over."""
+    import torch
+
+    from darkroom.models.smoke import SD15_SCHEDULER_CONFIG
+
+    spec = resolve_sampler("DPM++ 2M Karras")
+    first = make_scheduler(spec, SD15_SCHEDULER_CONFIG)
+    first.set_timesteps(5)
+    sample = torch.zeros(1, 4, 8, 8)
+    for t in first.timesteps[:3]:
+        sample = first.step(torch.ones_like(sample), t, sample).prev_sample
+    second = make_scheduler(spec, SD15_SCHEDULER_CONFIG)
+    assert second is not first and second.step_index is None
+    assert second.model_outputs == [None] * len(second.model_outputs)
+    second.set_timesteps(5)
+    assert torch.equal(second.timesteps, first.timesteps)
+    fresh = type(first).from_config(SD15_SCHEDULER_CONFIG, **spec.overrides)
+    assert dict(second.config) == dict(fresh.config)
+
+
 def test_sde_noise_is_seeded_per_image() -> None:
     from darkroom.models.smoke import SD15_SCHEDULER_CONFIG
 

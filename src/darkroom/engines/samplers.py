@@ -10,7 +10,9 @@ Not mapped, because diffusers has no faithful equivalent: "DPM++ 2S a", "DPM fas
 
 from __future__ import annotations
 
+import copy
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,11 +88,27 @@ def resolve_sampler(name: str) -> SamplerSpec:
 
 
 def make_scheduler(spec: SamplerSpec, base_scheduler_config: Any) -> Any:
-    """A new scheduler instance: schedulers keep per-run state, so one is never shared between runs or pipelines."""
-    import diffusers
+    """A new scheduler instance: schedulers keep per-run state, so one is never shared between runs or pipelines.
+    It is a copy of one made once per sampler and model config and never run: `from_config` parses and checks the
+    config on every call (about a millisecond per job), a deep copy only copies the tensors."""
+    key = (spec.name, id(base_scheduler_config))
+    with _TEMPLATES_LOCK:
+        entry = _TEMPLATES.get(key)
+    if entry is None or entry[0] is not base_scheduler_config:  # (an id can be reused once a config is gone)
+        import diffusers
 
-    cls = getattr(diffusers, spec.scheduler)
-    return cls.from_config(base_scheduler_config, **spec.overrides)
+        cls = getattr(diffusers, spec.scheduler)
+        entry = (base_scheduler_config, cls.from_config(base_scheduler_config, **spec.overrides))
+        with _TEMPLATES_LOCK:
+            if len(_TEMPLATES) >= _MAX_TEMPLATES:
+                _TEMPLATES.pop(next(iter(_TEMPLATES)))  # the oldest: models come and go
+            _TEMPLATES[key] = entry
+    return copy.deepcopy(entry[1])
+
+
+_TEMPLATES: dict[tuple[str, int], tuple[Any, Any]] = {}  # (sampler, id(config)) → (config, unused scheduler)
+_TEMPLATES_LOCK = threading.Lock()
+_MAX_TEMPLATES = 64
 
 
 def seed_scheduler_noise(scheduler: Any, seeds: list[int]) -> None:

@@ -90,6 +90,34 @@ def test_the_mark_survives_a_png_round_trip(image):
     assert psnr(image, marked) > 45, "invisible: about 49 dB"
 
 
+def _marked_with_full_block_dct(image: Image.Image, tag: bytes) -> Image.Image:
+    """The scheme as its docstring states it, by the book: a full DCT of every 4x4 block of the Haar LL band, the
+    carriers quantised, the full inverse DCT, each LL change spread over its 2x2 pixels. The module computes only the
+    four carriers (a projection on their basis patterns); the pixels must come out the same."""
+    from scipy.fft import dctn, idctn
+
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+    luma = rgb @ watermark._LUMA
+    nby, nbx = luma.shape[0] // 8, luma.shape[1] // 8
+    ll = luma[: nby * 8, : nbx * 8].reshape(nby * 4, 2, nbx * 4, 2).sum(axis=(1, 3)) / 2.0
+    blocks = dctn(ll.reshape(nby, 4, nbx, 4).transpose(0, 2, 1, 3), axes=(2, 3), norm="ortho")
+    assign, dither = watermark._layout(nby, nbx)
+    offset = dither + watermark._bits(watermark.MARKER + tag)[assign] * (watermark._STEP / 2)
+    rows, cols = zip(*watermark._COEFFICIENTS, strict=True)
+    current = blocks[:, :, rows, cols]
+    delta = np.zeros_like(blocks)
+    delta[:, :, rows, cols] = np.round((current - offset) / watermark._STEP) * watermark._STEP + offset - current
+    pixels = idctn(delta, axes=(2, 3), norm="ortho").transpose(0, 2, 1, 3).reshape(nby * 4, nbx * 4) / 2.0
+    rgb[: nby * 8, : nbx * 8] += np.repeat(np.repeat(pixels, 2, axis=0), 2, axis=1)[..., None]
+    return Image.fromarray(np.clip(np.round(rgb), 0, 255).astype(np.uint8), "RGB")
+
+
+@pytest.mark.parametrize("image", [natural(64, 64), natural(93, 67, seed=2), gradient(512, 256), noise(128, 200)])
+def test_the_carriers_alone_mark_exactly_as_the_full_block_dct(image):
+    tag = bytes.fromhex("0badf00d")
+    assert np.array_equal(np.asarray(watermark.embed(image, tag)), np.asarray(_marked_with_full_block_dct(image, tag)))
+
+
 @pytest.mark.parametrize(
     "image",
     [noise(256, 256, seed=3), Image.new("RGB", (128, 128), (90, 120, 200)), gradient(512, 256), natural(512, 512)],

@@ -55,6 +55,10 @@ _ANNOUNCED = "darkroom_announced"
 _CHANGES = "darkroom_total_changes"
 _READ_LIMIT = 1000
 UNBELLED_CHECK_SECONDS = 0.015  # SQLite without a doorbell: the tick is the only word of other processes' commits
+# The feed's one read, built once: it runs after every commit anywhere on the database.
+_NEWER_EVENTS = (
+    sa.select(job_events).where(job_events.c.id > sa.bindparam("low")).order_by(job_events.c.id).limit(_READ_LIMIT)
+)
 
 
 def announce(conn: sa.Connection) -> None:
@@ -352,9 +356,8 @@ class ChangeFeed:
                 setattr(self, name, None)
 
     def _read(self) -> None:
-        query = sa.select(job_events).where(job_events.c.id > self._low).order_by(job_events.c.id).limit(_READ_LIMIT)
         with self._engine.connect() as conn:
-            rows = conn.execute(query).all()
+            rows = conn.execute(_NEWER_EVENTS, {"low": self._low}).all()
             conn.rollback()
         self.reads += 1
         for row in rows:

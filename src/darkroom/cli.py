@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from darkroom import __version__
+from darkroom import __version__, heap
 from darkroom.cli_admin import register as register_admin_commands
 from darkroom.cli_cost import register as register_cost_commands
 from darkroom.cli_demo import register as register_demo_commands
@@ -128,6 +128,7 @@ def serve(
         f"({settings.workers} worker(s); API docs at /docs)",
         highlight=False,
     )
+    heap.settle()  # what start-up made lives as long as the process: full collections need not walk it
     uvicorn.run(  # uvicorn's lines in darkroom's format (observability.logging); no line per request
         api,
         host=settings.host,
@@ -289,6 +290,7 @@ def worker(
 
     signal.signal(signal.SIGTERM, _drain)
     signal.signal(signal.SIGINT, _drain)
+    heap.settle()  # torch, diffusers and the rest of start-up live as long as the process (darkroom.heap)
     loop.run()
     services.store.close()
 

@@ -142,6 +142,24 @@ def test_a_flood_of_bad_keys_is_braked_by_address_and_audited_in_aggregate(servi
     assert rows[-1].ip == "testclient" and summary["window_start"].startswith("2026-11-24T12:00:00")
 
 
+def test_a_braked_address_is_refused_even_with_a_valid_key_the_process_has_cached(services):
+    """A valid key that was just used is answered from the process's caches without the database (on the event
+    loop); that shortcut must not skip the brake on an address that keeps sending bad keys, nor a revocation."""
+    headers = key(services)
+    record = services.keys.list()[0]
+    with clock.frozen(dt.datetime(2026, 11, 24, 12, 0, 10, tzinfo=dt.UTC)), TestClient(create_app(services)) as api:
+        assert api.get("/v1/jobs", headers=headers).status_code == 200  # the key and its tenant's policy cached
+        assert api.get("/v1/jobs", headers=headers).status_code == 200
+        for i in range(services.settings.server.auth_failures_per_minute):
+            api.get("/v1/jobs", headers={"Authorization": f"Bearer dk_{i:012d}_{'A' * 43}"})
+        braked = api.get("/v1/jobs", headers=headers)
+        assert braked.status_code == 429 and braked.json()["error"]["code"] == "too_many_failures"
+    with TestClient(create_app(services)) as api:
+        assert api.get("/v1/jobs", headers=headers).status_code == 200
+        services.keys.revoke(CLI, record.id)
+        assert api.get("/v1/jobs", headers=headers).status_code == 401
+
+
 def test_keys_are_stored_hashed(services):
     _, token = services.keys.create(CLI, name="x", role=Role.user, tenant="acme")
     with services.store.engine.connect() as conn:

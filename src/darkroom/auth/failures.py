@@ -38,6 +38,15 @@ class LoginFailures:
         self._windows: dict[str | None, _Window] = {}
         self._lock = threading.Lock()
 
+    def refusing(self, ip: str | None) -> bool:
+        """Whether `check` would refuse this address now (nothing counted)."""
+        window = self._windows.get(ip)
+        return (
+            window is not None
+            and window.start == _start(clock.utcnow().timestamp())
+            and (window.failures >= self.per_minute)
+        )
+
     def check(self, ip: str | None) -> None:
         """Before authentication: 429 when this address used up its failures for the current minute."""
         now = clock.utcnow().timestamp()

@@ -241,6 +241,20 @@ class KeyStore:
         self._marker_trusted = not self._ever_had_keys
         return self._ever_had_keys
 
+    def cached(self, token: str) -> KeyRecord | None:
+        """The key behind `token` when the answer needs no database: cached, matching, active, its `last_used_at`
+        fresh. None in every other case, the failures included (`authenticate` then decides, and audits them)."""
+        match = _TOKEN.match(token.strip())
+        if not match or (cached := self._keys.get(match.group(1))) is None:
+            return None
+        stored_hash, key = cached
+        now = clock.utcnow()
+        if not _matches(stored_hash, token.strip()) or not key.active(now):
+            return None
+        if key.last_used_at is None or now - key.last_used_at > _TOUCH_EVERY:
+            return None
+        return key
+
     def authenticate(self, token: str) -> KeyRecord:
         """The key behind a bearer token, or 401. Unknown, wrong, expired and revoked read the same to the caller."""
         token = token.strip()

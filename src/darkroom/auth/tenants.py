@@ -107,6 +107,10 @@ class TenantStore:
     def forget_all(self) -> None:
         self._policies.forget_all()
 
+    def cached(self, tenant: str) -> TenantPolicy | None:
+        """The tenant's policy if it is cached (no database), else None."""
+        return self._policies.get(tenant)
+
     def get(self, tenant: str) -> TenantPolicy:
         """The tenant's policy (cached: callers copy before they change it, as `limits.effective` does)."""
         generation = self._policies.generation

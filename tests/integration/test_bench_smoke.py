@@ -64,7 +64,8 @@ def test_service_overhead_prints_every_figure(bench_models: Path) -> None:
     out = run_bench(
         "service_overhead.py",
         *("--rounds", "1", "--steps", "2", "--seq-requests", "1", "--clients", "2", "--jobs", "2"),
-        *("--tput-steps", "2", "--sql-requests", "1", "--submit-clients", "2", "--submit-seconds", "1"),
+        *("--tput-steps", "2", "--sql-requests", "1", "--submit-clients", "3", "--submit-seconds", "1"),
+        *("--clients-per-process", "2"),  # 3 submitting clients in two load processes (2 + 1), merged
         *("--queued", "5", "--phase-timeout", "120", "--models-dir", str(bench_models)),
     )
     assert "errors" not in out, (out.get("errors"), out.get("server_log_tails"))
@@ -80,7 +81,7 @@ def test_service_overhead_prints_every_figure(bench_models: Path) -> None:
         assert is_positive(out["sql_per_request"][kind]["statements"])
         assert is_positive(out["sql_per_request"][kind]["transactions"])
     (row,) = out["submit_api_only"]
-    assert row["queued_before"] == 5 and row["clients"] == 2
+    assert row["queued_before"] == 5 and row["clients"] == 3 and row["load_processes"] == 2
     assert row["statuses"].get("202", 0) > 0 and is_positive(row["accepted"]["p99_ms"])
 
 

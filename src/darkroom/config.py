@@ -148,6 +148,14 @@ class StorageSettings(BaseModel):
     s3_presign_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     s3_max_attempts: int = Field(default=5, ge=1, description="botocore retries (standard mode) per request")
     s3_create_bucket: bool = Field(default=False, description="create the bucket at start (development, MinIO)")
+    png_compress_level: int = Field(
+        default=6,
+        ge=0,
+        le=9,
+        description="zlib level of the PNGs workers store (Pillow's default, 6). At 512x512 and 1024x1024 level 1 "
+        "writes about a third faster for files about 11 % larger: PNG encoding is most of a large image's "
+        "post-processing CPU",
+    )
 
 
 class WebhookSettings(BaseModel):

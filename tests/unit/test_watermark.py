@@ -13,7 +13,7 @@ from PIL import Image, ImageFilter
 from typer.testing import CliRunner
 
 from darkroom.cli import app as cli_app
-from darkroom.config import SecuritySettings, Settings
+from darkroom.config import SecuritySettings, Settings, StorageSettings
 from darkroom.safety import c2pa_manifest, watermark
 from darkroom.safety.provenance import encode_png, pixel_digest, read_png
 from darkroom.safety.verify import UnreadableImage, _same, verify
@@ -294,14 +294,23 @@ def test_c2pa_match_survives_a_float_reprinted_one_ulp_off_but_not_a_changed_val
     assert not _same({"seed": 1}, {"seed": 1.0}) and not _same({"a": 1}, {"a": 1, "b": 2})
 
 
+def zlib_level_class(png: bytes) -> int:
+    """zlib's FLEVEL of the first IDAT chunk: 0 for levels 0-1, 1 for 2-5, 2 for 6 (the default), 3 for 7-9."""
+    start = png.index(b"IDAT") + 4
+    return png[start + 1] >> 6
+
+
 @pytest.mark.parametrize("mark", [True, False], ids=["watermark-on", "watermark-off"])
 def test_a_worker_output_verifies(tmp_path, models_dir, mark):
+    """Also: `storage.png_compress_level` reaches the stored file (default 6; 1 with the watermark off here), and
+    changes its size only: the pixels and the provenance verify either way."""
     settings = Settings(
         data_dir=tmp_path / "data",
         models_dir=models_dir,
         progress_interval=0,
         batch_window_seconds=0,
         security=SecuritySettings(watermark=mark, c2pa=mark),
+        storage=StorageSettings() if mark else StorageSettings(png_compress_level=1),
     )
     services = Services.open(settings)
     worker = Worker(settings, services.store, services.blobs, services.make_engine, worker_id="w1")
@@ -311,14 +320,14 @@ def test_a_worker_output_verifies(tmp_path, models_dir, mark):
         worker.process_batch(worker.claim())
         assert services.store.get(job.id).state is JobState.succeeded
         (image,) = services.store.images_for(job.id)
-        report = verify(
-            services.blobs.get(image.blob_key), trust_anchors=c2pa_manifest.trust_anchor(tmp_path / "data" / "c2pa")
-        )
+        stored = services.blobs.get(image.blob_key)
+        report = verify(stored, trust_anchors=c2pa_manifest.trust_anchor(tmp_path / "data" / "c2pa"))
     finally:
         if worker._engine is not None:
             worker._engine.close()
         services.close()
     assert report["watermark"]["present"] is mark
+    assert zlib_level_class(stored) == (2 if mark else 0)
     assert report["provenance"]["job_id"] == job.id and report["provenance"]["pixels_match"] is True
     assert report["provenance"]["model"]["id"] == "tiny-diffusers" and report["provenance"]["seed"] == 3
     if mark:

@@ -72,10 +72,16 @@ def lora_hashes(loras: list[dict[str, Any]]) -> str:
 
 
 def encode_png(
-    image: Image.Image, provenance: dict[str, Any], *, watermark: bool = True, c2pa_dir: Path | None = None
+    image: Image.Image,
+    provenance: dict[str, Any],
+    *,
+    watermark: bool = True,
+    c2pa_dir: Path | None = None,
+    compress_level: int = 6,
 ) -> bytes:
     """The PNG darkroom stores. The mark goes into the pixels first, so the recorded pixel digest (and the C2PA hash)
-    describe exactly what is in the file; with `c2pa_dir` and c2pa-python installed, a signed manifest comes last."""
+    describe exactly what is in the file; with `c2pa_dir` and c2pa-python installed, a signed manifest comes last.
+    `compress_level`: zlib's (`storage.png_compress_level`), which changes the file's size, never its pixels."""
     image, record = _watermark(image, watermark)
     provenance = {**provenance, "watermark": record, "pixels_sha256": pixel_digest(image)}
     info = PngImagePlugin.PngInfo()
@@ -84,7 +90,7 @@ def encode_png(
     for key, value in comfyui_chunks(provenance["request"]).items():
         info.add_text(key, value)
     out = io.BytesIO()
-    image.save(out, format="PNG", pnginfo=info, compress_level=6)
+    image.save(out, format="PNG", pnginfo=info, compress_level=compress_level)
     if c2pa_dir is None or not c2pa_manifest.available():
         return out.getvalue()
     return _sign(out.getvalue(), provenance, c2pa_dir)

@@ -727,6 +727,7 @@ class Worker:
                     {**common, "seed": item.seed, "image_index": index},
                     watermark=self.settings.security.watermark,
                     c2pa_dir=self.settings.data_dir / "c2pa" if self.settings.security.c2pa else None,
+                    compress_level=self.settings.storage.png_compress_level,
                 )
             with tracing.span("store", trace, image_index=index):
                 digest, key = self.blobs.put(png, "image/png")

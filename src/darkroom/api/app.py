@@ -82,6 +82,11 @@ def create_app(services: Services, workers: int = 0, worker_processes: bool = Fa
         lifespan=lifespan,
         docs_url=None,  # served by darkroom.web.docs from vendored assets (FastAPI's load from a CDN)
         redoc_url=None,
+        # darkroom records its own request spans and metrics (api/edge.py, observability/). FastAPI's native
+        # telemetry would record each request a second time wherever a global OpenTelemetry provider is set, and
+        # looks the global providers up on every request even where none is: 4 % of the event loop's time with
+        # 200 clients (py-spy --gil).
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.services = services
     app.state.login_failures = LoginFailures(

@@ -95,6 +95,14 @@ def _admit(
     return admit_principal(svc, authenticate(svc, token, ip, request_id, failures))
 
 
+async def admitted(
+    svc: Services, failures: LoginFailures | None, token: str | None, ip: str | None, request_id: str | None
+) -> tuple[Principal, TenantPolicy]:
+    """`_admit`: on the event loop when the caches answer (`admit_cached`), else on a request thread."""
+    found = admit_cached(svc, failures, token, ip, request_id)
+    return found if found is not None else await run_in_threadpool(_admit, svc, failures, token, ip, request_id)
+
+
 def admit_cached(
     svc: Services, failures: LoginFailures | None, token: str | None, ip: str | None, request_id: str | None
 ) -> tuple[Principal, TenantPolicy] | None:
@@ -135,10 +143,7 @@ def require(permission: Permission) -> Callable[..., object]:
             token = bearer_token(request)  # Bearer (what `creds` documents) or Basic
             rid = getattr(request.state, "request_id", None)
             failures = getattr(request.app.state, "login_failures", None)
-            admitted = admit_cached(svc, failures, token, ip, rid)
-            if admitted is None:
-                admitted = await run_in_threadpool(_admit, svc, failures, token, ip, rid)
-            who, request.state.tenant_policy = admitted
+            who, request.state.tenant_policy = await admitted(svc, failures, token, ip, rid)
             request.state.principal = who
         assert who is not None  # _admit raises for a caller it does not let in
         if not who.can(permission):
@@ -156,7 +161,7 @@ async def websocket_principal(websocket: WebSocket, permission: Permission) -> P
     ip = websocket.client.host if websocket.client else None
     failures = getattr(websocket.app.state, "login_failures", None)
     try:
-        who, _ = await run_in_threadpool(_admit, svc, failures, token, ip, None)
+        who, _ = await admitted(svc, failures, token, ip, None)
     except (Unauthorized, RateLimited) as exc:
         await websocket.close(code=4401 if isinstance(exc, Unauthorized) else 4429, reason=exc.message[:120])
         return None
@@ -196,12 +201,8 @@ async def admit_before_body(request: Request) -> None:
     ip = request.client.host if request.client else None
     rid = getattr(request.state, "request_id", None)
     failures = getattr(request.app.state, "login_failures", None)
-    token = bearer_token(request)
     try:
-        admitted = admit_cached(svc, failures, token, ip, rid)
-        if admitted is None:
-            admitted = await run_in_threadpool(_admit, svc, failures, token, ip, rid)
-        who, policy = admitted
+        who, policy = await admitted(svc, failures, bearer_token(request), ip, rid)
     except Exception as exc:  # raised again by the route's own `require(...)`, so it leaves in the route's shape
         request.state.auth_error = exc
         return

@@ -40,19 +40,14 @@ class LoginFailures:
 
     def refusing(self, ip: str | None) -> bool:
         """Whether `check` would refuse this address now (nothing counted)."""
-        window = self._windows.get(ip)
-        return (
-            window is not None
-            and window.start == _start(clock.utcnow().timestamp())
-            and (window.failures >= self.per_minute)
-        )
+        return self._used_up(ip, clock.utcnow().timestamp()) is not None
 
     def check(self, ip: str | None) -> None:
         """Before authentication: 429 when this address used up its failures for the current minute."""
         now = clock.utcnow().timestamp()
         with self._lock:
-            window = self._windows.get(ip)
-            if window is None or window.start != _start(now) or window.failures < self.per_minute:
+            window = self._used_up(ip, now)
+            if window is None:
                 return
             window.refused += 1
         raise RateLimited(
@@ -66,6 +61,13 @@ class LoginFailures:
             retry_after=int(window.start + WINDOW_SECONDS - now) + 1,
             code="too_many_failures",
         )
+
+    def _used_up(self, ip: str | None, now: float) -> _Window | None:
+        """The address's window for the current minute when its failures are used up, else None."""
+        window = self._windows.get(ip)
+        if window is None or window.start != _start(now) or window.failures < self.per_minute:
+            return None
+        return window
 
     def failed(self, key_id: str | None, ip: str | None, request_id: str | None, reason: str) -> None:
         """After a failed authentication: count it; audit it one by one while under the per-minute allowance."""

@@ -244,12 +244,13 @@ class KeyStore:
     def cached(self, token: str) -> KeyRecord | None:
         """The key behind `token` when the answer needs no database: cached, matching, active, its `last_used_at`
         fresh. None in every other case, the failures included (`authenticate` then decides, and audits them)."""
-        match = _TOKEN.match(token.strip())
+        token = token.strip()
+        match = _TOKEN.match(token)
         if not match or (cached := self._keys.get(match.group(1))) is None:
             return None
         stored_hash, key = cached
         now = clock.utcnow()
-        if not _matches(stored_hash, token.strip()) or not key.active(now):
+        if not _matches(stored_hash, token) or not key.active(now):
             return None
         if key.last_used_at is None or now - key.last_used_at > _TOUCH_EVERY:
             return None

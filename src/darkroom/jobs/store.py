@@ -1059,7 +1059,7 @@ class JobStore:
         many = not isinstance(job_ids, str)
         plain = {k: v for k, v in values.items() if not isinstance(v, sa.ColumnElement)}
         shape = tuple(sorted((k, None if k in plain else _sql_ref(v)) for k, v in values.items()))
-        to = to_state.value if isinstance(to_state, JobState) else _sql_ref(to_state)
+        to = None if isinstance(to_state, JobState) else _sql_ref(to_state)  # None: bound, whichever state
         stmt = _move_statement(many, owner is not None, to, tuple(c.key for c in returning), shape)
         bound = {f"v_{k}": v for k, v in plain.items()}
         bound.update(params or {}, m_from=from_state.value, m_now=now, m_owner=owner)
@@ -1112,7 +1112,7 @@ class _SQL:
     _now = sa.bindparam("p_now", type_=jobs.c.started_at.type)
     next_attempt = jobs.c.attempts + 1
     # A claim starts its head job (`p_head`; None starts none).
-    head_attempts = sa.case((jobs.c.id == sa.bindparam("p_head"), jobs.c.attempts + 1), else_=jobs.c.attempts)
+    head_attempts = sa.case((jobs.c.id == sa.bindparam("p_head"), next_attempt), else_=jobs.c.attempts)
     head_started_at = sa.case((jobs.c.id == sa.bindparam("p_head"), _now), else_=sa.null())
     # A failed attempt: queued again after `p_due` while attempts remain, else dead.
     retry_or_dead = sa.case((_left, _QUEUED), else_=JobState.dead.value)
@@ -1140,16 +1140,16 @@ def _sql_ref(value: sa.ColumnElement) -> int:
 
 @functools.lru_cache(maxsize=128)
 def _move_statement(
-    many: bool, owned: bool, to: str | int, returning: tuple[str, ...], shape: tuple[tuple[str, int | None], ...]
+    many: bool, owned: bool, to: int | None, returning: tuple[str, ...], shape: tuple[tuple[str, int | None], ...]
 ) -> sa.Update:
-    """`_move`'s guarded UPDATE for one shape: which guard, which target state (bound, or computed: an `_STABLE` id),
-    which columns it sets (bound as `v_<column>`, or computed) and returns. Bound values carry their column's type,
-    so JSON and timestamps are converted as with `.values()`."""
+    """`_move`'s guarded UPDATE for one shape: which guard, which target state (None: bound as `m_to`; else
+    computed, an `_STABLE` id), which columns it sets (bound as `v_<column>`, or computed) and returns. Bound values
+    carry their column's type, so JSON and timestamps are converted as with `.values()`."""
     target = jobs.c.id.in_(sa.bindparam("m_ids", expanding=True)) if many else jobs.c.id == sa.bindparam("m_id")
     guard = [target, jobs.c.state == sa.bindparam("m_from")]
     if owned:
         guard.append(jobs.c.lease_owner == sa.bindparam("m_owner"))
-    state = sa.bindparam("m_to") if isinstance(to, str) else _STABLE[to]
+    state = sa.bindparam("m_to") if to is None else _STABLE[to]
     values = {
         column: sa.bindparam(f"v_{column}", type_=jobs.c[column].type) if ref is None else _STABLE[ref]
         for column, ref in shape

@@ -100,8 +100,7 @@ class Lookahead:
 
     def give_back(self) -> None:
         """The worker stops: release the batch claimed ahead (never started, so uncharged) and forget the rest."""
-        self.settle()
-        for job in self.claimed():
+        for job in self.claimed():  # (claimed() waits for the look-ahead's work first)
             self.worker.store.release(job.id, self.worker.id, reason="claimed ahead by a worker that stopped")
         with self._lock:
             self._prepared.clear()

@@ -156,9 +156,11 @@ class Hub:
 
     async def serve(self, socket: Socket) -> None:
         """A connected socket: greet it, follow the caller's jobs for its client id, and hold it until it closes."""
-        self.sockets.add(socket)
         try:
             await socket.send(await self.status(socket, sid=True))
+            # Only now does it hear other jobs' messages: a ComfyUI client takes its sid from the first message,
+            # which a job ending while the greeting was being read would otherwise have been.
+            self.sockets.add(socket)
             for job in await run_in_threadpool(active_jobs, self.svc, socket.who):
                 if views.spec(job).get("client_id") in (None, socket.client_id):
                     self.follow(job)

@@ -559,3 +559,20 @@ def test_held_outputs_are_not_downloadable_until_an_operator_approves(services):
         assert api.get(f"/v1/jobs/{job['id']}", headers=client).json()["images"][0]["url"]
     [approved] = services.audit.list(action="review.approve")
     assert approved.target == image["id"] and approved.tenant == "acme"
+
+
+def test_an_open_keyless_service_admits_on_the_event_loop_until_a_key_exists(services):
+    """With no keys on loopback the caller is the machine's owner: answered from the caches (no thread hand-off,
+    no database) whatever token comes, and no longer once another process makes the first key."""
+    from darkroom.api.auth import admit_cached
+
+    with TestClient(create_app(services)) as api:
+        assert api.get("/v1/jobs").status_code == 200  # reads the table once and caches the tenant's policy
+        for token in (None, "sk-anything"):
+            who, _ = admit_cached(services, None, token, "127.0.0.1", "req_1") or (None, None)
+            assert who is not None and who.actor == "local" and who.tenant == "default"
+        other_process = KeyStore(services.store.engine)
+        _, token = other_process.create(CLI, name="first", role=Role.user, tenant="acme")
+        assert admit_cached(services, None, None, "127.0.0.1", "req_2") is None
+        assert api.get("/v1/jobs").status_code == 401
+        assert api.get("/v1/jobs", headers={"Authorization": f"Bearer {token}"}).status_code == 200

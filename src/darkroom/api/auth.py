@@ -106,19 +106,25 @@ async def admitted(
 def admit_cached(
     svc: Services, failures: LoginFailures | None, token: str | None, ip: str | None, request_id: str | None
 ) -> tuple[Principal, TenantPolicy] | None:
-    """`_admit` when it needs no database: a valid key and its tenant's policy both cached, and no per-minute limit
-    to count. It runs on the event loop, which saves the request a hand-off to a thread and back; None sends the
-    request the usual way (`_admit` on a thread), which is also where every failure is decided and audited."""
-    if not token or (failures is not None and failures.refusing(ip)):
+    """`_admit` when it needs no database: a valid key (or an open service that is known to have no keys, whatever
+    token comes) and its tenant's policy both cached, and no per-minute limit to count. It runs on the event loop,
+    which saves the request a hand-off to a thread and back; None sends the request the usual way (`_admit` on a
+    thread), which is also where every failure is decided and audited."""
+    if failures is not None and failures.refusing(ip):
         return None
-    key = svc.keys.cached(token)
-    if key is None or key.requests_per_minute or (stored := svc.tenants.cached(key.tenant)) is None:
+    if open_without_keys(svc) and svc.keys.known_keyless():  # as `authenticate` answers with no keys
+        who = Principal.local(ip, request_id)
+    elif token and (key := svc.keys.cached(token)) is not None and not key.requests_per_minute:
+        who = key_principal(key, ip, request_id)
+    else:
+        return None
+    if (stored := svc.tenants.cached(who.tenant)) is None:
         return None
     policy = effective(stored, svc.settings.security)
     if policy.requests_per_minute:
         return None
-    bind_log_context(tenant=key.tenant)
-    return key_principal(key, ip, request_id), policy
+    bind_log_context(tenant=who.tenant)
+    return who, policy
 
 
 def admit_principal(svc: Services, who: Principal) -> tuple[Principal, TenantPolicy]:

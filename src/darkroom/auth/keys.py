@@ -241,6 +241,13 @@ class KeyStore:
         self._marker_trusted = not self._ever_had_keys
         return self._ever_had_keys
 
+    def known_keyless(self) -> bool:
+        """True when no key exists and that is known without a database read (the marker's one stat), as
+        `any_keys` would answer False. False otherwise, whatever the truth: the caller then asks `any_keys`."""
+        return (
+            not self._ever_had_keys and self._marker_trusted and self._marker is not None and not self._marker.exists()
+        )
+
     def cached(self, token: str) -> KeyRecord | None:
         """The key behind `token` when the answer needs no database: cached, matching, active, its `last_used_at`
         fresh. None in every other case, the failures included (`authenticate` then decides, and audits them)."""

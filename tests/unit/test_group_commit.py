@@ -4,6 +4,8 @@ one job."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -60,8 +62,7 @@ def grouped(store: JobStore, submits: list[Callable[[], Any]]) -> tuple[list[Any
         except Exception as exc:
             outcomes[i] = exc
 
-    lock = db._writer_locks.setdefault(store.engine, threading.RLock())
-    with lock:
+    with db._writer_queue(store.engine):
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(submits))]
         for t in threads:
             t.start()
@@ -107,3 +108,35 @@ def test_one_idempotency_key_twice_in_a_group_makes_one_job(store):
     (first, created_first), (second, created_second) = outcomes[3], outcomes[4]
     assert first.id == second.id and sorted([created_first, created_second]) == [False, True]
     assert queued(store) == 4
+
+
+PROBE = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    print("held")
+else:
+    print("free")
+"""
+
+
+def probe(path: str) -> str:
+    """Whether another process could take the writers' file lock now."""
+    done = subprocess.run([sys.executable, "-c", PROBE, path], capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_processes_queue_for_the_write_lock_on_a_file_beside_the_database(store, tmp_path):
+    """Another process's writer waits on the file lock, which the kernel hands over the moment it is let go, rather
+    than sleeping in SQLite's busy handler; a read takes no part in it."""
+    lock_file = str(tmp_path / "jobs.db-writer.lock")
+    store.create(req(0), tenant="t")  # any write: the lock file is made on first use
+    assert probe(lock_file) == "free"
+    with db.write_tx(store.engine) as conn:
+        conn.execute(sa.text("UPDATE queue_counters SET queued = queued"))
+        assert probe(lock_file) == "held"
+    assert probe(lock_file) == "free"
+    with db.read_tx(store.engine):
+        assert probe(lock_file) == "free"

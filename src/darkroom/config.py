@@ -257,7 +257,13 @@ class ServerSettings(BaseModel):
     admission_target_ms: float = Field(
         default=100.0,
         gt=0,
-        description="while admitted requests take longer than this (median), fewer are let in (darkroom.api.admission)",
+        description="while admitted requests take longer than this (90th percentile), fewer are let in "
+        "(darkroom.api.admission)",
+    )
+    admission_floor: int = Field(
+        default=16,
+        ge=1,
+        description="the admission limit starts here and never shrinks below it (or below max_in_flight, if lower)",
     )
     overloaded_retry_after: int = Field(default=1, ge=1, description="Retry-After (s) of an `overloaded` 429")
     max_body_bytes: int | None = Field(

@@ -16,49 +16,83 @@ def now(monkeypatch) -> list[float]:
     return t
 
 
-def run_windows(limiter: InFlight, now: list[float], windows: int, seconds: float, concurrent: int) -> int:
-    """`concurrent` requests at a time, each taking `seconds`, for `windows` windows; returns how many were refused."""
+def run_windows(
+    limiter: InFlight, now: list[float], windows: int, seconds: float, concurrent: int, slow_share: float = 1.0
+) -> int:
+    """`concurrent` requests at a time for `windows` windows, `slow_share` of them taking `seconds` and the rest 1 ms;
+    returns how many were refused. A window is judged when the first request after its end leaves: here a 1 ms
+    probe, so each window is judged on its own requests."""
     refused = 0
     for _ in range(windows):
+        start = now[0]
         slots = []
         for _ in range(concurrent):
             if limiter.full():
                 refused += 1
             else:
                 slots.append(limiter.enter())
-        now[0] += max(seconds, WINDOW_SECONDS)
-        for slot in slots:
-            slot.started = now[0] - seconds
+        now[0] = start + WINDOW_SECONDS / 2
+        slow = round(len(slots) * slow_share)
+        for i, slot in enumerate(slots):
+            slot.started = now[0] - (seconds if i < slow else 0.001)
             slot.leave()
+        now[0] = start + WINDOW_SECONDS
+        probe = limiter.enter()
+        probe.started = now[0] - 0.001
+        probe.leave()
     return refused
 
 
-def test_slow_requests_shrink_the_limit_to_the_floor_and_the_rest_are_refused(now):
+def test_it_starts_at_the_floor_and_fast_requests_that_meet_it_grow_it_quickly_to_the_ceiling(now):
+    """A burst against a new process is not admitted whole; demand that the process handles fast opens it up, by a
+    quarter a window while well under the target (from 16 to 400 in under 16 windows, 4 s), not one at a time."""
+    limiter = InFlight(ceiling=400, target_seconds=0.1, floor=16)
+    assert limiter.admitted == 16
+    refused = run_windows(limiter, now, 1, seconds=0.01, concurrent=500)
+    assert refused == 500 - 16 and limiter.admitted == 20
+    run_windows(limiter, now, 15, seconds=0.01, concurrent=500)
+    assert limiter.admitted == 400
+
+
+def test_requests_near_the_target_grow_a_reached_limit_by_one(now):
     limiter = InFlight(ceiling=64, target_seconds=0.1, floor=16)
-    assert limiter.admitted == 64
-    refused = run_windows(limiter, now, 40, seconds=0.5, concurrent=200)
-    assert limiter.admitted == 16 and refused > 0
+    run_windows(limiter, now, 4, seconds=0.07, concurrent=100)
+    assert limiter.admitted == 20
+
+
+def test_slow_requests_shrink_the_limit_in_proportion_down_to_the_floor(now):
+    limiter = InFlight(ceiling=400, target_seconds=0.1, floor=4)
+    run_windows(limiter, now, 30, seconds=0.01, concurrent=500)
+    assert limiter.admitted == 400
+    run_windows(limiter, now, 1, seconds=0.4, concurrent=500)  # 4x the target: by half, the most one window takes
+    assert limiter.admitted == 200
+    run_windows(limiter, now, 1, seconds=0.125, concurrent=500)  # 1.25x: to 0.8
+    assert limiter.admitted == 160
+    run_windows(limiter, now, 1, seconds=0.105, concurrent=500)  # a little over: by a tenth, the least
+    assert limiter.admitted == 144
+    refused = run_windows(limiter, now, 20, seconds=0.5, concurrent=500)
+    assert limiter.admitted == 4 and refused > 0
     assert limiter.count == 0
 
 
-def test_fast_requests_that_meet_the_limit_grow_it_back_to_the_ceiling(now):
-    limiter = InFlight(ceiling=40, target_seconds=0.1, floor=16)
-    run_windows(limiter, now, 40, seconds=0.5, concurrent=100)
-    assert limiter.admitted == 16
-    run_windows(limiter, now, 30, seconds=0.01, concurrent=100)
-    assert limiter.admitted == 40
+def test_the_tail_counts_not_the_median(now):
+    """A fifth of the admitted requests slow is enough to shrink the limit, though the median request is fast."""
+    limiter = InFlight(ceiling=64, target_seconds=0.1, floor=4)
+    run_windows(limiter, now, 8, seconds=0.01, concurrent=100)
+    reached = limiter.admitted
+    run_windows(limiter, now, 1, seconds=0.3, concurrent=100, slow_share=0.2)
+    assert limiter.admitted == reached // 2
 
 
 def test_fast_requests_under_the_limit_leave_it_where_it_is(now):
     limiter = InFlight(ceiling=64, target_seconds=0.1, floor=16)
-    run_windows(limiter, now, 40, seconds=0.5, concurrent=200)
     run_windows(limiter, now, 10, seconds=0.01, concurrent=4)  # no demand beyond the limit: no reason to grow
     assert limiter.admitted == 16
 
 
 def test_a_slot_left_twice_counts_once_and_a_small_ceiling_is_its_own_floor(now):
     limiter = InFlight(ceiling=3)
-    assert limiter.floor == 3
+    assert limiter.floor == 3 and limiter.admitted == 3
     slot = limiter.enter()
     slot.leave()
     slot.leave()

@@ -95,7 +95,9 @@ def create_app(services: Services, workers: int = 0, worker_processes: bool = Fa
         audited_per_minute=server.audited_failures_per_minute,
     )
     app.state.readiness = health.Readiness(services, server.ready_cache_seconds, server.ready_timeout_seconds)
-    app.state.in_flight = InFlight(server.max_in_flight, target_seconds=server.admission_target_ms / 1000)
+    app.state.in_flight = InFlight(
+        server.max_in_flight, target_seconds=server.admission_target_ms / 1000, floor=server.admission_floor
+    )
     errors.install(app, database_retry_after=server.database_retry_after)
     app.add_middleware(
         Edge,

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -84,15 +85,27 @@ def serve(
         int | None,
         typer.Option(min=1, help="requests at once before an immediate 429 [env DARKROOM_SERVER__MAX_IN_FLIGHT]"),
     ] = None,
+    api_processes: Annotated[
+        int | None,
+        typer.Option(min=1, help="processes answering the API on one socket [env DARKROOM_SERVER__API_PROCESSES]"),
+    ] = None,
+    listen_fd: Annotated[
+        int | None, typer.Option(hidden=True, help="an extra API process: answer on this socket")
+    ] = None,
     log_level: str = "info",
     log_format: LogFormatOption = None,
 ) -> None:
     """Run the API (and in-process workers). Without API keys it answers only on a loopback address."""
     import uvicorn
 
-    _logging(log_level, "serve", log_format)  # first: it quiets the libraries before they are imported
+    replica = listen_fd is not None  # started by another `serve` (darkroom.api.processes): requests only
+    _logging(log_level, "api" if replica else "serve", log_format)  # first: it quiets the libraries
     from darkroom.api.app import create_app
     from darkroom.service import Services
+    from darkroom.worker.processes import die_with_parent
+
+    if replica:
+        die_with_parent()
 
     settings = _serve_settings(
         host=host, port=port, data_dir=data_dir, database_url=database_url, models_dir=models_dir, workers=workers
@@ -102,7 +115,8 @@ def serve(
     tracing.configure(settings, "api")  # OTLP spans when observability.otlp_endpoint is set (`tracing` extra)
     from darkroom.observability import metrics
 
-    metrics.multiprocess(settings.data_dir / "metrics")  # one /metrics for this server and its worker processes
+    if not replica:  # a replica writes to the primary's folder (inherited through the environment)
+        metrics.multiprocess(settings.data_dir / "metrics")  # one /metrics for this server and its child processes
     if devices is not None:
         _pin_devices(settings, devices, workers_given=workers is not None)
     if insecure:
@@ -111,25 +125,20 @@ def serve(
         settings.server.request_threads = threads
     if max_in_flight is not None:
         settings.server.max_in_flight = max_in_flight
+    if api_processes is not None:
+        settings.server.api_processes = api_processes
     _validate_hooks(settings, output_checker=settings.workers > 0)
     services = Services.open(settings)
-    if not _bootstrap(services):
-        services.close()
-        raise typer.Exit(2)
-    if not _access_check(services):
+    if not replica and not (_bootstrap(services) and _access_check(services)):
         services.close()
         raise typer.Exit(2)
     if settings.workers > 0:
         services.ensure_default_model()
     services.approve_models()
-    api = create_app(services, workers=settings.workers, worker_processes=settings.worker_processes)
-    console.print(
-        f"darkroom {__version__} on http://{settings.host}:{settings.port} "
-        f"({settings.workers} worker(s); API docs at /docs)",
-        highlight=False,
+    api = create_app(
+        services, workers=settings.workers, worker_processes=settings.worker_processes, background=not replica
     )
-    heap.settle()  # what start-up made lives as long as the process: full collections need not walk it
-    uvicorn.run(  # uvicorn's lines in darkroom's format (observability.logging); no line per request
+    config = uvicorn.Config(  # uvicorn's lines in darkroom's format (observability.logging); no line per request
         api,
         host=settings.host,
         port=settings.port,
@@ -138,6 +147,29 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=10,
     )
+    server = uvicorn.Server(config)
+    if not replica:
+        processes = settings.server.api_processes
+        console.print(
+            f"darkroom {__version__} on http://{settings.host}:{settings.port} ({settings.workers} worker(s)"
+            + (f", {processes} API processes" if processes > 1 else "")
+            + "; API docs at /docs)",
+            highlight=False,
+        )
+    heap.settle()  # what start-up made lives as long as the process: full collections need not walk it
+    if replica:
+        server.run(sockets=[socket.socket(fileno=listen_fd)])
+    elif settings.server.api_processes > 1:
+        from darkroom.api.processes import ApiReplicas
+
+        sock = config.bind_socket()
+        replicas = ApiReplicas(settings, sock, settings.server.api_processes - 1, log_level).start()
+        try:
+            server.run(sockets=[sock])
+        finally:
+            replicas.stop()
+    else:
+        server.run()
     services.close()
 
 

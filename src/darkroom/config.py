@@ -260,6 +260,12 @@ class ServerSettings(BaseModel):
         description="while admitted requests take longer than this (90th percentile), fewer are let in "
         "(darkroom.api.admission)",
     )
+    api_processes: int = Field(
+        default=1,
+        ge=1,
+        description="processes answering the API on one socket (`serve --api-processes`); the first also runs the "
+        "workers and background loops (darkroom.api.processes)",
+    )
     admission_floor: int = Field(
         default=16,
         ge=1,

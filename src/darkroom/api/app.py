@@ -33,9 +33,12 @@ from .templates import router as templates_router
 log = logging.getLogger("darkroom.api")
 
 
-def create_app(services: Services, workers: int = 0, worker_processes: bool = False) -> FastAPI:
+def create_app(
+    services: Services, workers: int = 0, worker_processes: bool = False, background: bool = True
+) -> FastAPI:
     """The API. `workers`: how many workers to run beside it, as child processes with `worker_processes` (what
-    `darkroom serve` does: see `darkroom.worker.processes`), else as threads of this process."""
+    `darkroom serve` does: see `darkroom.worker.processes`), else as threads of this process. `background`: run the
+    webhook dispatcher, retention and the sweeper here (not in the extra API processes, `darkroom.api.processes`)."""
     server = services.settings.server
     services.keys.configure_cache(server.auth_cache_seconds)
     services.tenants.configure_cache(server.auth_cache_seconds)
@@ -58,15 +61,17 @@ def create_app(services: Services, workers: int = 0, worker_processes: bool = Fa
             services.start_worker_processes(workers, log_level=level)
         else:
             services.start_workers(workers)
-        dispatcher = start_webhooks(services.settings, services.store)
+        dispatcher = start_webhooks(services.settings, services.store) if background else None
         unwake = _wake_on_events(services, dispatcher)
-        retention = start_retention(services.settings, services)
-        sweeper = Sweeper(services.settings, services.store).start()  # lost workers, stuck jobs, disk
+        retention = start_retention(services.settings, services) if background else None
+        sweeper = Sweeper(services.settings, services.store).start() if background else None  # lost workers, disk
         try:
             yield
         finally:
-            sweeper.stop()
-            retention.stop()
+            if sweeper is not None:
+                sweeper.stop()
+            if retention is not None:
+                retention.stop()
             unwake()
             if dispatcher is not None:
                 dispatcher.stop()

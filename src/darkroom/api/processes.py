@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import threading
 import time
 
 from darkroom.config import Settings
-from darkroom.worker.processes import PARENT_ENV, STABLE_SECONDS
+from darkroom.worker.processes import PARENT_ENV, STABLE_SECONDS, terminate
 
 log = logging.getLogger("darkroom.api")
 
@@ -103,15 +102,6 @@ class ApiReplicas:
         self._stop.set()
         with self._lock:
             procs = [p for p in self.procs if p is not None and p.poll() is None]
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_SECONDS
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("API process %d did not stop in time; killing it", proc.pid)
-                proc.kill()
-                proc.wait()
+        terminate(procs, STOP_SECONDS, "API process")
         for thread in self._threads:
             thread.join(timeout=5)

@@ -121,16 +121,7 @@ class WorkerProcesses:
         self._stop.set()
         with self._lock:
             procs = [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.drain_seconds + 10
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("worker process %d did not stop in time; killing it", proc.pid)
-                proc.kill()
-                proc.wait()
+        terminate(procs, self.settings.drain_seconds + 10, "worker process")
         for thread in self._threads:
             thread.join(timeout=5)
         self._threads.clear()
@@ -150,6 +141,20 @@ class WorkerProcesses:
             for s in slots
         ]
         return fleet_health(views, healthy=sum(s.healthy for s in slots))
+
+
+def terminate(procs: list[subprocess.Popen[bytes]], seconds: float, what: str) -> None:
+    """SIGTERM every child, wait up to `seconds` in all, then kill what is still there."""
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + seconds
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s %d did not stop in time; killing it", what, proc.pid)
+            proc.kill()
+            proc.wait()
 
 
 def placement(workers: int, devices: list[str]) -> list[tuple[str | None, int]]:

@@ -17,9 +17,10 @@ every side alike. Phases, each bounded by `--phase-timeout`:
 - sql: statements and transactions per `POST /v1/jobs` and `GET /v1/jobs/{id}`, counted in this process with a
   SQLAlchemy cursor event on the store's engine around the real app served over loopback (the service itself
   exposes no statement count); only statements run by request threads are counted, not background loops';
-- submit: an API-only node (`--workers 0`) with `--queued` jobs (and 100,000 with `--deep`) of 50 other tenants
-  already queued, `--submit-clients` clients submitting for `--submit-seconds`: p50/p99, submits/s, 429s. More than
-  `--clients-per-process` clients are spread over load processes, so the load generator is not what is measured.
+- submit: an API-only node (`--workers 0`, `--api-processes` processes answering) with `--queued` jobs (and 100,000
+  with `--deep`) of 50 other tenants already queued, `--submit-clients` clients submitting for `--submit-seconds`:
+  p50/p99, submits/s, 429s. More than `--clients-per-process` clients are spread over load processes, so the load
+  generator is not what is measured.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/service_overhead.py --rounds 3
 """
@@ -93,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--queued", type=int, default=1000, help="submit phase: jobs queued before it starts")
     p.add_argument("--deep", action="store_true", help="submit phase: also with --deep-queued jobs queued")
     p.add_argument("--deep-queued", type=int, default=DEEP_QUEUE)
+    p.add_argument(
+        "--api-processes", type=int, default=1, help="submit phase: processes answering the API (serve --api-processes)"
+    )
     p.add_argument("--omp-threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--phase-timeout", type=float, default=300.0, help="seconds any one measured phase may take")
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
@@ -468,7 +472,11 @@ async def submit_phase(args: argparse.Namespace, models_dir: Path, logs: Path) -
             # phase filled it, and the 200-client phase that follows measured nothing but `queue_full` 429s.
             env = bench_env(
                 args.omp_threads,
-                {"DARKROOM_LIMITS__MAX_QUEUE_DEPTH": limit, "DARKROOM_LIMITS__MAX_TENANT_QUEUE_DEPTH": limit},
+                {
+                    "DARKROOM_LIMITS__MAX_QUEUE_DEPTH": limit,
+                    "DARKROOM_LIMITS__MAX_TENANT_QUEUE_DEPTH": limit,
+                    "DARKROOM_SERVER__API_PROCESSES": str(args.api_processes),
+                },
             )
             server = darkroom_server(f"api-only-{depth}", Path(tmp), models_dir, 0, logs, env)
             try:

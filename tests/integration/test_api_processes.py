@@ -36,6 +36,9 @@ def test_a_replica_answers_on_the_same_port_and_is_kept_alive_until_the_server_s
         try:
             with httpx.Client(base_url=cluster.url, timeout=60) as http:
                 job = wait_until(lambda: _submit(http), timeout=60, what="the replica to answer")
+                # It cannot see the primary's worker processes: it is ready while a worker of the fleet is live.
+                ready = wait_until(lambda: (r := http.get("/readyz")).status_code == 200 and r.json(), timeout=60)
+                assert ready["checks"]["fleet"] == "ok"
         finally:
             server.kill(signal.SIGCONT)
         with httpx.Client(base_url=cluster.url, timeout=60) as http:  # the primary's worker ran it, either answers

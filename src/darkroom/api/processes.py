@@ -11,7 +11,9 @@ primary's listening socket, which they inherit: the kernel hands each new connec
 first, so a busy process takes fewer. Each process keeps its own auth caches, admission limit and change feed; the
 job store is what they share, as with API nodes on several machines. On SQLite their writers queue on the database's
 writer lock file (`jobs.db._WriterQueue`), so a second process costs no busy-handler sleeps; metrics go to the
-primary's multiprocess folder (inherited, as worker processes do), so any process's `/metrics` shows them all.
+primary's multiprocess folder (inherited, as worker processes do), so any process's `/metrics` shows them all. A
+replica's `/readyz` cannot see the primary's worker processes; where there are some, it asks for a live worker in
+the fleet instead (`observability.expect_workers`), as an API node whose workers run elsewhere does.
 
 Supervision is the worker processes' (`darkroom.worker.processes`): a replica that exits is restarted after a
 backoff that doubles per crash in a row, stopping sends SIGTERM (uvicorn finishes what it is answering) and kills
@@ -34,6 +36,7 @@ from darkroom.worker.processes import PARENT_ENV, STABLE_SECONDS, terminate
 log = logging.getLogger("darkroom.api")
 
 STOP_SECONDS = 15.0  # uvicorn's graceful shutdown is 10 s
+EXPECT_WORKERS_ENV = "DARKROOM_OBSERVABILITY__EXPECT_WORKERS"
 
 
 def replica_command(settings: Settings, fd: int, log_level: str) -> list[str]:
@@ -80,9 +83,7 @@ class ApiReplicas:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                proc = subprocess.Popen(
-                    self.command, pass_fds=(self.sock.fileno(),), env={**os.environ, PARENT_ENV: str(os.getpid())}
-                )
+                proc = subprocess.Popen(self.command, pass_fds=(self.sock.fileno(),), env=self._env())
             except OSError as exc:
                 code = f"could not start: {exc}"
             else:
@@ -97,6 +98,12 @@ class ApiReplicas:
             delay = min(recovery.max_backoff_seconds, recovery.restart_backoff_seconds * 2 ** (streak - 1))
             log.error("API process %d ended (%s); restarting in %.1f s", index + 1, code, delay)
             self._stop.wait(delay)
+
+    def _env(self) -> dict[str, str]:
+        env = {**os.environ, PARENT_ENV: str(os.getpid())}
+        if self.settings.workers > 0:  # /readyz: the primary's workers are not the replica's own; the fleet is
+            env[EXPECT_WORKERS_ENV] = "true"
+        return env
 
     def stop(self) -> None:
         self._stop.set()

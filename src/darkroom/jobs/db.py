@@ -132,7 +132,7 @@ class _WriterQueue:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.lock = threading.RLock()
-        self.depth = 0  # re-entered by the thread that holds it: the file lock is taken once
+        self.depth = 0  # re-entrant, as the thread lock was: the file lock is taken on the way in, once
         self.fd: int | None = None
         self.pid = 0
 

@@ -6,6 +6,7 @@ Real SQLite, the real API over TestClient, real worker threads on the tiny diffu
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import statistics
 import threading
 import time
@@ -422,3 +423,37 @@ def test_a_lone_job_costs_its_worker_a_claim_and_a_completion_and_no_claim_after
                 sa.event.remove(services.store.engine, "begin", begin)
     finally:
         services.close()
+
+
+def _delivered_equals_stored(here: JobStore, there: JobStore, feed: ChangeFeed) -> None:
+    """The events a subscriber gets are the events the store reads back, field for field."""
+    job, _ = there.create(request(prompt="ünïcode ✓"))
+    got: list = []
+    with feed.subscribe(job.id) as inbox:
+        there.cancel(job.id)
+        wait_until(lambda: got.extend(inbox.next_sync(0.2)) or any(e.type == "cancelled" for e in got), timeout=10)
+    stored = {e.id: e for e in here.events_since(job.id)}
+    assert got and all(e.model_dump() == stored[e.id].model_dump() for e in got)
+    assert got[-1].created_at.utcoffset() == dt.timedelta(0) and got[-1].data == stored[got[-1].id].data
+
+
+def test_the_feed_delivers_the_events_the_store_reads_back_on_sqlite(store_pair):
+    """On SQLite the feed reads through a plain cursor on its own connection, decoding JSON and timestamps itself."""
+    here, there = store_pair
+    feed = ChangeFeed(here.url, here.engine, check_seconds=0.015).start()
+    try:
+        _delivered_equals_stored(here, there, feed)
+    finally:
+        feed.close()
+
+
+def test_the_feed_delivers_the_events_the_store_reads_back_on_postgres(pg_url):
+    migrate(pg_url)
+    here, there = JobStore(pg_url), JobStore(pg_url)
+    feed = ChangeFeed(pg_url, here.engine, fallback_seconds=60).start()
+    try:
+        _delivered_equals_stored(here, there, feed)
+    finally:
+        feed.close()
+        here.close()
+        there.close()

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import json
 import logging
 import os
 import select
@@ -57,8 +59,12 @@ _READ_LIMIT = 1000
 UNBELLED_CHECK_SECONDS = 0.015  # SQLite without a doorbell: the tick is the only word of other processes' commits
 # The feed's one read, built once: it runs after every commit anywhere on the database.
 _NEWER_EVENTS = (
-    sa.select(job_events).where(job_events.c.id > sa.bindparam("low")).order_by(job_events.c.id).limit(_READ_LIMIT)
+    sa.select(job_events.c.id, job_events.c.job_id, job_events.c.type, job_events.c.data, job_events.c.created_at)
+    .where(job_events.c.id > sa.bindparam("low"))
+    .order_by(job_events.c.id)
+    .limit(_READ_LIMIT)
 )
+_NEWER_EVENTS_SQL = "SELECT id, job_id, type, data, created_at FROM job_events WHERE id > ? ORDER BY id LIMIT ?"
 
 
 def announce(conn: sa.Connection) -> None:
@@ -356,21 +362,39 @@ class ChangeFeed:
                 setattr(self, name, None)
 
     def _read(self) -> None:
-        with self._engine.connect() as conn:
-            rows = conn.execute(_NEWER_EVENTS, {"low": self._low}).all()
-            conn.rollback()
+        rows = self._new_rows()
         self.reads += 1
-        for row in rows:
-            if row.id in self._seen:
+        for event_id, job_id, type_, data, created_at in rows:
+            if event_id in self._seen:
                 continue
-            self._seen.add(row.id)
-            event = JobEvent(
-                id=row.id, job_id=row.job_id, type=row.type, data=row.data, created_at=clock.aware(row.created_at)
+            self._seen.add(event_id)
+            # Rows the store wrote, read back as they were written: built without validating them again.
+            event = JobEvent.model_construct(
+                id=event_id, job_id=job_id, type=type_, data=data, created_at=clock.aware(created_at)
             )
             self._dispatch(event)
         self._advance()
         if len(rows) == _READ_LIMIT:
             self.poke()  # more to read: go round again at once
+
+    def _new_rows(self) -> list[tuple[int, str, str, dict[str, Any], dt.datetime]]:
+        """The events after `_low`, oldest first. On SQLite they are read on the feed's own connection (the one that
+        checks `data_version`), through a plain cursor: every feed reads after every commit on the database, and
+        SQLAlchemy's checkout, result processing and rollback were most of such a read's CPU (measured per thread over
+        40 sequential jobs: the two processes' feeds took 7.75 ms of CPU per job through SQLAlchemy, 3.5 ms so)."""
+        if self._sqlite is not None:
+            cur = self._sqlite.cursor()
+            try:
+                cur.execute(_NEWER_EVENTS_SQL, (self._low, _READ_LIMIT))
+                found = cur.fetchall()
+            finally:
+                cur.close()
+            # As SQLAlchemy's JSON and DateTime types store them on SQLite: JSON text, ISO text in UTC.
+            return [(i, j, t, json.loads(d), dt.datetime.fromisoformat(c)) for i, j, t, d, c in found]
+        with self._engine.connect() as conn:
+            rows = conn.execute(_NEWER_EVENTS, {"low": self._low}).all()
+            conn.rollback()
+        return [(r.id, r.job_id, r.type, r.data, r.created_at) for r in rows]
 
     def _advance(self) -> None:
         """Move `_low` over every id seen, and over gaps older than `gap_seconds`."""

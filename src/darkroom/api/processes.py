@@ -31,7 +31,8 @@ import threading
 import time
 
 from darkroom.config import Settings
-from darkroom.worker.processes import PARENT_ENV, STABLE_SECONDS, terminate
+from darkroom.worker.processes import PARENT_ENV, terminate
+from darkroom.worker.supervisor import restart_backoff
 
 log = logging.getLogger("darkroom.api")
 
@@ -74,10 +75,6 @@ class ApiReplicas:
             thread.start()
         return self
 
-    def pids(self) -> list[int]:
-        with self._lock:
-            return [p.pid for p in self.procs if p is not None and p.poll() is None]
-
     def _keep(self, index: int) -> None:
         streak = 0
         while not self._stop.is_set():
@@ -93,9 +90,7 @@ class ApiReplicas:
                 code = f"exit code {proc.wait()}"
                 if self._stop.is_set():
                     break
-            streak = 1 if time.monotonic() - started >= STABLE_SECONDS else streak + 1
-            recovery = self.settings.recovery
-            delay = min(recovery.max_backoff_seconds, recovery.restart_backoff_seconds * 2 ** (streak - 1))
+            streak, delay = restart_backoff(self.settings.recovery, streak, started)
             log.error("API process %d ended (%s); restarting in %.1f s", index + 1, code, delay)
             self._stop.wait(delay)
 

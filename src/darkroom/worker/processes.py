@@ -29,12 +29,11 @@ from dataclasses import dataclass
 
 from darkroom.config import Settings
 from darkroom.jobs.workers import WorkerRegistry
-from darkroom.worker.supervisor import fleet_health
+from darkroom.worker.supervisor import fleet_health, restart_backoff
 
 log = logging.getLogger("darkroom.worker")
 
 PARENT_ENV = "DARKROOM_WORKER_PARENT"  # set for a child: the pid of the serve process it belongs to
-STABLE_SECONDS = 60.0  # a child that ran this long before exiting was not crash-looping
 _PR_SET_PDEATHSIG = 1
 
 
@@ -102,9 +101,7 @@ class WorkerProcesses:
                 code = f"exit code {proc.wait()}"
                 if self._stop.is_set():
                     break
-            streak = 1 if time.monotonic() - slot.started_at >= STABLE_SECONDS else streak + 1
-            recovery = self.settings.recovery
-            delay = min(recovery.max_backoff_seconds, recovery.restart_backoff_seconds * 2 ** (streak - 1))
+            streak, delay = restart_backoff(self.settings.recovery, streak, slot.started_at)
             with self._lock:
                 slot.state, slot.crashes, slot.last_error = "restarting", slot.crashes + 1, code
             log.error("worker process %s ended (%s); restarting in %.1f s", slot.worker_id, code, delay)

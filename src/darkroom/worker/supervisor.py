@@ -77,10 +77,7 @@ class Supervisor:
                     break
                 raise RuntimeError("the worker loop ended without being asked to stop")
             except Exception as exc:
-                streak = 1 if time.monotonic() - started >= STABLE_SECONDS else streak + 1
-                delay = min(
-                    self.recovery.max_backoff_seconds, self.recovery.restart_backoff_seconds * 2 ** (streak - 1)
-                )
+                streak, delay = restart_backoff(self.recovery, streak, started)
                 self._crashed(slot, exc, delay)
                 self.stop.wait(delay)
         slot.state = "stopped"
@@ -126,6 +123,15 @@ class Supervisor:
             for s in slots
         ]
         return fleet_health(views, healthy=sum(s.healthy for s in slots))
+
+
+def restart_backoff(recovery: RecoverySettings, streak: int, started: float) -> tuple[int, float]:
+    """After a crash of something started at `started` (monotonic): the crashes in a row, counting this one (a run
+    of `STABLE_SECONDS` starts the count again), and how long to wait before the next start, doubling per crash in a
+    row from `restart_backoff_seconds` up to `max_backoff_seconds`. Worker threads, worker processes and extra API
+    processes all restart this way."""
+    streak = 1 if time.monotonic() - started >= STABLE_SECONDS else streak + 1
+    return streak, min(recovery.max_backoff_seconds, recovery.restart_backoff_seconds * 2 ** (streak - 1))
 
 
 def fleet_health(slots: list[dict[str, object]], healthy: int) -> dict[str, object]:

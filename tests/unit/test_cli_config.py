@@ -94,3 +94,22 @@ def test_darkroom_config_names_the_one_file_and_a_broken_one_is_named(home, monk
         Settings()
     done = CliRunner().invoke(app, ["models", "list"])
     assert done.exit_code == 2 and str(only) in done.output
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "named"),
+    [
+        ({}, ["--api-processes", "0"], "--api-processes"),
+        ({"DARKROOM_SERVER__API_PROCESSES": "0"}, [], "api_processes"),
+        ({"DARKROOM_SERVER__ADMISSION_FLOOR": "0"}, [], "admission_floor"),
+    ],
+)
+def test_serve_refuses_a_process_count_or_admission_floor_under_one_before_it_starts(
+    home, monkeypatch, env, args, named
+):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    done = CliRunner().invoke(app, ["serve", "--data-dir", str(home / "data"), *args])
+    assert done.exit_code == 2, done.output
+    assert named in done.output
+    assert not (home / "data" / "darkroom.db").exists()  # nothing opened

@@ -6,8 +6,10 @@ client sleeps for its `Retry-After` (what a well-behaved client does; the SDK do
 process of its own reads `/healthz` every `--health-every` seconds and samples the server's RSS and CPU every second
 when its pid is known (a server this script starts, or `--pid`). Reports p50/p95/p99 of submits (accepted and
 refused apart) and polls, jobs accepted per second, 429 and 5xx counts, `/healthz` latency, memory over time, and
-the clients' own event-loop lag (latencies measured by a saturated client include it), as JSON. More than
-`--clients-per-process` clients run in load processes of their own, so the load generator is not what is measured.
+the clients' own event-loop lag (latencies measured by a saturated client include it), as JSON. Each client speaks
+HTTP on a keep-alive connection of its own through `bench/rawhttp.py` (about a tenth of httpx's CPU per request), and
+more than `--clients-per-process` clients run in load processes of their own, so the load generator is not what is
+measured.
 
     .venv/bin/python bench/load.py                          # starts `darkroom serve` (1 worker) in a temp dir
     .venv/bin/python bench/load.py --url http://127.0.0.1:8000 --api-key dk_... --pid 1234
@@ -32,6 +34,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
+import rawhttp  # noqa: E402
 from _common import (  # noqa: E402
     bench_env,
     cpu_seconds,
@@ -102,8 +105,8 @@ def job_body(client: int, i: int, steps: int) -> dict[str, Any]:
     return {"prompt": f"load {client}-{i}", "width": 64, "height": 64, "steps": steps, "seed": client * 100_000 + i}
 
 
-def retry_after(response: httpx.Response, tally: Tally) -> float:
-    value = response.headers.get("Retry-After")
+def retry_after(response: rawhttp.Response, tally: Tally) -> float:
+    value = response.headers.get("retry-after")
     try:
         return max(0.0, float(value)) if value is not None else _missing(tally)
     except ValueError:  # an HTTP date: not what darkroom sends, but a client must still back off
@@ -115,46 +118,63 @@ def _missing(tally: Tally) -> float:
     return 1.0
 
 
-async def client_loop(n: int, http: httpx.AsyncClient, tally: Tally, deadline: float, steps: int) -> None:
+TRANSPORT_ERRORS = (OSError, TimeoutError, rawhttp.ProtocolError)
+
+
+async def client_loop(n: int, http: Http, tally: Tally, deadline: float, steps: int) -> None:
     mine: list[str] = []
     i = 0
     while time.monotonic() < deadline:
         i += 1
+        payload = json.dumps(job_body(n, i, steps)).encode()
         started = time.perf_counter()
         try:
-            r = await http.post("/v1/jobs", json=job_body(n, i, steps))
-        except httpx.TransportError as exc:
+            r = await http.request("POST", "/v1/jobs", payload)
+        except TRANSPORT_ERRORS as exc:
             tally.status("submit", type(exc).__name__)
             continue
         elapsed = time.perf_counter() - started
-        tally.status("submit", r.status_code)
-        if r.status_code in (200, 202):
+        tally.status("submit", r.status)
+        if r.status in (200, 202):
             tally.submit_ok.append(elapsed)
-            mine.append(r.json()["id"])
-        elif r.status_code == 429:
+            mine.append(json.loads(r.body)["id"])
+        elif r.status == 429:
             tally.submit_refused.append(elapsed)
             await asyncio.sleep(min(retry_after(r, tally), max(0.0, deadline - time.monotonic())))
         if mine and time.monotonic() < deadline:
             await poll_one(http, tally, mine)
 
 
-async def poll_one(http: httpx.AsyncClient, tally: Tally, mine: list[str]) -> None:
+async def poll_one(http: Http, tally: Tally, mine: list[str]) -> None:
     """Read the oldest of the client's unfinished jobs, as a client waiting for its results does."""
     job_id = mine[0]
     started = time.perf_counter()
     try:
-        r = await http.get(f"/v1/jobs/{job_id}")
-    except httpx.TransportError as exc:
+        r = await http.request("GET", f"/v1/jobs/{job_id}")
+    except TRANSPORT_ERRORS as exc:
         tally.status("poll", type(exc).__name__)
         return
-    tally.status("poll", r.status_code)
-    if r.status_code == 200:
+    tally.status("poll", r.status)
+    if r.status == 200:
         tally.polls.append(time.perf_counter() - started)
-        if r.json().get("state") in TERMINAL:
+        if json.loads(r.body).get("state") in TERMINAL:
             tally.finished_seen += 1
             mine.pop(0)
-    elif r.status_code == 429:
+    elif r.status == 429:
         await asyncio.sleep(min(retry_after(r, tally), 5.0))
+
+
+class Http:
+    """A client's own keep-alive connection (`bench/rawhttp.py`: a tenth of httpx's CPU per request, so the load
+    processes leave the machine to the server), each request bounded by `--request-timeout`."""
+
+    def __init__(self, url: str, headers: dict[str, str], timeout: float) -> None:
+        parsed = httpx.URL(url)
+        self.conn = rawhttp.Connection(parsed.host, parsed.port or 80, headers)
+        self.timeout = timeout
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> rawhttp.Response:
+        return await asyncio.wait_for(self.conn.request(method, path, body), self.timeout)
 
 
 def probe(url: str, pid: int | None, deadline_in: float, every: float, timeout: float, out: Any) -> None:
@@ -197,16 +217,19 @@ async def clients(url: str, args: argparse.Namespace, first: int, count: int) ->
     event loop's lag, and this process's CPU."""
     tally = Tally()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=count + 8, max_keepalive_connections=count + 8)
     client_cpu0 = time.process_time()
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.request_timeout, limits=limits) as http:
-        started = time.monotonic()
-        deadline = started + args.seconds
+    conns = [Http(url, headers, args.request_timeout) for _ in range(count)]
+    started = time.monotonic()
+    deadline = started + args.seconds
+    try:
         *_, lags = await asyncio.gather(
-            *(client_loop(n, http, tally, deadline, args.steps) for n in range(first, first + count)),
+            *(client_loop(n, conns[n - first], tally, deadline, args.steps) for n in range(first, first + count)),
             loop_lag(deadline),
         )
-        wall = time.monotonic() - started
+    finally:
+        for http in conns:
+            await http.conn.close()
+    wall = time.monotonic() - started
     # Plain data: a load process's classes would not unpickle in this one.
     return {"tally": asdict(tally), "lags": lags, "wall": wall, "cpu_s": time.process_time() - client_cpu0}
 

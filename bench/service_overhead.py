@@ -19,8 +19,9 @@ every side alike. Phases, each bounded by `--phase-timeout`:
   exposes no statement count); only statements run by request threads are counted, not background loops';
 - submit: an API-only node (`--workers 0`, `--api-processes` processes answering) with `--queued` jobs (and 100,000
   with `--deep`) of 50 other tenants already queued, `--submit-clients` clients submitting for `--submit-seconds`:
-  p50/p99, submits/s, 429s. More than `--clients-per-process` clients are spread over load processes, so the load
-  generator is not what is measured.
+  p50/p99, submits/s, 429s. The clients speak HTTP through `bench/rawhttp.py` (one keep-alive connection each, about
+  a tenth of httpx's CPU per request), and more than `--clients-per-process` of them are spread over load processes,
+  so the load generator is not what is measured.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/service_overhead.py --rounds 3
 """
@@ -46,6 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DARKROOM_SECURITY__APPROVE_FIRST_SEEN_MODELS", "true")
 
 import httpx  # noqa: E402
+import rawhttp  # noqa: E402
 from _common import (  # noqa: E402
     HOST,
     Server,
@@ -397,30 +399,34 @@ async def submit_load(url: str, clients: int, seconds: float, per_process: int =
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     deadline = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    parsed = httpx.URL(url)
 
-    async def client(c: int, http: httpx.AsyncClient) -> None:
+    async def client(c: int) -> None:
+        conn = rawhttp.Connection(parsed.host, parsed.port or 80)
         i = 0
-        while time.monotonic() < deadline:
-            i += 1
-            started = time.perf_counter()
-            try:
-                r = await http.post("/v1/jobs", json=body(c * 1_000_000 + i, 4))
-            except httpx.TransportError as exc:
-                statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1
-                continue
-            statuses[str(r.status_code)] = statuses.get(str(r.status_code), 0) + 1
-            if r.status_code == 202:
-                latencies.append(time.perf_counter() - started)
-            elif r.status_code == 429:
-                wait = float(r.headers.get("Retry-After", "1") or 1)
-                await asyncio.sleep(max(0.0, min(wait, deadline - time.monotonic())))
+        try:
+            while time.monotonic() < deadline:
+                i += 1
+                payload = json.dumps(body(c * 1_000_000 + i, 4)).encode()
+                started = time.perf_counter()
+                try:
+                    r = await conn.request("POST", "/v1/jobs", payload)
+                except (OSError, rawhttp.ProtocolError) as exc:
+                    statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1
+                    continue
+                statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
+                if r.status == 202:
+                    latencies.append(time.perf_counter() - started)
+                elif r.status == 429:
+                    wait = float(r.headers.get("retry-after", "1") or 1)
+                    await asyncio.sleep(max(0.0, min(wait, deadline - time.monotonic())))
+        finally:
+            await conn.close()
 
     client_cpu0 = time.process_time()
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
-        started = time.perf_counter()
-        *_, lags = await asyncio.gather(*(client(c, http) for c in range(clients)), loop_lag(deadline))
-        wall = time.perf_counter() - started
+    started = time.perf_counter()
+    *_, lags = await asyncio.gather(*(client(c) for c in range(clients)), loop_lag(deadline))
+    wall = time.perf_counter() - started
     return {
         "clients": clients,
         "seconds": round(wall, 2),

@@ -116,3 +116,57 @@ def test_gpu_throughput_on_the_cpu_reports_every_mode_and_ratio() -> None:
     for row in (*out["results"]["engine"].values(), out["results"]["baseline"]["1"]):
         assert is_positive(row["images_per_s"]) and is_positive(row["unet_it_per_s"]) and row["tflops"] >= 0
     assert is_positive(out["unet_gflop_per_image"]) and is_positive(out["baseline_over_engine_batch1"])
+
+
+def test_raw_load_client_reads_sized_chunked_and_closing_answers() -> None:
+    """`bench/rawhttp.py`, the submit phase's client, against a loopback server answering in the three ways it
+    must read: a sized body, a chunked one (with a trailer), and one that closes the connection after it."""
+    import asyncio
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import rawhttp
+    finally:
+        sys.path.remove(str(BENCH))
+    answers = [
+        b"HTTP/1.1 202 Accepted\r\nContent-Length: 5\r\nRetry-After: 3\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=1\r\nde\r\n0\r\nX-T: 1\r\n\r\n",
+        b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno",
+    ]
+    seen: list[bytes] = []
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while answers:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]) if b"ength" in head else 0
+            seen.append(head.split(b"\r\n")[0] + b" " + await reader.readexactly(length))
+            answer = answers.pop(0)
+            writer.write(answer)
+            await writer.drain()
+            if b"close" in answer:
+                break
+        writer.close()
+
+    async def main() -> list[rawhttp.Response]:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        conn = rawhttp.Connection("127.0.0.1", port, {"Authorization": "Bearer t"})
+        try:
+            out = [await conn.request("POST", "/v1/jobs", b'{"a":1}') for _ in range(3)]
+            answers.append(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            out.append(await conn.request("GET", "/healthz"))  # a new connection: the last one was closed
+        finally:
+            await conn.close()
+            server.close()
+        return out
+
+    sized, chunked, closing, again = asyncio.run(main())
+    assert (sized.status, sized.body, sized.headers["retry-after"]) == (202, b"hello", "3")
+    assert (chunked.status, chunked.body) == (200, b"abcde")
+    assert (closing.status, closing.body) == (429, b"no")
+    assert (again.status, again.body) == (200, b"")
+    assert connections == 2
+    assert seen[:3] == [b'POST /v1/jobs HTTP/1.1 {"a":1}'] * 3 and seen[3] == b"GET /healthz HTTP/1.1 "

@@ -140,3 +140,49 @@ def test_processes_queue_for_the_write_lock_on_a_file_beside_the_database(store,
     assert probe(lock_file) == "free"
     with db.read_tx(store.engine):
         assert probe(lock_file) == "free"
+
+
+def test_a_refused_submit_leaves_no_event_and_no_audit_record_in_its_group(store):
+    """Each admitted submit of a group writes its 'queued' event and its audit record, in the group's order; the one
+    refused in its savepoint leaves neither."""
+    from darkroom.auth import audit
+    from darkroom.auth.principal import Principal, Role
+    from darkroom.auth.tables import audit_log
+    from darkroom.jobs.tables import job_events
+
+    who = Principal(actor="key:k1", role=Role.service, tenant="t", key_id="k1")
+
+    def submit(i: int) -> Callable[[], Any]:
+        def admit(conn: sa.Connection, images_today: int) -> None:
+            if i == 3:
+                raise Refused("no 3")
+
+        record = lambda conn, job_id: audit.record(conn, who, "job.submit", job_id, {"i": i})  # noqa: E731
+        return lambda: store.create(req(i), tenant="t", admit=admit, record=record)
+
+    outcomes, transactions = grouped(store, [submit(i) for i in range(8)])
+    assert isinstance(outcomes[3], Refused) and transactions == 2
+    created = [o[0].id for i, o in enumerate(outcomes) if i != 3]
+    with store.engine.connect() as conn:
+        events = conn.execute(sa.select(job_events.c.job_id, job_events.c.type).order_by(job_events.c.id)).all()
+        records = conn.execute(sa.select(audit_log.c.target, audit_log.c.details).order_by(audit_log.c.id)).all()
+    assert [(e.job_id, e.type) for e in events] == [(job_id, "queued") for job_id in created]
+    assert [r.target for r in records] == created and [r.details["i"] for r in records] == [0, 1, 2, 4, 5, 6, 7]
+    assert queued(store) == 7
+
+
+def test_a_group_counts_its_own_submits_against_the_queue_limit(tmp_path):
+    """Each submit's depth check sees what the submits before it in its group queued: a limit of 5 admits exactly
+    5 of 8, though all 8 share one transaction."""
+    from darkroom.jobs.store import QueueFull
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    migrate(url, lock_dir=tmp_path)
+    small = JobStore(url, max_queue_depth=5)
+    try:
+        outcomes, _ = grouped(small, [lambda i=i: small.create(req(i), tenant="t") for i in range(8)])
+        full = [i for i, o in enumerate(outcomes) if isinstance(o, QueueFull)]
+        assert full == [5, 6, 7]
+        assert queued(small) == 5
+    finally:
+        small.engine.dispose()

@@ -433,3 +433,47 @@ def test_a_listing_reports_the_same_positions_as_each_jobs_own_status(store):
     listed = store.list_status(limit=50)
     assert sorted(s.queue_position for s in listed) == list(range(1, 13))
     assert all(s.queue_position == store.status(s.job.id).queue_position for s in listed)
+
+
+def test_tenant_queue_limit_counts_only_once_the_queue_is_as_deep_as_it(store):
+    """The tenant's own count (up to its limit's worth of index entries, inside the write lock) runs only where the
+    whole queue holds at least that many jobs; below that the tenant cannot be over its limit."""
+    store.max_tenant_queue_depth = 4
+    for _ in range(3):
+        store.create(req(), tenant="a")
+    store.create(req(), tenant="b")  # the queue now holds 4: a's count matters again
+    store.create(req(), tenant="a")
+    with pytest.raises(QueueFull):
+        store.create(req(), tenant="a")
+    store.create(req(), tenant="b")
+
+
+def test_postgres_skips_the_tenant_count_while_the_queue_is_shallower_than_the_limit(pg_url, tmp_path):
+    """From PostgreSQL's own EXPLAIN ANALYZE of the admission snapshot: the tenant count's plan never runs while the
+    queue is shallower than the tenant limit, and runs once it is not."""
+    from darkroom.jobs.store import _admit_snapshot
+
+    migrate(pg_url, lock_dir=tmp_path)
+    store = JobStore(pg_url, max_queue_depth=100)
+    try:
+        for _ in range(5):
+            store.create(req(), tenant="a")
+
+        def count_ran(limit: int) -> bool:
+            compiled = _admit_snapshot(limit).compile(dialect=store.engine.dialect)
+            params = {**compiled.params, "b_tenant": "a", "b_priority": 1}
+            with store.engine.connect() as conn:
+                cursor = conn.connection.dbapi_connection.cursor()
+                cursor.execute(f"EXPLAIN (ANALYZE, FORMAT JSON, TIMING OFF) {compiled}", params)
+                plan = cursor.fetchone()[0][0]["Plan"]
+            (count,) = [p for p in plan["Plans"] if p["Node Type"] == "Aggregate" and _scans(p, "jobs")]
+            return count["Actual Loops"] > 0
+
+        assert not count_ran(100)
+        assert count_ran(5)
+    finally:
+        store.close()
+
+
+def _scans(plan: dict, table: str) -> bool:
+    return plan.get("Relation Name") == table or any(_scans(p, table) for p in plan.get("Plans", []))

@@ -170,3 +170,37 @@ def test_raw_load_client_reads_sized_chunked_and_closing_answers() -> None:
     assert (again.status, again.body) == (200, b"")
     assert connections == 2
     assert seen[:3] == [b'POST /v1/jobs HTTP/1.1 {"a":1}'] * 3 and seen[3] == b"GET /healthz HTTP/1.1 "
+
+
+def test_ab_runs_each_side_on_its_own_code_in_alternating_rounds() -> None:
+    """`bench/ab.py` against HEAD: the base side imports darkroom from the base commit's worktree, the other from
+    this checkout, in every round; the report gives each round's figure, the medians and their ratio."""
+    probe = (
+        "import json, darkroom; "
+        "print(json.dumps({'runs': [{'base': int('darkroom-ab-' in darkroom.__file__)}], 'other': 2}))"
+    )
+    out = run_bench(
+        "ab.py",
+        "--base",
+        "HEAD",
+        "--rounds",
+        "3",
+        "--metric",
+        "runs.0.base",
+        "--metric",
+        "other",
+        "--metric",
+        "missing.0",
+        "--",
+        sys.executable,
+        "-c",
+        probe,
+        timeout=120,
+    )
+    assert out["benchmark"] == "ab" and out["rounds"] == 3
+    side = out["metrics"]["runs.0.base"]
+    assert side["base"] == [1.0, 1.0, 1.0] and side["head"] == [0.0, 0.0, 0.0]
+    assert out["metrics"]["other"]["ratio_head_vs_base"] == 1.0
+    assert out["metrics"]["missing.0"]["base_median"] is None
+    worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+    assert "darkroom-ab-" not in worktrees  # removed afterwards

@@ -97,3 +97,24 @@ def test_a_slot_left_twice_counts_once_and_a_small_ceiling_is_its_own_floor(now)
     slot.leave()
     slot.leave()
     assert limiter.count == 0
+
+
+def test_a_queue_full_refusal_is_repeated_for_its_tenant_and_route_until_it_expires(now):
+    from darkroom.api.admission import QueueFullMemo
+
+    memo = QueueFullMemo(seconds=1.0)
+    assert memo.refusal("a", "/v1/jobs") is None
+    memo.note("a", "/v1/jobs", "tenant 'a' has 2 queued jobs", retry_after=5)
+    found = memo.refusal("a", "/v1/jobs")
+    assert found is not None and found.retry_after == 5 and "tenant 'a'" in found.message
+    assert memo.refusal("b", "/v1/jobs") is None  # another tenant's share is not full
+    assert memo.refusal("a", "/sdapi/v1/txt2img") is None  # a route that was not refused asks the store
+    now[0] += 0.99
+    assert memo.refusal("a", "/v1/jobs") is not None
+    now[0] += 0.02
+    assert memo.refusal("a", "/v1/jobs") is None  # a second at most: then the store is asked again
+    memo.note(None, "/v1/jobs", "the queue holds 10 jobs", retry_after=1)
+    assert memo.refusal("b", "/v1/jobs") is not None  # the whole queue: every tenant
+    now[0] += 0.5
+    memo.note(None, "/v1/jobs", "the queue holds 10 jobs", retry_after=0)
+    assert memo.refusal("b", "/v1/jobs") is None  # never past the refusal's own Retry-After

@@ -412,3 +412,38 @@ def test_keys_made_before_the_keys_marker_existed_still_lock_the_service(service
     assert marker.exists()
     marker.unlink()
     assert KeyStore(services.store.engine).any_keys()
+
+
+def test_a_submit_like_one_refused_queue_full_is_refused_at_the_edge_before_its_body_is_read(tmp_path, models_dir):
+    """After the store refuses a tenant's submit `queue_full`, that tenant's next submits to the route get the same
+    429 at the edge for a moment, their body unread (a malformed one would otherwise be a 422); another tenant, a
+    submit with an Idempotency-Key (maybe a replay) and other routes still reach the store."""
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        models_dir=models_dir,
+        limits=Limits(max_tenant_queue_depth=1),
+        security={"approve_first_seen_models": True},
+    )
+    services = Services.open(settings)
+    _, full = services.keys.create(CLI, name="a", role=Role.service, tenant="a")
+    _, other = services.keys.create(CLI, name="b", role=Role.service, tenant="b")
+    a, b = {"Authorization": f"Bearer {full}"}, {"Authorization": f"Bearer {other}"}
+    malformed = b'{"prompt": '
+    with live(services) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        queued = http.post("/v1/jobs", json=BASE, headers=a)
+        assert queued.status_code == 202
+        refused = http.post("/v1/jobs", json=BASE, headers=a)  # by the store, after the whole submit
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+        again = http.post("/v1/jobs", content=malformed, headers={**a, "Content-Type": "application/json"})
+        assert again.status_code == 429 and again.json()["error"] == refused.json()["error"]
+        assert again.headers["Retry-After"] == refused.headers["Retry-After"]
+        keyed = {**a, "Content-Type": "application/json", "Idempotency-Key": "k1"}
+        assert http.post("/v1/jobs", content=malformed, headers=keyed).status_code == 422  # read: it went on
+        assert http.post("/v1/jobs", json=BASE, headers=b).status_code == 202  # b's share is not full
+        assert http.delete(f"/v1/jobs/{queued.json()['id']}", headers=a).status_code == 200  # not a submit
+        # The queue has room again: within a second the store is asked again and the submit goes in.
+        wait_until(
+            lambda: http.post("/v1/jobs", json=BASE, headers=a).status_code == 202,
+            timeout=10,
+            what="the edge to ask the store again",
+        )

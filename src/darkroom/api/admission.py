@@ -18,10 +18,19 @@ refused at once.
 What is timed is the work, not the waiting: a request's time starts when its body has arrived (a slow upload is the
 client's time), and a route that waits for a job (`/v1/generate`, the A1111 and OpenAI sync routes) leaves its slot
 before it waits (`leave`), since waiting on the change feed costs nothing while nothing happens.
+
+The store's own 429 (`queue_full`: the queue, or the tenant's share of it, at its limit) comes after the whole
+submit: the body read and validated, a write transaction that finds the queue full. Measured with 200 clients on a
+full tenant queue, those refusals took 45 ms at the median and 164 ms at p99 in the server, and held the write lock
+that accepted submits wait for. `QueueFullMemo` remembers such a refusal for a moment (a second at most, never past
+its Retry-After), so the next submits to that route, by that tenant (every tenant, when the whole queue is full),
+are refused at the edge before their body is read, in the same shape and with the same Retry-After. A submit with an
+Idempotency-Key is let through: it may be the replay of a job already queued, which answers without queueing.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from darkroom import clock
@@ -100,3 +109,42 @@ class Slot:
         self.left = True
         self.limiter.count -= 1
         self.limiter.observe(clock.monotonic() - self.started)
+
+
+FULL_MEMO_SECONDS = 1.0  # the longest a queue_full refusal is repeated at the edge without asking the store again
+
+
+@dataclass(frozen=True)
+class Refusal:
+    message: str
+    retry_after: int
+    until: float
+
+
+class QueueFullMemo:
+    """Recent `queue_full` refusals by (tenant, path); the tenant None stands for the whole queue. Noted from request
+    threads, read on the event loop."""
+
+    def __init__(self, seconds: float = FULL_MEMO_SECONDS) -> None:
+        self.seconds = seconds
+        self._lock = threading.Lock()
+        self._refusals: dict[tuple[str | None, str], Refusal] = {}
+
+    def note(self, tenant: str | None, path: str, message: str, retry_after: int) -> None:
+        until = clock.monotonic() + min(self.seconds, float(retry_after))
+        with self._lock:
+            self._refusals[(tenant, path)] = Refusal(message, retry_after, until)
+
+    def refusal(self, tenant: str, path: str) -> Refusal | None:
+        """The refusal a submit by `tenant` to `path` would meet now, if one was seen within its time."""
+        if not self._refusals:  # the common case: nothing full, no lock
+            return None
+        now = clock.monotonic()
+        with self._lock:
+            for key in ((None, path), (tenant, path)):
+                found = self._refusals.get(key)
+                if found is not None and found.until <= now:
+                    del self._refusals[key]
+                elif found is not None:
+                    return found
+        return None

@@ -26,7 +26,7 @@ from darkroom.webhooks.dispatcher import start_for as start_webhooks
 
 from . import a1111, admin, comfyui, controlnet, errors, health, landing, openai_compat, openapi, review, v1, webhooks
 from .a1111_info import router as a1111_info_router
-from .admission import InFlight
+from .admission import InFlight, QueueFullMemo
 from .edge import Edge
 from .templates import router as templates_router
 
@@ -103,6 +103,7 @@ def create_app(
     app.state.in_flight = InFlight(
         server.max_in_flight, target_seconds=server.admission_target_ms / 1000, floor=server.admission_floor
     )
+    app.state.queue_full = QueueFullMemo()
     errors.install(app, database_retry_after=server.database_retry_after)
     app.add_middleware(
         Edge,
@@ -110,6 +111,7 @@ def create_app(
         retry_after=server.overloaded_retry_after,
         max_body=_max_body(services),
         admit=admit_before_body,
+        queue_full=app.state.queue_full,
     )
     app.include_router(v1.router)
     app.include_router(health.router)

@@ -25,7 +25,7 @@ from darkroom.engines import routing, upscalers
 from darkroom.engines.samplers import SAMPLERS, resolve_sampler
 from darkroom.errors import Conflict, DarkroomError, HeldForReview, InvalidRequest, NotAcceptable, NotFound
 from darkroom.jobs import result_cache
-from darkroom.jobs.store import JobRecord, JobStatus, request_hash
+from darkroom.jobs.store import JobRecord, JobStatus, QueueFull, request_hash
 from darkroom.models import access as model_access
 from darkroom.models import defaults as model_defaults
 from darkroom.models import templates
@@ -54,6 +54,7 @@ from darkroom.service import Services
 from darkroom.storage.base import content_key
 
 from . import waiting
+from .admission import QueueFullMemo
 from .auth import principal, require, sees_job, tenant_policy, visible_image, visible_job, websocket_principal
 from .controlnet import prepare as prepare_controlnet
 from .uploads import decode_base64_image, image_size, load_image, load_mask
@@ -213,19 +214,25 @@ def submit_status(
         for data in uploads:
             svc.blobs.put(data, "image/png")
 
-    status, created = svc.store.enqueue(
-        resolved,
-        tenant=who.tenant,
-        key_id=who.key_id,
-        idempotency_key=idempotency_key,
-        request_id=request.state.request_id,
-        body_hash=body_hash,
-        max_attempts=svc.settings.max_attempts,
-        admit=admit,
-        record=lambda conn, job_id: audit.record(conn, who, "job.submit", job_id, _audit_details(resolved)),
-        cache_key=cache_key,
-        with_status=with_status,
-    )
+    try:
+        status, created = svc.store.enqueue(
+            resolved,
+            tenant=who.tenant,
+            key_id=who.key_id,
+            idempotency_key=idempotency_key,
+            request_id=request.state.request_id,
+            body_hash=body_hash,
+            max_attempts=svc.settings.max_attempts,
+            admit=admit,
+            record=lambda conn, job_id: audit.record(conn, who, "job.submit", job_id, _audit_details(resolved)),
+            cache_key=cache_key,
+            with_status=with_status,
+        )
+    except QueueFull as full:  # the next submits like this one are refused at the edge for a moment (api.admission)
+        queue_full: QueueFullMemo | None = getattr(request.app.state, "queue_full", None)
+        if queue_full is not None:
+            queue_full.note(full.tenant, request.scope["path"], full.message, full.retry_after)
+        raise
     if not created and not sees_job(who, status.job):  # keys are scoped to the caller; never hand a replay across
         raise Conflict("this Idempotency-Key belongs to another caller", field="Idempotency-Key")
     if created:

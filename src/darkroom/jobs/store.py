@@ -46,9 +46,11 @@ class QueueFull(DarkroomError):
     status = 429
     code = "queue_full"
 
-    def __init__(self, message: str, retry_after: int = 5) -> None:
+    def __init__(self, message: str, retry_after: int = 5, tenant: str | None = None) -> None:
+        """`tenant`: whose share of the queue is full; None when the whole queue is."""
         super().__init__(message, field="queue")
         self.retry_after = retry_after
+        self.tenant = tenant
 
 
 @dataclass(frozen=True)
@@ -407,6 +409,7 @@ class JobStore:
             raise QueueFull(
                 f"tenant {tenant!r} has {tenant_limit} queued jobs, its limit; try again later",
                 self._retry_after(conn),
+                tenant=tenant,
             )
         vtime = snapshot.head if snapshot.head is not None else (snapshot.newest or 0.0)
         return max(vtime, snapshot.last or 0.0) + n / self.tenant_weights.get(tenant, 1.0)

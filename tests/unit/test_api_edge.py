@@ -416,8 +416,9 @@ def test_keys_made_before_the_keys_marker_existed_still_lock_the_service(service
 
 def test_a_submit_like_one_refused_queue_full_is_refused_at_the_edge_before_its_body_is_read(tmp_path, models_dir):
     """After the store refuses a tenant's submit `queue_full`, that tenant's next submits to the route get the same
-    429 at the edge for a moment, their body unread (a malformed one would otherwise be a 422); another tenant, a
-    submit with an Idempotency-Key (maybe a replay) and other routes still reach the store."""
+    429 at the edge for a moment, their body unread (a malformed one would otherwise be a 422), in the route's own
+    shape (OpenAI's too); another tenant, a submit with an Idempotency-Key (maybe a replay) and other routes still
+    reach the store."""
     settings = Settings(
         data_dir=tmp_path / "data",
         models_dir=models_dir,
@@ -437,6 +438,12 @@ def test_a_submit_like_one_refused_queue_full_is_refused_at_the_edge_before_its_
         again = http.post("/v1/jobs", content=malformed, headers={**a, "Content-Type": "application/json"})
         assert again.status_code == 429 and again.json()["error"] == refused.json()["error"]
         assert again.headers["Retry-After"] == refused.headers["Retry-After"]
+        openai = http.post("/v1/images/generations", json={"prompt": "x", "size": "256x256"}, headers=a)
+        assert openai.status_code == 429  # by the store, in OpenAI's shape
+        openai_again = http.post(
+            "/v1/images/generations", content=malformed, headers={**a, "Content-Type": "application/json"}
+        )
+        assert (openai_again.status_code, openai_again.json()) == (429, openai.json())  # the edge: the same shape
         keyed = {**a, "Content-Type": "application/json", "Idempotency-Key": "k1"}
         assert http.post("/v1/jobs", content=malformed, headers=keyed).status_code == 422  # read: it went on
         assert http.post("/v1/jobs", json=BASE, headers=b).status_code == 202  # b's share is not full

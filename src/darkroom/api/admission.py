@@ -24,7 +24,8 @@ submit: the body read and validated, a write transaction that finds the queue fu
 full tenant queue, those refusals took 45 ms at the median and 164 ms at p99 in the server, and held the write lock
 that accepted submits wait for. `QueueFullMemo` remembers such a refusal for a moment (a second at most, never past
 its Retry-After), so the next submits to that route, by that tenant (every tenant, when the whole queue is full),
-are refused at the edge before their body is read, in the same shape and with the same Retry-After. A submit with an
+are refused at the edge before their body is read: the route raises the same error, in its own API's shape and
+with the same Retry-After, as it does an auth refusal the edge decided. A submit with an
 Idempotency-Key is let through: it may be the replay of a job already queued, which answers without queueing.
 """
 
@@ -116,6 +117,7 @@ FULL_MEMO_SECONDS = 1.0  # the longest a queue_full refusal is repeated at the e
 
 @dataclass(frozen=True)
 class Refusal:
+    tenant: str | None
     message: str
     retry_after: int
     until: float
@@ -133,7 +135,7 @@ class QueueFullMemo:
     def note(self, tenant: str | None, path: str, message: str, retry_after: int) -> None:
         until = clock.monotonic() + min(self.seconds, float(retry_after))
         with self._lock:
-            self._refusals[(tenant, path)] = Refusal(message, retry_after, until)
+            self._refusals[(tenant, path)] = Refusal(tenant, message, retry_after, until)
 
     def refusal(self, tenant: str, path: str) -> Refusal | None:
         """The refusal a submit by `tenant` to `path` would meet now, if one was seen within its time."""

@@ -6,7 +6,7 @@ The request's principal is kept on `request.state.principal` for the audit log a
 
 Requests that carry a body are authenticated by the edge middleware (api/edge.py, `admit_before_body`) before a byte
 of the body is read: a caller without a valid key cannot make the server buffer anything. A failure there is kept on
-`request.state.auth_error`, the body is withheld from the route, and the route's `require(...)` raises it, so the
+`request.state.edge_refusal`, the body is withheld from the route, and the route's `require(...)` raises it, so the
 error leaves in the route's own shape (OpenAI routes answer in OpenAI's)."""
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def require(permission: Permission) -> Callable[..., object]:
     """A dependency that authenticates, rate-limits, and checks the role has `permission`."""
 
     async def dependency(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
-        if (error := getattr(request.state, "auth_error", None)) is not None:
+        if (error := getattr(request.state, "edge_refusal", None)) is not None:
             raise error  # the edge refused the caller before reading the body (admit_before_body)
         who: Principal | None = getattr(request.state, "principal", None)
         if who is None:
@@ -202,7 +202,7 @@ def bearer_token(request: Request) -> str | None:
 async def admit_before_body(request: Request) -> None:
     """Authenticate and rate-limit a request before its body is read (the edge middleware calls this for requests
     that carry one). Success leaves the principal and policy on `request.state` for `require(...)`; failure leaves
-    the error on `request.state.auth_error`. Either way nothing of the body has been read."""
+    the error on `request.state.edge_refusal`. Either way nothing of the body has been read."""
     svc: Services = request.app.state.services
     ip = request.client.host if request.client else None
     rid = getattr(request.state, "request_id", None)
@@ -210,7 +210,7 @@ async def admit_before_body(request: Request) -> None:
     try:
         who, policy = await admitted(svc, failures, bearer_token(request), ip, rid)
     except Exception as exc:  # raised again by the route's own `require(...)`, so it leaves in the route's shape
-        request.state.auth_error = exc
+        request.state.edge_refusal = exc
         return
     request.state.principal = who
     request.state.tenant_policy = policy

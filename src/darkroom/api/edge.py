@@ -13,9 +13,8 @@ In order, for each HTTP request:
    (chunked bodies have no Content-Length, and a declared one is only a claim), and the read that passes the cap
    raises 413 `payload_too_large` (field `body`), so at most the cap is ever buffered;
 5. a request that carries a body is authenticated before the body is read (`auth.admit_before_body`); a refused
-   caller's body is never read at all (the route sees an empty one and its `require(...)` raises the refusal); a
-   submit that the store refused `queue_full` a moment ago, for this tenant and route, is refused again here, its
-   body unread (`admission.QueueFullMemo`);
+   caller's body is never read at all (the route sees an empty one and its `require(...)` raises the refusal); so is
+   a submit like one the store refused `queue_full` a moment ago, for this tenant and route (`admission.QueueFullMemo`);
 6. its duration goes to `darkroom_http_request_duration_seconds` by route *template* (Starlette's router leaves the
    matched route in `scope["route"]`; a request no route matched counts as `unmatched`), method and status class;
 7. its log lines carry its request id (and tenant, once known), and an access line is written to `darkroom.access`
@@ -34,10 +33,10 @@ from dataclasses import dataclass
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from darkroom import clock
+from darkroom.jobs.store import QueueFull
 from darkroom.observability import metrics, tracing
 from darkroom.observability.logging import ACCESS_LOGGER
 from darkroom.observability.logging import context as log_context
@@ -125,24 +124,23 @@ class Edge:
             if body.unread:
                 request = Request(scope)  # no receive: admission cannot read the body
                 await self.admit(request)
-                if getattr(request.state, "auth_error", None) is not None:
+                self._still_full(scope, request)
+                if getattr(request.state, "edge_refusal", None) is not None:
                     receive = _no_body()
-                elif (refused := self._still_full(scope, request)) is not None:
-                    await refused(scope, receive, send)
-                    return
             await self.app(scope, receive, send)
         finally:
             slot.leave()
 
-    def _still_full(self, scope: Scope, request: Request) -> JSONResponse | None:
-        """The store's `queue_full` again, for a submit like one it refused a moment ago (not a possible replay)."""
-        who = getattr(request.state, "principal", None)
+    def _still_full(self, scope: Scope, request: Request) -> None:
+        """A submit like one the store refused `queue_full` a moment ago (and not a possible replay) is refused again:
+        the same error, kept for the route's `require(...)` to raise as it does an auth refusal, so it leaves in the
+        route's own shape (OpenAI's, A1111's) with its Retry-After, the body unread."""
+        who = getattr(request.state, "principal", None)  # None: the caller was refused, or is not known yet
         if who is None or scope["method"] != "POST" or "idempotency-key" in request.headers:
-            return None
+            return
         found = self.queue_full.refusal(who.tenant, scope["path"])
-        if found is None:
-            return None
-        return problem(429, "queue_full", found.message, "queue", headers={"Retry-After": str(found.retry_after)})
+        if found is not None:
+            request.state.edge_refusal = QueueFull(found.message, found.retry_after, found.tenant)
 
 
 def _is_event_stream(path: str) -> bool:

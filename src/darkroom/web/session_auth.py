@@ -80,8 +80,8 @@ def _admit(
 
 async def admit_request(request: Request) -> None:
     """Resolve the session once per request, leaving principal, policy and session on `request.state` (the error on
-    `request.state.auth_error`, as the API's admission does)."""
-    if hasattr(request.state, "principal") or hasattr(request.state, "auth_error"):
+    `request.state.edge_refusal`, as the API's admission does)."""
+    if hasattr(request.state, "principal") or hasattr(request.state, "edge_refusal"):
         return
     svc: Services = request.app.state.services
     ip = request.client.host if request.client else None
@@ -89,7 +89,7 @@ async def admit_request(request: Request) -> None:
     try:
         who, policy, session = await run_in_threadpool(_admit, svc, request.cookies.get(COOKIE), ip, rid)
     except DarkroomError as exc:
-        request.state.auth_error = exc
+        request.state.edge_refusal = exc
         return
     request.state.principal = who
     request.state.tenant_policy = policy
@@ -109,7 +109,7 @@ async def admit_before_body(request: Request) -> None:
 async def ui_principal(request: Request, permission: Permission = Permission.generate) -> Principal:
     """The signed-in caller with `permission`: Unauthorized (sign in) or Forbidden, as the API would answer."""
     await admit_request(request)
-    if (error := getattr(request.state, "auth_error", None)) is not None:
+    if (error := getattr(request.state, "edge_refusal", None)) is not None:
         raise error
     who: Principal = request.state.principal
     if not who.can(permission):

@@ -54,7 +54,6 @@ from darkroom.service import Services
 from darkroom.storage.base import content_key
 
 from . import waiting
-from .admission import QueueFullMemo
 from .auth import principal, require, sees_job, tenant_policy, visible_image, visible_job, websocket_principal
 from .controlnet import prepare as prepare_controlnet
 from .uploads import decode_base64_image, image_size, load_image, load_mask
@@ -229,9 +228,7 @@ def submit_status(
             with_status=with_status,
         )
     except QueueFull as full:  # the next submits like this one are refused at the edge for a moment (api.admission)
-        queue_full: QueueFullMemo | None = getattr(request.app.state, "queue_full", None)
-        if queue_full is not None:
-            queue_full.note(full.tenant, request.scope["path"], full.message, full.retry_after)
+        request.app.state.queue_full.note(full.tenant, request.scope["path"], full.message, full.retry_after)
         raise
     if not created and not sees_job(who, status.job):  # keys are scoped to the caller; never hand a replay across
         raise Conflict("this Idempotency-Key belongs to another caller", field="Idempotency-Key")

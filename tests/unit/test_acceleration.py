@@ -17,7 +17,14 @@ from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from darkroom.config import GpuSettings, Settings
-from darkroom.engines.acceleration import Acceleration, Compiled, HostImages, HostTransfer, pass_size
+from darkroom.engines.acceleration import (
+    Acceleration,
+    Compiled,
+    HostImages,
+    HostTransfer,
+    pass_size,
+    presign_attention,
+)
 from darkroom.engines.base import BatchItem
 from darkroom.engines.batch_limits import BatchLimits, estimate, limit_for
 from darkroom.engines.diffusers_engine import DiffusersEngine, LoadedModel
@@ -199,6 +206,39 @@ def test_host_images_match_the_pipelines_own_pil(tiny_diffusers_model: Path) -> 
     assert np.array_equal(np.asarray(HostImages(pinned=False).to_pil(tensors)[0]), np.asarray(own[0]))
     assert pass_size({"image": [own[0]]}) == (64, 64)
     assert pass_size({"image": torch.zeros(1, 4, 9, 8)}) == (64, 72)
+
+
+def test_attention_processors_are_signed_once_and_run_the_same(tiny_diffusers_model: Path, monkeypatch) -> None:
+    """diffusers' `Attention.forward` asks `inspect.signature(processor.__call__)` on every call; after `apply`
+    (and `presign_attention`) it gets the one signature computed at load, the same one it computed itself, and the
+    pixels do not change."""
+    import inspect
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_diffusers_model, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    run = {"prompt": "x", "num_inference_steps": 2, "width": 64, "height": 64, "output_type": "np"}
+    Acceleration(sdpa=True).apply(pipe)
+    processors = [*pipe.unet.attn_processors.values(), *pipe.vae.attn_processors.values()]
+    stock = type(processors[0])()  # an unsigned processor of the same class, as diffusers makes them
+    assert all(inspect.signature(p.__call__) == inspect.signature(stock.__call__) for p in processors)
+    assert all(inspect.signature(p.__call__) is inspect.signature(p.__call__) for p in processors)  # not recomputed
+    assert presign_attention(pipe.unet, pipe.vae) == 0  # already signed: nothing to do
+    signed = pipe(**run, generator=torch.Generator().manual_seed(5)).images
+
+    computed: list[object] = []
+    real = inspect._signature_from_function  # type: ignore[attr-defined]
+    monkeypatch.setattr(inspect, "_signature_from_function", lambda *a, **k: computed.append(a) or real(*a, **k))
+    pipe(**{**run, "num_inference_steps": 1}, generator=torch.Generator().manual_seed(5))
+    assert len(computed) < len(processors)  # the pipeline's own few calls, none per attention call
+
+    for p in processors:
+        p.__dict__.pop("__call__", None)  # one processor object may serve many layers
+    assert np.array_equal(signed, pipe(**run, generator=torch.Generator().manual_seed(5)).images)
+    computed.clear()
+    pipe(**{**run, "num_inference_steps": 1}, generator=torch.Generator().manual_seed(5))
+    assert len(computed) >= len(processors)  # stock diffusers: one per attention call (the test sees the cost)
 
 
 # --- batch limits -----------------------------------------------------------------------------------------------------

@@ -258,13 +258,18 @@ def load_controlnet(info: ControlNetInfo, unet: Any, dtype: Any) -> Any:
     """A diffusers folder as it is; a single file with the base UNet's architecture as its config."""
     from diffusers import ControlNetModel
 
+    from darkroom.engines.acceleration import presign_attention
+
     if info.format == "diffusers":
-        return ControlNetModel.from_pretrained(
+        model = ControlNetModel.from_pretrained(
             info.path, torch_dtype=dtype, local_files_only=True, use_safetensors=True
         )
-    with tempfile.TemporaryDirectory(prefix="darkroom-controlnet-") as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(config_from_unet(unet)))
-        return ControlNetModel.from_single_file(info.path, config=tmp, torch_dtype=dtype, local_files_only=True)
+    else:
+        with tempfile.TemporaryDirectory(prefix="darkroom-controlnet-") as tmp:
+            (Path(tmp) / "config.json").write_text(json.dumps(config_from_unet(unet)))
+            model = ControlNetModel.from_single_file(info.path, config=tmp, torch_dtype=dtype, local_files_only=True)
+    presign_attention(model)  # its attention blocks run every step beside the UNet's
+    return model
 
 
 def config_from_unet(unet: Any) -> dict[str, Any]:

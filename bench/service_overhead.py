@@ -93,6 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="submit phase: at most this many clients share one load process (one asyncio loop and httpx pool with "
         "200 clients measured its own queueing: p50 1 s where the server answered in 21 ms)",
     )
+    p.add_argument(
+        "--submit-rates",
+        default="",
+        help="submit phase: comma-separated offered rates (submits/s, all clients together): after each closed-loop "
+        "run, the same clients submit on a fixed schedule at each rate, latency counted from each submit's slot",
+    )
     p.add_argument("--queued", type=int, default=1000, help="submit phase: jobs queued before it starts")
     p.add_argument("--deep", action="store_true", help="submit phase: also with --deep-queued jobs queued")
     p.add_argument("--deep-queued", type=int, default=DEEP_QUEUE)
@@ -391,15 +397,25 @@ def queue_limit(depth: int) -> int:
     return max(10_000, depth + 20_000)
 
 
-async def submit_load(url: str, clients: int, seconds: float, per_process: int = 0) -> dict[str, Any]:
+async def submit_load(
+    url: str, clients: int, seconds: float, per_process: int = 0, rate: float = 0.0
+) -> dict[str, Any]:
     """`clients` submitting for `seconds`; with more than `per_process` of them, spread over load processes of their
-    own (this script again, `--load-client`), whose results are merged."""
+    own (this script again, `--load-client`), whose results are merged.
+
+    `rate` 0: a closed loop, each client submitting again as soon as it has its answer, so the server runs flat out
+    and a submit's latency is mostly its wait behind the others (16 clients at 340/s wait 47 ms on average, whatever
+    the server does). A `rate` (submits/s, all clients together): an open loop, the k-th submit of the whole run due
+    at k/rate, dealt to the clients in turn; its latency counts from when it was due, so a client held up by a slow
+    answer is charged for the submits it sent late (no coordinated omission). What the server answers at a given
+    load, rather than how long a queue of 16 takes to drain."""
     if per_process and clients > per_process:
-        return await _spread_load(url, clients, seconds, per_process)
+        return await _spread_load(url, clients, seconds, per_process, rate)
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     deadline = time.monotonic() + seconds
     parsed = httpx.URL(url)
+    began = time.perf_counter()
 
     async def client(c: int) -> None:
         conn = rawhttp.Connection(parsed.host, parsed.port or 80)
@@ -409,6 +425,11 @@ async def submit_load(url: str, clients: int, seconds: float, per_process: int =
                 i += 1
                 payload = json.dumps(body(c * 1_000_000 + i, 4)).encode()
                 started = time.perf_counter()
+                if rate:  # this client's i-th submit is the run's ((i - 1) * clients + c)-th
+                    started = began + ((i - 1) * clients + c) / rate
+                    if started >= began + seconds:
+                        break
+                    await asyncio.sleep(max(0.0, started - time.perf_counter()))
                 try:
                     r = await conn.request("POST", "/v1/jobs", payload)
                 except (OSError, rawhttp.ProtocolError) as exc:
@@ -440,11 +461,13 @@ async def submit_load(url: str, clients: int, seconds: float, per_process: int =
     }
 
 
-async def _spread_load(url: str, clients: int, seconds: float, per_process: int) -> dict[str, Any]:
+async def _spread_load(url: str, clients: int, seconds: float, per_process: int, rate: float = 0.0) -> dict[str, Any]:
     shares = [per_process] * (clients // per_process) + ([clients % per_process] if clients % per_process else [])
     args = [sys.executable, __file__, "--load-client", url, str(seconds)]
-    procs = [
-        await asyncio.create_subprocess_exec(*args, str(n), stdout=asyncio.subprocess.PIPE, env=os.environ.copy())
+    procs = [  # each process offers its share of the rate
+        await asyncio.create_subprocess_exec(
+            *args, str(n), str(rate * n / clients), stdout=asyncio.subprocess.PIPE, env=os.environ.copy()
+        )
         for n in shares
     ]
     rows = [json.loads((await p.communicate())[0]) for p in procs]
@@ -488,16 +511,20 @@ async def submit_phase(args: argparse.Namespace, models_dir: Path, logs: Path) -
             try:
                 server.wait_ready()
                 queued = depth
+                rates = [0.0] + [float(r) for r in args.submit_rates.split(",") if r.strip()]
                 for clients in [int(c) for c in args.submit_clients.split(",") if c.strip()]:
-                    cpu0 = server.cpu()
-                    load = submit_load(server.url, clients, args.submit_seconds, args.clients_per_process)
-                    row = await bounded(load, args.phase_timeout)
-                    row.pop("_latencies", None), row.pop("_lags", None)
-                    accepted = row.get("statuses", {}).get("202", 0)
-                    row["server_cpu_ms_per_submit"] = ms((server.cpu() - cpu0) / accepted) if accepted else None
-                    out.append({"queued_before": queued, "queue_limit": int(limit), **fill, **row})
-                    log(f"submit: {clients} clients at {queued} queued: {row.get('accepted')}, {row.get('statuses')}")
-                    queued += accepted
+                    for rate in rates:
+                        cpu0 = server.cpu()
+                        load = submit_load(server.url, clients, args.submit_seconds, args.clients_per_process, rate)
+                        row = await bounded(load, args.phase_timeout)
+                        row.pop("_latencies", None), row.pop("_lags", None)
+                        accepted = row.get("statuses", {}).get("202", 0)
+                        row["server_cpu_ms_per_submit"] = ms((server.cpu() - cpu0) / accepted) if accepted else None
+                        row["offered_per_s"] = rate or None  # None: closed loop
+                        out.append({"queued_before": queued, "queue_limit": int(limit), **fill, **row})
+                        offered = f" offered {rate:g}/s" if rate else ""
+                        log(f"submit: {clients} clients{offered} at {queued} queued: {row.get('accepted')}")
+                        queued += accepted
             finally:
                 server.stop()
     return out
@@ -658,8 +685,8 @@ async def server_phases(
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--load-client"]:  # one load process of the submit phase (`_spread_load`)
-        url, seconds, clients = argv[1], float(argv[2]), int(argv[3])
-        json.dump(asyncio.run(submit_load(url, clients, seconds)), sys.stdout)
+        url, seconds, clients, rate = argv[1], float(argv[2]), int(argv[3]), float(argv[4])
+        json.dump(asyncio.run(submit_load(url, clients, seconds, rate=rate)), sys.stdout)
         return
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="darkroom-bench-") as tmp:

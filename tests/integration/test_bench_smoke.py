@@ -66,6 +66,7 @@ def test_service_overhead_prints_every_figure(bench_models: Path) -> None:
         *("--rounds", "1", "--steps", "2", "--seq-requests", "1", "--clients", "2", "--jobs", "2"),
         *("--tput-steps", "2", "--sql-requests", "1", "--submit-clients", "3", "--submit-seconds", "1"),
         *("--clients-per-process", "2"),  # 3 submitting clients in two load processes (2 + 1), merged
+        *("--submit-rates", "20"),  # then the same clients at 20 submits/s offered
         *("--queued", "5", "--phase-timeout", "120", "--models-dir", str(bench_models)),
     )
     assert "errors" not in out, (out.get("errors"), out.get("server_log_tails"))
@@ -80,9 +81,11 @@ def test_service_overhead_prints_every_figure(bench_models: Path) -> None:
     for kind in ("submit", "status"):
         assert is_positive(out["sql_per_request"][kind]["statements"])
         assert is_positive(out["sql_per_request"][kind]["transactions"])
-    (row,) = out["submit_api_only"]
-    assert row["queued_before"] == 5 and row["clients"] == 3 and row["load_processes"] == 2
-    assert row["statuses"].get("202", 0) > 0 and is_positive(row["accepted"]["p99_ms"])
+    closed, offered = out["submit_api_only"]
+    assert closed["queued_before"] == 5 and closed["clients"] == 3 and closed["load_processes"] == 2
+    assert closed["statuses"].get("202", 0) > 0 and is_positive(closed["accepted"]["p99_ms"])
+    assert closed["offered_per_s"] is None and offered["offered_per_s"] == 20 and offered["load_processes"] == 2
+    assert 0 < offered["statuses"].get("202", 0) <= 21 and is_positive(offered["accepted"]["p99_ms"])  # ~20 in 1 s
 
 
 @pytest.mark.timeout(600)

@@ -23,6 +23,7 @@ from darkroom.engines.acceleration import (
     HostImages,
     HostTransfer,
     pass_size,
+    pin_execution_device,
     presign_attention,
 )
 from darkroom.engines.base import BatchItem
@@ -239,6 +240,26 @@ def test_attention_processors_are_signed_once_and_run_the_same(tiny_diffusers_mo
     computed.clear()
     pipe(**{**run, "num_inference_steps": 1}, generator=torch.Generator().manual_seed(5))
     assert len(computed) >= len(processors)  # stock diffusers: one per attention call (the test sees the cost)
+
+
+def test_a_loaded_pipeline_knows_its_device_without_walking_its_modules(engine, monkeypatch) -> None:
+    """diffusers' `_execution_device` (asked at the start of every pipeline call) and a model's `device` look for
+    offloading hooks in every submodule; a pipeline darkroom loaded (and its twins) answers from its weights."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    engine.generate(req(steps=1), None, nop)
+    loaded = engine._cache.get(engine.loaded_models()[0])
+    pipe, twin = loaded.txt2img, loaded.pipeline("img2img")
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and isinstance(pipe, StableDiffusionPipeline)
+    assert isinstance(twin, StableDiffusionImg2ImgPipeline) and type(twin) is not StableDiffusionImg2ImgPipeline
+    walks: list[object] = []
+    real = torch.nn.Module.modules
+    monkeypatch.setattr(torch.nn.Module, "modules", lambda self: walks.append(self) or real(self))
+    assert pipe._execution_device == twin._execution_device == torch.device("cpu")
+    assert walks == []
+    assert StableDiffusionPipeline._execution_device.fget(pipe) == torch.device("cpu")  # diffusers' own answer
+    assert walks  # ... which walks
+    assert pin_execution_device(pipe) is pipe and type(pin_execution_device(pipe)) is type(pipe)  # pinned once
 
 
 # --- batch limits -----------------------------------------------------------------------------------------------------

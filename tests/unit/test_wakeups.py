@@ -256,7 +256,7 @@ def test_a_waiting_generate_costs_the_same_statements_for_a_long_job_as_a_short_
     try:
         client.post("/v1/generate", json={**BODY, "steps": 2})  # warm-up: first request paths
         results = {}
-        for steps in (2, 40):
+        for steps in (2, 100):  # the long one: about a second on a 2-core machine
             counts.clear()
             started = time.monotonic()
             response = client.post("/v1/generate", json={**BODY, "steps": steps, "width": 128, "height": 128})
@@ -267,7 +267,7 @@ def test_a_waiting_generate_costs_the_same_statements_for_a_long_job_as_a_short_
             assert counts["transactions"] <= 3 and counts["api"] <= 12, (steps, dict(counts))
     finally:
         sa.event.remove(services.store.engine, "before_cursor_execute", count)
-    (short, _), (long, long_took) = results[2], results[40]
+    (short, _), (long, long_took) = results[2], results[100]
     assert long_took > 0.5, f"the long job took {long_took:.2f} s: too short to tell polling apart"
     # Polling every 0.1 s would add ~10 statements a second; the feed adds none.
     assert long == short, f"{results}; statements by thread: {dict(per_thread)}"

@@ -100,6 +100,8 @@ class Control:
         """The ControlNet twin of `base` (same modules, same mode)."""
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
+        from darkroom.engines.acceleration import pin_execution_device
+
         auto = {
             "Inpaint": AutoPipelineForInpainting,
             "Img2Img": AutoPipelineForImage2Image,
@@ -111,7 +113,7 @@ class Control:
         except ValueError as exc:
             raise InvalidRequest(f"{type(base).__name__} has no ControlNet variant: {exc}", field="controlnet") from exc
         twin.set_progress_bar_config(disable=True)
-        return twin
+        return pin_execution_device(twin)
 
     def call_kwargs(self, mode: str) -> dict[str, Any]:
         """Arguments for the twin's call: the maps go to `image` in txt2img and to `control_image` otherwise."""

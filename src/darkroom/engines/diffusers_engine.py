@@ -44,7 +44,14 @@ import torch
 from darkroom import __version__
 from darkroom.clock import random_seed
 from darkroom.engines import prepare as preparing
-from darkroom.engines.acceleration import Acceleration, Compiled, HostImages, HostTransfer, pass_size
+from darkroom.engines.acceleration import (
+    Acceleration,
+    Compiled,
+    HostImages,
+    HostTransfer,
+    pass_size,
+    pin_execution_device,
+)
 from darkroom.engines.adapters import activate as activate_adapters
 from darkroom.engines.adapters import resolve_embeddings
 from darkroom.engines.base import (
@@ -137,7 +144,7 @@ class LoadedModel:
         except ValueError as exc:  # no twin of that kind for this pipeline class
             raise InvalidRequest(f"model {self.info.id} cannot do {mode}: {exc}", field=field) from exc
         twin.set_progress_bar_config(disable=True)
-        return twin
+        return pin_execution_device(twin)
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -213,7 +213,11 @@ def pin_execution_device(pipe: Any) -> Any:
         return pipe
     pinned = _PINNED.get(cls)
     if pinned is None:
-        namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+        namespace: dict[str, Any] = {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+        }
         namespace["_execution_device"] = property(_device_of)
         pinned = _PINNED.setdefault(cls, type(cls.__name__, (cls,), namespace))
     pipe.__class__ = pinned

@@ -12,6 +12,8 @@ more than `--clients-per-process` clients run in load processes of their own, so
 measured.
 
     .venv/bin/python bench/load.py                          # starts `darkroom serve` (1 worker) in a temp dir
+The server it starts gets its first image (a one-step job) before the clients start, so the run measures the service
+running, not its worker's start-up (imports and model load: seconds of one core); that time is `first_image_s`.
     .venv/bin/python bench/load.py --url http://127.0.0.1:8000 --api-key dk_... --pid 1234
 Traffic goes to loopback only unless `--url` says otherwise.
 """
@@ -304,6 +306,14 @@ def report(tally: Tally, samples: list[dict[str, float]], wall: float, lags: lis
     }
 
 
+def first_image(url: str) -> float:
+    """Seconds until a one-step image comes back: the worker has started and loaded the model."""
+    started = time.monotonic()
+    response = httpx.post(url + "/v1/generate", json=job_body(0, 0, 1), timeout=600)
+    response.raise_for_status()
+    return time.monotonic() - started
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     head: dict[str, Any] = {
         "benchmark": "load",
@@ -322,6 +332,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         server = darkroom_server("darkroom", work / "data", models_dir, args.workers, work, env)
         try:
             head["ready_s"] = round(server.wait_ready(), 2)
+            if args.workers:  # the load meets a running service, not its workers' start (imports, model load)
+                head["first_image_s"] = round(first_image(server.url), 2)
             head["target"] = f"darkroom serve --workers {args.workers} (default settings, SQLite, started here)"
             result = await run_load(server.url, args, server.pid)
         except Exception:

@@ -92,10 +92,11 @@ def test_service_overhead_prints_every_figure(bench_models: Path) -> None:
 def test_load_reports_latencies_errors_and_memory(bench_models: Path) -> None:
     out = run_bench(
         "load.py",
-        *("--clients", "4", "--seconds", "2", "--workers", "0", "--models-dir", str(bench_models)),
+        *("--clients", "4", "--seconds", "2", "--workers", "1", "--models-dir", str(bench_models)),
         *("--clients-per-process", "2"),  # two load processes, merged
     )
     assert out["benchmark"] == "load" and out["load_processes"] == 2
+    assert is_positive(out["first_image_s"])  # the worker's first image came back before the load began
     assert out["jobs_accepted"] > 0 and is_positive(out["jobs_accepted_per_s"])
     assert is_positive(out["submit_accepted"]["p99_ms"]) and is_positive(out["poll"]["p50_ms"])
     assert out["healthz"]["count"] > 0 and is_positive(out["healthz"]["p99_ms"])

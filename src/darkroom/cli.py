@@ -305,7 +305,10 @@ def worker(
         setup_logging(log_level, "worker", settings.log_format)
     tracing.configure(settings, "worker")
     _validate_hooks(settings, output_checker=True)
+    from darkroom.models.registry import ModelRegistry
+
     services = Services.open(settings)
+    services.registry.rescan_seconds = ModelRegistry.SERVICE_RESCAN_SECONDS  # a job looks at most once a second
     services.ensure_default_model()
     if metrics_port is not None:
         from darkroom.observability import metrics

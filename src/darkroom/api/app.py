@@ -14,6 +14,7 @@ from darkroom import __version__
 from darkroom.auth import invalidation
 from darkroom.auth.failures import LoginFailures
 from darkroom.models import approvals
+from darkroom.models.registry import ModelRegistry
 from darkroom.observability.health import Sweeper
 from darkroom.schemas import WEBHOOK_EVENTS
 from darkroom.service import Services
@@ -42,7 +43,7 @@ def create_app(
     server = services.settings.server
     services.keys.configure_cache(server.auth_cache_seconds)
     services.tenants.configure_cache(server.auth_cache_seconds)
-    services.registry.rescan_seconds = 1.0  # a submit reads the models folder at most once a second (see `scan`)
+    services.registry.rescan_seconds = ModelRegistry.SERVICE_RESCAN_SECONDS  # a submit looks at most once a second
     services.approve_models()  # versions of what the folder holds now (first-seen names approved, per settings)
 
     @contextlib.asynccontextmanager

@@ -87,6 +87,8 @@ def slugify(name: str) -> str:
 
 
 class ModelRegistry:
+    SERVICE_RESCAN_SECONDS = 1.0  # what the API and worker processes set `rescan_seconds` to
+
     def __init__(self, models_dir: Path, cache_file: Path, *, allow_pickle: bool = False) -> None:
         """`allow_pickle`: list and add single-file pickled checkpoints (`security.allow_pickle_models`)."""
         self.models_dir = Path(models_dir)
@@ -122,10 +124,11 @@ class ModelRegistry:
 
     def scan(self) -> list[ModelInfo]:
         """All models, sorted by id. Cheap when nothing changed: one stat per file, no hashing, no parsing; and
-        within `rescan_seconds` of the last look, one stat of the folder itself. The API sets that (every submit
-        without a `model` asks for the default): a model added or removed changes the folder's mtime and shows at
-        once, weights replaced inside a model's own folder show within the interval (workers check hashes
-        themselves before they serve a model: `models.verify`). 0, the default, looks every time."""
+        within `rescan_seconds` of the last look, one stat of the folder itself. The API and the workers set that
+        (every submit without a `model` asks for the default, and every job for its model; a full look stats every
+        file of every model): a model added or removed changes the folder's mtime and shows at once, weights replaced
+        inside a model's own folder show within the interval (workers check hashes themselves before they serve a
+        model: `models.verify`). 0, the default, looks every time."""
         if (models := self._fresh()) is not None:  # the common case, without the lock every submit would queue on
             return models
         with self._lock:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import sqlite
 
 from darkroom import clock
 from darkroom.jobs.db import create_engine, on_checkin
@@ -64,7 +65,14 @@ _NEWER_EVENTS = (
     .order_by(job_events.c.id)
     .limit(_READ_LIMIT)
 )
-_NEWER_EVENTS_SQL = "SELECT id, job_id, type, data, created_at FROM job_events WHERE id > ? ORDER BY id LIMIT ?"
+# ... and as SQLite's text with its positional parameters, for the feed's raw cursor (`_new_rows`).
+_NEWER_EVENTS_SQLITE = _NEWER_EVENTS.compile(dialect=sqlite.dialect())
+_NEWER_EVENTS_SQLITE_TEXT = str(_NEWER_EVENTS_SQLITE)
+
+
+def _newer_events_args(low: int) -> tuple[Any, ...]:
+    params = {**_NEWER_EVENTS_SQLITE.params, "low": low}
+    return tuple(params[name] for name in _NEWER_EVENTS_SQLITE.positiontup or ())
 
 
 def announce(conn: sa.Connection) -> None:
@@ -389,7 +397,7 @@ class ChangeFeed:
         if not self.postgres:
             cur = self._raw().cursor()
             try:
-                cur.execute(_NEWER_EVENTS_SQL, (self._low, _READ_LIMIT))
+                cur.execute(_NEWER_EVENTS_SQLITE_TEXT, _newer_events_args(self._low))
                 found = cur.fetchall()
             finally:
                 cur.close()

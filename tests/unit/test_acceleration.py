@@ -174,6 +174,11 @@ def test_compiled_modules_on_only_at_a_compiled_size_and_attention_as_set(tiny_d
     assert loaded.compiled_for([req(), req(loras=[LoraSpec(name="style")])]) is None  # LoRA layers: eager
     processors = {type(p).__name__ for p in (*pipe.unet.attn_processors.values(), *pipe.vae.attn_processors.values())}
     assert processors == {"AttnProcessor2_0"}  # SDPA
+    # Compiled modules keep their processors' signatures on the class only: dynamo traces the UNet whole.
+    assert not any("__call__" in vars(p) for p in pipe.unet.attn_processors.values())
+    sample = torch.randn(2, 4, 8, 8), torch.tensor(10), torch.randn(2, 77, pipe.text_encoder.config.hidden_size)
+    explained = torch._dynamo.explain(pipe.unet.forward)(sample[0], sample[1], encoder_hidden_states=sample[2])
+    assert explained.graph_break_count == 0, explained.break_reasons
     Acceleration(sdpa=False).apply(pipe)
     assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"AttnProcessor"}
 
@@ -222,7 +227,8 @@ def test_attention_processors_are_signed_once_and_run_the_same(tiny_diffusers_mo
     run = {"prompt": "x", "num_inference_steps": 2, "width": 64, "height": 64, "output_type": "np"}
     Acceleration(sdpa=True).apply(pipe)
     processors = [*pipe.unet.attn_processors.values(), *pipe.vae.attn_processors.values()]
-    stock = type(processors[0])()  # an unsigned processor of the same class, as diffusers makes them
+    assert "__signature__" in vars(type(processors[0]).__call__)  # the class layer
+    stock = type(processors[0])()  # a processor of the same class as diffusers makes them, signed by class only
     assert all(inspect.signature(p.__call__) == inspect.signature(stock.__call__) for p in processors)
     assert all(inspect.signature(p.__call__) is inspect.signature(p.__call__) for p in processors)  # not recomputed
     assert presign_attention(pipe.unet, pipe.vae) == 0  # already signed: nothing to do
@@ -236,6 +242,7 @@ def test_attention_processors_are_signed_once_and_run_the_same(tiny_diffusers_mo
 
     for p in processors:
         p.__dict__.pop("__call__", None)  # one processor object may serve many layers
+    monkeypatch.delattr(type(processors[0]).__call__, "__signature__")  # stock diffusers, for the rest of this test
     assert np.array_equal(signed, pipe(**run, generator=torch.Generator().manual_seed(5)).images)
     computed.clear()
     pipe(**{**run, "num_inference_steps": 1}, generator=torch.Generator().manual_seed(5))

@@ -384,7 +384,7 @@ class GpuSettings(BaseModel):
 
     sdpa: bool = Field(True, description="attention through torch's scaled_dot_product_attention (AttnProcessor2_0)")
     channels_last: Literal["auto", "on", "off"] = Field(
-        "auto", description="UNet and VAE in channels-last memory layout; auto: on CUDA only"
+        "auto", description="UNet and VAE in channels-last memory layout; auto: on CUDA and CPUs (not MPS)"
     )
     compile: bool = Field(False, description="torch.compile the UNet and the VAE decoder, warmed up at load")
     compile_mode: str = Field("default", description="torch.compile mode: " + ", ".join(COMPILE_MODES))

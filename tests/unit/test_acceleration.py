@@ -111,8 +111,10 @@ def test_auto_switches_resolve_per_device(tmp_path: Path) -> None:
     assert settings.inductor_cache_dir == tmp_path / "inductor"
     cpu = Acceleration.from_settings(settings.gpu, "cpu")
     cuda = Acceleration.from_settings(settings.gpu, "cuda:1", settings.inductor_cache_dir)
-    assert (cpu.channels_last, cpu.pinned_transfers) == (False, False)
+    mps = Acceleration.from_settings(settings.gpu, "mps")
+    assert (cpu.channels_last, cpu.pinned_transfers) == (True, False)
     assert (cuda.channels_last, cuda.pinned_transfers) == (True, True)
+    assert (mps.channels_last, mps.pinned_transfers) == (False, False)
     assert cuda.compile_mode == "reduce-overhead"  # CUDA graphs
     assert cuda.compile_sizes == {(512, 512), (1024, 1024)}
     assert cuda.cache_dir == tmp_path / "inductor"

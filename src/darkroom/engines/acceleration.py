@@ -55,11 +55,13 @@ class Acceleration:
 
     @classmethod
     def from_settings(cls, gpu: GpuSettings, device: str, cache_dir: Path | None = None) -> Acceleration:
-        """`auto` switches resolve here, per device: channels-last and pinned copies are CUDA's."""
+        """`auto` switches resolve here, per device: pinned copies are CUDA's; channels-last is CUDA's and the CPU's
+        (oneDNN's convolutions prefer that layout: the tiny model's pipeline call 5-8 % faster, the demo model's at
+        256² 3 %), not MPS's."""
         cuda = device.startswith("cuda")
         return cls(
             sdpa=gpu.sdpa,
-            channels_last=gpu.channels_last == "on" or (gpu.channels_last == "auto" and cuda),
+            channels_last=gpu.channels_last == "on" or (gpu.channels_last == "auto" and (cuda or device == "cpu")),
             compile=gpu.compile,
             compile_mode="reduce-overhead" if gpu.cuda_graphs else gpu.compile_mode,
             compile_sizes=gpu.compile_size_set(),

@@ -186,7 +186,8 @@ def presign_attention(*modules: Any, per_instance: bool = True) -> int:
         if inspect.isfunction(method) and "__signature__" not in method.__dict__:
             with contextlib.suppress(TypeError, ValueError):  # not introspectable: leave it to diffusers
                 method.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]
-        if not per_instance or "__call__" in getattr(processor, "__dict__", {"__call__": None}):
+        own = getattr(processor, "__dict__", None)  # None: a processor with __slots__ takes no instance attribute
+        if not per_instance or own is None or "__call__" in own:
             continue
         try:
             bound = processor.__call__
@@ -233,8 +234,8 @@ def pin_execution_device(pipe: Any) -> Any:
             "__module__": cls.__module__,
             "__qualname__": cls.__qualname__,
             "__doc__": cls.__doc__,
+            "_execution_device": property(_device_of),
         }
-        namespace["_execution_device"] = property(_device_of)
         pinned = _PINNED.setdefault(cls, type(cls.__name__, (cls,), namespace))
     pipe.__class__ = pinned
     return pipe

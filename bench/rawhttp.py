@@ -38,6 +38,8 @@ class Connection:
     async def request(
         self, method: str, path: str, body: bytes = b"", content_type: str = "application/json"
     ) -> Response:
+        if self._reader is not None and self._reader.at_eof():  # the server closed it while idle (keep-alive timeout)
+            await self.close()
         if self._writer is None:
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
         head = f"{method} {path} HTTP/1.1\r\n".encode() + self._fixed

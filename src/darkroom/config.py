@@ -267,9 +267,10 @@ class ServerSettings(BaseModel):
         "workers and background loops (darkroom.api.processes)",
     )
     admission_floor: int = Field(
-        default=16,
+        default=4,
         ge=1,
-        description="the admission limit starts here and never shrinks below it (or below max_in_flight, if lower)",
+        description="the admission limit never shrinks below this (nor below max_in_flight, if lower); it starts at "
+        "16 (darkroom.api.admission)",
     )
     overloaded_retry_after: int = Field(default=1, ge=1, description="Retry-After (s) of an `overloaded` 429")
     max_body_bytes: int | None = Field(

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,7 +125,8 @@ def test_gpu_throughput_on_the_cpu_reports_every_mode_and_ratio() -> None:
 
 def test_raw_load_client_reads_sized_chunked_and_closing_answers() -> None:
     """`bench/rawhttp.py`, the submit phase's client, against a loopback server answering in the three ways it
-    must read: a sized body, a chunked one (with a trailer), and one that closes the connection after it."""
+    must read: a sized body, a chunked one (with a trailer), one that closes the connection after it, and a
+    connection the server closed while it was idle."""
     import asyncio
 
     sys.path.insert(0, str(BENCH))
@@ -162,17 +164,25 @@ def test_raw_load_client_reads_sized_chunked_and_closing_answers() -> None:
             out = [await conn.request("POST", "/v1/jobs", b'{"a":1}') for _ in range(3)]
             answers.append(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
             out.append(await conn.request("GET", "/healthz"))  # a new connection: the last one was closed
+            # With nothing left to answer the server closes this one while it is idle, without saying so first
+            # (a keep-alive timeout): the next request goes out on a new connection rather than failing.
+            deadline = time.monotonic() + 10
+            while conn._reader is not None and not conn._reader.at_eof() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            answers.append(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+            out.append(await conn.request("GET", "/healthz"))
         finally:
             await conn.close()
             server.close()
         return out
 
-    sized, chunked, closing, again = asyncio.run(main())
+    sized, chunked, closing, again, after_idle = asyncio.run(main())
     assert (sized.status, sized.body, sized.headers["retry-after"]) == (202, b"hello", "3")
     assert (chunked.status, chunked.body) == (200, b"abcde")
     assert (closing.status, closing.body) == (429, b"no")
     assert (again.status, again.body) == (200, b"")
-    assert connections == 2
+    assert after_idle.status == 204
+    assert connections == 3
     assert seen[:3] == [b'POST /v1/jobs HTTP/1.1 {"a":1}'] * 3 and seen[3] == b"GET /healthz HTTP/1.1 "
 
 

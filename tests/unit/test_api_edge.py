@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from darkroom.api.app import create_app
+from darkroom.api.edge import KEEP_ALIVE_BODY_BYTES
 from darkroom.auth.keys import KeyStore
 from darkroom.auth.principal import Principal, Role
 from darkroom.auth.tenants import TenantPolicy, TenantStore
@@ -54,11 +55,11 @@ def open_services(
 class LiveServer:
     """uvicorn serving the app on a loopback port, on a thread of this process (so tests can read its state)."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, http: str = "auto") -> None:
         self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", http=http)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
 
@@ -101,6 +102,33 @@ def test_a_chunked_body_without_a_key_is_refused_before_it_is_read(tmp_path):
     assert status_bad == 401
     assert sent < 200 * 1024 * 1024 and sent_bad < 200 * 1024 * 1024  # answered long before the body ended
     assert rss["growth"] < 50 * 1024 * 1024, rss
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_a_small_unread_body_keeps_the_connection_for_the_next_request(tmp_path, http):
+    """A refusal answered before the body (here 401: keys exist, none sent) leaves a small body to the server, which
+    drops it, and the same connection carries the next request; a larger one still ends the connection."""
+    services = open_services(tmp_path)
+    token_for(services)
+    body = b'{"prompt": "' + b"x" * 1000 + b'"}'
+    post = b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    try:
+        with LiveServer(create_app(services), http=http) as server:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+                for _ in range(3):  # refused, again and again, on one connection
+                    sock.sendall(post + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                    head = read_response(sock)
+                    assert head.startswith(b"HTTP/1.1 401") and b"connection: close" not in head.lower(), head
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert read_response(sock).startswith(b"HTTP/1.1 200")
+            large = b"x" * (KEEP_ALIVE_BODY_BYTES + 1)
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+                sock.sendall(post + f"Content-Length: {len(large)}\r\n\r\n".encode() + large)
+                head = read_response(sock)
+                assert head.startswith(b"HTTP/1.1 401") and b"connection: close" in head.lower(), head
+                assert sock.recv(1024) == b""  # closed by the server
+    finally:
+        services.close()
 
 
 def test_a_chunked_body_past_the_cap_is_413_while_it_streams(tmp_path):

@@ -15,6 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # that turns `security.approve_first_seen_models` on. The default (a new file waits for an operator) is covered by
 # tests/unit/test_model_versions.py, which turns it off.
 os.environ.setdefault("DARKROOM_SECURITY__APPROVE_FIRST_SEEN_MODELS", "true")
+# The admission limit follows latency down to 4 requests at once (`server.admission_floor`). Two xdist workers on two
+# busy cores make any request slow now and then, and a test that sends a handful of requests at once would meet a
+# 429 `overloaded` it is not about. The suite's servers keep 16; admission itself is tested with its own settings
+# (tests/unit/test_admission.py, test_api_edge.py, tests/integration/test_api_load.py).
+os.environ.setdefault("DARKROOM_SERVER__ADMISSION_FLOOR", "16")
 
 # The suite never reads or writes the developer's own darkroom files: `darkroom serve` records its data dir under
 # $XDG_STATE_HOME, and the user's darkroom.toml lives under $XDG_CONFIG_HOME. Each test process (one per xdist

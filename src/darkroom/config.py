@@ -255,7 +255,7 @@ class ServerSettings(BaseModel):
         description="requests handled at once; beyond it an immediate 429 `overloaded` (health probes exempt)",
     )
     admission_target_ms: float = Field(
-        default=60.0,
+        default=40.0,
         gt=0,
         description="while admitted requests take longer than this (90th percentile), fewer are let in "
         "(darkroom.api.admission)",

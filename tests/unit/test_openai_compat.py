@@ -4,8 +4,10 @@ real HTTP (uvicorn on loopback in a thread) against tiny real models."""
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import time
+import warnings
 
 import httpx
 import numpy as np
@@ -229,6 +231,19 @@ def test_edit_limits_are_checked_before_the_mask_is_resized(api, services, field
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
     assert [p for p in services.blobs.root.rglob("*") if p.is_file()] == [] and services.store.list() == []
+
+
+def test_a_refused_edit_closes_the_forms_spooled_files(api):
+    """Each multipart file is spooled to a temporary file by Starlette; the route closes the form whatever it refuses,
+    so no file is left for the garbage collector (which warned, `ResourceWarning: Unclosed file`)."""
+    files = {"image": ("a.png", png(ramp()), "image/png"), "mask": ("m.png", png(openai_mask()), "image/png")}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for fields in ({}, {"prompt": "x", "size": "64x0"}):  # refused without a prompt; by its size
+            assert api.post("/v1/images/edits", data=fields, files=files).status_code == 400
+        gc.collect()
+    unclosed = [str(w.message) for w in caught if "SpooledTemporaryFile" in str(w.message)]
+    assert unclosed == []
 
 
 def test_an_upload_over_the_byte_limit_is_refused_by_its_size(api, services):

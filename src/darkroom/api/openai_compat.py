@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
 from darkroom.auth.principal import Permission
@@ -276,11 +276,21 @@ async def generations(request: Request, opts: GenerationsRequest) -> dict[str, A
 async def read_edit_form(
     request: Request, form_model: type[EditsRequest] | type[VariationsRequest] = EditsRequest
 ) -> tuple[Any, bytes, bytes | None]:
-    """multipart/form-data as the openai package sends it: `image` (or `image[]`, first used), optional `mask`."""
+    """multipart/form-data as the openai package sends it: `image` (or `image[]`, first used), optional `mask`. The
+    form's spooled files are closed once their bytes are read, whatever is refused."""
     try:
         form = await request.form()
     except Exception as exc:  # not multipart, or a malformed body
         raise InvalidRequest(f"expected multipart/form-data: {exc}", field="image") from None
+    try:
+        return await _edit_fields(request, form, form_model)
+    finally:
+        await form.close()
+
+
+async def _edit_fields(
+    request: Request, form: FormData, form_model: type[EditsRequest] | type[VariationsRequest]
+) -> tuple[Any, bytes, bytes | None]:
     uploads = [v for key in ("image", "image[]") for v in form.getlist(key) if isinstance(v, UploadFile)]
     if not uploads:
         raise InvalidRequest("an image file is required", field="image")

@@ -54,13 +54,13 @@ async def generate_form(request: Request, reuse: str | None = Query(None, alias=
 @router.post("/generate")
 async def generate(request: Request) -> Response:
     await ui_principal(request)
-    form = await request.form()
-    check_csrf(request, str(form.get("csrf_token") or ""))
-    try:
-        body = await forms.request_from_form(form)
-        status, _ = await run_in_threadpool(v1.submit_status, request, body, None)
-    except DarkroomError as exc:
-        return await run_in_threadpool(_form_page, request, forms.values_from_form(form), exc)
+    async with request.form() as form:  # its spooled upload files are closed on the way out
+        check_csrf(request, str(form.get("csrf_token") or ""))
+        try:
+            body = await forms.request_from_form(form)
+            status, _ = await run_in_threadpool(v1.submit_status, request, body, None)
+        except DarkroomError as exc:
+            return await run_in_threadpool(_form_page, request, forms.values_from_form(form), exc)
     return RedirectResponse(f"/ui/jobs/{status.job.id}", status_code=303)
 
 

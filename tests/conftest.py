@@ -20,6 +20,9 @@ os.environ.setdefault("DARKROOM_SECURITY__APPROVE_FIRST_SEEN_MODELS", "true")
 # 429 `overloaded` it is not about. The suite's servers keep 16; admission itself is tested with its own settings
 # (tests/unit/test_admission.py, test_api_edge.py, tests/integration/test_api_load.py).
 os.environ.setdefault("DARKROOM_SERVER__ADMISSION_FLOOR", "16")
+# A worker process on the CPU runs 10 nicer than the API by default (`cpu_worker_nice`); in the suite it would wait
+# behind the xdist workers' own CPU work, which no deployment has. tests/integration/test_api_processes.py sets it.
+os.environ.setdefault("DARKROOM_CPU_WORKER_NICE", "0")
 
 # The suite never reads or writes the developer's own darkroom files: `darkroom serve` records its data dir under
 # $XDG_STATE_HOME, and the user's darkroom.toml lives under $XDG_CONFIG_HOME. Each test process (one per xdist

@@ -488,6 +488,14 @@ class Settings(BaseSettings):
     workers: int = 1
     worker_id: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    cpu_worker_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="a worker process whose device is the CPU lowers its scheduling priority by this much (nice), so "
+        "the API's answers on the same cores come first; 0 leaves it. A GPU's worker is left as it is: its CPU work "
+        "is what keeps the device fed",
+    )
     devices: list[str] = Field(
         default_factory=list,
         description="`serve`: one worker process per device (`cuda:0`, `cuda:1`, or `all` for every GPU); more "

@@ -27,7 +27,9 @@ def replicas(primary: int) -> list[psutil.Process]:
 
 
 def test_a_replica_answers_on_the_same_port_and_is_kept_alive_until_the_server_stops(tmp_path, models_dir):
-    cluster = Cluster(tmp_path, models_dir, env={"DARKROOM_SERVER__API_PROCESSES": "2"})
+    cluster = Cluster(
+        tmp_path, models_dir, env={"DARKROOM_SERVER__API_PROCESSES": "2", "DARKROOM_CPU_WORKER_NICE": "10"}
+    )
     try:
         server = cluster.start_server(workers=1)
         (replica,) = wait_until(lambda: replicas(server.pid), timeout=60, what="the second API process")
@@ -48,6 +50,9 @@ def test_a_replica_answers_on_the_same_port_and_is_kept_alive_until_the_server_s
                 what=f"the job to finish\n{cluster.logs()}",
             )
             assert done["images"] and done["images"][0]["url"]
+        # The worker denoises on the CPU, on the cores the API answers on: it runs 10 nicer (`cpu_worker_nice`).
+        (worker,) = [c for c in psutil.Process(server.pid).children() if "--worker-id" in c.cmdline()]
+        assert worker.nice() == psutil.Process(server.pid).nice() + 10 == replica.nice() + 10
 
         replica.kill()  # a replica that dies is started again; the primary answers meanwhile
         with httpx.Client(base_url=cluster.url, timeout=60) as http:

@@ -107,7 +107,8 @@ def test_a_chunked_body_without_a_key_is_refused_before_it_is_read(tmp_path):
 @pytest.mark.parametrize("http", ["httptools", "h11"])
 def test_a_small_unread_body_keeps_the_connection_for_the_next_request(tmp_path, http):
     """A refusal answered before the body (here 401: keys exist, none sent) leaves a small body to the server, which
-    drops it, and the same connection carries the next request; a larger one still ends the connection."""
+    drops it, and the same connection carries the next request; a larger one, or one announced with
+    `Expect: 100-continue`, still ends the connection."""
     services = open_services(tmp_path)
     token_for(services)
     body = b'{"prompt": "' + b"x" * 1000 + b'"}'
@@ -127,6 +128,10 @@ def test_a_small_unread_body_keeps_the_connection_for_the_next_request(tmp_path,
                 head = read_response(sock)
                 assert head.startswith(b"HTTP/1.1 401") and b"connection: close" in head.lower(), head
                 assert sock.recv(1024) == b""  # closed by the server
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:  # the body may never come
+                sock.sendall(post + f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+                head = read_response(sock)
+                assert head.startswith(b"HTTP/1.1 401") and b"connection: close" in head.lower(), head
     finally:
         services.close()
 

@@ -85,7 +85,10 @@ class Edge:
         chunked = "transfer-encoding" in headers
         body = _Body(
             unread=chunked or declared not in ("", "0"),
-            small=not chunked and declared.isdigit() and int(declared) <= KEEP_ALIVE_BODY_BYTES,
+            small=not chunked
+            and "expect" not in headers  # a client awaiting 100 Continue may never send the body it declared
+            and declared.isdigit()
+            and int(declared) <= KEEP_ALIVE_BODY_BYTES,
         )
         send = _response_headers(send, rid, body)
         started = clock.monotonic()
@@ -159,7 +162,8 @@ request. Refusals answered before the body (429 `overloaded`, 401, a repeated `q
 under load, and closing after each made every refused client open a new connection for its next request: measured
 with 200 clients on two cores, a request on a new connection waited 66 ms at p99 (155 ms at most) before the server
 saw it, against 10 ms on a kept one, and that wait was the p99 of every kind of request. A larger or chunked body
-still ends the connection: reading megabytes to throw them away is worse than a new handshake."""
+still ends the connection: reading megabytes to throw them away is worse than a new handshake. So does one announced
+with `Expect: 100-continue`: its client may never send it, and its next request would be read as that body."""
 
 
 @dataclass

@@ -60,7 +60,6 @@ class InFlight:
     ceiling: int
     target_seconds: float = 0.04  # `server.admission_target_ms`
     floor: int = 4  # `server.admission_floor`
-    start: int = START
     count: int = 0
     limit: float = field(init=False)
     _samples: list[float] = field(default_factory=list)
@@ -69,7 +68,7 @@ class InFlight:
 
     def __post_init__(self) -> None:
         self.floor = min(self.floor, self.ceiling)
-        self.limit = float(min(max(self.start, self.floor), self.ceiling))
+        self.limit = float(min(max(START, self.floor), self.ceiling))
 
     @property
     def admitted(self) -> int:

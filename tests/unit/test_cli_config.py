@@ -102,9 +102,11 @@ def test_darkroom_config_names_the_one_file_and_a_broken_one_is_named(home, monk
         ({}, ["--api-processes", "0"], "--api-processes"),
         ({"DARKROOM_SERVER__API_PROCESSES": "0"}, [], "api_processes"),
         ({"DARKROOM_SERVER__ADMISSION_FLOOR": "0"}, [], "admission_floor"),
+        ({"DARKROOM_CPU_WORKER_NICE": "20"}, [], "cpu_worker_nice"),  # past what nice(2) takes
+        ({"DARKROOM_CPU_WORKER_NICE": "-1"}, [], "cpu_worker_nice"),  # would raise the worker's priority
     ],
 )
-def test_serve_refuses_a_process_count_or_admission_floor_under_one_before_it_starts(
+def test_serve_refuses_out_of_range_process_counts_floors_and_niceness_before_it_starts(
     home, monkeypatch, env, args, named
 ):
     for name, value in env.items():

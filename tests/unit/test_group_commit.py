@@ -102,6 +102,31 @@ def test_a_refused_submit_rolls_back_alone_and_raises_in_its_own_thread(store):
     assert queued(store) == 5
 
 
+def test_a_statement_the_database_refuses_rolls_back_its_submit_alone(store):
+    """A submit whose own statement fails in SQLite (here its audit record breaks a constraint) leaves the database
+    where its savepoint began: the group's other submits commit, and the error reaches that submit's thread."""
+
+    def record_badly(i: int) -> Callable[[sa.Connection, str], None]:
+        def record(conn: sa.Connection, job_id: str) -> None:
+            if i == 2:
+                conn.execute(sa.text("INSERT INTO queue_counters (shard, queued) VALUES (0, 0)"))  # shard 0 exists
+
+        return record
+
+    outcomes, transactions = grouped(
+        store, [lambda i=i: store.create(req(i), tenant="t", record=record_badly(i)) for i in range(5)]
+    )
+    assert isinstance(outcomes[2], sa.exc.IntegrityError), outcomes
+    assert all(not isinstance(o, Exception) for i, o in enumerate(outcomes) if i != 2), outcomes
+    assert transactions == 2
+    with store.engine.connect() as conn:
+        prompts = sorted(r.request["prompt"] for r in conn.execute(sa.select(jobs.c.request)))
+        events = conn.execute(sa.text("SELECT count(*) FROM job_events")).scalar()
+    assert prompts == ["p0", "p1", "p3", "p4"]
+    assert events == 4
+    assert queued(store) == 4
+
+
 def test_one_idempotency_key_twice_in_a_group_makes_one_job(store):
     submit = lambda: store.create(req(1), tenant="t", idempotency_key="k", key_id="key1")  # noqa: E731
     outcomes, _ = grouped(store, [lambda i=i: store.create(req(10 + i), tenant="t") for i in range(3)] + [submit] * 2)

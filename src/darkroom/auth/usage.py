@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from darkroom.auth.tables import usage_counters
+from darkroom.jobs.prepared import Prepared
 
 
 def day_period(at: dt.datetime) -> str:
@@ -30,12 +31,12 @@ def month_period(at: dt.datetime) -> str:
 
 def _add(conn: sa.Connection, tenant: str, period: str, *, images: int = 0, gpu_seconds: float = 0.0) -> sa.Row:
     params = {"b_tenant": tenant, "b_period": period, "b_images": images, "b_gpu_seconds": gpu_seconds}
-    return conn.execute(_UPSERTS[conn.dialect.name == "postgresql"], params).one()
+    return _UPSERTS[conn.dialect.name == "postgresql"].execute(conn, params).one()
 
 
 def _upsert(postgres: bool) -> sa.Insert:
-    """Add to a counter row, creating it: built once per dialect (every submit runs it; building it per call was a
-    measurable part of a submit's CPU)."""
+    """Add to a counter row, creating it: built once per dialect and prepared (every submit runs it; building it
+    per call was a measurable part of a submit's CPU)."""
     insert = postgresql.insert if postgres else sqlite.insert
     stmt = insert(usage_counters).values(
         tenant=sa.bindparam("b_tenant"),  # (a bind parameter may not share a column's name)
@@ -52,7 +53,7 @@ def _upsert(postgres: bool) -> sa.Insert:
     ).returning(usage_counters.c.images, usage_counters.c.gpu_seconds)
 
 
-_UPSERTS = {False: _upsert(False), True: _upsert(True)}  # by: PostgreSQL
+_UPSERTS = {False: Prepared(_upsert(False)), True: Prepared(_upsert(True))}  # by: PostgreSQL
 
 
 def charge_images(conn: sa.Connection, tenant: str, created_at: dt.datetime, images: int) -> int:

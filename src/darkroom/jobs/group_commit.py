@@ -28,6 +28,7 @@ from .db import write_tx
 T = TypeVar("T")
 
 MAX_GROUP = 64  # submits in one transaction; bounds how long a group holds SQLite's write lock
+_SAVEPOINT = "darkroom_submit"  # one at a time: each submit's is released before the next one's is taken
 
 
 @dataclass(eq=False)
@@ -90,12 +91,17 @@ class GroupCommit:
 
     @staticmethod
     def _in_savepoint(conn: sa.Connection, pending: _Pending[Any]) -> None:
-        """One submit of a larger group: a failure rolls back its own writes and is kept for its thread."""
+        """One submit of a larger group: a failure rolls back its own writes and is kept for its thread.
+
+        The savepoint is SQL given to the driver as it is: `Connection.begin_nested()` compiles a new SAVEPOINT
+        clause on every use (measured at 156 µs a submit on the 2-core machine, against 33 µs for these)."""
+        conn.exec_driver_sql(f"SAVEPOINT {_SAVEPOINT}")
         try:
-            with conn.begin_nested():
-                pending.result = pending.work(conn)
+            pending.result = pending.work(conn)
         except Exception as exc:
             pending.error = exc
+            conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+        conn.exec_driver_sql(f"RELEASE SAVEPOINT {_SAVEPOINT}")
 
     def _commit(self, group: list[_Pending[Any]]) -> None:
         if len(group) == 1:

@@ -36,6 +36,7 @@ from darkroom.jobs import blob_refs, result_cache, tags
 from darkroom.jobs.db import create_engine, read_tx, write_tx
 from darkroom.jobs.group_commit import GroupCommit
 from darkroom.jobs.notify import announce
+from darkroom.jobs.prepared import Prepared, PreparedInsert
 from darkroom.jobs.tables import CLAIM_ORDER, QUEUE_SHARDS, images, job_events, jobs, queue_counters, step_rates
 from darkroom.jobs.workers_table import workers
 from darkroom.observability import metrics
@@ -237,7 +238,7 @@ class JobStore:
         self._submits = GroupCommit(self.engine)  # SQLite: concurrent submits share one transaction
         self.max_queue_depth = max_queue_depth
         self.max_tenant_queue_depth = max_tenant_queue_depth
-        self._admit_snapshots: dict[int | None, sa.Select] = {}  # by tenant limit (`_admit_to_queue`)
+        self._admit_snapshots: dict[int | None, Prepared] = {}  # by tenant limit (`_admit_to_queue`)
         self.tenant_weights = tenant_weights or {}
 
     def close(self) -> None:
@@ -295,7 +296,7 @@ class JobStore:
             images_today = usage.charge_images(conn, tenant, now, request.n)
             if admit is not None:
                 admit(conn, images_today)
-            conn.execute(jobs.insert(), row)  # parameters, not .values(): the compiled INSERT is cached
+            _INSERT_JOB.execute(conn, row)
             blob_refs.insert_uploads(conn, row["id"], row["request"])  # only jobs with uploads: one INSERT
             tags.insert_tags(conn, row)  # only tagged jobs: one INSERT
             self._event(conn, row["id"], "queued", {"priority": request.priority}, now)
@@ -399,8 +400,8 @@ class JobStore:
         tenant_limit = self.max_tenant_queue_depth
         statement = self._admit_snapshots.get(tenant_limit)
         if statement is None:  # built once per limit (it is part of the SQL), then run by every submit
-            statement = self._admit_snapshots[tenant_limit] = _admit_snapshot(tenant_limit)
-        snapshot = conn.execute(statement, {"b_tenant": tenant, "b_priority": priority}).one()
+            statement = self._admit_snapshots[tenant_limit] = Prepared(_admit_snapshot(tenant_limit))
+        snapshot = statement.execute(conn, {"b_tenant": tenant, "b_priority": priority}).one()
         if snapshot.depth >= self.max_queue_depth:
             raise QueueFull(
                 f"the queue holds {self.max_queue_depth} jobs, its limit; try again later", self._retry_after(conn)
@@ -550,7 +551,7 @@ class JobStore:
         counted = queued if len(queued) == 1 else []  # several: one read of the queue's head serves them all
         models = sorted({_rate_key(j.model) for j in live})
         if len(live) == 1:  # a submit's answer, a status read: the statement is built once (see `_ONE_LIVE`)
-            stats = conn.execute(_ONE_LIVE[bool(counted)], _one_live_params(live[0])).one()._mapping
+            stats = _ONE_LIVE[bool(counted)].execute(conn, _one_live_params(live[0])).one()._mapping
         else:
             columns = [_ahead().label("p0")] if counted else []  # `counted` holds one job at most
             columns += [_rate_of(m).label(f"r{i}") for i, m in enumerate(models)]
@@ -1090,7 +1091,7 @@ class JobStore:
     def _events(conn: sa.Connection, events: Sequence[tuple[str, str, dict[str, Any]]], now: dt.datetime) -> None:
         """Insert events (one statement) and announce them: PostgreSQL wakes the change feed's listeners on commit."""
         rows = [{"job_id": job_id, "type": kind, "data": data, "created_at": now} for job_id, kind, data in events]
-        conn.execute(_INSERT_EVENT, rows)
+        _INSERT_EVENT.execute(conn, rows)
         announce(conn)
 
 
@@ -1104,7 +1105,8 @@ _RECLAIM = (
     jobs.c.started_at,
 )
 _ENDING = (jobs.c.state, jobs.c.attempts, jobs.c.tenant, jobs.c.created_at, jobs.c.images_requested, jobs.c.model)
-_INSERT_EVENT = job_events.insert()
+_INSERT_EVENT = PreparedInsert(job_events)
+_INSERT_JOB = PreparedInsert(jobs)  # every column of the new job (`_new_row`)
 _INSERT_IMAGES = images.insert()
 
 
@@ -1171,7 +1173,7 @@ def _shift_queued(conn: sa.Connection, delta: int, spread_by: str) -> None:
     """Move the queue-depth counter by `delta` in the caller's transaction, always as its last write (one lock
     order for every transaction: job rows, usage counters, then this), on the shard `spread_by` hashes to."""
     if delta:
-        conn.execute(_SHIFT_QUEUED, {"which_shard": zlib.crc32(spread_by.encode()) % QUEUE_SHARDS, "delta": delta})
+        _SHIFT_QUEUED.execute(conn, {"which_shard": zlib.crc32(spread_by.encode()) % QUEUE_SHARDS, "delta": delta})
 
 
 # Built once, with bind parameters: SQLAlchemy's statement construction costs more than SQLite's work for a lookup
@@ -1179,7 +1181,7 @@ def _shift_queued(conn: sa.Connection, delta: int, spread_by: str) -> None:
 _BY_ID = sa.select(jobs).where(jobs.c.id == sa.bindparam("id"))
 _IMAGES_OF = sa.select(images).where(images.c.job_id == sa.bindparam("job_id")).order_by(images.c.index)
 
-_SHIFT_QUEUED = (  # built once: every submit, claim and finish runs it
+_SHIFT_QUEUED = Prepared(  # every submit, claim and finish runs it
     queue_counters.update()
     .where(queue_counters.c.shard == sa.bindparam("which_shard"))
     .values(queued=queue_counters.c.queued + sa.bindparam("delta", type_=queue_counters.c.queued.type))
@@ -1332,4 +1334,4 @@ def _step_rate_upsert(postgres: bool) -> sa.Insert:
 _STEP_RATE_UPSERTS = {False: _step_rate_upsert(False), True: _step_rate_upsert(True)}  # by: PostgreSQL
 
 
-_ONE_LIVE = {True: _one_live_statement(True), False: _one_live_statement(False)}  # by: with a position
+_ONE_LIVE = {True: Prepared(_one_live_statement(True)), False: Prepared(_one_live_statement(False))}  # by: position

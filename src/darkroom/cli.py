@@ -100,6 +100,7 @@ def serve(
 
     replica = listen_fd is not None  # started by another `serve` (darkroom.api.processes): requests only
     _logging(log_level, "api" if replica else "serve", log_format)  # first: it quiets the libraries
+    from darkroom.api import wire
     from darkroom.api.app import create_app
     from darkroom.service import Services
     from darkroom.worker.processes import die_with_parent
@@ -146,6 +147,7 @@ def serve(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
+        http=wire.protocol_class(),  # one socket write per answer (api/wire.py)
     )
     server = uvicorn.Server(config)
     if not replica:

@@ -8,6 +8,7 @@ import time
 
 import uvicorn
 
+from darkroom.api import wire
 from tests.integration.harness import free_port
 
 
@@ -15,7 +16,9 @@ class LiveServer:
     def __init__(self, app, host: str = "127.0.0.1") -> None:  # type: ignore[no-untyped-def]
         self.port = free_port()
         self.url = f"http://{host}:{self.port}"
-        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="on")
+        config = uvicorn.Config(
+            app, host=host, port=self.port, log_level="warning", lifespan="on", http=wire.protocol_class()
+        )  # the HTTP protocol `darkroom serve` runs
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
 

@@ -23,6 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from darkroom.api import wire
 from darkroom.api.app import create_app
 from darkroom.api.edge import KEEP_ALIVE_BODY_BYTES
 from darkroom.auth.keys import KeyStore
@@ -59,7 +60,10 @@ class LiveServer:
         self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", http=http)
+        protocol = wire.protocol_class(http)  # the HTTP protocol `darkroom serve` runs
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", http=protocol
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,20 @@ def test_single_file_gives_the_same_pixels_as_the_diffusers_folder(engine) -> No
     assert from_file.model.format == "single_file"
     for a, b in zip(pixels(from_folder), pixels(from_file), strict=True):
         assert np.array_equal(a, b)
+
+
+def test_loading_both_formats_warns_of_no_deprecated_dtype_keyword(models_dir: Path, tmp_path: Path) -> None:
+    """The loaders pass the dtype by the name this diffusers release wants (`engines/dtype_arg.py`): no FutureWarning
+    for `torch_dtype` on any load, with no process-wide warning filter to hide it."""
+    fresh = DiffusersEngine(ModelRegistry(models_dir, tmp_path / "hashes.json"), device="cpu")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for model in (DIFFUSERS_ID, SINGLE_ID):
+                fresh.generate(req(model=model, steps=1), None, nop)
+    finally:
+        fresh.close()
+    assert not [w for w in caught if "torch_dtype" in str(w.message)], [str(w.message) for w in caught]
 
 
 # --- img2img ----------------------------------------------------------------------------------------------------------

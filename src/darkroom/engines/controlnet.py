@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from darkroom.engines import preprocessors
+from darkroom.engines.dtype_arg import dtype_kwargs
 from darkroom.errors import DarkroomError, EngineError, FatalEngineError, InvalidRequest
 from darkroom.models.controlnets import ControlNetInfo, compatible
 from darkroom.models.registry import ModelRegistry
@@ -264,12 +265,14 @@ def load_controlnet(info: ControlNetInfo, unet: Any, dtype: Any) -> Any:
 
     if info.format == "diffusers":
         model = ControlNetModel.from_pretrained(
-            info.path, torch_dtype=dtype, local_files_only=True, use_safetensors=True
+            info.path, local_files_only=True, use_safetensors=True, **dtype_kwargs(dtype)
         )
     else:
         with tempfile.TemporaryDirectory(prefix="darkroom-controlnet-") as tmp:
             (Path(tmp) / "config.json").write_text(json.dumps(config_from_unet(unet)))
-            model = ControlNetModel.from_single_file(info.path, config=tmp, torch_dtype=dtype, local_files_only=True)
+            model = ControlNetModel.from_single_file(
+                info.path, config=tmp, local_files_only=True, **dtype_kwargs(dtype)
+            )
     presign_attention(model)  # its attention blocks run every step beside the UNet's
     return model
 

@@ -33,7 +33,6 @@ import logging
 import math
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +65,7 @@ from darkroom.engines.batch_limits import BatchLimits, PeakMeter
 from darkroom.engines.catalog import DIFFUSERS_CAPABILITIES
 from darkroom.engines.classify import classify
 from darkroom.engines.controlnet import Control, ControlNets
+from darkroom.engines.dtype_arg import dtype_kwargs
 from darkroom.engines.hires import run_hires
 from darkroom.engines.prepare import Prepared
 from darkroom.engines.preview_decoder import PreviewDecoders, Render, resolve
@@ -714,7 +714,7 @@ class DiffusersEngine:
         started = time.perf_counter()
         log.info("loading model %s (%s, %s) on %s as %s", info.id, info.format, info.arch, self.device, self.dtype)
         try:
-            with _LOAD_LOCK, _loading_warnings():
+            with _LOAD_LOCK:
                 pipe = self._load_pipeline(info)
             pipe.to(self.device)
         except DarkroomError:
@@ -1000,7 +1000,7 @@ def load_diffusers_folder(folder: Path, arch: str, dtype: torch.dtype) -> Any:
     enforce_offline()
     import diffusers
 
-    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True, "torch_dtype": dtype}
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True, **dtype_kwargs(dtype)}
     variant = _weights_variant(folder)
     if variant:
         kwargs["variant"] = variant
@@ -1021,7 +1021,7 @@ def load_single_file(checkpoint: Path, arch: str, dtype: torch.dtype, donors: li
     import diffusers
 
     config = single_file_config(checkpoint, arch)
-    kwargs: dict[str, Any] = {"config": str(config), "local_files_only": True, "torch_dtype": dtype}
+    kwargs: dict[str, Any] = {"config": str(config), "local_files_only": True, **dtype_kwargs(dtype)}
     kwargs.update(_tokenizers(checkpoint, arch, config, donors))
     if arch == "sdxl":
         return diffusers.StableDiffusionXLPipeline.from_single_file(str(checkpoint), add_watermarker=False, **kwargs)
@@ -1099,14 +1099,6 @@ class _EmptyFp32ListFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "should be kept in float32: []" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _loading_warnings() -> Iterator[None]:
-    """`torch_dtype` still works everywhere and `dtype` is not accepted by the older diffusers we support."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*`torch_dtype` is deprecated", category=FutureWarning)
-        yield
 
 
 def pipeline_bytes(pipe: Any) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -35,12 +35,12 @@ class CoalescingTransport:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
-        if self._pending:  # the body after the head: both go now, as one
-            self._pending.append(bytes(data))
-            self._flush()
-            return
+        lone = not self._pending
         self._pending.append(bytes(data))
-        self._loop.call_soon(self._flush)  # a lone write goes at the end of this turn
+        if lone:
+            self._loop.call_soon(self._flush)  # a lone write goes at the end of this turn
+        else:
+            self._flush()  # the body after the head: both go now, as one
 
     def writelines(self, lines: Any) -> None:
         for data in lines:
@@ -49,7 +49,7 @@ class CoalescingTransport:
     def _flush(self) -> None:
         if not self._pending:
             return
-        data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+        data = b"".join(self._pending)  # (one item: itself, not a copy)
         self._pending.clear()
         if not self._transport.is_closing():  # the peer went away meanwhile: nothing to write to
             self._transport.write(data)
@@ -73,9 +73,18 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
-class CoalescingH11Protocol(H11Protocol):
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+class _Coalescing:
+    """Mixed into a uvicorn HTTP protocol: the connection's transport is wrapped as it is made."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        coalescing = CoalescingTransport(cast(asyncio.Transport, transport), self.loop)
+        super().connection_made(coalescing)  # type: ignore[misc]
+
+
+class CoalescingH11Protocol(_Coalescing, H11Protocol):
+    pass
 
 
 @functools.cache
@@ -89,10 +98,5 @@ def protocol_class(http: str = "auto") -> type[asyncio.Protocol]:
             if http == "httptools":
                 raise
         else:
-
-            class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-                def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-                    super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
-
-            return CoalescingHttpToolsProtocol
+            return type("CoalescingHttpToolsProtocol", (_Coalescing, HttpToolsProtocol), {})
     return CoalescingH11Protocol

@@ -3,8 +3,10 @@ transport (the openai package, darkroom's SDK) without the seconds a separate pr
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from typing import Any
 
 import uvicorn
 
@@ -13,12 +15,15 @@ from tests.integration.harness import free_port
 
 
 class LiveServer:
-    def __init__(self, app, host: str = "127.0.0.1") -> None:  # type: ignore[no-untyped-def]
+    """`http`: uvicorn's parser (`auto`, `httptools`, `h11`) under the protocol `darkroom serve` runs
+    (`api/wire.py`), or a protocol class of the test's own."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", http: str | type[asyncio.Protocol] = "auto") -> None:
+        self.app = app
         self.port = free_port()
         self.url = f"http://{host}:{self.port}"
-        config = uvicorn.Config(
-            app, host=host, port=self.port, log_level="warning", lifespan="on", http=wire.protocol_class()
-        )  # the HTTP protocol `darkroom serve` runs
+        protocol = http if isinstance(http, type) else wire.protocol_class(http)
+        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="on", http=protocol)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import socket
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,11 +18,8 @@ import httpx
 import psutil
 import pytest
 import sqlalchemy as sa
-import uvicorn
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from darkroom.api import wire
 from darkroom.api.app import create_app
 from darkroom.api.edge import KEEP_ALIVE_BODY_BYTES
 from darkroom.auth.keys import KeyStore
@@ -33,7 +29,8 @@ from darkroom.config import Limits, Settings
 from darkroom.errors import Unauthorized
 from darkroom.jobs.db import create_engine
 from darkroom.service import Services
-from tests.integration.harness import free_port, wait_until
+from tests.integration.harness import wait_until
+from tests.support.live import LiveServer
 from tests.support.raw_http import peak_rss_of, read_response, send_chunked
 
 CLI = Principal.cli()
@@ -51,30 +48,6 @@ def open_services(
         server=server,  # validated into ServerSettings
     )
     return Services.open(settings)
-
-
-class LiveServer:
-    """uvicorn serving the app on a loopback port, on a thread of this process (so tests can read its state)."""
-
-    def __init__(self, app: FastAPI, http: str = "auto") -> None:
-        self.app = app
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        protocol = wire.protocol_class(http)  # the HTTP protocol `darkroom serve` runs
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", http=protocol
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        wait_until(lambda: self.server.started, timeout=30, what="uvicorn to start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @contextmanager

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
@@ -20,7 +18,7 @@ from darkroom.api import wire
 from darkroom.api.app import create_app
 from darkroom.config import Settings
 from darkroom.service import Services
-from tests.integration.harness import free_port, wait_until
+from tests.support.live import LiveServer
 from tests.support.raw_http import read_response
 
 
@@ -46,16 +44,8 @@ def serving(app: FastAPI, http: str) -> Iterator[tuple[int, list[int]]]:
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(Recorded(transport, writes))  # type: ignore[arg-type]
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=Counting))
-    thread = threading.Thread(target=server.run, name="wire-server", daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, timeout=30, what="uvicorn to start")
-        yield port, writes
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with LiveServer(app, http=Counting) as server:
+        yield server.port, writes
 
 
 def exchange(port: int, request: bytes, until_closed: bool = False) -> bytes:

@@ -4,6 +4,8 @@ one job."""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import subprocess
 import sys
 import threading
@@ -212,3 +214,111 @@ def test_a_group_counts_its_own_submits_against_the_queue_limit(tmp_path):
         assert queued(small) == 5
     finally:
         small.engine.dispose()
+
+
+# --- coroutines (`run_async`, `JobStore.enqueue_async`): the API's submit routes --------------------------------------
+
+SUBMITTER: contextvars.ContextVar[str] = contextvars.ContextVar("submitter", default="nobody")
+
+
+def grouped_async(
+    store: JobStore, submits: int, threads: int = 0, cancel: int | None = None, refuse: int | None = None
+) -> tuple[list[Any], list[Any], list[tuple[str, str, str]], int]:
+    """`submits` coroutines on one event loop (in a thread of its own) and `threads` plain threads submit while this
+    thread holds the process's SQLite writer lock. The loop must go on running meanwhile (a ticker counts its turns).
+    Coroutine `cancel` is cancelled while it waits; coroutine `refuse` is refused by its admission check. Returns the
+    coroutines' and the threads' outcomes, (submitter, thread name, prompt) for each admitted submit's audit record,
+    and the number of write transactions."""
+    began: list[int] = []
+    sa.event.listen(store.engine, "begin", lambda conn: began.append(1))
+    recorded: list[tuple[str, str, str]] = []
+    ticks: list[int] = []
+    lock_held = threading.Event()
+    outcomes: list[Any] = []
+    thread_outcomes: list[Any] = [None] * threads
+
+    def options(i: int) -> dict[str, Any]:
+        def admit(conn: sa.Connection, images_today: int) -> None:
+            if i == refuse:
+                raise Refused(f"no {i}")
+
+        def record(conn: sa.Connection, job_id: str) -> None:
+            recorded.append((SUBMITTER.get(), threading.current_thread().name, f"p{i}"))
+
+        return {"tenant": "t", "admit": admit, "record": record, "with_status": False}
+
+    async def coroutine(i: int) -> Any:
+        SUBMITTER.set(f"coroutine {i}")
+        return await store.enqueue_async(req(i), **options(i))
+
+    async def main() -> None:
+        async def tick() -> None:
+            while True:
+                ticks.append(1)
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.create_task(tick())
+        tasks = [asyncio.create_task(coroutine(i)) for i in range(submits)]
+        while not lock_held.is_set() or store._submits.depth < submits + threads:
+            await asyncio.sleep(0.01)
+        before = len(ticks)
+        await asyncio.sleep(0.1)
+        assert len(ticks) > before, "the loop stopped while its submits waited on the write lock"
+        if cancel is not None:
+            tasks[cancel].cancel()
+        lock_held.clear()  # tell the test thread to let the lock go
+        outcomes.extend(await asyncio.gather(*tasks, return_exceptions=True))
+        ticker.cancel()
+
+    def run_thread(i: int) -> None:
+        SUBMITTER.set(f"thread {i}")
+        try:
+            thread_outcomes[i] = store.enqueue(req(100 + i), **options(100 + i))
+        except Exception as exc:
+            thread_outcomes[i] = exc
+
+    loop_thread = threading.Thread(target=asyncio.run, args=(main(),))
+    with db._writer_queue(store.engine):
+        workers = [threading.Thread(target=run_thread, args=(i,)) for i in range(threads)]
+        for t in workers:
+            t.start()
+        loop_thread.start()
+        lock_held.set()
+        wait_until(lambda: not lock_held.is_set(), timeout=30, what="the submits to queue and the loop to tick")
+    loop_thread.join(timeout=30)
+    for t in workers:
+        t.join(timeout=30)
+    assert not loop_thread.is_alive()
+    return outcomes, thread_outcomes, recorded, len(began)
+
+
+def test_coroutine_submits_share_groups_led_by_the_writer_thread_while_their_loop_runs(store):
+    outcomes, _, recorded, transactions = grouped_async(store, 12)
+    assert all(created for _, created in outcomes), outcomes
+    assert len({status.job.id for status, _ in outcomes}) == 12
+    assert transactions <= 2  # the group under way when the lock was let go, and everything behind it
+    assert {name for _, name, _ in recorded} == {"darkroom-submits_0"}
+    assert sorted(recorded) == sorted((f"coroutine {i}", "darkroom-submits_0", f"p{i}") for i in range(12))
+    assert queued(store) == 12
+
+
+def test_a_refused_coroutine_gets_its_own_error_and_a_cancelled_one_still_commits(store):
+    outcomes, _, recorded, _ = grouped_async(store, 6, cancel=2, refuse=4)
+    assert isinstance(outcomes[2], asyncio.CancelledError) and isinstance(outcomes[4], Refused), outcomes
+    assert all(o[1] for i, o in enumerate(outcomes) if i not in (2, 4)), outcomes
+    with store.engine.connect() as conn:
+        prompts = sorted(r.request["prompt"] for r in conn.execute(sa.select(jobs.c.request)))
+    assert prompts == ["p0", "p1", "p2", "p3", "p5"]  # cancelling stops the waiting, not the submit
+    assert sorted(p for _, _, p in recorded) == prompts
+    assert queued(store) == 5
+
+
+def test_threads_and_coroutines_queue_together_and_each_work_runs_as_its_submitter(store):
+    outcomes, thread_outcomes, recorded, _ = grouped_async(store, 5, threads=5)
+    assert all(created for _, created in outcomes + thread_outcomes), (outcomes, thread_outcomes)
+    submitters = {prompt: who for who, _, prompt in recorded}
+    assert submitters == {
+        **{f"p{i}": f"coroutine {i}" for i in range(5)},
+        **{f"p{100 + i}": f"thread {i}" for i in range(5)},
+    }
+    assert queued(store) == 10

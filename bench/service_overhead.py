@@ -16,7 +16,8 @@ every side alike. Phases, each bounded by `--phase-timeout`:
   adds darkroom with watermark and C2PA off, and darkroom waited on through `POST /v1/generate` instead of SSE;
 - sql: statements and transactions per `POST /v1/jobs` and `GET /v1/jobs/{id}`, counted in this process with a
   SQLAlchemy cursor event on the store's engine around the real app served over loopback (the service itself
-  exposes no statement count); only statements run by request threads are counted, not background loops';
+  exposes no statement count); only statements run for requests are counted (request threads, and the thread that
+  commits the submits joined from the event loop), not background loops';
 - submit: an API-only node (`--workers 0`, `--api-processes` processes answering) with `--queued` jobs (and 100,000
   with `--deep`) of 50 other tenants already queued, `--submit-clients` clients submitting for `--submit-seconds`:
   p50/p99, submits/s, 429s. The clients speak HTTP through `bench/rawhttp.py` (one keep-alive connection each, about
@@ -232,7 +233,8 @@ async def measured(server: Server, work: Awaitable[Any]) -> tuple[Any, float, fl
 
 
 class StatementCounter:
-    """Counts the store engine's statements and transactions by the request threads of an in-process server."""
+    """Counts the store engine's statements and transactions by the request threads of an in-process server (and the
+    thread that commits the submits they join from the event loop)."""
 
     def __init__(self, engine: Any, request_threads: Callable[[threading.Thread], bool]) -> None:
         import sqlalchemy as sa
@@ -272,6 +274,7 @@ def sql_phase(models_dir: Path, n: int) -> dict[str, Any]:
     from darkroom.api.app import create_app
     from darkroom.auth.principal import Principal, Role
     from darkroom.config import Settings
+    from darkroom.jobs.group_commit import WRITER_THREAD
     from darkroom.service import Services
 
     with tempfile.TemporaryDirectory(prefix="darkroom-sql-") as tmp:
@@ -283,7 +286,7 @@ def sql_phase(models_dir: Path, n: int) -> dict[str, Any]:
         server = uvicorn.Server(uvicorn.Config(create_app(svc, workers=0), host=HOST, port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, name="bench-sql-server", daemon=True)
         counter = StatementCounter(
-            svc.store.engine, lambda t: t is thread or t.name.startswith(("AnyIO worker", "anyio"))
+            svc.store.engine, lambda t: t is thread or t.name.startswith(("AnyIO worker", "anyio", WRITER_THREAD))
         )
         thread.start()
         try:

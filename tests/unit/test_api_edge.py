@@ -5,7 +5,9 @@ engine events) and their invalidation across processes, and a database outage an
 
 from __future__ import annotations
 
+import base64
 import http.client
+import io
 import socket
 import sqlite3
 import time
@@ -19,6 +21,7 @@ import psutil
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from darkroom.api.app import create_app
 from darkroom.api.edge import KEEP_ALIVE_BODY_BYTES
@@ -165,6 +168,33 @@ def test_probes_answer_while_every_request_thread_is_stuck(tmp_path):
             assert ready["checks"]["database"] == "ok"
             assert limiter.borrowed_tokens == 2  # still stuck: the probes did not need a request thread
         assert [f.result().status_code for f in stuck] == [200] * 4
+
+
+def test_submits_waiting_on_the_write_lock_hold_no_request_thread_and_leave_the_loop_serving(tmp_path, models_dir):
+    """`POST /v1/jobs` joins its transaction from the event loop (`JobStore.enqueue_async`): while another writer
+    holds SQLite's lock, six submits wait without a request thread between them, and the loop goes on answering
+    probes and sync routes; once the lock is let go, every one of them is queued. An img2img submit's checks (image
+    decoding) run in a request thread and let it go before they wait on the lock."""
+    services = open_services(tmp_path, models=models_dir, request_threads=2)
+    db = services.settings.data_dir / "darkroom.db"
+    source = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(source, format="PNG")
+    init = base64.b64encode(source.getvalue()).decode()
+    with live(services) as server, ThreadPoolExecutor(7) as pool:
+        limiter = server.app.state.request_limiter
+        assert httpx.post(f"{server.url}/v1/jobs", json=BASE, timeout=30).status_code == 202  # the registry looked
+        with sqlite_write_lock(db):
+            posts = [pool.submit(httpx.post, f"{server.url}/v1/jobs", json=BASE, timeout=60) for _ in range(6)]
+            image = {**BASE, "init_image": init, "strength": 0.5}
+            posts.append(pool.submit(httpx.post, f"{server.url}/v1/jobs", json=image, timeout=60))
+            wait_until(lambda: services.store._submits.depth == 7, timeout=30, what="the submits to queue")
+            assert limiter.borrowed_tokens == 0
+            assert httpx.get(f"{server.url}/healthz", timeout=10).json() == {"status": "ok"}
+            assert httpx.get(f"{server.url}/v1/models", timeout=10).status_code == 200  # a request thread is free
+        answers = [f.result(timeout=60) for f in posts]
+    assert [a.status_code for a in answers] == [202] * 7, [a.text for a in answers]
+    assert len({a.json()["id"] for a in answers}) == 7
+    assert services.store.counts().get("queued") == 8
 
 
 # --- 3. backpressure ------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 
 from fastapi import Request
-from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from darkroom.errors import DarkroomError, HeldForReview, InvalidRequest, JobTimeout
@@ -19,7 +18,7 @@ from darkroom.schemas import GenerationRequest, JobState, ModelInfo
 from darkroom.service import Services
 
 from .auth import principal, visible_job
-from .v1 import services, submit
+from .v1 import services, submit_async
 from .waiting import wait_for_job
 
 
@@ -79,7 +78,7 @@ async def submit_and_wait(
     The job comes with its images (`wait_for`)."""
     key = request.headers.get("Idempotency-Key")
     try:
-        job, _ = await run_in_threadpool(submit, request, body, key, stored)
+        job, _ = await submit_async(request, body, key, stored)
     except DarkroomError as exc:
         raise renamed(exc, names) from None
     return await wait_for(request, job)

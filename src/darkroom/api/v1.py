@@ -8,6 +8,7 @@ import json
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import sqlalchemy as sa
@@ -25,7 +26,7 @@ from darkroom.engines import routing, upscalers
 from darkroom.engines.samplers import SAMPLERS, resolve_sampler
 from darkroom.errors import Conflict, DarkroomError, HeldForReview, InvalidRequest, NotAcceptable, NotFound
 from darkroom.jobs import result_cache
-from darkroom.jobs.store import JobRecord, JobStatus, QueueFull, request_hash
+from darkroom.jobs.store import JobRecord, JobStatus, QueueFull, SubmitOptions, request_hash
 from darkroom.models import access as model_access
 from darkroom.models import defaults as model_defaults
 from darkroom.models import templates
@@ -149,6 +150,100 @@ def submit_status(
     """`submit`, answering with the job's status (queue position, ETA) read in the same, single write transaction
     (`with_status`). `sent`: the request fields the client gave (default: those set on `body`); the model's defaults
     fill the rest."""
+    checked = _checked(request, body, idempotency_key, stored, sent, with_status)
+    try:
+        outcome = services(request).store.enqueue(checked.request, **checked.options)
+    except QueueFull as full:
+        _note_queue_full(request, full)
+        raise
+    return _submitted(request, checked, outcome)
+
+
+async def submit_status_async(
+    request: Request,
+    body: GenerationRequest,
+    idempotency_key: str | None,
+    stored: dict[str, str] | None = None,
+    with_status: bool = True,
+) -> tuple[JobStatus, bool]:
+    """`submit_status` for a coroutine: the transaction is joined from the event loop (`JobStore.enqueue_async`),
+    and the checks before it run on the loop too when they are quick (`checks_on_loop`), else in a worker thread.
+    Measured on an API-only node, 16 clients on 2 cores: 254 submits/s at 3.9 ms of CPU each with the whole submit
+    in a worker thread, 343-390/s with the checks in one and the transaction joined from the loop, 434-468/s at
+    2.0-2.2 ms with both from the loop (docs/performance.md)."""
+    svc = services(request)
+    if checks_on_loop(svc, body):
+        checked = _checked(request, body, idempotency_key, stored, None, with_status)
+    else:
+        checked = await run_in_threadpool(_checked, request, body, idempotency_key, stored, None, with_status)
+    try:
+        outcome = await services(request).store.enqueue_async(checked.request, **checked.options)
+    except QueueFull as full:
+        _note_queue_full(request, full)
+        raise
+    return _submitted(request, checked, outcome)
+
+
+def checks_on_loop(svc: Services, body: GenerationRequest) -> bool:
+    """Whether a submit's checks are quick enough for the event loop: CPU on what is in memory, a few stats. Anything
+    that decodes an image (init, mask, control images, an upscale's source), reads a template, may hash a file the
+    registry has not seen (a LoRA, an upscaler, a refiner, a rescan of the models folder) or calls the prompt
+    classifier takes a worker thread, so the loop never waits on it."""
+    heavy = (
+        body.init_image
+        or body.mask_image
+        or body.controlnet
+        or body.upscale
+        or body.hires
+        or body.refiner
+        or body.loras
+    )
+    templated = body.template or body.asset_type or body.variables
+    return not (heavy or templated or svc.settings.security.prompt_classifier) and svc.registry.fresh()
+
+
+async def submit_async(
+    request: Request, body: GenerationRequest, idempotency_key: str | None, stored: dict[str, str] | None = None
+) -> tuple[JobRecord, bool]:
+    """`submit` for a coroutine (`submit_status_async`)."""
+    status, created = await submit_status_async(request, body, idempotency_key, stored, with_status=False)
+    return status.job, created
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A request that passed every check before the transaction, resolved (model, seed, sampler, pins), with what
+    `JobStore.enqueue` needs to write it."""
+
+    request: GenerationRequest
+    who: Principal
+    options: SubmitOptions
+
+
+def _note_queue_full(request: Request, full: QueueFull) -> None:
+    """The next submits like this one are refused at the edge for a moment (api.admission)."""
+    request.app.state.queue_full.note(full.tenant, request.scope["path"], full.message, full.retry_after)
+
+
+def _submitted(request: Request, checked: _Checked, outcome: tuple[JobStatus, bool]) -> tuple[JobStatus, bool]:
+    status, created = outcome
+    if not created and not sees_job(checked.who, status.job):  # keys are scoped to the caller; no replay across
+        raise Conflict("this Idempotency-Key belongs to another caller", field="Idempotency-Key")
+    if created:
+        metrics.job_submitted(request.scope["path"], checked.request.priority)
+    bind_log_context(job_id=status.job.id)  # the request's access line names its job
+    return status, created
+
+
+def _checked(
+    request: Request,
+    body: GenerationRequest,
+    idempotency_key: str | None,
+    stored: dict[str, str] | None,
+    sent: set[str] | None,
+    with_status: bool,
+) -> _Checked:
+    """Everything a submit does before its transaction; every refusal here is the client's (4xx naming a field)."""
     svc = services(request)
     who = principal(request)
     check_idempotency_key(idempotency_key)
@@ -213,29 +308,19 @@ def submit_status(
         for data in uploads:
             svc.blobs.put(data, "image/png")
 
-    try:
-        status, created = svc.store.enqueue(
-            resolved,
-            tenant=who.tenant,
-            key_id=who.key_id,
-            idempotency_key=idempotency_key,
-            request_id=request.state.request_id,
-            body_hash=body_hash,
-            max_attempts=svc.settings.max_attempts,
-            admit=admit,
-            record=lambda conn, job_id: audit.record(conn, who, "job.submit", job_id, _audit_details(resolved)),
-            cache_key=cache_key,
-            with_status=with_status,
-        )
-    except QueueFull as full:  # the next submits like this one are refused at the edge for a moment (api.admission)
-        request.app.state.queue_full.note(full.tenant, request.scope["path"], full.message, full.retry_after)
-        raise
-    if not created and not sees_job(who, status.job):  # keys are scoped to the caller; never hand a replay across
-        raise Conflict("this Idempotency-Key belongs to another caller", field="Idempotency-Key")
-    if created:
-        metrics.job_submitted(request.scope["path"], resolved.priority)
-    bind_log_context(job_id=status.job.id)  # the request's access line names its job
-    return status, created
+    options = SubmitOptions(
+        tenant=who.tenant,
+        key_id=who.key_id,
+        idempotency_key=idempotency_key,
+        request_id=request.state.request_id,
+        body_hash=body_hash,
+        max_attempts=svc.settings.max_attempts,
+        admit=admit,
+        record=lambda conn, job_id: audit.record(conn, who, "job.submit", job_id, _audit_details(resolved)),
+        cache_key=cache_key,
+        with_status=with_status,
+    )
+    return _Checked(resolved, who, options)
 
 
 def _versions_used(svc: Services, model: ModelInfo, request: GenerationRequest) -> list[tuple[str, str, str, str]]:
@@ -290,13 +375,13 @@ def _audit_details(body: GenerationRequest) -> dict:
     summary="Queue a generation job",
     responses={200: {"model": JobView, "description": "A replay of an Idempotency-Key: the job it queued"}},
 )
-def create_job(
+async def create_job(
     request: Request,
     body: GenerationRequest,
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", description="1-200 printable characters"),
     who: Principal = Generate,
 ) -> JSONResponse:
-    status, created = submit_status(request, body, idempotency_key)
+    status, created = await submit_status_async(request, body, idempotency_key)
     view = job_view(request, status)
     return JSONResponse(
         view.model_dump(mode="json"),
@@ -337,7 +422,7 @@ async def submit_and_wait(
     png = wants_png(request)
     if png and body.n != 1:
         raise NotAcceptable("Accept: image/png answers with one image: ask for n = 1, or accept JSON", field="Accept")
-    job, _ = await run_in_threadpool(submit, request, body, idempotency_key)
+    job, _ = await submit_async(request, body, idempotency_key)
     limit = min(timeout or svc.settings.sync_timeout_seconds, svc.settings.sync_timeout_seconds)
     status = await waiting.wait_for_job(svc, job, limit, request)
     job = status.job

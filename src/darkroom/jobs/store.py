@@ -24,8 +24,9 @@ import statistics
 import zlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
+import anyio.to_thread
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -215,6 +216,28 @@ _QUEUED = JobState.queued.value
 _WORKER_FRESH_SECONDS = 60.0
 
 
+class SubmitOptions(TypedDict, total=False):
+    """`JobStore.enqueue`'s keywords (see its docstring)."""
+
+    tenant: str
+    idempotency_key: str | None
+    request_id: str | None
+    body_hash: str | None
+    max_attempts: int
+    key_id: str | None
+    admit: Callable[[sa.Connection, int], None] | None
+    record: Callable[[sa.Connection, str], None] | None
+    with_status: bool
+    cache_key: str | None
+
+
+# A submit's transaction for `GroupCommit`, and what answers it when its Idempotency-Key raced another's.
+_Submit = tuple[
+    Callable[[sa.Connection], tuple[JobStatus, bool]],
+    Callable[[sa.exc.IntegrityError], tuple[JobStatus, bool]],
+]
+
+
 class JobStore:
     """Jobs in SQL.
 
@@ -251,7 +274,35 @@ class JobStore:
         status, created = self.enqueue(request, with_status=False, **options)
         return status.job, created
 
-    def enqueue(
+    def enqueue(self, request: GenerationRequest, **options: Unpack[SubmitOptions]) -> tuple[JobStatus, bool]:
+        """Insert a queued job in ONE write transaction (on SQLite shared with concurrent submits, each in a
+        savepoint of its own: `group_commit`) and answer from what was written (no read-back). With an
+        Idempotency-Key this caller already used, return that job instead (created=False), or 409 if the key was
+        used for a different request body; the lookup runs inside the same transaction.
+
+        Inside the transaction the job's images are charged to the tenant's day (`darkroom.auth.usage`); then
+        `admit(conn, images_today)` may refuse the job (quotas: raise, and the charge rolls back with it), and
+        `record(conn, job_id)` writes what must commit with it (the audit record). With a `cache_key`
+        (`darkroom.jobs.result_cache`) an earlier job's images answer the request when there are any: the job is
+        inserted already succeeded, in the same transaction, and never queued."""
+        insert, replay = self._submit(request, **options)
+        try:
+            return self._submits.run(insert)
+        except sa.exc.IntegrityError as raced:
+            return replay(raced)
+
+    async def enqueue_async(
+        self, request: GenerationRequest, **options: Unpack[SubmitOptions]
+    ) -> tuple[JobStatus, bool]:
+        """`enqueue` for a coroutine (the API's submit routes): the same transaction, while the event loop goes on
+        serving (`GroupCommit.run_async`)."""
+        insert, replay = self._submit(request, **options)
+        try:
+            return await self._submits.run_async(insert)
+        except sa.exc.IntegrityError as raced:
+            return await anyio.to_thread.run_sync(replay, raced)
+
+    def _submit(
         self,
         request: GenerationRequest,
         *,
@@ -265,17 +316,8 @@ class JobStore:
         record: Callable[[sa.Connection, str], None] | None = None,
         with_status: bool = True,
         cache_key: str | None = None,
-    ) -> tuple[JobStatus, bool]:
-        """Insert a queued job in ONE write transaction (on SQLite shared with concurrent submits, each in a
-        savepoint of its own: `group_commit`) and answer from what was written (no read-back). With an
-        Idempotency-Key this caller already used, return that job instead (created=False), or 409 if the key was
-        used for a different request body; the lookup runs inside the same transaction.
-
-        Inside the transaction the job's images are charged to the tenant's day (`darkroom.auth.usage`); then
-        `admit(conn, images_today)` may refuse the job (quotas: raise, and the charge rolls back with it), and
-        `record(conn, job_id)` writes what must commit with it (the audit record). With a `cache_key`
-        (`darkroom.jobs.result_cache`) an earlier job's images answer the request when there are any: the job is
-        inserted already succeeded, in the same transaction, and never queued."""
+    ) -> _Submit:
+        """`enqueue`'s transaction as work for `GroupCommit`, and what answers a submit whose Idempotency-Key raced."""
         if request.seed is None:
             raise ValueError("resolve the seed before creating the job")
         body_hash = body_hash or request_hash(request.model_dump(mode="json"))
@@ -306,18 +348,18 @@ class JobStore:
             job = _job(row)
             return (self._statuses(conn, [job])[0] if with_status else JobStatus(job)), True
 
-        try:
-            return self._submits.run(insert)
-        except sa.exc.IntegrityError:
+        def replay(raced: sa.exc.IntegrityError) -> tuple[JobStatus, bool]:
+            """Two submits with the same key raced (PostgreSQL; SQLite's write lock serialises them); the other won."""
             if scoped_key is None:
-                raise
-            # Two submits with the same key raced (PostgreSQL; SQLite's write lock serialises them); the other won.
+                raise raced
             with read_tx(self.engine) as conn:
                 existing = self._by_idempotency_key(conn, tenant, scoped_key)
                 if existing is None:
-                    raise
+                    raise raced
                 job = self._same_request(existing, body_hash)
                 return (self._statuses(conn, [job])[0] if with_status else JobStatus(job)), False
+
+        return insert, replay
 
     def _from_cache(
         self,

@@ -142,6 +142,11 @@ class ModelRegistry:
             self._top, self._looked = top, now  # last: a reader that sees them fresh sees these models
             return list(self._models)
 
+    def fresh(self) -> bool:
+        """Whether `scan` would answer from the last look now (one stat, no hashing): what lets a submit run its
+        checks on the API's event loop (`api.v1.checks_on_loop`)."""
+        return self._fresh() is not None
+
     def _fresh(self) -> list[ModelInfo] | None:
         """The last look's models when it is recent enough (`rescan_seconds`) and the folder's mtime has not moved."""
         looked, top, models = self._looked, self._top, self._models

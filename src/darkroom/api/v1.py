@@ -508,9 +508,11 @@ def whole_queue(
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, summary="A job: state, queue position, progress, images")
-def get_job(request: Request, job_id: str, who: Principal = Generate) -> JobView:
-    """One read transaction: the job, its images, queue position and ETA (`JobStore.status`)."""
-    status = services(request).store.status(job_id)
+async def get_job(request: Request, job_id: str, who: Principal = Generate) -> JobView:
+    """One read transaction: the job, its images, queue position and ETA (`JobStore.status`), in a request thread;
+    the rest on the loop. A coroutine, because FastAPI runs a plain function's answer through the thread pool a second
+    time to validate it (two hops a poll, and polls are what waiting clients send most)."""
+    status = await run_in_threadpool(services(request).store.status, job_id)
     if status is None or not sees_job(who, status.job):
         raise NotFound(f"no job {job_id!r}", field="job_id")  # the same 404 either way: ids never leak
     return job_view(request, status)

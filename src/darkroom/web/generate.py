@@ -68,9 +68,9 @@ def ui_image_url(image_id: str, released: bool) -> str | None:
     return f"/ui/images/{image_id}" if released else None
 
 
-def job_page_view(request: Request, job_id: str) -> JobView:
+async def job_page_view(request: Request, job_id: str) -> JobView:
     """The API's view of the job (`GET /v1/jobs/{id}`, same 404 for another tenant's), with UI image links."""
-    view = v1.get_job(request, job_id, request.state.principal)
+    view = await v1.get_job(request, job_id, request.state.principal)
     for image in view.images:
         image.url = ui_image_url(image.id, image.url is not None)
     return view
@@ -79,7 +79,7 @@ def job_page_view(request: Request, job_id: str) -> JobView:
 @router.get("/jobs/{job_id}")
 async def job_page(request: Request, job_id: str) -> Response:
     await ui_principal(request)
-    view = await run_in_threadpool(job_page_view, request, job_id)
+    view = await job_page_view(request, job_id)
     return page(request, "job.html", job=view)
 
 
@@ -87,7 +87,7 @@ async def job_page(request: Request, job_id: str) -> Response:
 async def job_result(request: Request, job_id: str) -> Response:
     """The job's state and results as a fragment: htmx swaps it in when the event stream says the job ended."""
     await ui_principal(request)
-    view = await run_in_threadpool(job_page_view, request, job_id)
+    view = await job_page_view(request, job_id)
     return page(request, "job_result.html", job=view)
 
 

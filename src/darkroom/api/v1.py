@@ -380,13 +380,13 @@ async def create_job(
     body: GenerationRequest,
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", description="1-200 printable characters"),
     who: Principal = Generate,
-) -> JSONResponse:
+) -> Response:
     status, created = await submit_status_async(request, body, idempotency_key)
-    view = job_view(request, status)
-    return JSONResponse(
-        view.model_dump(mode="json"),
+    return Response(  # pydantic writes the JSON itself: a third of the CPU of model_dump and then json.dumps
+        job_view(request, status).model_dump_json(),
         status_code=202 if created else 200,
         headers={"Location": f"/v1/jobs/{status.job.id}"},
+        media_type="application/json",
     )
 
 

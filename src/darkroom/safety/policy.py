@@ -94,7 +94,7 @@ def check_prompt(
     """Raise `PromptBlocked` (field `prompt`) if a tenant rule or the classifier refuses the prompt."""
     if len(prompt) > settings.limits.max_prompt_chars:  # also bounds the time a regex rule can take
         raise InvalidRequest(f"prompt must be at most {settings.limits.max_prompt_chars} characters", field="prompt")
-    reason = matching_rule(policy.prompt_rules, prompt)
+    reason = matching_rule(policy.prompt_rules, prompt) if policy.prompt_rules else None  # no rules: no normalising
     if reason is not None:
         raise PromptBlocked(reason, field="prompt")
     if settings.security.prompt_classifier:

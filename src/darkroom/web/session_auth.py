@@ -99,7 +99,7 @@ async def admit_request(request: Request) -> None:
 async def admit_before_body(request: Request) -> None:
     """The edge's admission hook (api/edge.py): UI paths authenticate by session, the sign-in form by nothing (its
     body is the key; the sign-in route checks it like the API would); everything else as the API always has."""
-    path = request.url.path
+    path = request.scope["path"]  # not `request.url`, which builds a whole URL: this runs for every request
     if not path.startswith(UI_PREFIX) or "authorization" in request.headers:
         await api_admit_before_body(request)
     elif path != LOGIN_PATH:

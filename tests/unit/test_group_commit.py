@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from darkroom.errors import DarkroomError
 from darkroom.jobs import db
 from darkroom.jobs.db import migrate
+from darkroom.jobs.group_commit import WRITER_THREAD
 from darkroom.jobs.store import JobStore
 from darkroom.jobs.tables import jobs
 from darkroom.schemas import GenerationRequest
@@ -35,7 +36,7 @@ def store(tmp_path):
     migrate(url, lock_dir=tmp_path)
     s = JobStore(url, max_queue_depth=1000)
     yield s
-    s.engine.dispose()
+    s.close()
 
 
 def queued(store: JobStore) -> int:
@@ -297,8 +298,8 @@ def test_coroutine_submits_share_groups_led_by_the_writer_thread_while_their_loo
     assert all(created for _, created in outcomes), outcomes
     assert len({status.job.id for status, _ in outcomes}) == 12
     assert transactions <= 2  # the group under way when the lock was let go, and everything behind it
-    assert {name for _, name, _ in recorded} == {"darkroom-submits_0"}
-    assert sorted(recorded) == sorted((f"coroutine {i}", "darkroom-submits_0", f"p{i}") for i in range(12))
+    assert {name for _, name, _ in recorded} == {f"{WRITER_THREAD}_0"}
+    assert sorted(recorded) == sorted((f"coroutine {i}", f"{WRITER_THREAD}_0", f"p{i}") for i in range(12))
     assert queued(store) == 12
 
 
@@ -322,3 +323,21 @@ def test_threads_and_coroutines_queue_together_and_each_work_runs_as_its_submitt
         **{f"p{100 + i}": f"thread {i}" for i in range(5)},
     }
     assert queued(store) == 10
+
+
+def test_closing_the_store_lets_its_writer_thread_go(store):
+    """The writer thread a coroutine's submit started ends with the store (after any group it is committing)."""
+    seen: list[threading.Thread] = []
+
+    def record(conn: sa.Connection, job_id: str) -> None:
+        seen.append(threading.current_thread())
+
+    async def submit() -> Any:
+        return await store.enqueue_async(req(0), tenant="t", record=record, with_status=False)
+
+    _, created = asyncio.run(submit())
+    (writer,) = seen
+    assert created and writer.name.startswith(WRITER_THREAD) and writer.is_alive()
+    store.close()
+    assert not writer.is_alive()
+    assert queued(store) == 1

@@ -105,6 +105,13 @@ class GroupCommit:
         assert me.future is not None
         return await me.future
 
+    def close(self) -> None:
+        """Let the writer thread go once the group it may be committing is done (the store is closing)."""
+        with self._mutex:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=True)
+
     @property
     def depth(self) -> int:
         """Submits waiting for a group or in the one under way."""

@@ -265,6 +265,7 @@ class JobStore:
         self.tenant_weights = tenant_weights or {}
 
     def close(self) -> None:
+        self._submits.close()
         self.engine.dispose()
 
     # --- API side -------------------------------------------------------------------------------------------------

@@ -197,6 +197,33 @@ def test_submits_waiting_on_the_write_lock_hold_no_request_thread_and_leave_the_
     assert services.store.counts().get("queued") == 8
 
 
+def test_only_quick_checks_run_on_the_loop(tmp_path, models_dir):
+    """`checks_on_loop`: a plain txt2img submit is checked on the event loop once the registry has looked at the
+    folder; an image to decode, a template, a LoRA, the prompt classifier or a long list of prompt rules sends the
+    checks to a request thread."""
+    from darkroom.api.v1 import LOOP_PROMPT_RULES, checks_on_loop
+    from darkroom.auth.tenants import PromptRule
+    from darkroom.schemas import GenerationRequest
+
+    services = open_services(tmp_path, models=models_dir)
+    plain = GenerationRequest(**BASE)
+    policy = TenantPolicy()
+    services.registry.rescan_seconds = 3600  # the API looks once a second; here the folder's mtime alone decides
+    assert not checks_on_loop(services, plain, policy)  # not looked at yet: the first submit's checks hash the models
+    services.registry.scan()
+    assert checks_on_loop(services, plain, policy)
+    rules = [PromptRule(pattern=f"word{i}", reason="no") for i in range(LOOP_PROMPT_RULES + 1)]
+    assert checks_on_loop(services, plain, TenantPolicy(prompt_rules=rules[:LOOP_PROMPT_RULES]))
+    assert not checks_on_loop(services, plain, TenantPolicy(prompt_rules=rules))
+    for heavy in ({"init_image": "AAAA"}, {"template": "t"}, {"loras": [{"name": "x"}]}):
+        assert not checks_on_loop(services, GenerationRequest(**BASE, **heavy), policy), heavy
+    services.settings.security.prompt_classifier = "http://127.0.0.1:9/classify"
+    assert not checks_on_loop(services, plain, policy)
+    services.settings.security.prompt_classifier = None
+    (services.settings.resolved_models_dir / "new-folder").mkdir()  # the folder moved: the next scan hashes
+    assert not checks_on_loop(services, plain, policy)
+
+
 # --- 3. backpressure ------------------------------------------------------------------------------------------
 
 

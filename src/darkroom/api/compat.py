@@ -18,7 +18,7 @@ from darkroom.schemas import GenerationRequest, JobState, ModelInfo
 from darkroom.service import Services
 
 from .auth import principal, visible_job
-from .v1 import services, submit_async
+from .v1 import services, submit
 from .waiting import wait_for_job
 
 
@@ -78,7 +78,7 @@ async def submit_and_wait(
     The job comes with its images (`wait_for`)."""
     key = request.headers.get("Idempotency-Key")
     try:
-        job, _ = await submit_async(request, body, key, stored)
+        job, _ = await submit(request, body, key, stored)
     except DarkroomError as exc:
         raise renamed(exc, names) from None
     return await wait_for(request, job)

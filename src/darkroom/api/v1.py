@@ -119,17 +119,6 @@ def job_view(request: Request, job: JobRecord | JobStatus) -> JobView:
     )
 
 
-def submit(
-    request: Request, body: GenerationRequest, idempotency_key: str | None, stored: dict[str, str] | None = None
-) -> tuple[JobRecord, bool]:
-    """Everything between a validated body and a queued job: limits, prompt policy, model, seed, init image,
-    quotas, idempotency, and the audit record (committed with the job).
-    `stored`: fields the caller already checked and stored as blobs (`{"mask_image": "blob:…"}`), taken as given.
-    Reads no queue position or ETA: a caller that waits for the job does not show them."""
-    status, created = submit_status(request, body, idempotency_key, stored, with_status=False)
-    return status.job, created
-
-
 def check_idempotency_key(key: str | None) -> None:
     """A key is 1-200 printable characters: anything else is the client's mistake (4xx naming the header), never a
     500 from a database that refuses the bytes."""
@@ -141,49 +130,35 @@ def check_idempotency_key(key: str | None) -> None:
         )
 
 
-def submit_status(
+async def submit_status(
     request: Request,
     body: GenerationRequest,
     idempotency_key: str | None,
     stored: dict[str, str] | None = None,
-    sent: set[str] | None = None,
     with_status: bool = True,
 ) -> tuple[JobStatus, bool]:
     """`submit`, answering with the job's status (queue position, ETA) read in the same, single write transaction
-    (`with_status`). `sent`: the request fields the client gave (default: those set on `body`); the model's defaults
-    fill the rest."""
-    checked = _checked(request, body, idempotency_key, stored, sent, with_status)
-    try:
-        outcome = services(request).store.enqueue(checked.request, **checked.options)
-    except QueueFull as full:
-        _note_queue_full(request, full)
-        raise
-    return _submitted(request, checked, outcome)
-
-
-async def submit_status_async(
-    request: Request,
-    body: GenerationRequest,
-    idempotency_key: str | None,
-    stored: dict[str, str] | None = None,
-    with_status: bool = True,
-) -> tuple[JobStatus, bool]:
-    """`submit_status` for a coroutine: the transaction is joined from the event loop (`JobStore.enqueue_async`),
-    and the checks before it run on the loop too when they are quick (`checks_on_loop`), else in a worker thread.
-    Measured on an API-only node, 16 clients on 2 cores: 254 submits/s at 3.9 ms of CPU each with the whole submit
-    in a worker thread, 343-390/s with the checks in one and the transaction joined from the loop, 434-468/s at
-    2.0-2.2 ms with both from the loop (docs/performance.md)."""
+    (`with_status`). The transaction is joined from the event loop (`JobStore.enqueue_async`), and the checks before
+    it run on the loop too when they are quick (`checks_on_loop`), else in a worker thread. Measured on an API-only
+    node, 16 clients on 2 cores: 254 submits/s at 3.9 ms of CPU each with the whole submit in a worker thread,
+    343-390/s with the checks in one and the transaction joined from the loop, 434-468/s at 2.0-2.2 ms with both
+    from the loop (docs/performance.md)."""
     svc = services(request)
     if checks_on_loop(svc, body, tenant_policy(request)):
-        checked = _checked(request, body, idempotency_key, stored, None, with_status)
+        checked = _checked(request, body, idempotency_key, stored, with_status)
     else:
-        checked = await run_in_threadpool(_checked, request, body, idempotency_key, stored, None, with_status)
+        checked = await run_in_threadpool(_checked, request, body, idempotency_key, stored, with_status)
     try:
-        outcome = await services(request).store.enqueue_async(checked.request, **checked.options)
-    except QueueFull as full:
-        _note_queue_full(request, full)
+        status, created = await svc.store.enqueue_async(checked.request, **checked.options)
+    except QueueFull as full:  # the next submits like this one are refused at the edge for a moment (api.admission)
+        request.app.state.queue_full.note(full.tenant, request.scope["path"], full.message, full.retry_after)
         raise
-    return _submitted(request, checked, outcome)
+    if not created and not sees_job(checked.who, status.job):  # keys are scoped to the caller; no replay across
+        raise Conflict("this Idempotency-Key belongs to another caller", field="Idempotency-Key")
+    if created:
+        metrics.job_submitted(request.scope["path"], checked.request.priority)
+    bind_log_context(job_id=status.job.id)  # the request's access line names its job
+    return status, created
 
 
 def checks_on_loop(svc: Services, body: GenerationRequest, policy: TenantPolicy) -> bool:
@@ -206,11 +181,14 @@ def checks_on_loop(svc: Services, body: GenerationRequest, policy: TenantPolicy)
     return not (heavy or templated or screened) and svc.registry.fresh()
 
 
-async def submit_async(
+async def submit(
     request: Request, body: GenerationRequest, idempotency_key: str | None, stored: dict[str, str] | None = None
 ) -> tuple[JobRecord, bool]:
-    """`submit` for a coroutine (`submit_status_async`)."""
-    status, created = await submit_status_async(request, body, idempotency_key, stored, with_status=False)
+    """Everything between a validated body and a queued job: limits, prompt policy, model, seed, init image,
+    quotas, idempotency, and the audit record (committed with the job).
+    `stored`: fields the caller already checked and stored as blobs (`{"mask_image": "blob:…"}`), taken as given.
+    Reads no queue position or ETA: a caller that waits for the job does not show them."""
+    status, created = await submit_status(request, body, idempotency_key, stored, with_status=False)
     return status.job, created
 
 
@@ -224,27 +202,11 @@ class _Checked:
     options: SubmitOptions
 
 
-def _note_queue_full(request: Request, full: QueueFull) -> None:
-    """The next submits like this one are refused at the edge for a moment (api.admission)."""
-    request.app.state.queue_full.note(full.tenant, request.scope["path"], full.message, full.retry_after)
-
-
-def _submitted(request: Request, checked: _Checked, outcome: tuple[JobStatus, bool]) -> tuple[JobStatus, bool]:
-    status, created = outcome
-    if not created and not sees_job(checked.who, status.job):  # keys are scoped to the caller; no replay across
-        raise Conflict("this Idempotency-Key belongs to another caller", field="Idempotency-Key")
-    if created:
-        metrics.job_submitted(request.scope["path"], checked.request.priority)
-    bind_log_context(job_id=status.job.id)  # the request's access line names its job
-    return status, created
-
-
 def _checked(
     request: Request,
     body: GenerationRequest,
     idempotency_key: str | None,
     stored: dict[str, str] | None,
-    sent: set[str] | None,
     with_status: bool,
 ) -> _Checked:
     """Everything a submit does before its transaction; every refusal here is the client's (4xx naming a field)."""
@@ -256,7 +218,7 @@ def _checked(
         body = upscale_source_size(body, limits)
     policy = tenant_policy(request)
     body_hash = request_hash(body.model_dump(mode="json"))
-    sent = set(body.model_fields_set if sent is None else sent)
+    sent = set(body.model_fields_set)  # the fields the client gave; the model's defaults fill the rest
     if body.template or body.asset_type or body.variables:  # rendered first: every check below sees the result
         body, sent = templates.apply(templates.TemplateStore(svc.store.engine), who.tenant, body, sent)
     model = model_access.resolve_checkpoint(svc.registry, policy, body.model)  # unknown → 422, not allowed → 403
@@ -385,7 +347,7 @@ async def create_job(
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", description="1-200 printable characters"),
     who: Principal = Generate,
 ) -> Response:
-    status, created = await submit_status_async(request, body, idempotency_key)
+    status, created = await submit_status(request, body, idempotency_key)
     return Response(  # pydantic writes the JSON itself: a third of the CPU of model_dump and then json.dumps
         job_view(request, status).model_dump_json(),
         status_code=202 if created else 200,
@@ -426,7 +388,7 @@ async def submit_and_wait(
     png = wants_png(request)
     if png and body.n != 1:
         raise NotAcceptable("Accept: image/png answers with one image: ask for n = 1, or accept JSON", field="Accept")
-    job, _ = await submit_async(request, body, idempotency_key)
+    job, _ = await submit(request, body, idempotency_key)
     limit = min(timeout or svc.settings.sync_timeout_seconds, svc.settings.sync_timeout_seconds)
     status = await waiting.wait_for_job(svc, job, limit, request)
     job = status.job

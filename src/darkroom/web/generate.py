@@ -58,7 +58,7 @@ async def generate(request: Request) -> Response:
         check_csrf(request, str(form.get("csrf_token") or ""))
         try:
             body = await forms.request_from_form(form)
-            status, _ = await run_in_threadpool(v1.submit_status, request, body, None)
+            status, _ = await v1.submit_status(request, body, None)
         except DarkroomError as exc:
             return await run_in_threadpool(_form_page, request, forms.values_from_form(form), exc)
     return RedirectResponse(f"/ui/jobs/{status.job.id}", status_code=303)

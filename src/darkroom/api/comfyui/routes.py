@@ -190,7 +190,7 @@ async def post_prompt(request: Request) -> Response:
     key = f"comfyui:{body['prompt_id']}" if body.get("prompt_id") else request.headers.get("Idempotency-Key")
     try:
         generation = await run_in_threadpool(build_request, svc, compiled, body)
-        job, _ = await run_in_threadpool(submit, request, generation, key)
+        job, _ = await submit(request, generation, key)
     except DarkroomError as exc:
         return field_refusal(exc, compiled)
     hub(request).follow(job)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from darkroom.auth.audit import AuditLog
 from darkroom.auth.keys import KeyStore
@@ -23,6 +25,9 @@ from darkroom.storage import BlobStore, open_blob_store
 from darkroom.worker.loop import Worker, default_worker_id
 from darkroom.worker.processes import WorkerProcesses
 from darkroom.worker.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from darkroom.models.approvals import Approvals  # the module imports this one's neighbours: imported when used
 
 log = logging.getLogger("darkroom")
 
@@ -76,6 +81,13 @@ class Services:
             feed=ChangeFeed(url, store.engine, check_seconds=settings.feed_check_seconds),
         )
 
+    @functools.cached_property
+    def approvals(self) -> Approvals:
+        """The model versions and the decisions on them (`models.approvals`), built once: every submit checks them."""
+        from darkroom.models.approvals import Approvals
+
+        return Approvals.for_services(self)
+
     def ensure_default_model(self) -> None:
         """With no models at all, install the built-in demo model (`darkroom.demo`) so the service works offline."""
         require_worker()  # every worker role starts here: a base install says which extra it lacks, up front
@@ -102,9 +114,8 @@ class Services:
         operator unless `security.approve_first_seen_models` is on; a changed file waits for an operator
         (`darkroom.models.approvals`). Returns checkpoint id → the approved sha256 workers serve."""
         from darkroom.auth.principal import DEFAULT_TENANT, Principal, Role
-        from darkroom.models.approvals import Approvals
 
-        approvals = Approvals.for_services(self)
+        approvals = self.approvals
         found = [("checkpoint", m.id, m.sha256, m.path) for m in self.registry.scan()]
         system = Principal(actor="system:startup", role=Role.admin, tenant=DEFAULT_TENANT)
         recorded = approvals.observe(found)

@@ -31,7 +31,6 @@ from darkroom.jobs.store import JobRecord, JobStatus, QueueFull, SubmitOptions, 
 from darkroom.models import access as model_access
 from darkroom.models import defaults as model_defaults
 from darkroom.models import templates
-from darkroom.models.approvals import Approvals
 from darkroom.observability import metrics
 from darkroom.observability.logging import bind as bind_log_context
 from darkroom.safety.policy import check_prompt
@@ -260,7 +259,7 @@ def _checked(
     resolved = body.model_copy(update=updates)
     model_access.check_request(policy, resolved)  # any model, adapter or upscaler the tenant may not use → 403
     versions = _versions_used(svc, model, resolved)
-    approvals = Approvals.for_services(svc)
+    approvals = svc.approvals
     seeded = policy.result_cache and body.seed is not None  # a random seed asks for a new picture: never cached
     cache_key = result_cache.cache_key(who.tenant, resolved) if seeded else None
 

@@ -144,14 +144,9 @@ class Approvals:
 
     @classmethod
     def for_services(cls, svc: Any) -> Approvals:
-        """A deployment's approvals: its database, its security settings, kept copies in its data dir. Built once
-        per `Services` (it holds nothing but those three): every submit asks for it."""
-        found: Approvals | None = getattr(svc, "_approvals", None)
-        if found is None or found.engine is not svc.store.engine or found.security is not svc.settings.security:
-            registry: ModelRegistry = svc.registry
-            found = cls(svc.store.engine, svc.settings.security, registry.cache_file.parent / "model-versions")
-            svc._approvals = found
-        return found
+        """A deployment's approvals: its database, its security settings, kept copies in its data dir."""
+        registry: ModelRegistry = svc.registry
+        return cls(svc.store.engine, svc.settings.security, registry.cache_file.parent / "model-versions")
 
     # --- reads --------------------------------------------------------------------------------------------------
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -51,6 +54,37 @@ def test_migrations_build_exactly_the_declared_schema(db_url):
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     engine.dispose()
     assert diff == []
+
+
+def test_any_table_module_imported_first_declares_the_whole_schema() -> None:
+    """Each module that declares tables or indexes, imported first in a fresh interpreter, brings all of `metadata`
+    (a circular import once broke `from darkroom.models import approvals` as a process's first import)."""
+    src = Path(__file__).resolve().parents[2] / "src"
+    modules = sorted(
+        ".".join(path.relative_to(src).with_suffix("").parts)
+        for path in (src / "darkroom").rglob("*.py")
+        if "sa.Table(" in (text := path.read_text()) or "sa.Index(" in text
+    )
+    assert "darkroom.jobs.sweep_indexes" in modules
+    expected = sorted(f"{table.name}.{index.name}" for table in metadata.tables.values() for index in table.indexes)
+    show = (
+        "from darkroom.jobs.tables import metadata as m; "
+        "print(sorted(f'{t.name}.{i.name}' for t in m.tables.values() for i in t.indexes))"
+    )
+    first_imports = [*modules, "darkroom.models.approvals"]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", f"import {module}; {show}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for module in first_imports
+    ]
+    for module, child in zip(first_imports, children, strict=True):
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, f"{module}: {err}"
+        assert out.strip() == str(expected), module
 
 
 def test_claim_takes_highest_priority_then_oldest(store):

@@ -1,8 +1,10 @@
 """Indexes for the background sweeps (migration 0007_pruning): each sweep query reads an index range, never a whole
 table, so pruning a big deployment costs what it deletes and the API never waits behind a scan.
 
-Declared here rather than beside the tables they index so the sweeps' needs stay in one place; `tables.py` imports
-this module at the bottom, so `metadata` (and the test that migrations rebuild it) holds them.
+Declared here rather than beside the tables they index so the sweeps' needs stay in one place. They index tables of
+two modules, so this one is imported at the bottom of the one defined last, `darkroom.webhooks.tables` (which
+`darkroom.jobs.tables` imports at its own bottom): `metadata` (and the test that migrations rebuild it) holds them
+whichever table module a process imports first.
 """
 
 from __future__ import annotations

@@ -159,6 +159,8 @@ job_tags = sa.Table(
     sa.Index(None, "tenant", "tag", "created_at"),
 )
 
+# The other modules' tables join `metadata` whichever module is imported first (the sweeps' indexes come with the
+# webhook tables: see `darkroom.jobs.sweep_indexes`).
 from darkroom.auth import tables as auth_tables  # noqa: E402,F401
-from darkroom.jobs import sweep_indexes, workers_table  # noqa: E402,F401
+from darkroom.jobs import workers_table  # noqa: E402,F401
 from darkroom.webhooks import tables as webhook_tables  # noqa: E402,F401

@@ -42,3 +42,6 @@ settings_kv = sa.Table(
     sa.Column("value", sa.JSON, nullable=False),
     sa.Column("updated_at", TS, nullable=False),
 )
+
+# Last of the tables the sweeps' indexes need, so they are declared here (`darkroom.jobs.sweep_indexes`).
+from darkroom.jobs import sweep_indexes  # noqa: E402,F401

@@ -263,6 +263,21 @@ def test_claim_batch_gathers_only_compatible_jobs(store):
     assert [j.id for j in store.claim_batch("w3", 30, max_batch=4, batch_key=a3.batch_key)] == [a3.id]
 
 
+@pytest.mark.parametrize("window", [2, 8], ids=["batch-mates-queried", "batch-mates-from-the-head"])
+def test_batch_mates_come_in_claim_order_whether_or_not_the_head_holds_every_ready_job(store, window):
+    """A head shorter than its window holds every ready job, so the claim takes the batch-mates from it; a full one
+    sends the claim to its second SELECT. Both give the same jobs in the same order (priority, then the queue)."""
+    head, _ = store.create(req(steps=4))
+    store.create(req(steps=5))
+    late, _ = store.create(req(steps=4, prompt="late", priority="high"))
+    store.create(req(steps=5, prompt="other"))
+    mate, _ = store.create(req(steps=4, prompt="mate"))
+    store.create(req(steps=4, prompt="left for the next batch"))
+    claimed = store.claim_next("w", 30, max_batch=3, affinity_window=window, start_head=True).jobs
+    assert [j.id for j in claimed] == [late.id, head.id, mate.id]
+    assert [j.attempts for j in claimed] == [1, 0, 0]  # only the head is started by its claim
+
+
 def test_model_affinity_prefers_held_model_within_the_top_class(store):
     store.create(req(model="m1"))
     held, _ = store.create(req(model="m2"))

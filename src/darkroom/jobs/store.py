@@ -720,8 +720,9 @@ class JobStore:
         labels: Collection[str] | None = None,
     ) -> ClaimedBatch:
         """Claim the next job and up to `max_batch - 1` queued jobs compatible with it (same batch key), in one
-        transaction: one or two indexed SELECTs (`ix_jobs_claim`, `ix_jobs_claim_batch`: no sort at any depth), one
-        guarded UPDATE … RETURNING, one INSERT of the `started` events.
+        transaction: one or two indexed SELECTs (`ix_jobs_claim`, `ix_jobs_claim_batch`: no sort at any depth; the
+        second only when more jobs are ready than the head read), one guarded UPDATE … RETURNING, one INSERT of the
+        `started` events.
 
         Order: priority class, then fair tag (see the class docstring). Model affinity: among the next
         `affinity_window` jobs of the top class, the first one for a model this worker already holds wins, so a
@@ -754,7 +755,11 @@ class JobStore:
             first = self._with_affinity(head, held_models)
             head_id = first.id if start_head else None
             ids = [first.id]
-            if max_batch > 1 and first.batch_key:
+            if max_batch > 1 and first.batch_key and len(head) < affinity_window:
+                # The head holds every ready job, in claim order: the batch-mates are among them (the query below
+                # would return the same rows); one SELECT fewer for a short queue, the common case.
+                ids += [r.id for r in head if r.id != first.id and r.batch_key == first.batch_key][: max_batch - 1]
+            elif max_batch > 1 and first.batch_key:
                 ids += (
                     conn.execute(
                         sa.select(jobs.c.id)

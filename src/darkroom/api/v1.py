@@ -389,9 +389,18 @@ async def submit_and_wait(
         raise NotAcceptable("Accept: image/png answers with one image: ask for n = 1, or accept JSON", field="Accept")
     job, _ = await submit(request, body, idempotency_key)
     limit = min(timeout or svc.settings.sync_timeout_seconds, svc.settings.sync_timeout_seconds)
-    status = await waiting.wait_for_job(svc, job, limit, request)
+    picture: Response | None = None
+
+    def read(job_id: str) -> JobStatus:  # the picture comes with the job's last read, in the same request thread
+        nonlocal picture
+        status = svc.store.outcome(job_id)
+        if png and status.job.state is JobState.succeeded:
+            picture = png_response(svc, status)
+        return status
+
+    status = await waiting.wait_for_job(svc, job, limit, request, read)
     job = status.job
-    if png and job.state is JobState.succeeded and (picture := await run_in_threadpool(png_response, svc, status)):
+    if png and job.state is JobState.succeeded and picture is not None:
         return picture
     # A job still queued or running shows its position and ETA, which the wait does not read.
     view = await run_in_threadpool(job_view, request, status if job.state.terminal else job)

@@ -14,7 +14,7 @@ within half a minute instead of at its timeout. It is one statement per half min
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
@@ -38,17 +38,26 @@ async def feed_for(svc: Services) -> ChangeFeed:
     return svc.feed
 
 
-async def wait_for_job(svc: Services, job: JobRecord, seconds: float, request: Request | None = None) -> JobStatus:
+async def wait_for_job(
+    svc: Services,
+    job: JobRecord,
+    seconds: float,
+    request: Request | None = None,
+    read: Callable[[str], JobStatus] | None = None,
+) -> JobStatus:
     """The job once it is terminal (with its images when it succeeded), or as it stands after `seconds` or when the
-    client hangs up (without position or ETA: read them if you show them)."""
+    client hangs up (without position or ETA: read them if you show them). `read` replaces `JobStore.outcome` for
+    each read, in the same request thread: a caller that wants more with the outcome (the picture itself) gets it
+    without another hop to a thread."""
+    read = read or svc.store.outcome
     if job.state.terminal:
-        return await run_in_threadpool(svc.store.outcome, job.id)
+        return await run_in_threadpool(read, job.id)
     if request is not None and (slot := getattr(request.state, "in_flight", None)) is not None:
         slot.leave()  # waiting on the feed costs nothing: it must not hold an admission slot (api.admission)
     deadline = time.monotonic() + seconds
     feed = await feed_for(svc)
     with feed.subscribe(job.id, types=TERMINAL_EVENTS) as inbox:
-        status = await run_in_threadpool(svc.store.outcome, job.id)
+        status = await run_in_threadpool(read, job.id)
         read_at = time.monotonic()
         while not status.job.state.terminal:
             remaining = deadline - time.monotonic()
@@ -58,7 +67,7 @@ async def wait_for_job(svc: Services, job: JobRecord, seconds: float, request: R
             if request is not None and await request.is_disconnected():
                 break
             if events or time.monotonic() - read_at >= RECHECK_SECONDS:
-                status = await run_in_threadpool(svc.store.outcome, job.id)
+                status = await run_in_threadpool(read, job.id)
                 read_at = time.monotonic()
     return status
 
